@@ -1,4 +1,8 @@
-"""Resolve user-given layer names (tensor names or node names) to tensor names."""
+"""Resolve user-given layer names (tensor names or node names) to tensor names.
+
+Node names are those Inspect shows: the node's own name, or "<op_type>_<index>"
+for unnamed nodes (see `inspect.node_display_names`).
+"""
 from __future__ import annotations
 
 import onnx
@@ -22,8 +26,10 @@ def resolve_tensor(model: onnx.ModelProto, name: str, *, kind: str = "layer") ->
     init = {t.name for t in model.graph.initializer}
     if name in init:
         return name
-    for node in model.graph.node:
-        if node.name and node.name == name and node.output:
+    from .inspect import node_display_names  # the names Inspect shows, generated ones included
+
+    display = node_display_names(model)
+    for node, shown in zip(model.graph.node, display):
+        if name in (node.name, shown) and node.output:
             return node.output[0]
-    node_names = [n.name for n in model.graph.node if n.name]
-    raise NotFound(kind, name, produced + node_names)
+    raise NotFound(kind, name, produced + display)

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Activations through gRPC vs the same onnxruntime run in-process (goal: overhead ratio <= 1.10).
+
+SqueezeNet 1.0 from ../shared, three layers, batch 8. Both sides use the same
+exposed graph and session options; runs are interleaved and medians compared.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from vis_client import Client
+from vis_service.graph.expose import expose_tensors
+from vis_service.graph.loading import prepare_model
+from vis_service.runtime.sessions import Runtime
+from vis_service.server import ServerConfig, start_server
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODEL = SHARED / "models" / "imagenet" / "squeezenet1.0.onnx"
+LAYERS = ["conv1_2", "fire5/concat_1", "fire9/concat_1"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+    if not MODEL.is_file():
+        print(f"skipped: {MODEL} not found (../shared absent)")
+        return 0
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
+    runtime = Runtime()
+    proto = prepare_model(onnx.load(MODEL))
+    local = runtime.create_session(expose_tensors(proto, LAYERS))
+    running = start_server(ServerConfig(port=0))
+    try:
+        with Client(running.address) as client:
+            model = client.load_model(MODEL, name="squeezenet")
+            client.activations(model, x, LAYERS)  # warm: session built once
+            local.run(LAYERS, {"data_0": x})
+            t_grpc, t_local = [], []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                local.run(LAYERS, {"data_0": x})
+                t_local.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                out = client.activations(model, x, LAYERS)
+                t_grpc.append(time.perf_counter() - t0)
+            mb = sum(v.nbytes for v in out.values()) / 2**20
+    finally:
+        running.stop(grace=0)
+    g, l = statistics.median(t_grpc), statistics.median(t_local)
+    print(f"squeezenet activations, batch {args.batch}, layers {LAYERS} ({mb:.1f} MiB returned)")
+    print(f"in-process onnxruntime: {l * 1e3:8.1f} ms (median of {args.reps})")
+    print(f"through gRPC:           {g * 1e3:8.1f} ms")
+    print(f"overhead ratio:         {g / l:8.3f}   (goal <= 1.10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

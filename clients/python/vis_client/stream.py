@@ -1,0 +1,107 @@
+"""Draining ``stream ResultChunk`` answers into a :class:`Result`."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .errors import Cancelled, from_rpc_error
+from .gen import vis_pb2
+from .tensors import ChunkAssembler, CorruptStream
+
+__all__ = ["Result", "collect", "is_cancelled"]
+
+
+@dataclass
+class Result:
+    """A complete analysis answer: tensors by name plus the closing ResultInfo."""
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
+
+
+def is_cancelled(cancel: Any) -> bool:
+    """True if a ``threading.Event``-like object (``is_set()``) or a callable says so."""
+    if cancel is None:
+        return False
+    is_set = getattr(cancel, "is_set", None)
+    if callable(is_set):
+        return bool(is_set())
+    if callable(cancel):
+        return bool(cancel())
+    raise TypeError("cancel must have an is_set() method (e.g. threading.Event) or be callable")
+
+
+def _watch(call, cancel, done: threading.Event, poll: float = 0.05) -> None:
+    """Cancel ``call`` as soon as ``cancel`` is set (runs in a daemon thread)."""
+    wait = getattr(cancel, "wait", None)
+    while not done.is_set():
+        if is_cancelled(cancel):
+            call.cancel()
+            return
+        if callable(wait):
+            wait(poll)
+        else:
+            done.wait(poll)
+
+
+def collect(call: Iterable[vis_pb2.ResultChunk], *,
+            on_progress: Callable[[vis_pb2.Progress], Any] | None = None,
+            cancel: Any = None) -> Result:
+    """Drain a ResultChunk stream into a :class:`Result`.
+
+    ``call`` is the object a server-streaming stub returns (an iterator that also has
+    ``cancel()``). ``on_progress(progress)`` is called for each Progress message.
+    ``cancel`` is a ``threading.Event``-like object (or a callable returning bool); once set
+    the RPC is cancelled and :class:`Cancelled` is raised. gRPC failures raise
+    :class:`VisError`; an inconsistent chunk stream raises ``CorruptStream``.
+    """
+    result = Result()
+    assembler = ChunkAssembler()
+    done = threading.Event()
+    if cancel is not None:
+        if is_cancelled(cancel):
+            _cancel(call)
+            raise Cancelled("cancelled before the call started")
+        threading.Thread(target=_watch, args=(call, cancel, done), daemon=True,
+                         name="vis-cancel-watch").start()
+    try:
+        for msg in call:
+            if cancel is not None and is_cancelled(cancel):
+                _cancel(call)
+                raise Cancelled("cancelled by the caller")
+            kind = msg.WhichOneof("kind")
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(msg.progress)
+            elif kind == "tensor":
+                out = assembler.add(msg.tensor)
+                if out is not None:
+                    result.tensors[out[0]] = out[1]
+            elif kind == "info":
+                info = msg.info
+                result.scalars.update(info.scalars)
+                result.labels.update({k: list(v.values) for k, v in info.labels.items()})
+                result.text.update(info.text)
+    except grpc.RpcError as e:
+        if cancel is not None and is_cancelled(cancel):
+            raise Cancelled("cancelled by the caller") from None
+        raise from_rpc_error(e) from None
+    except CorruptStream:
+        _cancel(call)
+        raise
+    finally:
+        done.set()
+    assembler.finish()
+    return result
+
+
+def _cancel(call) -> None:
+    c = getattr(call, "cancel", None)
+    if callable(c):
+        c()

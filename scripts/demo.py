@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""The main job: start the server, run the client on the embedded model, write PNGs, stop.
+
+    python scripts/demo.py --out out
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vis_client import Client, render
+from vis_service.default_models import DEFAULT_MODEL_DIR
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        m = re.search(r"listening on (\S+)", line or "")
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out"))
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    proc, address = start_server()
+    try:
+        with Client(address) as client:
+            info = client.server_info()
+            print(f"server {address}: vis-service {info['version']}, provider {info['provider']}")
+            model = client.model("digits")
+            inspection = client.inspect(model)
+            print(inspection.summary())
+            samples = sorted((DEFAULT_MODEL_DIR / "samples").glob("digit_*.png"))
+            convs = [n for n in inspection.nodes if n.op_type == "Conv"]
+            adds = [n for n in inspection.nodes if n.op_type == "Add"]
+            layers = [convs[0].outputs[0], adds[0].outputs[0], convs[-1].outputs[0]]
+            acts = client.activations(model, samples, layers + ["logits"])
+            pred = acts["logits"].argmax(1)
+            print("predictions:", " ".join(f"{p.stem.split('_')[1]}->{k}" for p, k in zip(samples, pred)))
+            for i in (0, 3, 7):
+                for name in layers:
+                    fname = out / f"activations_{samples[i].stem}_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.png"
+                    render.feature_map_grid(acts[name][i], fname)
+            for node in (convs[0], convs[-1]):
+                w = client.filters(model, node.name)["weight"]
+                fname = out / f"filters_{re.sub(r'[^A-Za-z0-9]+', '_', node.name).strip('_')}.png"
+                if w.shape[1] == 3:
+                    render.rgb_filter_grid(w, fname)
+                else:
+                    render.channel_filter_grid(w, fname)
+                print(f"filters {node.name}: {w.shape}")
+            grad = client.gradient(model, samples, None)
+            for i, path in enumerate(samples[:4]):
+                img = np.asarray(Image.open(path).convert("RGB").resize((32, 32)))
+                heat = np.abs(grad.gradient[i]).max(axis=0)
+                render.heatmap_overlay(img, heat, out / f"saliency_{path.stem}.png")
+            print(f"saliency for classes {list(grad.target_index)}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    written = sorted(out.glob("*.png"))
+    print(f"wrote {len(written)} PNGs under {out}/")
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Model service end to end: real server, real client, real onnxruntime sessions."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import helper, numpy_helper
+
+from conftest import light_model_paths, requires_shared
+from vis_client import VisError
+from vis_service.api.servicers import Limits
+from vis_service.default_models import DEFAULT_MODEL_DIR
+from vis_service.server import ServerConfig, start_server
+
+
+def assert_status(exc_info, code: grpc.StatusCode, *fragments: str):
+    err = exc_info.value
+    assert err.code == code, f"expected {code}, got {err.code}: {err.details}"
+    for frag in fragments:
+        assert frag in err.details, f"{frag!r} not in {err.details!r}"
+
+
+def test_server_info_reports_provider_and_rule_sets(client):
+    info = client.server_info()
+    assert info["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert {"gradient", "deconvnet", "guided"} <= set(info["rule_sets"])
+    if info["provider"] == "CPUExecutionProvider" and "CUDAExecutionProvider" in info["available_providers"]:
+        assert info["provider_note"], "a CUDA build running on CPU must say why"
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "vis.v1.VisService", "vis.v1.ModelService"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {"vis.v1.VisService", "vis.v1.ModelService", "grpc.health.v1.Health"} <= names
+
+
+def test_load_list_and_content_id(client):
+    m = client.model("digits")
+    data = (DEFAULT_MODEL_DIR / "model.onnx").read_bytes()
+    assert m.id == "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    assert "digits" in m.names and m.num_labels == 10
+    assert m.inputs[0].name == "input"
+    # the same bytes uploaded (twice, under a new name) are the same model
+    up1 = client.load_model(data, name="digits-upload")
+    up2 = client.load_model(DEFAULT_MODEL_DIR / "model.onnx")
+    assert up1.id == up2.id == m.id
+    assert {"digits", "digits-upload"} <= set(client.model(m.id).names)
+    loaded, repo = client.list_models()
+    assert "digits" in repo
+    assert sum(1 for x in loaded if x.id == m.id) == 1
+
+
+def test_upload_large_model_in_chunks_and_unload(client):
+    # a model of ~3 MiB of weights crosses many 1 MiB upload chunks
+    w = np.random.default_rng(0).standard_normal((768, 1024)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "big",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 768])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1024])],
+                          [numpy_helper.from_array(w, "w")])
+    mp = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    model = client.load_model(mp.SerializeToString(), name="big-matmul")
+    x = np.random.default_rng(1).standard_normal((2, 768)).astype(np.float32)
+    out = client.activations(model, x, ["y"])["y"]
+    np.testing.assert_allclose(out, x @ w, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(client.filters(model, "fc")["weight"], w.T)  # (out, in) orientation
+    assert client.unload(model)
+    with pytest.raises(VisError) as e:
+        client.inspect(model.id)
+    assert_status(e, grpc.StatusCode.NOT_FOUND)
+
+
+def test_inspect_digits(client, digits):
+    ins = client.inspect(digits)
+    ops = {n.op_type for n in ins.nodes}
+    assert {"Conv", "Add", "Gemm"} <= ops, "the embedded model must be a DAG with a residual Add"
+    proto = onnx.load(DEFAULT_MODEL_DIR / "model.onnx")
+    assert ins.parameter_count == sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    conv1 = next(n for n in ins.nodes if n.op_type == "Conv")
+    rf = conv1.receptive_fields[conv1.outputs[0]]
+    assert rf.size == (3, 3) and rf.jump == (1, 1)
+    assert conv1.output_shapes[0][1:] == (conv1.output_shapes[0][1], 32, 32)
+    assert "Conv" in ins.summary()
+
+
+@requires_shared
+@pytest.mark.parametrize("name", ["squeezenet", "mobilenet", "resnet20", "mnist"])
+def test_inspect_shared_models(client, name):
+    ins = client.inspect(name)
+    fields = {t: rf for n in ins.nodes for t, rf in n.receptive_fields.items()}
+    assert fields, "every 4-D feature tensor gets a receptive field"
+    assert max(rf.size[0] for rf in fields.values()) > 10
+
+
+@pytest.mark.parametrize("path", light_model_paths(), ids=lambda p: p.stem)
+def test_light_graphs_upload_inspect(client, path):
+    model = client.load_model(path)
+    ins = client.inspect(model)
+    assert len(ins.nodes) > 10 and ins.model.inputs[0].shape[0] is None  # batch kept symbolic
+    assert any(n.receptive_fields for n in ins.nodes)
+    client.unload(model)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def still_serving(client):
+    assert client.server_info()["provider"]
+    assert client.model("digits").id
+
+
+@pytest.mark.parametrize("payload", [
+    b"",
+    (DEFAULT_MODEL_DIR / "model.onnx").read_bytes()[:1000],        # truncated
+    os.urandom(4096),                                               # random bytes
+    (DEFAULT_MODEL_DIR / "labels.txt").read_bytes(),                # not ONNX at all
+], ids=["empty", "truncated", "random", "text-file"])
+def test_bad_model_bytes(client, payload):
+    with pytest.raises(VisError) as e:
+        client.load_model(payload, name="bad")
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "model")
+    still_serving(client)
+
+
+def test_non_onnx_image_file(client, digit_images):
+    with pytest.raises(VisError) as e:
+        client.load_model(digit_images[0].read_bytes())
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT)
+    still_serving(client)
+
+
+def _external_data_model(location: str) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    w.ClearField("float_data")
+    w.ClearField("raw_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "64")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "ext",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../secret.bin"])
+def test_external_data_outside_repository_refused(client, repository, location):
+    (repository.parent / "secret.bin").write_bytes(np.ones(16, np.float32).tobytes())
+    d = repository / f"ext{abs(hash(location)) % 10000}"
+    d.mkdir(exist_ok=True)
+    (d / "model.onnx").write_bytes(_external_data_model(location).SerializeToString())
+    with pytest.raises(VisError) as e:
+        client.model(d.name)
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, location)
+    assert "outside" in e.value.details or "relative path" in e.value.details
+    # uploaded models may not use external data at all
+    with pytest.raises(VisError) as e:
+        client.load_model(_external_data_model("weights.bin").SerializeToString())
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "external data")
+    still_serving(client)
+
+
+def test_external_data_inside_repository_loads(client, repository):
+    d = repository / "ext-ok"
+    d.mkdir(exist_ok=True)
+    (d / "weights.bin").write_bytes((np.arange(16, dtype=np.float32)).tobytes())
+    (d / "model.onnx").write_bytes(_external_data_model("weights.bin").SerializeToString())
+    m = client.model("ext-ok")
+    x = np.eye(4, dtype=np.float32)
+    np.testing.assert_array_equal(client.activations(m, x, ["y"])["y"], np.arange(16, dtype=np.float32).reshape(4, 4))
+
+
+@pytest.mark.parametrize("name", ["..", "../digits", "/etc", "a/b", "..%2f", ""])
+def test_repository_name_traversal_refused(client, name):
+    with pytest.raises(VisError) as e:
+        client.model(name) if name else client.inspect("")
+    assert e.value.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    if name in ("..", "../digits", "/etc", "a/b"):
+        assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "name")
+    still_serving(client)
+
+
+def test_model_over_size_limit():
+    from vis_client import Client
+
+    running = start_server(ServerConfig(port=0, model_repository=None, limits=Limits(max_upload_bytes=50_000)))
+    try:
+        with Client(running.address) as c:
+            with pytest.raises(VisError) as e:
+                c.load_model(DEFAULT_MODEL_DIR / "model.onnx")
+            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "limit")
+            assert c.server_info()["max_upload_bytes"] == 50_000
+    finally:
+        running.stop(grace=0)
+
+
+def test_unknown_model_suggests_close_names(client):
+    client.model("digits")
+    with pytest.raises(VisError) as e:
+        client.inspect("digit")
+    assert_status(e, grpc.StatusCode.NOT_FOUND, "digits")
+    with pytest.raises(VisError) as e:
+        client.inspect("sha256:0000000000000000")
+    assert_status(e, grpc.StatusCode.NOT_FOUND)
+    still_serving(client)

@@ -1,0 +1,371 @@
+"""Adjoint (dot-product) tests of every backward rule on one-node models.
+
+⟨J v, w⟩ from central differences of the forward op must equal ⟨v, Jᵀ w⟩ from the
+gradient graph. Ops run in float64 where onnxruntime has a double kernel (tight
+tolerance); otherwise in float32, with eps = 1 for piecewise-linear ops (exact
+differences away from kinks) and well-separated inputs where an argmax could flip.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+from vis_service.engine.verify import adjoint_check, one_node_model
+
+LINEAR = "linear"        # linear / piecewise linear: finite differences exact away from kinks
+SMOOTH = "smooth"
+
+
+def _values(shape, rng, how, dtype, index):
+    if how == "separated":
+        # distinct values 0.05 apart, none at 0 and none shared between inputs: no max/ReLU
+        # switch moves under the float32 step below
+        n = int(np.prod(shape))
+        return np.asarray((rng.permutation(n) - n / 2 + 0.37 + 0.011 * index) * 0.05).reshape(shape).astype(dtype)
+    if how == "positive":
+        return np.asarray(rng.uniform(0.5, 2.0, shape)).astype(dtype)
+    return np.asarray(rng.standard_normal(shape)).astype(dtype)
+
+
+def check(op, inputs, consts=None, *, opset=17, wrt=None, kind=SMOOTH, values="normal", seed=0,
+          input_order=None, n_outputs=1, objectives=None, **attrs):
+    consts = consts or {}
+    wrt = list(wrt or inputs)
+    objectives = objectives or [f"y{i}" for i in range(n_outputs)]
+    last_error = None
+    for dtype in (np.float64, np.float32):
+        # Resize's roi/scales stay float32 whatever the data type
+        typed = {k: (v.astype(dtype) if np.asarray(v).dtype.kind == "f" and k not in ("roi", "scales") else v)
+                 for k, v in consts.items()}
+        try:
+            model = one_node_model(op, inputs, typed, opset=opset, dtype=dtype, n_outputs=n_outputs,
+                                   input_order=input_order, **attrs)
+            rng = np.random.default_rng(seed)
+            feeds = {k: _values(s, rng, values, dtype, i) for i, (k, s) in enumerate(inputs.items())}
+            if dtype == np.float64:
+                eps, tol = 1e-6, 1e-6
+            else:
+                eps, tol = (1e-3, 1e-4) if kind == LINEAR else (1e-2, 2e-3)
+                if kind == LINEAR and values != "separated":
+                    eps = 1.0
+            result = adjoint_check(model, feeds, objectives, wrt, eps=eps, seed=seed + 1)
+        except OrtNotImplemented as exc:   # no double kernel: retry in float32
+            last_error = exc
+            continue
+        assert result.relative_error < tol, (dtype.__name__, result)
+        return
+    raise AssertionError(f"onnxruntime ran the op in no float type: {last_error}")
+
+
+rng = np.random.default_rng(1234)
+
+
+def weights(*shape):
+    return rng.standard_normal(shape)
+
+
+# ---- convolution ---------------------------------------------------------------------------
+CONV_CASES = [
+    dict(),
+    dict(strides=[2, 2]),
+    dict(strides=[2, 3], pads=[0, 1, 1, 0]),
+    dict(strides=[1, 1], pads=[2, 0, 0, 2], dilations=[2, 1]),
+    dict(strides=[2, 2], pads=[1, 1, 1, 1], dilations=[2, 2]),
+    dict(strides=[3, 2], pads=[1, 2, 2, 1]),
+    dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+    dict(auto_pad="SAME_LOWER", strides=[2, 1]),
+    dict(auto_pad="VALID", strides=[2, 2]),
+    dict(auto_pad="SAME_UPPER"),
+    dict(pads=[3, 3, 3, 3]),              # pads wider than the kernel: ConvTranspose path at stride 1
+]
+
+
+@pytest.mark.parametrize("attrs", CONV_CASES, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()) or "plain")
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv(attrs, group):
+    check("Conv", {"x": (2, 4, 9, 8)}, {"w": weights(6, 4 // group, 3, 2)}, kind=LINEAR, group=group, **attrs)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_depthwise_with_bias(stride):
+    check("Conv", {"x": (2, 4, 8, 8)}, {"w": weights(4, 1, 3, 3), "b": weights(4)}, kind=LINEAR,
+          group=4, strides=[stride, stride], pads=[1, 1, 1, 1])
+
+
+def test_conv_1d_and_3d():
+    check("Conv", {"x": (2, 3, 11)}, {"w": weights(4, 3, 3)}, kind=LINEAR, strides=[2], pads=[1, 0])
+    check("Conv", {"x": (1, 2, 5, 6, 4)}, {"w": weights(3, 2, 2, 3, 2)}, kind=LINEAR, strides=[2, 1, 2])
+
+
+def test_conv_weights_computed_in_graph():
+    """Weights produced by nodes (light models: ConstantOfShape) use the in-graph flip."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from vis_service.engine.verify import adjoint_check as check_model
+    from vis_service.graph.loading import prepare_model
+    w = weights(4, 3, 3, 3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w0"], ["w"]),
+         helper.make_node("Conv", ["x", "w"], ["y0"], pads=[1, 0, 2, 1], group=1)],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 7, 7])],
+        [helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w0")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model = prepare_model(model)
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 7)).astype(np.float32)
+    assert check_model(model, {"x": x}, ["y0"], ["x"], eps=1.0).relative_error < 1e-4
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(),
+    dict(strides=[2, 2]),
+    dict(strides=[2, 2], pads=[1, 0, 0, 1], output_padding=[1, 0]),
+    dict(strides=[3, 2], dilations=[1, 2], pads=[1, 1, 1, 1]),
+    dict(strides=[2, 2], output_shape=[10, 9]),
+    dict(strides=[2, 2], auto_pad="SAME_UPPER"),
+], ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()) or "plain")
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_transpose(attrs, group):
+    check("ConvTranspose", {"x": (2, 4, 5, 4)}, {"w": weights(4, 6 // group, 3, 3)}, kind=LINEAR, group=group, **attrs)
+
+
+# ---- pooling ---------------------------------------------------------------------------------
+POOL_CASES = [
+    dict(kernel_shape=[2, 2], strides=[2, 2]),
+    dict(kernel_shape=[3, 3], strides=[2, 2]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    dict(kernel_shape=[3, 2], strides=[2, 2], pads=[0, 1, 1, 0], ceil_mode=1),
+    dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+    dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+    dict(kernel_shape=[2, 2], strides=[2, 2], auto_pad="SAME_UPPER"),
+    dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER"),
+]
+pool_ids = lambda a: ",".join(f"{k}={v}" for k, v in a.items())  # noqa: E731
+
+
+@pytest.mark.parametrize("attrs", POOL_CASES + [dict(kernel_shape=[3, 3], strides=[2, 1], dilations=[2, 2], pads=[1, 1, 2, 2])],
+                         ids=pool_ids)
+def test_max_pool(attrs):
+    check("MaxPool", {"x": (2, 3, 9, 8)}, kind=LINEAR, values="separated", **attrs)
+
+
+def test_max_pool_old_opset_is_converted():
+    check("MaxPool", {"x": (2, 3, 9, 8)}, opset=9, kind=LINEAR, values="separated", kernel_shape=[3, 3], strides=[2, 2])
+
+
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+@pytest.mark.parametrize("attrs", POOL_CASES, ids=pool_ids)
+def test_average_pool(attrs, count_include_pad):
+    check("AveragePool", {"x": (2, 3, 9, 8)}, kind=LINEAR, count_include_pad=count_include_pad, **attrs)
+
+
+def test_average_pool_opset_9_and_1d():
+    check("AveragePool", {"x": (2, 3, 9, 8)}, opset=9, kind=LINEAR, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 0, 1])
+    check("AveragePool", {"x": (2, 3, 10)}, kind=LINEAR, kernel_shape=[3], strides=[2], ceil_mode=1)
+
+
+def test_global_pools():
+    check("GlobalAveragePool", {"x": (2, 3, 5, 4)}, kind=LINEAR)
+    check("GlobalMaxPool", {"x": (2, 3, 5, 4)}, kind=LINEAR, values="separated")
+
+
+# ---- activations ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("op,attrs,opset,values", [
+    ("Relu", {}, 17, "separated"),
+    ("LeakyRelu", {"alpha": 0.1}, 17, "separated"),
+    ("Elu", {"alpha": 0.7}, 17, "normal"),
+    ("Sigmoid", {}, 17, "normal"),
+    ("Tanh", {}, 17, "normal"),
+    ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}, 17, "separated"),
+    ("HardSwish", {}, 17, "separated"),
+    ("Erf", {}, 17, "normal"),
+    ("Gelu", {}, 20, "normal"),
+    ("Gelu", {"approximate": "tanh"}, 20, "normal"),
+    ("Softmax", {"axis": 1}, 17, "normal"),
+    ("Softmax", {"axis": 1}, 11, "normal"),      # coerce-to-2D semantics
+    ("Softmax", {}, 9, "normal"),
+    ("LogSoftmax", {"axis": -1}, 17, "normal"),
+    ("LogSoftmax", {"axis": 2}, 11, "normal"),
+    ("Clip", {"min": -0.5, "max": 0.6}, 9, "separated"),
+    ("Sqrt", {}, 17, "positive"),
+    ("Exp", {}, 17, "normal"),
+    ("Log", {}, 17, "positive"),
+    ("Neg", {}, 17, "normal"),
+    ("Abs", {}, 17, "separated"),
+    ("Reciprocal", {}, 17, "positive"),
+    ("Identity", {}, 17, "normal"),
+    ("Dropout", {}, 17, "normal"),
+    ("Dropout", {"ratio": 0.3}, 9, "normal"),
+])
+def test_unary(op, attrs, opset, values):
+    kind = LINEAR if values == "separated" or op in ("Neg", "Identity", "Dropout") else SMOOTH
+    check(op, {"x": (2, 3, 4, 5)}, opset=opset, kind=kind, values=values, **attrs)
+
+
+def test_clip_with_inputs():
+    check("Clip", {"x": (2, 3, 4, 5)}, {"lo": np.array(-0.5), "hi": np.array(0.7)}, kind=LINEAR, values="separated")
+    check("Clip", {"x": (2, 3, 4, 5)}, {"hi": np.array(6.0)}, kind=LINEAR, values="separated", input_order=["x", "", "hi"])
+
+
+def test_prelu():
+    check("PRelu", {"x": (2, 3, 4, 5), "slope": (3, 1, 1)}, kind=LINEAR, values="separated")
+
+
+# ---- linear algebra ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (0, 1), (1, 0), (1, 1)])
+@pytest.mark.parametrize("c_shape", [(5,), (3, 5), (1, 1)])
+def test_gemm(trans_a, trans_b, c_shape):
+    a = (4, 3) if trans_a else (3, 4)
+    b = (5, 4) if trans_b else (4, 5)
+    check("Gemm", {"a": a, "b": b, "c": c_shape}, kind=SMOOTH, transA=trans_a, transB=trans_b, alpha=0.7, beta=1.3)
+
+
+def test_gemm_opset_9_constant_weights():
+    check("Gemm", {"a": (3, 4)}, {"b": weights(5, 4), "c": weights(5)}, opset=9, kind=LINEAR, transB=1)
+
+
+@pytest.mark.parametrize("a,b", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((2, 1, 3, 4), (5, 4, 2)),
+                                 ((4,), (2, 4, 3)), ((2, 3, 4), (4,)), ((4,), (4,))])
+def test_matmul(a, b):
+    check("MatMul", {"a": a, "b": b}, kind=SMOOTH)
+
+
+# ---- broadcasting arithmetic --------------------------------------------------------------------------
+BROADCAST = [((2, 3, 4), (2, 3, 4)), ((2, 3, 4), (4,)), ((2, 1, 4), (3, 1)), ((1,), (2, 3, 1)), ((), (2, 3))]
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Pow"])
+@pytest.mark.parametrize("a,b", BROADCAST)
+def test_binary(op, a, b):
+    values = "positive" if op in ("Div", "Pow") else "normal"
+    check(op, {"a": a, "b": b}, values=values)
+
+
+@pytest.mark.parametrize("op", ["Sum", "Mean", "Max", "Min"])
+def test_variadic(op):
+    values = "separated" if op in ("Max", "Min") else "normal"
+    check(op, {"a": (2, 3, 4), "b": (3, 1), "c": (4,)}, values=values, kind=LINEAR)
+
+
+def test_where_and_expand():
+    check("Where", {"a": (2, 3, 4), "b": (4,)}, {"cond": rng.random((3, 4)) > 0.5}, input_order=["cond", "a", "b"])
+    check("Expand", {"x": (3, 1)}, {"shape": np.array([2, 3, 4], dtype=np.int64)}, kind=LINEAR)
+
+
+def test_cast_float_to_float():
+    check("Cast", {"x": (2, 3)}, to=11)
+
+
+# ---- reductions ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSumSquare"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("opset,axes", [(11, [1, -1]), (18, [1, -1]), (18, None)])
+def test_reduce(op, keepdims, opset, axes):
+    values = "separated" if op in ("ReduceMax", "ReduceMin") else "normal"
+    consts, attrs = {}, {}
+    if axes is not None:
+        if opset >= 18 or (op == "ReduceSum" and opset >= 13):
+            consts["axes"] = np.array(axes, dtype=np.int64)
+        else:
+            attrs["axes"] = axes
+    check(op, {"x": (2, 3, 4, 5)}, consts, opset=opset, values=values, keepdims=keepdims, **attrs)
+
+
+# ---- normalization ----------------------------------------------------------------------------------
+def test_batch_norm_inference():
+    params = {"scale": weights(3), "bias": weights(3), "mean": weights(3), "var": rng.uniform(0.5, 2, 3)}
+    check("BatchNormalization", {"x": (2, 3, 4, 5)}, params, kind=LINEAR, epsilon=1e-3)
+    check("BatchNormalization", {"x": (2, 3, 4, 5)}, params, opset=9, kind=LINEAR)
+    check("BatchNormalization", {"x": (2, 3, 4, 5)}, params, opset=7, kind=LINEAR, spatial=1)
+
+
+def test_instance_and_layer_norm():
+    check("InstanceNormalization", {"x": (2, 3, 4, 5)}, {"scale": weights(3), "bias": weights(3)}, epsilon=1e-3)
+    check("LayerNormalization", {"x": (2, 3, 4, 5)}, {"scale": weights(4, 5), "bias": weights(4, 5)}, axis=-2)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_lrn(size):
+    check("LRN", {"x": (2, 7, 3, 4)}, size=size, alpha=0.3, beta=0.75, bias=1.5)
+
+
+# ---- layout ---------------------------------------------------------------------------------------------
+def test_reshape_family():
+    check("Reshape", {"x": (2, 3, 4)}, {"shape": np.array([0, -1], dtype=np.int64)}, kind=LINEAR)
+    check("Flatten", {"x": (2, 3, 4, 5)}, kind=LINEAR, axis=2)
+    check("Squeeze", {"x": (2, 1, 4)}, {"axes": np.array([1], dtype=np.int64)}, kind=LINEAR)
+    check("Squeeze", {"x": (2, 1, 4)}, opset=11, kind=LINEAR, axes=[1])
+    check("Unsqueeze", {"x": (2, 4)}, {"axes": np.array([1, -1], dtype=np.int64)}, kind=LINEAR)
+    check("Unsqueeze", {"x": (2, 4)}, opset=11, kind=LINEAR, axes=[0])
+    check("Transpose", {"x": (2, 3, 4)}, kind=LINEAR, perm=[2, 0, 1])
+    check("Transpose", {"x": (2, 3, 4)}, kind=LINEAR)
+
+
+def test_reshape_old_attribute_form():
+    check("Reshape", {"x": (2, 3, 4)}, opset=4, kind=LINEAR, shape=[2, 12])
+
+
+def test_concat_and_split():
+    check("Concat", {"a": (2, 3, 4), "b": (2, 1, 4), "c": (2, 2, 4)}, kind=LINEAR, axis=1)
+    check("Concat", {"a": (2, 3, 4)}, {"b": weights(2, 3, 2)}, kind=LINEAR, axis=-1)
+    check("Split", {"x": (2, 6, 4)}, {"split": np.array([1, 3, 2], dtype=np.int64)}, kind=LINEAR, axis=1, n_outputs=3)
+    check("Split", {"x": (2, 6, 4)}, opset=11, kind=LINEAR, axis=1, split=[4, 2], n_outputs=2)
+    check("Split", {"x": (2, 6, 4)}, opset=18, kind=LINEAR, axis=2, num_outputs=2, n_outputs=2, objectives=["y1"])
+
+
+@pytest.mark.parametrize("starts,ends,axes,steps", [
+    ([1], [3], [1], [1]),
+    ([0, -3], [100, -1], [2, 1], [1, 1]),
+    ([5], [0], [1], [-1]),
+    ([0], [7], [2], [3]),
+    ([-1], [-100], [2], [-2]),
+    ([1, 6], [5, 1], [1, 2], [2, -3]),
+])
+def test_slice(starts, ends, axes, steps):
+    as_ints = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
+    check("Slice", {"x": (2, 6, 7)}, {"starts": as_ints(starts), "ends": as_ints(ends), "axes": as_ints(axes),
+                                      "steps": as_ints(steps)}, kind=LINEAR)
+
+
+def test_slice_attribute_form():
+    check("Slice", {"x": (2, 6, 7)}, opset=9, kind=LINEAR, starts=[1, -4], ends=[4, 1000], axes=[1, 2])
+
+
+@pytest.mark.parametrize("pads", [[0, 1, 2, 0, 2, 1], [0, -1, 1, 0, 2, -2]])
+def test_pad_constant(pads):
+    check("Pad", {"x": (2, 4, 5)}, {"pads": np.array(pads, dtype=np.int64)}, kind=LINEAR)
+    check("Pad", {"x": (2, 4, 5)}, opset=9, kind=LINEAR, pads=pads)
+
+
+def test_tile():
+    check("Tile", {"x": (2, 3, 4)}, {"repeats": np.array([1, 2, 3], dtype=np.int64)}, kind=LINEAR)
+
+
+# ---- resize ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attrs,scales,sizes", [
+    (dict(mode="nearest"), [1, 1, 2, 2], None),
+    (dict(mode="nearest"), [1, 1, 1.5, 2.5], None),
+    (dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"), [1, 1, 3, 2], None),
+    (dict(mode="linear"), [1, 1, 2, 2], None),
+    (dict(mode="linear", coordinate_transformation_mode="align_corners"), None, [2, 3, 7, 3]),
+    (dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), [1, 1, 0.5, 1.7], None),
+    (dict(mode="cubic"), [1, 1, 2, 1], None),
+])
+def test_resize(attrs, scales, sizes):
+    consts = {"roi": np.zeros(0, np.float32)}
+    order = ["x", "roi"]
+    if scales is not None:
+        consts["scales"] = np.array(scales, np.float32)
+        order.append("scales")
+    else:
+        consts["sizes"] = np.array(sizes, np.int64)
+        order += ["", "sizes"]
+    check("Resize", {"x": (2, 3, 5, 4)}, consts, kind=LINEAR, input_order=order, **attrs)
+
+
+def test_upsample_opset_9_and_resize_opset_10():
+    scales = {"scales": np.array([1, 1, 2, 3], np.float32)}
+    check("Upsample", {"x": (2, 3, 4, 3)}, scales, opset=9, kind=LINEAR, mode="nearest")
+    check("Upsample", {"x": (2, 3, 4, 3)}, scales, opset=9, kind=LINEAR, mode="linear")
+    check("Resize", {"x": (2, 3, 4, 3)}, scales, opset=10, kind=LINEAR, mode="linear")

@@ -1,0 +1,11 @@
+"""OptimizationService (proto/vis/v1/optimization.proto): activation maximization, inversion."""
+from __future__ import annotations
+
+import grpc
+
+from .servicers import ServiceState
+
+
+def register(server: grpc.Server, state: ServiceState) -> list[str]:
+    """Add the servicer to `server`; returns the full service names it serves."""
+    return []

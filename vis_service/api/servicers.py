@@ -1,0 +1,140 @@
+"""gRPC servicers: proto in, library calls, proto out. No graph or numpy logic here."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from .. import __version__
+from ..errors import InvalidArgument, ResourceExhausted
+from ..gen import vis_pb2, vis_pb2_grpc
+from ..methods import activations, filters, gradient, inspection
+from ..models.inputs import build_feeds
+from ..models.store import ModelStore
+from ..runtime.sessions import Runtime
+from . import convert
+from .errors import handles_errors
+from .tensors import DEFAULT_CHUNK_BYTES, result_stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_upload_bytes: int = 1 << 30
+    max_request_bytes: int = 64 << 20
+    max_batch: int = 256
+
+
+class ServiceState:
+    """What every servicer shares: runtime (sessions), model store, limits."""
+
+    def __init__(self, runtime: Runtime, store: ModelStore, limits: Limits):
+        self.runtime = runtime
+        self.store = store
+        self.limits = limits
+
+    def feeds(self, model, batch: vis_pb2.InputBatch, field: str = "input"):
+        return build_feeds(model, convert.input_request(batch, field), self.limits.max_batch, field)
+
+    def stream(self, tensors, **kw):
+        return result_stream(tensors, chunk_bytes=self.limits.chunk_bytes, **kw)
+
+
+class ModelServicer(vis_pb2_grpc.ModelServiceServicer):
+    def __init__(self, state: ServiceState):
+        self.s = state
+
+    def _info(self, model):
+        return convert.model_info(model, gradient.gradient_support(model))
+
+    @handles_errors
+    def Upload(self, request_iterator, context):
+        header = vis_pb2.UploadHeader()
+        parts, size = [], 0
+        limit = self.s.limits.max_upload_bytes
+        for i, req in enumerate(request_iterator):
+            kind = req.WhichOneof("part")
+            if kind == "header":
+                if i != 0:
+                    raise InvalidArgument("header", "must be the first message of the upload")
+                header = req.header
+                if header.total_bytes > limit:
+                    raise ResourceExhausted(f"upload of {header.total_bytes} bytes exceeds the limit of {limit} bytes")
+            elif kind == "chunk":
+                size += len(req.chunk)
+                if size > limit:
+                    raise ResourceExhausted(f"upload exceeds the limit of {limit} bytes")
+                parts.append(req.chunk)
+        if header.total_bytes and header.total_bytes != size:
+            raise InvalidArgument("header.total_bytes", f"announced {header.total_bytes} bytes but received {size}")
+        model = self.s.store.upload(b"".join(parts), header.name, header.config if header.HasField("config") else None,
+                                    list(header.labels))
+        return self._info(model)
+
+    @handles_errors
+    def Load(self, request, context):
+        return self._info(self.s.store.load(request.name))
+
+    @handles_errors
+    def List(self, request, context):
+        return vis_pb2.ListResponse(loaded=[self._info(m) for m in self.s.store.loaded()],
+                                    repository=self.s.store.repository_names())
+
+    @handles_errors
+    def Inspect(self, request, context):
+        model = self.s.store.get(request.model)
+        return convert.inspect_response(model, inspection.summarize(model), self._info(model))
+
+    @handles_errors
+    def Unload(self, request, context):
+        return vis_pb2.UnloadResponse(unloaded=self.s.store.unload(request.model))
+
+
+class VisServicer(vis_pb2_grpc.VisServiceServicer):
+    def __init__(self, state: ServiceState):
+        self.s = state
+
+    @handles_errors
+    def GetServerInfo(self, request, context):
+        rt, lim = self.s.runtime, self.s.limits
+        return vis_pb2.ServerInfo(
+            version=__version__, provider=rt.provider, available_providers=list(rt.choice.available),
+            provider_note=rt.choice.note, rule_sets=gradient.rule_set_names(), chunk_bytes=lim.chunk_bytes,
+            max_upload_bytes=lim.max_upload_bytes, max_request_bytes=lim.max_request_bytes,
+            model_repository=str(self.s.store.repository or ""), sessions_built=rt.sessions_built,
+            sessions_cached=rt.sessions_cached, session_cache_size=rt.cache_size)
+
+    @handles_errors
+    def Activations(self, request, context):
+        model = self.s.store.get(request.model)
+        feeds = self.s.feeds(model, request.input)
+        values = activations.compute_activations(self.s.runtime, model, feeds, list(request.layers))
+        yield from self.s.stream(values)
+
+    @handles_errors
+    def Filters(self, request, context):
+        model = self.s.store.get(request.model)
+        if not request.layer:
+            raise InvalidArgument("layer", "required: a Conv / ConvTranspose / Gemm / MatMul node or its output tensor")
+        yield from self.s.stream(filters.layer_filters(model, request.layer))
+
+    @handles_errors
+    def Gradient(self, request, context):
+        model = self.s.store.get(request.model)
+        feeds = self.s.feeds(model, request.input)
+        obj = convert.objective(request.target)
+        res = gradient.compute_gradient(self.s.runtime, model, feeds, obj, list(request.wrt) or ["input"],
+                                        request.rule_set or "gradient", dict(request.node_rules))
+        tensors = {f"grad/{k}": v for k, v in res.gradients.items()}
+        tensors["objective"] = res.objective
+        labels = {}
+        if res.target_index is not None:
+            tensors["target_index"] = res.target_index
+            if obj.kind == "output":
+                names = convert.labels_for(model, res.target_index)
+                if names:
+                    labels["target_index"] = names
+        yield from self.s.stream(tensors, labels=labels, text={"objective_tensor": res.objective_tensor})

@@ -1,0 +1,59 @@
+"""Run a long method in a worker thread and stream its progress, then its result.
+
+The handler thread yields Progress messages as the method reports them; when the
+client cancels (or its deadline passes) the method's next `progress.update`
+raises `Cancelled` and the worker ends.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterator
+
+import grpc
+
+from ..errors import Cancelled
+from ..gen import vis_pb2
+from ..methods.progress import MethodResult, Progress
+
+_DONE = object()
+
+
+def run_streaming(context: grpc.ServicerContext, method: Callable[[Progress], MethodResult],
+                  to_stream: Callable[[MethodResult], Iterator[vis_pb2.ResultChunk]],
+                  min_interval_s: float = 0.0) -> Iterator[vis_pb2.ResultChunk]:
+    events: queue.Queue = queue.Queue()
+    cancelled = threading.Event()
+    context.add_callback(cancelled.set)  # client cancelled, deadline passed or connection lost
+
+    def report(done, total, stage, values):
+        events.put(vis_pb2.ResultChunk(progress=vis_pb2.Progress(done=done, total=total, stage=stage, values=values)))
+
+    progress = Progress(report, cancelled)
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["result"] = method(progress)
+        except BaseException as exc:  # noqa: BLE001 - handed to the handler thread
+            outcome["error"] = exc
+        finally:
+            events.put(_DONE)
+
+    worker = threading.Thread(target=work, name="vis-method", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = events.get()
+            if item is _DONE:
+                break
+            if context.is_active():
+                yield item
+    finally:
+        if worker.is_alive():  # the generator was closed early (client gone): stop the method
+            cancelled.set()
+    if "error" in outcome:
+        raise outcome["error"]
+    if cancelled.is_set() and not context.is_active():
+        raise Cancelled("cancelled by the client")
+    yield from to_stream(outcome["result"])

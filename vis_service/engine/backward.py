@@ -1,0 +1,281 @@
+"""Build a forward + backward ONNX graph with standard ops only.
+
+Only nodes on a path from a `wrt` tensor to an objective are differentiated, and
+only through float tensors: shape arithmetic (Shape, Gather on shapes, Cast to
+int, ...) passes untouched. Gradients of tensors with several consumers are summed.
+The result's outputs are exactly the requested forward tensors and the gradients,
+and nodes that feed none of them are dropped, so onnxruntime runs only what is needed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import onnx
+from onnx import helper, numpy_helper, version_converter
+
+from ..errors import InvalidArgument, NotFound, Unimplemented
+from ..graph.loading import opset_version, prepare_model, tensor_infos
+from . import rules as _rules  # noqa: F401  (registers the rules)
+from .context import RuleContext
+from .registry import RULE_SETS, RULES
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+STANDARD_DOMAINS = ("", "ai.onnx")
+# The helpers emit ConstantOfShape/Where/Shape-based forms that exist from opset 9 on.
+MIN_OPSET = 9
+
+
+@dataclass(frozen=True)
+class GradientGraph:
+    model: onnx.ModelProto            # forward + backward, standard ONNX ops only
+    cotangent_inputs: dict[str, str]  # objective tensor -> graph input carrying its cotangent
+    gradient_outputs: dict[str, str]  # wrt tensor -> graph output holding d<obj,cot>/d(wrt)
+    forward_outputs: dict[str, str]   # forward tensor -> graph output (objectives always included)
+
+
+def build_gradient_model(model: onnx.ModelProto, objectives: Sequence[str], wrt: Sequence[str],
+                         rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
+                         forward_outputs: Sequence[str] = ()) -> GradientGraph:
+    """Forward model plus the vector-Jacobian product of `objectives` w.r.t. `wrt`.
+
+    `model` must already be normalized by `prepare_model`. The gradient output for
+    each wrt tensor is d<objectives, cotangents>/d(wrt), summed over all objectives.
+    `node_rules` maps node names to the rule set used for that node.
+    """
+    objectives = list(dict.fromkeys(objectives))
+    wrt = list(dict.fromkeys(wrt))
+    node_rules = dict(node_rules or {})
+    if not objectives:
+        raise InvalidArgument("objectives", "at least one objective tensor is required")
+    if not wrt:
+        raise InvalidArgument("wrt", "at least one tensor to differentiate with respect to is required")
+    for name, field in [(rule_set, "rule_set")] + [(rs, f"node_rules[{n!r}]") for n, rs in node_rules.items()]:
+        if name not in RULE_SETS:
+            raise InvalidArgument(field, f"unknown rule set {name!r}; known: {', '.join(RULE_SETS)}")
+
+    forward = _ForwardGraph(model)
+    forward.check_names(objectives, wrt, forward_outputs, node_rules)
+    path = forward.path(objectives, wrt)
+    rule_for = {id(node): _lookup_rule(node, node_rules.get(node.name, rule_set)) for node in path.nodes}
+    needed_opset = max([MIN_OPSET] + [r.min_opset for r in rule_for.values()])
+    if forward.opset < needed_opset:
+        # e.g. ScatterElements(reduction=add) needs opset 16: convert the forward part so that
+        # old-form nodes (Upsample, attribute Slice, ...) stay valid under the raised opset.
+        forward = _ForwardGraph(_raise_opset(model, needed_opset))
+        forward.check_names(objectives, wrt, forward_outputs, node_rules)
+        path = forward.path(objectives, wrt)
+        rule_for = {id(node): _lookup_rule(node, node_rules.get(node.name, rule_set)) for node in path.nodes}
+    return _differentiate(forward, path, rule_for, objectives, wrt, forward_outputs)
+
+
+def _lookup_rule(node: onnx.NodeProto, rule_set: str):
+    found = RULES.lookup(node.op_type, rule_set) if node.domain in STANDARD_DOMAINS else None
+    if found is None:
+        op = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
+        raise Unimplemented(f"no backward rule for op {op} (node {node.name!r}) in rule set {rule_set!r}")
+    return found
+
+
+def _raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    try:
+        converted = version_converter.convert_version(model, version)
+    except Exception as exc:
+        raise Unimplemented(f"the backward graph needs opset {version}, but converting the model "
+                            f"from opset {opset_version(model)} failed: {exc}") from None
+    return prepare_model(converted)
+
+
+@dataclass
+class _Path:
+    nodes: list[onnx.NodeProto]                  # on-path nodes, topological order
+    relevant: set[str]                           # float tensors on a wrt -> objective path
+
+
+class _ForwardGraph:
+    """A private copy of the model with producer/consumer indexes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        self.graph = self.model.graph
+        self.opset = opset_version(self.model)
+        self.infos = tensor_infos(self.model)
+        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS and node.attribute:
+                a = node.attribute[0]
+                if a.name == "value":
+                    self.constants[node.output[0]] = numpy_helper.to_array(a.t)
+        self.graph_inputs = [i.name for i in self.graph.input]
+        self.produced = set(self.graph_inputs) | set(self.constants)
+        for node in self.graph.node:
+            self.produced.update(o for o in node.output if o)
+
+    def check_names(self, objectives, wrt, forward_outputs, node_rules) -> None:
+        known = sorted(self.produced)
+        for field, names in (("objectives", objectives), ("wrt", wrt), ("forward_outputs", forward_outputs)):
+            for name in names:
+                if name not in self.produced:
+                    raise NotFound("tensor", name, known)
+        for name in list(objectives) + list(wrt):
+            info = self.infos.get(name)
+            if info is None or info.elem_type not in FLOAT_TYPES:
+                field = "objectives" if name in objectives else "wrt"
+                kind = "unknown type" if info is None else onnx.TensorProto.DataType.Name(info.elem_type)
+                raise InvalidArgument(field, f"tensor {name!r} must be a floating-point tensor, it is {kind}")
+        node_names = {n.name for n in self.graph.node if n.name}
+        for name in node_rules:
+            if name not in node_names:
+                raise NotFound("node", name, sorted(node_names))
+
+    def is_float(self, name: str) -> bool:
+        info = self.infos.get(name)
+        return info is not None and info.elem_type in FLOAT_TYPES
+
+    def path(self, objectives: Sequence[str], wrt: Sequence[str]) -> _Path:
+        active = set(wrt)                  # float tensors that depend on some wrt tensor
+        for node in self.graph.node:
+            if any(i in active for i in node.input if i):
+                active.update(o for o in node.output if o and self.is_float(o))
+        relevant = {o for o in objectives if o in active}   # ... that also reach an objective
+        nodes = []
+        for node in reversed(self.graph.node):
+            if any(o in relevant for o in node.output if o):
+                inputs = [i for i in node.input if i in active]
+                if inputs:
+                    nodes.append(node)
+                    relevant.update(inputs)
+        nodes.reverse()
+        for name in wrt:
+            if name not in relevant:
+                raise InvalidArgument("wrt", f"tensor {name!r} does not influence any of the objectives "
+                                             f"{', '.join(map(repr, objectives))}")
+        return _Path(nodes, relevant)
+
+
+def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wrt, forward_outputs) -> GradientGraph:
+    graph = forward.graph
+    infos = forward.infos
+    taken = set(forward.produced) | {n.name for n in graph.node if n.name}
+    relevant = path.relevant
+
+    def needs_grad(node: onnx.NodeProto, index: int) -> bool:
+        return node.input[index] in relevant
+
+    ctx = RuleContext(infos=infos, opset=forward.opset, constants=forward.constants,
+                      taken_names=taken, needs_grad=needs_grad)
+    contributions: dict[str, list[str]] = defaultdict(list)
+
+    def gradient_of(name: str) -> str | None:
+        terms = contributions.get(name)
+        if not terms:
+            return None
+        if len(terms) > 1:
+            ctx.node_label = f"grad/{name}"
+            terms[:] = [ctx.add_all(terms)]
+        return terms[0]
+
+    new_inputs = []
+    cotangent_inputs = {}
+    for name in objectives:
+        cot = _unique(f"{name}__cotangent", taken)
+        cotangent_inputs[name] = cot
+        new_inputs.append(_value_info(cot, infos[name]))
+        contributions[name].append(cot)
+
+    for node in reversed(path.nodes):
+        grad_outputs = [gradient_of(o) if o in relevant else None for o in node.output]
+        if all(g is None for g in grad_outputs):
+            continue
+        ctx.node_label = f"grad/{node.name or node.op_type}"
+        grad_inputs = rule_for[id(node)].fn(ctx, node, grad_outputs)
+        for index, (name, g) in enumerate(zip(node.input, grad_inputs)):
+            if g is not None and name in relevant:
+                contributions[name].append(g)
+
+    gradient_outputs = {}
+    new_outputs = []
+    for name in wrt:
+        g = gradient_of(name)
+        if g is None:
+            raise InvalidArgument("wrt", f"tensor {name!r} does not influence any objective")
+        out = _unique(f"{name}__grad", taken)
+        ctx.nodes.append(helper.make_node("Identity", [g], [out], name=_unique(f"grad/output/{name}", taken)))
+        gradient_outputs[name] = out
+        new_outputs.append(_value_info(out, infos[name]))
+
+    forward_map = {}
+    forward_value_infos = []
+    aliased = set(forward.graph_inputs) | set(forward.constants)
+    for name in list(objectives) + [n for n in forward_outputs if n not in objectives]:
+        if name in forward_map:
+            continue
+        out = name
+        if name in aliased:
+            # a graph output may not be a graph input or an initializer itself
+            out = _unique(f"{name}__forward", taken)
+            ctx.nodes.append(helper.make_node("Identity", [name], [out], name=_unique(f"forward/output/{name}", taken)))
+        forward_map[name] = out
+        info = infos.get(name)
+        forward_value_infos.append(_value_info(out, info) if info is not None
+                                   else helper.make_empty_tensor_value_info(out))
+
+    graph.node.extend(ctx.nodes)
+    graph.initializer.extend(ctx.initializers)
+    graph.input.extend(new_inputs)
+    del graph.output[:]
+    graph.output.extend(forward_value_infos + new_outputs)
+    _drop_unused(graph)
+    return GradientGraph(forward.model, cotangent_inputs, gradient_outputs, forward_map)
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def _value_info(name: str, info) -> onnx.ValueInfoProto:
+    shape = None if info.shape is None else list(info.shape)
+    return helper.make_tensor_value_info(name, info.elem_type, shape)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes, initializers and value_info that no output needs."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(_outer_names(a.g))
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        needed.update(_outer_names(g))
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    infos = [v for v in graph.value_info if v.name in needed]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def _outer_names(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph may read from the enclosing scope."""
+    names = set()
+    for node in g.node:
+        names.update(i for i in node.input if i)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names.update(_outer_names(a.g))
+    return names

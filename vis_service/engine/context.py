@@ -1,0 +1,250 @@
+"""What a backward rule sees: node emission, constants, static shapes, opset-aware helpers.
+
+Helpers emit the operator form that matches the model's opset (axes as attribute
+before opset 13, as input from 13 on, and so on), so rules never branch on it.
+The batch dimension stays dynamic: anything that depends on it goes through
+`Shape`, never through a number fixed at build time.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import Unimplemented
+from ..graph.loading import TensorInfo
+
+INT64_MIN = np.iinfo(np.int64).min
+INT64_MAX = np.iinfo(np.int64).max
+# constants up to this many elements are shared between rules (scalars, small shapes)
+_SHARED_CONST_MAX_SIZE = 64
+
+
+class RuleContext:
+    def __init__(self, *, infos: dict[str, TensorInfo], opset: int,
+                 constants: dict[str, np.ndarray], taken_names: set[str],
+                 needs_grad: Callable[[onnx.NodeProto, int], bool]):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._infos = infos
+        self._constants = constants
+        self._taken = taken_names
+        self._needs_grad = needs_grad
+        self._counter = 0
+        self._shared_consts: dict[tuple, str] = {}
+        self._shape_tensors: dict[str, str] = {}
+        self.node_label = "grad"   # prefix of emitted node names: the primal node being differentiated
+
+    # ---- naming and emission -------------------------------------------------------------
+    def fresh(self, hint: str = "t") -> str:
+        """A tensor/node name not used anywhere in the graph."""
+        while True:
+            self._counter += 1
+            name = f"{self.node_label}/{hint}_{self._counter}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    def make_node(self, op_type: str, inputs: Sequence[str], num_outputs: int = 1, **attrs):
+        """Emit one node; returns its output name (or list of names if num_outputs != 1)."""
+        outputs = [self.fresh(op_type) for _ in range(num_outputs)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=self.fresh(op_type + "_node"), **attrs))
+        return outputs[0] if num_outputs == 1 else outputs
+
+    def const(self, array, hint: str = "const") -> str:
+        """Initializer holding `array` (small ones shared)."""
+        array = np.asarray(array)
+        key = None
+        if array.size <= _SHARED_CONST_MAX_SIZE:
+            key = (array.dtype.str, array.shape, array.tobytes())
+            if key in self._shared_consts:
+                return self._shared_consts[key]
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._shared_consts[key] = name
+        return name
+
+    def scalar(self, value: float, like: str) -> str:
+        """0-d constant with the element type of tensor `like`."""
+        return self.const(np.array(value, dtype=self.dtype(like)), "scalar")
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(np.array(list(values), dtype=np.int64), "ints")
+
+    # ---- static information about forward tensors -------------------------------------------
+    def info(self, name: str) -> TensorInfo:
+        found = self._infos.get(name)
+        if found is None:
+            raise Unimplemented(f"tensor {name!r} has no inferred type/shape; cannot build its gradient")
+        return found
+
+    def shape(self, name: str) -> tuple:
+        """Static shape: ints, the batch symbol 'N' (or other dim_params) or None per dim."""
+        shape = self.info(name).shape
+        if shape is None:
+            raise Unimplemented(f"tensor {name!r} has unknown rank; cannot build its gradient")
+        return shape
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+    def static_dims(self, name: str, axes: Sequence[int], why: str) -> list[int]:
+        """Sizes of `axes` of `name`, which must be known numbers at build time."""
+        shape = self.shape(name)
+        dims = [shape[a] for a in axes]
+        if not all(isinstance(d, int) for d in dims):
+            raise Unimplemented(f"{why} needs static sizes of axes {list(axes)} of tensor {name!r}, got shape {shape}")
+        return dims
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.info(name).dtype
+
+    def elem_type(self, name: str) -> int:
+        return self.info(name).elem_type
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant output, None if computed at run time."""
+        return self._constants.get(name)
+
+    def needs_grad(self, node: onnx.NodeProto, input_index: int) -> bool:
+        """True if the gradient for this input is used (it lies on a wrt -> objective path)."""
+        return input_index < len(node.input) and bool(node.input[input_index]) and self._needs_grad(node, input_index)
+
+    def primal_output(self, node: onnx.NodeProto, index: int) -> str:
+        """Name of output `index` of the primal node, adding that optional output if absent."""
+        while len(node.output) <= index:
+            node.output.append("")
+        if not node.output[index]:
+            node.output[index] = self.fresh(f"{node.op_type}_out{index}")
+        return node.output[index]
+
+    # ---- opset-aware helpers ------------------------------------------------------------------
+    def shape_of(self, x: str) -> str:
+        """Run-time shape of `x` (one Shape node per tensor)."""
+        if x not in self._shape_tensors:
+            self._shape_tensors[x] = self.make_node("Shape", [x])
+        return self._shape_tensors[x]
+
+    def reshape_like(self, x: str, like: str) -> str:
+        return self.make_node("Reshape", [x, self.shape_of(like)])
+
+    def expand_like(self, x: str, like: str) -> str:
+        return self.make_node("Expand", [x, self.shape_of(like)])
+
+    def mask(self, op_type: str, a: str, b: str, like: str) -> str:
+        """Float 0/1 tensor of comparison `op_type` (Greater, Less, ...) in the dtype of `like`."""
+        return self.make_node("Cast", [self.make_node(op_type, [a, b])], to=self.elem_type(like))
+
+    def not_mask(self, op_type: str, a: str, b: str, like: str) -> str:
+        """Float 0/1 tensor of Not(a op b): e.g. a >= b as not_mask('Less', a, b)."""
+        return self.make_node("Cast", [self.make_node("Not", [self.make_node(op_type, [a, b])])], to=self.elem_type(like))
+
+    def reduce(self, op_type: str, x: str, axes: Sequence[int] | None, keepdims: bool) -> str:
+        """ReduceSum/ReduceMean/...; axes None = all axes."""
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes is None:
+            return self.make_node(op_type, [x], keepdims=int(keepdims))
+        axes = [int(a) for a in axes]
+        if axes_as_input:
+            return self.make_node(op_type, [x, self.ints(axes)], keepdims=int(keepdims))
+        return self.make_node(op_type, [x], axes=axes, keepdims=int(keepdims))
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        axes = [int(a) for a in axes]
+        if self.opset >= 13:
+            return self.make_node("Unsqueeze", [x, self.ints(axes)])
+        return self.make_node("Unsqueeze", [x], axes=axes)
+
+    def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        axes = [int(a) for a in axes]
+        if self.opset >= 13:
+            return self.make_node("Squeeze", [x, self.ints(axes)])
+        return self.make_node("Squeeze", [x], axes=axes)
+
+    def slice(self, x: str, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int],
+              steps: Sequence[int] | None = None) -> str:
+        if self.opset >= 10:
+            inputs = [x, self.ints(starts), self.ints(ends), self.ints(axes)]
+            if steps is not None:
+                inputs.append(self.ints(steps))
+            return self.make_node("Slice", inputs)
+        if steps is not None and any(s != 1 for s in steps):
+            raise Unimplemented(f"Slice with steps needs opset >= 10 (model has {self.opset})")
+        return self.make_node("Slice", [x], starts=list(starts), ends=list(ends), axes=list(axes))
+
+    def pad(self, x: str, pads: Sequence[int]) -> str:
+        """Zero padding (negative entries crop), pads = begins of all axes then ends."""
+        pads = [int(p) for p in pads]
+        if self.opset >= 11:
+            return self.make_node("Pad", [x, self.ints(pads)], mode="constant")
+        return self.make_node("Pad", [x], pads=pads, mode="constant", value=0.0)
+
+    def split(self, x: str, axis: int, sizes: Sequence[int]) -> list[str]:
+        sizes = [int(s) for s in sizes]
+        if len(sizes) == 1:
+            return [self.make_node("Identity", [x])]
+        if self.opset >= 13:
+            outs = self.make_node("Split", [x, self.ints(sizes)], num_outputs=len(sizes), axis=axis)
+        else:
+            outs = self.make_node("Split", [x], num_outputs=len(sizes), axis=axis, split=sizes)
+        return list(outs)
+
+    def zeros_like(self, x: str) -> str:
+        value = numpy_helper.from_array(np.zeros(1, dtype=self.dtype(x)), "zero")
+        return self.make_node("ConstantOfShape", [self.shape_of(x)], value=value)
+
+    def add_all(self, terms: Sequence[str]) -> str:
+        if len(terms) == 1:
+            return terms[0]
+        return self.make_node("Sum", list(terms))
+
+    def sum_to(self, g: str, target: str, g_shape: Sequence | None = None) -> str:
+        """Reduce broadcast gradient `g` to the shape of `target` (numpy broadcasting rules)."""
+        g_shape = tuple(self.shape(g) if g_shape is None else g_shape)
+        t_shape = self.shape(target)
+        lead = len(g_shape) - len(t_shape)
+        axes = list(range(lead))
+        for i, td in enumerate(t_shape):
+            gd = g_shape[lead + i]
+            if td == 1 and gd != 1:
+                axes.append(lead + i)
+            elif td is None or (gd is None and td != 1) or (td != gd and not (isinstance(td, int) and isinstance(gd, int))):
+                # cannot tell statically whether this axis was broadcast: reduce by run-time shape
+                return self._sum_to_dynamic(g, target, len(g_shape), len(t_shape))
+        if not axes:
+            return g
+        reduced = self.reduce("ReduceSum", g, axes, keepdims=True)
+        if lead:
+            reduced = self.reshape_like(reduced, target)
+        return reduced
+
+    def _sum_to_dynamic(self, g: str, target: str, g_rank: int, t_rank: int) -> str:
+        # Pad the target shape with leading ones, compare with g's shape: reduce every axis
+        # where they differ. ReduceSum with an axes *input* computed at run time needs opset 13.
+        if self.opset < 13:
+            raise Unimplemented(f"broadcast gradient to {target!r} with unknown dims needs opset >= 13")
+        g_shape = self.shape_of(g)
+        t_shape = self.shape_of(target)
+        if g_rank > t_rank:
+            t_shape = self.make_node("Concat", [self.ints([1] * (g_rank - t_rank)), t_shape], axis=0)
+        differs = self.make_node("Not", [self.make_node("Equal", [g_shape, t_shape])])
+        axes = self.make_node("Reshape", [self.make_node("NonZero", [differs]), self.ints([-1])])
+        reduced = self.make_node("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
+        return self.reshape_like(reduced, target)
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default

@@ -1,0 +1,185 @@
+"""Pointwise nonlinearities, softmax, and the ReLU overrides of deconvnet / guided backprop."""
+from __future__ import annotations
+
+import math
+
+from ..context import RuleContext, attr, normalize_axis
+from ..registry import rule
+
+
+def _positive_mask(ctx: RuleContext, y: str) -> str:
+    # mask read from the output (y > 0), so onnxruntime can still fuse Conv+Relu
+    return ctx.mask("Greater", y, ctx.scalar(0.0, y), y)
+
+
+@rule("Relu")
+def relu_backward(ctx: RuleContext, node, grad_outputs):
+    y = node.output[0]
+    return [ctx.make_node("Mul", [grad_outputs[0], _positive_mask(ctx, y)])]
+
+
+@rule("LeakyRelu")
+def leaky_relu_backward(ctx: RuleContext, node, grad_outputs):
+    alpha = attr(node, "alpha", 0.01)
+    # sign(y) == sign(x) for alpha >= 0; read the output then (fusion), else the input
+    probe = node.output[0] if alpha >= 0 else node.input[0]
+    positive = _positive_mask(ctx, probe)
+    slope = ctx.make_node("Add", [ctx.make_node("Mul", [positive, ctx.scalar(1.0 - alpha, probe)]),
+                                  ctx.scalar(alpha, probe)])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+@rule("PRelu")
+def prelu_backward(ctx: RuleContext, node, grad_outputs):
+    x, slope = node.input[0], node.input[1]
+    g = grad_outputs[0]
+    positive = ctx.mask("Greater", x, ctx.scalar(0.0, x), x)
+    negative = ctx.make_node("Sub", [ctx.scalar(1.0, x), positive])
+    grads = [None, None]
+    if ctx.needs_grad(node, 0):
+        factor = ctx.make_node("Add", [positive, ctx.make_node("Mul", [negative, slope])])
+        grads[0] = ctx.make_node("Mul", [g, factor])
+    if ctx.needs_grad(node, 1):
+        per_element = ctx.make_node("Mul", [g, ctx.make_node("Mul", [x, negative])])
+        grads[1] = ctx.sum_to(per_element, slope, ctx.shape(x))
+    return grads
+
+
+@rule("Elu")
+def elu_backward(ctx: RuleContext, node, grad_outputs):
+    x, y = node.input[0], node.output[0]
+    alpha = attr(node, "alpha", 1.0)
+    positive = ctx.mask("Greater", x, ctx.scalar(0.0, x), x)
+    negative = ctx.make_node("Sub", [ctx.scalar(1.0, x), positive])
+    # d/dx alpha*(exp(x)-1) = y + alpha
+    negative_slope = ctx.make_node("Mul", [negative, ctx.make_node("Add", [y, ctx.scalar(alpha, x)])])
+    return [ctx.make_node("Mul", [grad_outputs[0], ctx.make_node("Add", [positive, negative_slope])])]
+
+
+def _clip_bounds(ctx: RuleContext, node) -> tuple[str | None, str | None]:
+    """Names of (min, max) tensors, None where unbounded (attributes before opset 11)."""
+    x = node.input[0]
+    if ctx.opset < 11:
+        low, high = attr(node, "min"), attr(node, "max")
+        return (None if low is None else ctx.scalar(low, x)), (None if high is None else ctx.scalar(high, x))
+    low = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    high = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return low, high
+
+
+@rule("Clip")
+def clip_backward(ctx: RuleContext, node, grad_outputs):
+    y = node.output[0]
+    low, high = _clip_bounds(ctx, node)
+    grad = grad_outputs[0]
+    # strictly inside the bounds, judged on the output (lets onnxruntime fuse Conv+Clip)
+    if low is not None:
+        grad = ctx.make_node("Mul", [grad, ctx.mask("Greater", y, low, y)])
+    if high is not None:
+        grad = ctx.make_node("Mul", [grad, ctx.mask("Less", y, high, y)])
+    return [grad, None, None][:len(node.input)]
+
+
+@rule("Sigmoid")
+def sigmoid_backward(ctx: RuleContext, node, grad_outputs):
+    y = node.output[0]
+    slope = ctx.make_node("Mul", [y, ctx.make_node("Sub", [ctx.scalar(1.0, y), y])])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+@rule("Tanh")
+def tanh_backward(ctx: RuleContext, node, grad_outputs):
+    y = node.output[0]
+    slope = ctx.make_node("Sub", [ctx.scalar(1.0, y), ctx.make_node("Mul", [y, y])])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+@rule("HardSigmoid")
+def hard_sigmoid_backward(ctx: RuleContext, node, grad_outputs):
+    y = node.output[0]
+    alpha = attr(node, "alpha", 0.2)
+    inside = ctx.make_node("Mul", [ctx.mask("Greater", y, ctx.scalar(0.0, y), y),
+                                   ctx.mask("Less", y, ctx.scalar(1.0, y), y)])
+    return [ctx.make_node("Mul", [grad_outputs[0], ctx.make_node("Mul", [inside, ctx.scalar(alpha, y)])])]
+
+
+@rule("HardSwish")
+def hard_swish_backward(ctx: RuleContext, node, grad_outputs):
+    # y = x * clip(x/6 + 1/2, 0, 1): slope 0 below -3, 1 above 3, x/3 + 1/2 between
+    x = node.input[0]
+    inside = ctx.make_node("Mul", [ctx.mask("Greater", x, ctx.scalar(-3.0, x), x),
+                                   ctx.mask("Less", x, ctx.scalar(3.0, x), x)])
+    ramp = ctx.make_node("Add", [ctx.make_node("Mul", [x, ctx.scalar(1.0 / 3.0, x)]), ctx.scalar(0.5, x)])
+    slope = ctx.make_node("Add", [ctx.make_node("Mul", [inside, ramp]),
+                                  ctx.not_mask("Less", x, ctx.scalar(3.0, x), x)])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+@rule("Erf")
+def erf_backward(ctx: RuleContext, node, grad_outputs):
+    x = node.input[0]
+    gauss = ctx.make_node("Exp", [ctx.make_node("Neg", [ctx.make_node("Mul", [x, x])])])
+    slope = ctx.make_node("Mul", [gauss, ctx.scalar(2.0 / math.sqrt(math.pi), x)])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+@rule("Gelu")
+def gelu_backward(ctx: RuleContext, node, grad_outputs):
+    x = node.input[0]
+    if attr(node, "approximate", "none") == "tanh":
+        # y = x/2 (1 + tanh(u)), u = c (x + 0.044715 x^3)
+        c = math.sqrt(2.0 / math.pi)
+        x2 = ctx.make_node("Mul", [x, x])
+        inner = ctx.make_node("Add", [ctx.scalar(1.0, x), ctx.make_node("Mul", [x2, ctx.scalar(0.044715, x)])])
+        t = ctx.make_node("Tanh", [ctx.make_node("Mul", [ctx.make_node("Mul", [x, inner]), ctx.scalar(c, x)])])
+        one_plus_t = ctx.make_node("Add", [ctx.scalar(1.0, x), t])
+        du = ctx.make_node("Add", [ctx.scalar(c, x), ctx.make_node("Mul", [x2, ctx.scalar(3 * 0.044715 * c, x)])])
+        sech2 = ctx.make_node("Sub", [ctx.scalar(1.0, x), ctx.make_node("Mul", [t, t])])
+        second = ctx.make_node("Mul", [ctx.make_node("Mul", [x, sech2]), du])
+        slope = ctx.make_node("Mul", [ctx.make_node("Add", [one_plus_t, second]), ctx.scalar(0.5, x)])
+    else:
+        # y = x Phi(x): slope Phi(x) + x phi(x)
+        cdf = ctx.make_node("Mul", [ctx.make_node("Add", [
+            ctx.scalar(1.0, x), ctx.make_node("Erf", [ctx.make_node("Mul", [x, ctx.scalar(1 / math.sqrt(2.0), x)])])]),
+            ctx.scalar(0.5, x)])
+        pdf = ctx.make_node("Mul", [ctx.make_node("Exp", [ctx.make_node("Mul", [ctx.make_node("Mul", [x, x]), ctx.scalar(-0.5, x)])]),
+                                    ctx.scalar(1 / math.sqrt(2 * math.pi), x)])
+        slope = ctx.make_node("Add", [cdf, ctx.make_node("Mul", [x, pdf])])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+def _softmax_axes(ctx: RuleContext, node) -> list[int]:
+    """Axes softmax normalizes over: one axis from opset 13, all axes from `axis` on before."""
+    rank = ctx.rank(node.input[0])
+    if ctx.opset >= 13:
+        return [normalize_axis(attr(node, "axis", -1), rank)]
+    return list(range(normalize_axis(attr(node, "axis", 1), rank), rank))
+
+
+@rule("Softmax")
+def softmax_backward(ctx: RuleContext, node, grad_outputs):
+    y, g = node.output[0], grad_outputs[0]
+    gy = ctx.make_node("Mul", [g, y])
+    total = ctx.reduce("ReduceSum", gy, _softmax_axes(ctx, node), keepdims=True)
+    return [ctx.make_node("Sub", [gy, ctx.make_node("Mul", [y, total])])]
+
+
+@rule("LogSoftmax")
+def log_softmax_backward(ctx: RuleContext, node, grad_outputs):
+    y, g = node.output[0], grad_outputs[0]
+    total = ctx.reduce("ReduceSum", g, _softmax_axes(ctx, node), keepdims=True)
+    return [ctx.make_node("Sub", [g, ctx.make_node("Mul", [ctx.make_node("Exp", [y]), total])])]
+
+
+# ---- deconvnet and guided backprop -----------------------------------------------------------
+@rule("Relu", "Clip", "LeakyRelu", rule_set="deconvnet")
+def deconvnet_relu_backward(ctx: RuleContext, node, grad_outputs):
+    """relu(upstream), whatever the forward activation was."""
+    return [ctx.make_node("Relu", [grad_outputs[0]])] + [None] * (len(node.input) - 1)
+
+
+@rule("Relu", "Clip", "LeakyRelu", rule_set="guided")
+def guided_relu_backward(ctx: RuleContext, node, grad_outputs):
+    """The exact rule applied to relu(upstream): relu(g) * forward mask."""
+    exact = {"Relu": relu_backward, "Clip": clip_backward, "LeakyRelu": leaky_relu_backward}[node.op_type]
+    return exact(ctx, node, [ctx.make_node("Relu", [grad_outputs[0]])])

@@ -1,0 +1,182 @@
+"""Conv and ConvTranspose: data-path gradients (weights are constants of the model).
+
+The input gradient of a Conv is its adjoint: a ConvTranspose whose pads and
+output_padding come from the static spatial sizes (never `output_shape`, whose
+odd-padding split differs between runtimes), or for stride 1 the cheaper Conv
+with the kernel flipped and in/out channels swapped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ...errors import Unimplemented
+from ..context import INT64_MIN, RuleContext, attr
+from ..registry import rule
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sliding-window geometry of a conv/pool node along its spatial axes."""
+    in_sizes: list[int]
+    out_sizes: list[int]
+    kernel: list[int]
+    strides: list[int]
+    dilations: list[int]
+    pads_begin: list[int]
+    pads_end: list[int]
+
+    @property
+    def extents(self) -> list[int]:
+        return [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
+
+
+def window_of(ctx: RuleContext, node, x: str, y: str, kernel: Sequence[int]) -> Window:
+    """Geometry with auto_pad resolved into explicit pads, from static spatial sizes."""
+    rank = ctx.rank(x)
+    spatial = list(range(2, rank))
+    in_sizes = ctx.static_dims(x, spatial, f"{node.op_type} backward")
+    out_sizes = ctx.static_dims(y, spatial, f"{node.op_type} backward")
+    n = len(spatial)
+    strides = list(attr(node, "strides", None) or [1] * n)
+    dilations = list(attr(node, "dilations", None) or [1] * n)
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i, o, k, s, d in zip(in_sizes, out_sizes, kernel, strides, dilations):
+            total = max(0, (o - 1) * s + (k - 1) * d + 1 - i)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+    elif auto_pad == "VALID":
+        begin, end = [0] * n, [0] * n
+    else:
+        pads = list(attr(node, "pads", None) or [0] * (2 * n))
+        begin, end = pads[:n], pads[n:]
+    return Window(in_sizes, out_sizes, list(kernel), strides, dilations, begin, end)
+
+
+def conv_input_adjoint(ctx: RuleContext, g: str, weight: str | np.ndarray, window: Window, group: int,
+                       weight_shape: Sequence[int]) -> str:
+    """Jᵀg for x of y = Conv(x, weight) with the given window geometry (no bias).
+
+    `weight` is a tensor name or a constant array of shape [M, C/group, *kernel].
+    """
+    if all(s == 1 for s in window.strides):
+        # flipped-kernel Conv: "full" padding minus the forward pads
+        begin = [e - 1 - p for e, p in zip(window.extents, window.pads_begin)]
+        end = [i + e - 1 - o - b for i, e, o, b in zip(window.in_sizes, window.extents, window.out_sizes, begin)]
+        if min(begin + end) >= 0:
+            flipped = _flipped_weight(ctx, weight, group, weight_shape)
+            if flipped is not None:
+                return ctx.make_node("Conv", [g, flipped], pads=begin + end, dilations=window.dilations, group=group)
+    # ConvTranspose covers [-pads_begin, L - pads_begin) of the input, L = s*(o-1) + extent:
+    # crop what lies past the input's end, or extend with output_padding where the forward
+    # window never reached (that is < stride, as onnxruntime requires).
+    end, output_padding = [], []
+    for i, o, s, e, b in zip(window.in_sizes, window.out_sizes, window.strides, window.extents, window.pads_begin):
+        past_end = s * (o - 1) + e - b - i
+        end.append(max(past_end, 0))
+        output_padding.append(max(-past_end, 0))
+    w = weight if isinstance(weight, str) else ctx.const(weight, "weight")
+    return ctx.make_node("ConvTranspose", [g, w], strides=window.strides, dilations=window.dilations, group=group,
+                         pads=window.pads_begin + end,
+                         output_padding=output_padding if any(output_padding) else None)
+
+
+def _flipped_weight(ctx: RuleContext, weight: str | np.ndarray, group: int, shape: Sequence[int]) -> str | None:
+    """[M, C/G, *k] -> [C, M/G, *k reversed]; None where it cannot be built (opset < 10)."""
+    m, c_per_group = shape[0], shape[1]
+    kernel = list(shape[2:])
+    grouped = [group, m // group, c_per_group] + kernel
+    swapped = [0, 2, 1] + list(range(3, 3 + len(kernel)))
+    result_shape = [group * c_per_group, m // group] + kernel
+    if not isinstance(weight, str):
+        value = weight
+    else:
+        value = ctx.constant_value(weight)
+    if value is not None:
+        flipped = value.reshape(grouped).transpose(swapped).reshape(result_shape)
+        flipped = flipped[(slice(None), slice(None)) + (slice(None, None, -1),) * len(kernel)]
+        return ctx.const(np.ascontiguousarray(flipped), "flipped_weight")
+    if ctx.opset < 10:
+        return None
+    # weights computed in the graph (e.g. ConstantOfShape): onnxruntime folds these nodes
+    w = ctx.make_node("Reshape", [weight, ctx.ints(grouped)])
+    w = ctx.make_node("Reshape", [ctx.make_node("Transpose", [w], perm=swapped), ctx.ints(result_shape)])
+    spatial = list(range(2, 2 + len(kernel)))
+    return ctx.slice(w, [-1] * len(kernel), [INT64_MIN] * len(kernel), spatial, [-1] * len(kernel))
+
+
+def _bias_gradient(ctx: RuleContext, g: str, node) -> str:
+    return ctx.reduce("ReduceSum", g, [0] + list(range(2, ctx.rank(g))), keepdims=False)
+
+
+def _require_constant_weight(ctx: RuleContext, node) -> None:
+    if ctx.needs_grad(node, 1):
+        raise Unimplemented(f"gradient with respect to the weights of {node.op_type} node {node.name!r} "
+                            "is not supported (only data-path gradients)")
+
+
+@rule("Conv")
+def conv_backward(ctx: RuleContext, node, grad_outputs):
+    _require_constant_weight(ctx, node)
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    g = grad_outputs[0]
+    grads: list = [None] * len(node.input)
+    if ctx.needs_grad(node, 0):
+        w_shape = ctx.static_dims(w, range(ctx.rank(w)), "Conv backward")
+        kernel = attr(node, "kernel_shape", None) or w_shape[2:]
+        window = window_of(ctx, node, x, y, kernel)
+        grads[0] = conv_input_adjoint(ctx, g, w, window, attr(node, "group", 1), w_shape)
+    if ctx.needs_grad(node, 2):
+        grads[2] = _bias_gradient(ctx, g, node)
+    return grads
+
+
+@rule("ConvTranspose")
+def conv_transpose_backward(ctx: RuleContext, node, grad_outputs):
+    """Adjoint of ConvTranspose = Conv with the same weight over the (padded/cropped) gradient."""
+    _require_constant_weight(ctx, node)
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    g = grad_outputs[0]
+    grads: list = [None] * len(node.input)
+    if ctx.needs_grad(node, 0):
+        spatial = list(range(2, ctx.rank(x)))
+        n = len(spatial)
+        in_sizes = ctx.static_dims(x, spatial, "ConvTranspose backward")
+        out_sizes = ctx.static_dims(y, spatial, "ConvTranspose backward")
+        w_shape = ctx.static_dims(w, range(ctx.rank(w)), "ConvTranspose backward")
+        kernel = attr(node, "kernel_shape", None) or w_shape[2:]
+        strides = list(attr(node, "strides", None) or [1] * n)
+        dilations = list(attr(node, "dilations", None) or [1] * n)
+        # Forward: full result of length L = s*(i-1) + extent; y = full[begin : begin + out]
+        # (positions past L are output_padding zeros). Gradient: place g at offset `begin`
+        # inside a length-L zero tensor, then a strided Conv with the same weight.
+        begin = _conv_transpose_begin(node, in_sizes, out_sizes, kernel, strides, dilations)
+        # negative ends crop the output_padding positions, which no input reached
+        end = [s * (i - 1) + (k - 1) * d + 1 - b - o
+               for b, i, o, k, s, d in zip(begin, in_sizes, out_sizes, kernel, strides, dilations)]
+        full = ctx.pad(g, [0, 0] + begin + [0, 0] + end) if any(begin + end) else g
+        grads[0] = ctx.make_node("Conv", [full, w], strides=strides, dilations=dilations,
+                                 group=attr(node, "group", 1), kernel_shape=list(kernel))
+    if ctx.needs_grad(node, 2):
+        grads[2] = _bias_gradient(ctx, g, node)
+    return grads
+
+
+def _conv_transpose_begin(node, in_sizes, out_sizes, kernel, strides, dilations) -> list[int]:
+    """Leading crop of a ConvTranspose per axis, following onnxruntime's resolution of auto_pad/output_shape."""
+    n = len(in_sizes)
+    pads = attr(node, "pads", None)
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    if attr(node, "output_shape", None) is None and auto_pad in ("NOTSET", "VALID"):
+        return list(pads[:n]) if pads and auto_pad == "NOTSET" else [0] * n
+    output_padding = list(attr(node, "output_padding", None) or [0] * n)
+    begin = []
+    for i, o, k, s, d, op in zip(in_sizes, out_sizes, kernel, strides, dilations, output_padding):
+        total = max(0, s * (i - 1) + op + (k - 1) * d + 1 - o)
+        begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+    return begin

@@ -1,0 +1,92 @@
+"""BatchNormalization (inference), Instance/LayerNormalization, LRN."""
+from __future__ import annotations
+
+from ...errors import Unimplemented
+from ..context import RuleContext, attr, normalize_axis
+from ..registry import rule
+
+
+@rule("BatchNormalization")
+def batch_norm_backward(ctx: RuleContext, node, grad_outputs):
+    """Inference mode: y = x * scale / sqrt(var + eps) + const, per channel."""
+    if attr(node, "training_mode", 0):
+        raise Unimplemented(f"BatchNormalization node {node.name!r} in training mode has no backward rule")
+    x, scale, var = node.input[0], node.input[1], node.input[4]
+    rank = ctx.rank(x)
+    std = ctx.make_node("Sqrt", [ctx.make_node("Add", [var, ctx.scalar(attr(node, "epsilon", 1e-5), x)])])
+    factor = ctx.make_node("Div", [scale, std])
+    # per channel [C] -> [C, 1, ...]; opset < 9 with spatial=0 has per-activation [C, D1, ...]
+    if ctx.rank(scale) == 1:
+        factor = ctx.unsqueeze(factor, list(range(1, rank - 1)))
+    return [ctx.make_node("Mul", [grad_outputs[0], factor])] + [None] * (len(node.input) - 1)
+
+
+def _normalized_backward(ctx: RuleContext, x: str, g_scaled: str, axes: list[int], epsilon: float) -> str:
+    """Jᵀ of x -> (x - mean) / sqrt(var + eps) over `axes`, applied to g_scaled.
+
+    dx = (g - mean(g) - x̂ mean(g x̂)) / std
+    """
+    mean = ctx.reduce("ReduceMean", x, axes, keepdims=True)
+    centered = ctx.make_node("Sub", [x, mean])
+    var = ctx.reduce("ReduceMean", ctx.make_node("Mul", [centered, centered]), axes, keepdims=True)
+    std = ctx.make_node("Sqrt", [ctx.make_node("Add", [var, ctx.scalar(epsilon, x)])])
+    normalized = ctx.make_node("Div", [centered, std])
+    g_mean = ctx.reduce("ReduceMean", g_scaled, axes, keepdims=True)
+    gx_mean = ctx.reduce("ReduceMean", ctx.make_node("Mul", [g_scaled, normalized]), axes, keepdims=True)
+    numerator = ctx.make_node("Sub", [ctx.make_node("Sub", [g_scaled, g_mean]),
+                                      ctx.make_node("Mul", [normalized, gx_mean])])
+    return ctx.make_node("Div", [numerator, std])
+
+
+@rule("InstanceNormalization")
+def instance_norm_backward(ctx: RuleContext, node, grad_outputs):
+    x, scale = node.input[0], node.input[1]
+    rank = ctx.rank(x)
+    if ctx.needs_grad(node, 1) or ctx.needs_grad(node, 2):
+        raise Unimplemented(f"gradient w.r.t. scale/bias of InstanceNormalization node {node.name!r} is not supported")
+    per_channel = ctx.unsqueeze(scale, list(range(1, rank - 1)))
+    g_scaled = ctx.make_node("Mul", [grad_outputs[0], per_channel])
+    dx = _normalized_backward(ctx, x, g_scaled, list(range(2, rank)), attr(node, "epsilon", 1e-5))
+    return [dx, None, None]
+
+
+@rule("LayerNormalization")
+def layer_norm_backward(ctx: RuleContext, node, grad_outputs):
+    x, scale = node.input[0], node.input[1]
+    rank = ctx.rank(x)
+    if ctx.needs_grad(node, 1) or ctx.needs_grad(node, 2):
+        raise Unimplemented(f"gradient w.r.t. scale/bias of LayerNormalization node {node.name!r} is not supported")
+    axes = list(range(normalize_axis(attr(node, "axis", -1), rank), rank))
+    g_scaled = ctx.make_node("Mul", [grad_outputs[0], scale])
+    dx = _normalized_backward(ctx, x, g_scaled, axes, attr(node, "epsilon", 1e-5))
+    return [dx] + [None] * (len(node.input) - 1)
+
+
+@rule("LRN")
+def lrn_backward(ctx: RuleContext, node, grad_outputs):
+    """y = x d^-β, d = bias + α/size Σ_window x² over channels.
+
+    dx = g d^-β - (2αβ/size) x Σ_window(g x d^(-β-1)); the channel window sum (odd size,
+    symmetric) is an AveragePool over a unit axis, times size.
+    """
+    x, g = node.input[0], grad_outputs[0]
+    size = attr(node, "size")
+    alpha, beta, bias = attr(node, "alpha", 1e-4), attr(node, "beta", 0.75), attr(node, "bias", 1.0)
+    rank = ctx.rank(x)
+    half = (size - 1) // 2
+    zeros = [0] * (rank - 2)
+    pool = dict(kernel_shape=[size] + [1] * (rank - 2), pads=[half] + zeros + [size - 1 - half] + zeros,
+                count_include_pad=1)
+
+    def channel_window_mean(t: str) -> str:
+        pooled = ctx.make_node("AveragePool", [ctx.unsqueeze(t, [1])], **pool)
+        return ctx.squeeze(pooled, [1])
+
+    d = ctx.make_node("Add", [ctx.scalar(bias, x),
+                              ctx.make_node("Mul", [channel_window_mean(ctx.make_node("Mul", [x, x])), ctx.scalar(alpha, x)])])
+    d_pow = ctx.make_node("Pow", [d, ctx.scalar(-beta, x)])
+    direct = ctx.make_node("Mul", [g, d_pow])
+    through_d = ctx.make_node("Div", [ctx.make_node("Mul", [direct, x]), d])     # g x d^(-β-1)
+    spread = channel_window_mean(through_d)                                         # Σ_window / size
+    correction = ctx.make_node("Mul", [ctx.make_node("Mul", [x, spread]), ctx.scalar(2.0 * alpha * beta, x)])
+    return [ctx.make_node("Sub", [direct, correction])]

@@ -1,0 +1,112 @@
+"""MaxPool through its switches, AveragePool through its adjoint, global pools."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import numpy_helper
+
+from ..context import RuleContext, attr
+from ..registry import rule
+from .conv import Window, conv_input_adjoint, window_of
+
+
+@rule("MaxPool", min_opset=16)
+def max_pool_backward(ctx: RuleContext, node, grad_outputs):
+    """Scatter-add the gradient to the recorded argmax positions.
+
+    The primal MaxPool itself yields the switches (its Indices output, flattened over
+    N*C*H*W): a duplicate pool would cost a second pass. MaxUnpool would overwrite
+    where overlapping windows share a maximum; ScatterElements(reduction=add) sums.
+    """
+    x = node.input[0]
+    indices = ctx.primal_output(node, 1)
+    flat = ctx.ints([-1])
+    size = ctx.make_node("Reshape", [ctx.make_node("Size", [x]), flat])
+    zeros = ctx.make_node("ConstantOfShape", [size], value=_zero_tensor(ctx, x))
+    scattered = ctx.make_node("ScatterElements", [zeros, ctx.make_node("Reshape", [indices, flat]),
+                                                  ctx.make_node("Reshape", [grad_outputs[0], flat])],
+                              axis=0, reduction="add")
+    return [ctx.reshape_like(scattered, x)]
+
+
+def _zero_tensor(ctx: RuleContext, like: str):
+    return numpy_helper.from_array(np.zeros(1, dtype=ctx.dtype(like)), "zero")
+
+
+@rule("AveragePool")
+def average_pool_backward(ctx: RuleContext, node, grad_outputs):
+    """Jᵀg = sum-pool adjoint of g / divisor.
+
+    The divisor per output window (count_include_pad, ceil_mode overhang) is taken
+    from the op itself: AveragePool over ones gives covered/divisor, where `covered`
+    (real input elements in the window) is plain geometry computed here.
+    """
+    x, y = node.input[0], node.output[0]
+    window = window_of(ctx, node, x, y, attr(node, "kernel_shape"))
+    channels = ctx.static_dims(x, [1], "AveragePool backward")[0]
+    rank = ctx.rank(x)
+    pool_attrs = {a.name: a for a in node.attribute}
+    ones = ctx.const(np.ones([1, 1] + window.in_sizes, dtype=ctx.dtype(x)), "ones")
+    pooled_ones = ctx.make_node("AveragePool", [ones])
+    ctx.nodes[-1].attribute.extend(pool_attrs.values())
+    covered = _covered_counts(window).astype(ctx.dtype(x)).reshape([1, 1] + window.out_sizes)
+    inverse_divisor = ctx.make_node("Div", [pooled_ones, ctx.const(covered, "covered")])
+    scaled = ctx.make_node("Mul", [grad_outputs[0], inverse_divisor])
+    if _is_tiling(window):
+        return [_tile_adjoint(ctx, scaled, x, window, rank)]
+    kernel = np.ones([channels, 1] + window.kernel, dtype=ctx.dtype(x))
+    return [conv_input_adjoint(ctx, scaled, kernel, window, channels, kernel.shape)]
+
+
+def _covered_counts(window: Window) -> np.ndarray:
+    """Number of real (non-pad, non-overhang) input elements in each output window."""
+    per_axis = []
+    for i, o, k, s, d, b in zip(window.in_sizes, window.out_sizes, window.kernel, window.strides,
+                                window.dilations, window.pads_begin):
+        starts = np.arange(o) * s - b
+        taps = starts[:, None] + np.arange(k)[None, :] * d
+        per_axis.append(((taps >= 0) & (taps < i)).sum(axis=1))
+    counts = per_axis[0]
+    for axis_counts in per_axis[1:]:
+        counts = np.multiply.outer(counts, axis_counts)
+    return counts
+
+
+def _is_tiling(window: Window) -> bool:
+    """Windows that tile the input exactly (kernel == stride, no pads, no dilation)."""
+    return all(k == s and d == 1 and b == 0 and e == 0 and o * s <= i
+               for k, s, d, b, e, o, i in zip(window.kernel, window.strides, window.dilations,
+                                              window.pads_begin, window.pads_end, window.out_sizes, window.in_sizes))
+
+
+def _tile_adjoint(ctx: RuleContext, g: str, x: str, window: Window, rank: int) -> str:
+    """Repeat each gradient element over its k×k block (Expand), zero the uncovered tail."""
+    n = len(window.kernel)
+    # [N, C, o1, 1, o2, 1, ...] -> expand -> [N, C, o1, k1, o2, k2, ...] -> [N, C, o1*k1, o2*k2, ...]
+    g = ctx.unsqueeze(g, [3 + 2 * a for a in range(n)])
+    blocks = [1, 1]
+    for k in window.kernel:
+        blocks += [1, k]
+    g = ctx.make_node("Mul", [g, ctx.const(np.ones(blocks, dtype=ctx.dtype(x)), "block")])
+    batch_channels = ctx.slice(ctx.shape_of(x), [0], [2], [0])
+    merged = ctx.ints([o * k for o, k in zip(window.out_sizes, window.kernel)])
+    g = ctx.make_node("Reshape", [g, ctx.make_node("Concat", [batch_channels, merged], axis=0)])
+    tail = [i - o * k for i, o, k in zip(window.in_sizes, window.out_sizes, window.kernel)]
+    if any(tail):
+        g = ctx.pad(g, [0] * (n + 2) + [0, 0] + tail)
+    return g
+
+
+@rule("GlobalAveragePool")
+def global_average_pool_backward(ctx: RuleContext, node, grad_outputs):
+    x = node.input[0]
+    spatial = list(range(2, ctx.rank(x)))
+    count = int(np.prod(ctx.static_dims(x, spatial, "GlobalAveragePool backward")))
+    scaled = ctx.make_node("Mul", [grad_outputs[0], ctx.scalar(1.0 / count, x)])
+    return [ctx.expand_like(scaled, x)]
+
+
+@rule("GlobalMaxPool")
+def global_max_pool_backward(ctx: RuleContext, node, grad_outputs):
+    # every element equal to the maximum receives the gradient (ties are measure-zero)
+    x, y = node.input[0], node.output[0]
+    return [ctx.make_node("Mul", [grad_outputs[0], ctx.not_mask("Less", x, y, x)])]

@@ -1,0 +1,65 @@
+"""ReduceSum / ReduceMean / ReduceMax / ReduceMin / ReduceSumSquare (axes as attribute or input)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import Unimplemented
+from ..context import RuleContext, attr, normalize_axis
+from ..registry import rule
+
+
+def _reduced_axes(ctx: RuleContext, node) -> list[int] | None:
+    """Normalized reduced axes; None means "no reduction" (noop_with_empty_axes)."""
+    x = node.input[0]
+    rank = ctx.rank(x)
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = ctx.constant_value(node.input[1])
+        if value is None:
+            raise Unimplemented(f"{node.op_type} node {node.name!r} has axes computed at run time; "
+                                "its backward rule needs constant axes")
+        axes = value.reshape(-1).tolist()
+    if not axes:
+        return None if attr(node, "noop_with_empty_axes", 0) else list(range(rank))
+    return sorted(normalize_axis(int(a), rank) for a in axes)
+
+
+def _broadcastable(ctx: RuleContext, node, t: str, axes: list[int]) -> str:
+    """Bring a reduced-shape tensor back to rank(x) (re-insert dropped axes)."""
+    return t if attr(node, "keepdims", 1) else ctx.unsqueeze(t, axes)
+
+
+@rule("ReduceSum", "ReduceMean")
+def reduce_sum_backward(ctx: RuleContext, node, grad_outputs):
+    x, g = node.input[0], grad_outputs[0]
+    axes = _reduced_axes(ctx, node)
+    if axes is None:
+        return [g] + [None] * (len(node.input) - 1)
+    g = _broadcastable(ctx, node, g, axes)
+    if node.op_type == "ReduceMean":
+        count = int(np.prod(ctx.static_dims(x, axes, "ReduceMean backward")))
+        g = ctx.make_node("Mul", [g, ctx.scalar(1.0 / count, x)])
+    return [ctx.expand_like(g, x)] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceSumSquare")
+def reduce_sum_square_backward(ctx: RuleContext, node, grad_outputs):
+    x, g = node.input[0], grad_outputs[0]
+    axes = _reduced_axes(ctx, node)
+    if axes is not None:
+        g = _broadcastable(ctx, node, g, axes)
+    twice_x = ctx.make_node("Mul", [x, ctx.scalar(2.0, x)])
+    return [ctx.make_node("Mul", [g, twice_x])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceMax", "ReduceMin")
+def reduce_extremum_backward(ctx: RuleContext, node, grad_outputs):
+    """Every element equal to the extremum receives the gradient."""
+    x, y, g = node.input[0], node.output[0], grad_outputs[0]
+    axes = _reduced_axes(ctx, node)
+    if axes is None:
+        return [g] + [None] * (len(node.input) - 1)
+    g = _broadcastable(ctx, node, g, axes)
+    y = _broadcastable(ctx, node, y, axes)
+    hit = ctx.not_mask("Less" if node.op_type == "ReduceMax" else "Greater", x, y, x)
+    return [ctx.make_node("Mul", [g, hit])] + [None] * (len(node.input) - 1)

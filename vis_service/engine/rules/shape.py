@@ -1,0 +1,157 @@
+"""Layout ops: Reshape family, Transpose, Concat/Split, Slice, Pad."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...errors import Unimplemented
+from ..context import INT64_MIN, RuleContext, attr, normalize_axis
+from ..registry import rule
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape_backward(ctx: RuleContext, node, grad_outputs):
+    x = node.input[0]
+    return [ctx.reshape_like(grad_outputs[0], x)] + [None] * (len(node.input) - 1)
+
+
+@rule("Transpose")
+def transpose_backward(ctx: RuleContext, node, grad_outputs):
+    perm = attr(node, "perm", None) or list(reversed(range(ctx.rank(node.input[0]))))
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return [ctx.make_node("Transpose", [grad_outputs[0]], perm=inverse)]
+
+
+@rule("Concat")
+def concat_backward(ctx: RuleContext, node, grad_outputs):
+    rank = ctx.rank(node.output[0])
+    axis = normalize_axis(attr(node, "axis"), rank)
+    sizes = [ctx.static_dims(x, [axis], "Concat backward")[0] for x in node.input]
+    parts = ctx.split(grad_outputs[0], axis, sizes)
+    return [part if ctx.needs_grad(node, i) else None for i, part in enumerate(parts)]
+
+
+@rule("Split")
+def split_backward(ctx: RuleContext, node, grad_outputs):
+    x = node.input[0]
+    axis = normalize_axis(attr(node, "axis", 0), ctx.rank(x))
+    parts = [g if g is not None else ctx.zeros_like(out) for g, out in zip(grad_outputs, node.output)]
+    return [ctx.make_node("Concat", parts, axis=axis)] + [None] * (len(node.input) - 1)
+
+
+def _constant_ints(ctx: RuleContext, node, index: int, what: str) -> list[int] | None:
+    if len(node.input) <= index or not node.input[index]:
+        return None
+    value = ctx.constant_value(node.input[index])
+    if value is None:
+        raise Unimplemented(f"{node.op_type} node {node.name!r} has {what} computed at run time; "
+                            "its backward rule needs them constant")
+    return [int(v) for v in value.reshape(-1)]
+
+
+@rule("Slice")
+def slice_backward(ctx: RuleContext, node, grad_outputs):
+    """Place the slice back into zeros: undo negative steps, spread strided ones, then pad."""
+    x, g = node.input[0], grad_outputs[0]
+    rank = ctx.rank(x)
+    if ctx.opset < 10:
+        starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes", None), None
+    else:
+        starts = _constant_ints(ctx, node, 1, "starts")
+        ends = _constant_ints(ctx, node, 2, "ends")
+        axes = _constant_ints(ctx, node, 3, "axes")
+        steps = _constant_ints(ctx, node, 4, "steps")
+    axes = [normalize_axis(a, rank) for a in (axes if axes is not None else range(len(starts)))]
+    steps = steps or [1] * len(axes)
+    dims = ctx.static_dims(x, axes, "Slice backward")
+    pads = [0] * (2 * rank)
+    for axis, dim, start, end, step in zip(axes, dims, starts, ends, steps):
+        first, count = _slice_positions(dim, start, end, step)
+        if count == 0:
+            return [ctx.zeros_like(x)] + [None] * (len(node.input) - 1)
+        if step < 0:
+            g = ctx.slice(g, [-1], [INT64_MIN], [axis], [-1])
+        stride = abs(step)
+        if stride > 1 and count > 1:
+            g = _spread(ctx, g, axis, stride, rank)
+        covered = (count - 1) * stride + 1
+        pads[axis], pads[rank + axis] = first, dim - first - covered
+    if any(pads):
+        g = ctx.pad(g, pads)
+    return [g] + [None] * (len(node.input) - 1)
+
+
+def _slice_positions(dim: int, start: int, end: int, step: int) -> tuple[int, int]:
+    """(lowest selected index, number selected) of x[start:end:step] along an axis of size dim."""
+    if step == 0:
+        raise Unimplemented("Slice with step 0")
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    if step > 0:
+        start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+        count = max(0, math.ceil((end - start) / step))
+        return start, count
+    start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    count = max(0, math.ceil((start - end) / -step))
+    return start + (count - 1) * step, count
+
+
+def _spread(ctx: RuleContext, g: str, axis: int, stride: int, rank: int) -> str:
+    """Insert stride-1 zeros after each element along `axis`, dropping the trailing ones."""
+    shape = ctx.shape_of(g)
+    expanded = ctx.unsqueeze(g, [axis + 1])
+    pads = [0] * (2 * (rank + 1))
+    pads[rank + 1 + axis + 1] = stride - 1
+    expanded = ctx.pad(expanded, pads)
+    parts = []
+    if axis > 0:
+        parts.append(ctx.slice(shape, [0], [axis], [0]))
+    parts.append(ctx.ints([-1]))
+    if axis + 1 < rank:
+        parts.append(ctx.slice(shape, [axis + 1], [rank], [0]))
+    merged = ctx.make_node("Reshape", [expanded, ctx.make_node("Concat", parts, axis=0)])
+    # the last element needs no zeros after it
+    return ctx.slice(merged, [0], [-(stride - 1)], [axis])
+
+
+@rule("Pad")
+def pad_backward(ctx: RuleContext, node, grad_outputs):
+    """Constant padding: crop it off again (Pad with negated pads)."""
+    x, g = node.input[0], grad_outputs[0]
+    mode = attr(node, "mode", "constant")
+    if mode != "constant":
+        raise Unimplemented(f"no backward rule for Pad mode {mode!r} (node {node.name!r}); only 'constant'")
+    rank = ctx.rank(x)
+    if ctx.opset < 11:
+        pads = list(attr(node, "pads"))
+    else:
+        pads = _constant_ints(ctx, node, 1, "pads")
+        axes = _constant_ints(ctx, node, 3, "axes")
+        if axes is not None:
+            full = [0] * (2 * rank)
+            for i, a in enumerate(normalize_axis(a, rank) for a in axes):
+                full[a], full[rank + a] = pads[i], pads[len(axes) + i]
+            pads = full
+    return [ctx.pad(g, [-p for p in pads])] + [None] * (len(node.input) - 1)
+
+
+@rule("Tile")
+def tile_backward(ctx: RuleContext, node, grad_outputs):
+    """Sum the tiles: [.., r*d, ..] -> [.., r, d, ..] -> ReduceSum over the r axes."""
+    x, g = node.input[0], grad_outputs[0]
+    repeats = _constant_ints(ctx, node, 1, "repeats")
+    x_shape = ctx.shape(x)
+    target, reduce_axes = [], []
+    for axis, (r, d) in enumerate(zip(repeats, x_shape)):
+        if r != 1:
+            reduce_axes.append(len(target))
+            target.append(r)
+        target.append(d if isinstance(d, int) else 0 if r == 1 and axis == 0 else None)
+    if None in target or target.count(0) > 1:
+        raise Unimplemented(f"Tile backward needs static sizes on tiled axes (node {node.name!r})")
+    # 0 copies dim 0 of g (the batch, untiled, stays in place)
+    split = ctx.make_node("Reshape", [g, ctx.const(np.array(target, dtype=np.int64), "tile_shape")])
+    return [ctx.reduce("ReduceSum", split, reduce_axes, keepdims=False), None]

@@ -1,0 +1,199 @@
+"""Gradients of an objective w.r.t. the input or any tensor, under a rule set.
+
+The objective is <tensor, cotangent> for one tensor of the model; `Objective`
+says how the cotangent is made (class index, channel, neuron, or given). The
+engine builds the backward graph once per (model, objective tensor, wrt, rule
+set); the runtime caches its session.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..engine.backward import GradientGraph, build_gradient_model
+from ..errors import InvalidArgument
+from ..graph.loading import BATCH_DIM
+from ..graph.names import resolve_tensor
+from ..models.store import LoadedModel
+from ..runtime.sessions import Runtime
+from .activations import compute_activations
+
+INPUT_ALIAS = "input"
+
+
+@dataclass
+class Objective:
+    """What to differentiate: kind is "output", "channel", "neuron" or "tensor"."""
+
+    kind: str = "output"
+    layer: str = ""                       # output name / layer; "" = first graph output
+    index: Sequence[int] = ()             # output: flat class index per sample (empty = top-1)
+    channel: Sequence[int] = ()           # channel: per-sample rule as index; neuron: [c]
+    position: tuple[int, int] = (0, 0)    # neuron: (y, x)
+    cotangent: np.ndarray | None = None   # tensor: given cotangent
+
+
+@dataclass
+class GradientResult:
+    gradients: dict[str, np.ndarray]      # wrt (as requested) -> gradient
+    objective: np.ndarray                 # per-sample <objective tensor, cotangent>
+    target_index: np.ndarray | None = None
+    objective_tensor: str = ""
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def resolve_wrt(model: LoadedModel, wrt: Sequence[str]) -> dict[str, str]:
+    """Requested wrt name -> tensor; "input" means the image input."""
+    wrt = list(wrt) or [INPUT_ALIAS]
+    out = {}
+    for name in wrt:
+        if name == INPUT_ALIAS and INPUT_ALIAS not in model.infos:
+            out[name] = model.image_input
+        else:
+            out[name] = resolve_tensor(model.proto, name, kind="wrt tensor")
+    return out
+
+
+def gradient_session(runtime: Runtime, model: LoadedModel, objective_tensor: str, wrt_tensors: Sequence[str],
+                     rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
+                     forward_outputs: Sequence[str] = ()):
+    """Cached session of the forward+backward graph; `session.meta` is the GradientGraph."""
+    rules = tuple(sorted((node_rules or {}).items()))
+    key = ("gradient", (objective_tensor,), tuple(wrt_tensors), rule_set, rules, tuple(forward_outputs))
+
+    def build():
+        gg = build_gradient_model(model.proto, [objective_tensor], list(wrt_tensors), rule_set=rule_set,
+                                  node_rules=dict(rules), forward_outputs=list(forward_outputs))
+        return gg.model, gg
+
+    return runtime.session(model.id, key, build)
+
+
+def _per_sample(values: Sequence[int], batch: int, field: str) -> np.ndarray | None:
+    values = [int(v) for v in values]
+    if not values:
+        return None
+    if len(values) == 1:
+        return np.full(batch, values[0], dtype=np.int64)
+    if len(values) != batch:
+        raise InvalidArgument(field, f"give one value or one per sample ({batch}), got {len(values)}")
+    return np.asarray(values, dtype=np.int64)
+
+
+def objective_tensor_name(model: LoadedModel, obj: Objective) -> str:
+    if obj.kind == "output":
+        name = obj.layer or model.output_names[0]
+        return resolve_tensor(model.proto, name, kind="output")
+    if not obj.layer:
+        raise InvalidArgument("target.layer", "required for channel, neuron and tensor targets")
+    return resolve_tensor(model.proto, obj.layer, kind="layer")
+
+
+def _objective_shape(runtime, model, feeds, tensor: str, batch: int) -> tuple[int, ...]:
+    shape = model.infos[tensor].shape if tensor in model.infos else None
+    if shape is not None and all(isinstance(d, int) or d == BATCH_DIM for d in shape):
+        return tuple(batch if d == BATCH_DIM else int(d) for d in shape)
+    return compute_activations(runtime, model, feeds, [tensor])[tensor].shape
+
+
+def make_cotangent(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], obj: Objective,
+                   tensor: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cotangent for `obj` (and the per-sample target index for output targets)."""
+    batch = next(iter(feeds.values())).shape[0]
+    shape = _objective_shape(runtime, model, feeds, tensor, batch)
+    dtype = model.infos[tensor].dtype if tensor in model.infos else np.float32
+    cot = np.zeros(shape, dtype=dtype)
+    if obj.kind == "output":
+        per_sample = int(np.prod(shape[1:], dtype=np.int64))
+        idx = _per_sample(obj.index, batch, "target.output.index")
+        if idx is None:
+            values = compute_activations(runtime, model, feeds, [tensor])[tensor]
+            idx = values.reshape(batch, -1).argmax(axis=1).astype(np.int64)
+        if (idx < 0).any() or (idx >= per_sample).any():
+            raise InvalidArgument("target.output.index", f"must be in [0, {per_sample}) for output {tensor!r} of shape {list(shape)}")
+        cot.reshape(batch, -1)[np.arange(batch), idx] = 1
+        return cot, idx
+    if obj.kind in ("channel", "neuron"):
+        if len(shape) < 2:
+            raise InvalidArgument("target.layer", f"tensor {tensor!r} of shape {list(shape)} has no channel axis")
+        ch = _per_sample(obj.channel, batch, f"target.{obj.kind}.channel")
+        if ch is None:
+            raise InvalidArgument(f"target.{obj.kind}.channel", "required")
+        if (ch < 0).any() or (ch >= shape[1]).any():
+            raise InvalidArgument(f"target.{obj.kind}.channel", f"must be in [0, {shape[1]}) for {tensor!r} of shape {list(shape)}")
+        if obj.kind == "channel":
+            cot[np.arange(batch), ch] = 1
+            return cot, ch
+        spatial = shape[2:]
+        pos = tuple(int(p) for p in obj.position)[: len(spatial)]
+        if len(spatial) != len(pos) or any(not 0 <= p < s for p, s in zip(pos, spatial)):
+            raise InvalidArgument("target.neuron", f"position {tuple(obj.position)} outside the spatial shape {list(spatial)} of {tensor!r}")
+        cot[(np.arange(batch), ch) + tuple(np.full(batch, p) for p in pos)] = 1
+        return cot, ch
+    if obj.kind == "tensor":
+        if obj.cotangent is None:
+            raise InvalidArgument("target.tensor.cotangent", "required")
+        c = np.asarray(obj.cotangent)
+        if c.shape == tuple(shape[1:]):
+            c = np.broadcast_to(c, shape)
+        if c.shape != tuple(shape):
+            raise InvalidArgument("target.tensor.cotangent", f"shape {list(c.shape)} not allowed; tensor {tensor!r} has shape {list(shape)} (batch dim optional)")
+        if not np.isfinite(c).all():
+            raise InvalidArgument("target.tensor.cotangent", "contains NaN or Inf")
+        return np.ascontiguousarray(c, dtype=dtype), None
+    raise InvalidArgument("target", f"unknown target kind {obj.kind!r}; allowed: output, channel, neuron, tensor")
+
+
+def compute_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], obj: Objective,
+                     wrt: Sequence[str] = (INPUT_ALIAS,), rule_set: str = "gradient",
+                     node_rules: Mapping[str, str] | None = None, forward_outputs: Sequence[str] = ()) -> GradientResult:
+    tensor = objective_tensor_name(model, obj)
+    wrt_map = resolve_wrt(model, wrt)
+    cot, target_index = make_cotangent(runtime, model, feeds, obj, tensor)
+    return run_gradient(runtime, model, feeds, tensor, cot, wrt_map, rule_set, node_rules, forward_outputs, target_index)
+
+
+def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], tensor: str, cotangent: np.ndarray,
+                 wrt_map: Mapping[str, str], rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
+                 forward_outputs: Sequence[str] = (), target_index: np.ndarray | None = None) -> GradientResult:
+    """One run of the cached gradient graph for a given cotangent of `tensor`."""
+    wrt_tensors = list(dict.fromkeys(wrt_map.values()))
+    session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs)
+    gg: GradientGraph = session.meta
+    run_feeds = {k: v for k, v in feeds.items() if k in session.input_names}
+    run_feeds[gg.cotangent_inputs[tensor]] = cotangent
+    names = [gg.gradient_outputs[t] for t in wrt_tensors] + [gg.forward_outputs[tensor]]
+    names += [gg.forward_outputs[t] for t in forward_outputs if gg.forward_outputs[t] not in names]
+    values = session.run_dict(list(dict.fromkeys(names)), run_feeds)
+    grads = {req: values[gg.gradient_outputs[t]] for req, t in wrt_map.items()}
+    obj_values = values[gg.forward_outputs[tensor]]
+    batch = cotangent.shape[0]
+    objective = (obj_values.reshape(batch, -1).astype(np.float64) * cotangent.reshape(batch, -1)).sum(axis=1)
+    outs = {t: values[gg.forward_outputs[t]] for t in forward_outputs}
+    return GradientResult(grads, objective, target_index, tensor, outs)
+
+
+def rule_set_names() -> list[str]:
+    from ..engine.registry import RULES
+
+    return list(RULES.rule_sets)
+
+
+def gradient_support(model: LoadedModel) -> tuple[bool, str]:
+    """Whether the input gradient of the first output can be built (once per model).
+
+    Forward-only features keep working for a model without it; the reason names
+    the op type and node that lack a backward rule.
+    """
+    from ..errors import VisError
+
+    def check():
+        try:
+            build_gradient_model(model.proto, [model.output_names[0]], [model.image_input])
+            return True, ""
+        except VisError as exc:
+            return False, str(exc)
+
+    return model.memo("gradient_support", check)

@@ -1,0 +1,156 @@
+"""Model config files (config.json / config.pbtxt) and preprocessing presets.
+
+The schema is the API's own `ModelConfig` message, so a config reads the same in
+a repository file (JSON or protobuf text, like Triton's config.pbtxt), in an
+upload header and in `ModelInfo`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+
+from ..errors import InvalidArgument
+from ..gen import vis_pb2
+
+CONFIG_FILES = ("config.json", "config.pbtxt")
+
+# Presets name the conventions CNN families were trained with.
+PRESETS: dict[str, dict] = {
+    # torchvision: RGB in [0, 1], normalized per channel
+    "imagenet": dict(color="RGB", value_range=(0.0, 1.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    # Caffe / Caffe2: BGR in 0..255 minus the channel means
+    "caffe": dict(color="BGR", value_range=(0.0, 255.0), mean=(103.94, 116.78, 123.68), std=(1.0, 1.0, 1.0)),
+    # raw 0..255 pixels
+    "raw255": dict(color="RGB", value_range=(0.0, 255.0), mean=(), std=()),
+    # TensorFlow / Keras "inception" style: [-1, 1]
+    "tf": dict(color="RGB", value_range=(-1.0, 1.0), mean=(), std=()),
+}
+
+LAYOUTS = ("NCHW", "NHWC")
+COLORS = ("RGB", "BGR", "GRAY")
+RESIZES = ("center_crop", "stretch")
+
+
+def read_config_file(model_dir: Path) -> vis_pb2.ModelConfig:
+    """The config in `model_dir` (JSON or pbtxt), or an empty config if there is none."""
+    cfg = vis_pb2.ModelConfig()
+    for fname in CONFIG_FILES:
+        path = model_dir / fname
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            try:
+                if fname.endswith(".json"):
+                    json_format.Parse(text, cfg)
+                else:
+                    text_format.Parse(text, cfg)
+            except Exception as exc:  # noqa: BLE001 - both parsers raise their own ParseError
+                raise InvalidArgument(f"config ({path.name})", f"cannot parse: {exc}") from None
+            break
+    validate_config(cfg, field="config")
+    return cfg
+
+
+def validate_config(cfg: vis_pb2.ModelConfig, field: str = "config") -> None:
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise InvalidArgument(f"{field}.preset", f"unknown preset {cfg.preset!r}; allowed: {', '.join(PRESETS)}")
+    validate_input_config(cfg.input, f"{field}.input")
+
+
+def validate_input_config(ic: vis_pb2.InputConfig, field: str) -> None:
+    if ic.layout and ic.layout not in LAYOUTS:
+        raise InvalidArgument(f"{field}.layout", f"{ic.layout!r} not allowed; use one of {', '.join(LAYOUTS)}")
+    if ic.color and ic.color not in COLORS:
+        raise InvalidArgument(f"{field}.color", f"{ic.color!r} not allowed; use one of {', '.join(COLORS)}")
+    if ic.resize and ic.resize not in RESIZES:
+        raise InvalidArgument(f"{field}.resize", f"{ic.resize!r} not allowed; use one of {', '.join(RESIZES)}")
+    if len(ic.size) not in (0, 2) or any(s <= 0 for s in ic.size):
+        raise InvalidArgument(f"{field}.size", "must be [H, W] with positive values")
+    if len(ic.value_range) not in (0, 2) or (len(ic.value_range) == 2 and ic.value_range[0] == ic.value_range[1]):
+        raise InvalidArgument(f"{field}.value_range", "must be [lo, hi] with lo != hi")
+    if any(s == 0 for s in ic.std):
+        raise InvalidArgument(f"{field}.std", "must not contain 0")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Fully resolved preprocessing for one model input."""
+
+    input_name: str
+    layout: str
+    color: str
+    size: tuple[int, int]
+    resize: str
+    resize_short_side: int
+    value_range: tuple[float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    invert: bool
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "GRAY" else 3
+
+
+def _merge(base: dict, ic: vis_pb2.InputConfig) -> dict:
+    out = dict(base)
+    for fd, value in ic.ListFields():
+        out[fd.name] = tuple(value) if fd.label == fd.LABEL_REPEATED else value
+    return out
+
+
+def resolve_image_spec(cfg: vis_pb2.ModelConfig, request: vis_pb2.Preprocessing | None,
+                       input_name: str, input_shape: tuple, field: str = "input.preprocess") -> ImageSpec:
+    """Preset -> model config -> request overrides, filled in from the model input's shape.
+
+    A request naming a preset replaces the model's config; its explicit fields
+    override either.
+    """
+    if request is not None and request.preset:
+        if request.preset not in PRESETS:
+            raise InvalidArgument(f"{field}.preset", f"unknown preset {request.preset!r}; allowed: {', '.join(PRESETS)}")
+        merged = dict(PRESETS[request.preset])
+    else:
+        merged = dict(PRESETS.get(cfg.preset, {}))
+        merged = _merge(merged, cfg.input)
+    if request is not None:
+        validate_input_config(request.config, f"{field}.config")
+        merged = _merge(merged, request.config)
+    layout = merged.get("layout") or _guess_layout(input_shape)
+    color = merged.get("color") or ("GRAY" if _channels(input_shape, layout) == 1 else "RGB")
+    size = tuple(merged.get("size") or _spatial(input_shape, layout) or ())
+    if len(size) != 2:
+        raise InvalidArgument(f"{field}.config.size", f"model input {input_name!r} has no static spatial size; give size [H, W]")
+    want_c = _channels(input_shape, layout)
+    have_c = 1 if color == "GRAY" else 3
+    if isinstance(want_c, int) and want_c != have_c:
+        raise InvalidArgument(f"{field}.config.color", f"color {color} gives {have_c} channels but input {input_name!r} takes {want_c}")
+    mean = tuple(float(v) for v in merged.get("mean", ()))
+    std = tuple(float(v) for v in merged.get("std", ()))
+    for name, vals in (("mean", mean), ("std", std)):
+        if vals and len(vals) not in (1, have_c):
+            raise InvalidArgument(f"{field}.config.{name}", f"needs 1 or {have_c} values, got {len(vals)}")
+    vr = tuple(float(v) for v in merged.get("value_range", ())) or (0.0, 1.0)
+    short = int(merged.get("resize_short_side") or round(min(size) * 256 / 224))
+    return ImageSpec(input_name, layout, color, (int(size[0]), int(size[1])), merged.get("resize") or "center_crop",
+                     short, (vr[0], vr[1]), mean, std, bool(merged.get("invert", False)))
+
+
+def _guess_layout(shape: tuple) -> str:
+    if len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3):
+        return "NHWC"
+    return "NCHW"
+
+
+def _channels(shape: tuple, layout: str):
+    if len(shape) != 4:
+        return None
+    return shape[1] if layout == "NCHW" else shape[3]
+
+
+def _spatial(shape: tuple, layout: str):
+    if len(shape) != 4:
+        return None
+    hw = shape[2:4] if layout == "NCHW" else shape[1:3]
+    return hw if all(isinstance(d, int) for d in hw) else None

@@ -1,0 +1,70 @@
+"""Request inputs (raw tensors and encoded images) -> validated onnxruntime feeds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..datatypes import datatype_of
+from ..errors import InvalidArgument, ResourceExhausted
+from ..gen import vis_pb2
+from .config import resolve_image_spec
+from .preprocess import preprocess_images
+from .store import LoadedModel
+
+
+@dataclass
+class InputRequest:
+    """What a request says about its inputs, proto-free except the preprocessing message."""
+
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # "" = the image input
+    images: list[bytes] = field(default_factory=list)
+    preprocess: vis_pb2.Preprocessing | None = None
+
+
+def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, field_name: str = "input") -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    image_input = model.image_input
+    if req.images:
+        if req.tensors.get("") is not None or image_input in req.tensors:
+            raise InvalidArgument(f"{field_name}.images", f"give either images or a tensor for input {image_input!r}, not both")
+        info = model.infos[image_input]
+        spec = resolve_image_spec(model.config, req.preprocess, image_input, info.shape or (), f"{field_name}.preprocess")
+        feeds[image_input] = preprocess_images(req.images, spec, f"{field_name}.images")
+    for name, arr in req.tensors.items():
+        target = name or image_input
+        if target not in model.input_names:
+            raise InvalidArgument(f"{field_name}.tensors", f"{target!r} is not an input of the model; inputs: {model.input_names}")
+        feeds[target] = arr
+    missing = [n for n in model.input_names if n not in feeds]
+    if missing:
+        raise InvalidArgument(field_name, f"no value for model input(s) {missing}; send images or tensors")
+    batch = None
+    for name, arr in feeds.items():
+        info = model.infos[name]
+        where = f"{field_name}.tensors[{name}]"
+        if arr.dtype != info.dtype:
+            raise InvalidArgument(where, f"dtype {_dt(arr.dtype)} not allowed; the model takes {_dt(info.dtype)}")
+        shape = info.shape
+        if shape is not None:
+            ok = arr.ndim == len(shape) and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
+            if not ok:
+                want = "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+                raise InvalidArgument(where, f"shape {list(arr.shape)} not allowed; the model takes {want}")
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            raise InvalidArgument(where, "empty batch")
+        if arr.shape[0] > max_batch:
+            raise ResourceExhausted(f"{where}: batch of {arr.shape[0]} exceeds the limit of {max_batch}")
+        if batch is not None and arr.shape[0] != batch:
+            raise InvalidArgument(where, f"batch size {arr.shape[0]} differs from the other inputs' {batch}")
+        batch = arr.shape[0]
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InvalidArgument(where, "contains NaN or Inf; only finite values are allowed")
+    return feeds
+
+
+def _dt(dtype) -> str:
+    try:
+        return datatype_of(dtype)
+    except TypeError:
+        return str(dtype)

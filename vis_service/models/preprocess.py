@@ -1,0 +1,65 @@
+"""Encoded images (PNG/JPEG bytes) -> model input tensors, following an ImageSpec."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InvalidArgument
+from .config import ImageSpec
+
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding
+
+
+def decode_image(data: bytes, field: str) -> Image.Image:
+    if not data:
+        raise InvalidArgument(field, "empty image bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise InvalidArgument(field, f"image of {img.width}x{img.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+        img.load()
+    except InvalidArgument:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidArgument(field, f"cannot decode image ({exc}); send PNG or JPEG bytes") from None
+    return img
+
+
+def resize_image(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    h, w = spec.size
+    if spec.resize == "stretch":
+        return img.resize((w, h), Image.BILINEAR)
+    # short side to resize_short_side, then centre crop (the torchvision recipe)
+    scale = spec.resize_short_side / min(img.width, img.height)
+    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def image_to_array(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """One image -> float32 [C, H, W] (or [H, W, C] for NHWC) as the model expects."""
+    img = img.convert("L" if spec.color == "GRAY" else "RGB")
+    img = resize_image(img, spec)
+    px = np.asarray(img, dtype=np.float32)
+    if px.ndim == 2:
+        px = px[:, :, None]
+    if spec.invert:
+        px = 255.0 - px
+    if spec.color == "BGR":
+        px = px[:, :, ::-1]
+    lo, hi = spec.value_range
+    x = lo + px * ((hi - lo) / 255.0)
+    if spec.mean:
+        x = x - np.asarray(spec.mean, np.float32)
+    if spec.std:
+        x = x / np.asarray(spec.std, np.float32)
+    x = x.astype(np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1) if spec.layout == "NCHW" else x)
+
+
+def preprocess_images(images: list[bytes], spec: ImageSpec, field: str = "input.images") -> np.ndarray:
+    arrays = [image_to_array(decode_image(b, f"{field}[{i}]"), spec) for i, b in enumerate(images)]
+    return np.stack(arrays, axis=0)

@@ -1,0 +1,208 @@
+"""The model store: models loaded from the repository or uploaded, by content id.
+
+Repository layout (like Triton's): ``DIR/<name>/model.onnx`` plus an optional
+``config.json`` / ``config.pbtxt`` (see `config.py`) and a labels file. A model is
+identified by the hash of its bytes, so the same bytes uploaded twice (or loaded
+under two names) are one model with several names.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ..errors import InvalidArgument, NotFound, ResourceExhausted
+from ..gen import vis_pb2
+from ..graph.loading import TensorInfo, parse_model, prepare_model, tensor_infos
+from ..runtime.sessions import Runtime
+from .config import read_config_file, validate_config
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    names: list[str]
+    source: str                      # "repository" or "upload"
+    size_bytes: int
+    proto: onnx.ModelProto           # prepared (see graph.loading.prepare_model)
+    config: vis_pb2.ModelConfig
+    labels: list[str] | None
+    infos: dict[str, TensorInfo] = field(repr=False, default_factory=dict)
+    # facts derived from the graph once (inspection, gradient support, ...), by name
+    derived: dict = field(repr=False, default_factory=dict)
+
+    def memo(self, key: str, compute):
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.proto.graph.input]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.proto.graph.output]
+
+    @property
+    def image_input(self) -> str:
+        """The input that images go to: the configured one, else the first float input of rank 4, else the first."""
+        if self.config.input.name:
+            return self.config.input.name
+        for name in self.input_names:
+            info = self.infos.get(name)
+            if info and info.elem_type in FLOAT_TYPES and info.shape is not None and len(info.shape) == 4:
+                return name
+        return self.input_names[0]
+
+    def label(self, index: int) -> str | None:
+        if not self.labels:
+            return None
+        i = index - self.config.label_offset
+        return self.labels[i] if 0 <= i < len(self.labels) else None
+
+
+def content_id(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def check_name(name: str, field: str = "name") -> str:
+    """Repository / model names: a single path component, no traversal."""
+    if not name or not NAME_RE.match(name) or name in (".", ".."):
+        raise InvalidArgument(field, f"{name!r} is not a valid model name: use letters, digits, '.', '_' or '-' "
+                                     "(no path separators, no '..', not absolute)")
+    return name
+
+
+class ModelStore:
+    def __init__(self, runtime: Runtime, repository: Path | None = None, max_model_bytes: int = 1 << 30):
+        self.runtime = runtime
+        self.repository = Path(repository).resolve() if repository else None
+        self.max_model_bytes = int(max_model_bytes)
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.RLock()
+
+    # -- lookup -------------------------------------------------------------
+    def get(self, ref: str, field: str = "model") -> LoadedModel:
+        if not ref:
+            raise InvalidArgument(field, "empty; give a model id or name (see ModelService.List)")
+        with self._lock:
+            if ref in self._models:
+                return self._models[ref]
+            for m in self._models.values():
+                if ref in m.names:
+                    return m
+            known = [m.id for m in self._models.values()] + [n for m in self._models.values() for n in m.names]
+        known += [n for n in self.repository_names() if n not in known]
+        raise NotFound("model", ref, known)
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def repository_names(self) -> list[str]:
+        if self.repository is None or not self.repository.is_dir():
+            return []
+        return sorted(p.name for p in self.repository.iterdir()
+                      if p.is_dir() and NAME_RE.match(p.name) and (p / MODEL_FILE).is_file())
+
+    # -- loading ------------------------------------------------------------
+    def load(self, name: str) -> LoadedModel:
+        """Load DIR/<name>/model.onnx; never reads outside the repository."""
+        check_name(name)
+        if self.repository is None:
+            raise NotFound("model", name, [])
+        model_dir = (self.repository / name).resolve()
+        path = model_dir / MODEL_FILE
+        if model_dir.parent != self.repository:
+            raise InvalidArgument("name", f"{name!r} resolves outside the model repository; refused")
+        if not path.is_file():
+            raise NotFound("model", name, self.repository_names())
+        real = path.resolve()
+        if real.parent != model_dir:
+            raise InvalidArgument("name", f"{name}/{MODEL_FILE} is a link out of the model directory; refused")
+        size = real.stat().st_size
+        self._check_size(size)
+        data = real.read_bytes()
+        config = read_config_file(model_dir)
+        labels = self._read_labels(model_dir, config)
+        return self._add(data, name, config, labels, source="repository", base_dir=model_dir)
+
+    def upload(self, data: bytes, name: str = "", config: vis_pb2.ModelConfig | None = None,
+               labels: list[str] | None = None) -> LoadedModel:
+        self._check_size(len(data))
+        if name:
+            check_name(name, "header.name")
+        cfg = vis_pb2.ModelConfig()
+        if config is not None:
+            cfg.CopyFrom(config)
+        validate_config(cfg, "header.config")
+        return self._add(data, name, cfg, list(labels) if labels else None, source="upload", base_dir=None)
+
+    def unload(self, ref: str) -> bool:
+        model = self.get(ref)
+        with self._lock:
+            self._models.pop(model.id, None)
+        self.runtime.evict_model(model.id)
+        return True
+
+    # -- internals ----------------------------------------------------------
+    @staticmethod
+    def _merge_into(existing: LoadedModel, name: str, config, labels) -> None:
+        """Same bytes again: one model; a new name is added, a given config / labels replace the old."""
+        if name and name not in existing.names:
+            existing.names.append(name)
+        if config is not None and config.ByteSize():
+            existing.config = config
+        if labels:
+            existing.labels = list(labels)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_model_bytes:
+            raise ResourceExhausted(f"model of {size} bytes exceeds the limit of {self.max_model_bytes} bytes")
+
+    def _read_labels(self, model_dir: Path, config: vis_pb2.ModelConfig) -> list[str] | None:
+        fname = config.labels or ("labels.txt" if (model_dir / "labels.txt").is_file() else "")
+        if not fname:
+            return None
+        path = (model_dir / fname).resolve()
+        if path.parent != model_dir and model_dir not in path.parents:
+            raise InvalidArgument("config.labels", f"labels file {fname!r} is outside the model directory; refused")
+        if not path.is_file():
+            raise InvalidArgument("config.labels", f"labels file {fname!r} does not exist")
+        return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def _add(self, data: bytes, name: str, config, labels, *, source: str, base_dir: Path | None) -> LoadedModel:
+        mid = content_id(data)
+        with self._lock:
+            existing = self._models.get(mid)
+            if existing is not None:
+                self._merge_into(existing, name, config, labels)
+                return existing
+        raw = parse_model(data, base_dir=base_dir)
+        proto = prepare_model(raw)
+        model = LoadedModel(mid, [name] if name else [], source, len(data), proto, config, labels, tensor_infos(proto))
+        if model.config.input.name and model.config.input.name not in model.input_names:
+            raise InvalidArgument("config.input.name", f"{model.config.input.name!r} is not an input of the model; inputs: {model.input_names}")
+        # Validation by onnxruntime itself, and the forward session every request needs anyway.
+        try:
+            self.runtime.session(mid, ("forward",), lambda: (proto, None))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise InvalidArgument("model", f"onnxruntime cannot load the model: {str(exc).strip()[:500]}") from None
+        with self._lock:
+            existing = self._models.setdefault(mid, model)
+            if existing is not model:
+                self._merge_into(existing, name, config, labels)
+        log.info("loaded model %s (%s) from %s", mid, ", ".join(model.names) or "unnamed", source)
+        return existing

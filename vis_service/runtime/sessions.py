@@ -1,0 +1,124 @@
+"""onnxruntime sessions, built once per (model, purpose) and kept in a bounded LRU cache.
+
+A *purpose key* says what graph the session runs: e.g. ("expose", tensors) for
+activations or ("gradient", objectives, wrt, rule set) for a backward graph.
+Building a graph and creating a session is expensive (and fusions are decided at
+creation), so requests never do it twice for the same key.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .providers import ProviderChoice, select_provider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """A built graph and its onnxruntime session; `meta` holds what the builder returned."""
+
+    key: tuple
+    model: onnx.ModelProto
+    ort_session: ort.InferenceSession
+    meta: Any = None
+    build_seconds: float = 0.0
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.ort_session.run(outputs, feeds)
+
+    def run_dict(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, self.ort_session.run(outputs, feeds)))
+
+
+Builder = Callable[[], "tuple[onnx.ModelProto, Any]"]
+
+
+class Runtime:
+    """Execution provider plus the session cache shared by every request."""
+
+    def __init__(self, provider: str = "auto", cache_size: int = 32, intra_op_threads: int = 0):
+        self.choice: ProviderChoice = select_provider(provider)
+        if self.choice.note:
+            log.warning("execution provider: %s (%s)", self.choice.name, self.choice.note)
+        else:
+            log.info("execution provider: %s", self.choice.name)
+        self.cache_size = max(1, int(cache_size))
+        self.intra_op_threads = intra_op_threads
+        self._cache: OrderedDict[tuple, Session] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[tuple, threading.Lock] = {}
+        self.sessions_built = 0
+
+    @property
+    def provider(self) -> str:
+        return self.choice.name
+
+    def session_options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if self.intra_op_threads:
+            opts.intra_op_num_threads = self.intra_op_threads
+        # a multi-tenant server must not burn cores spinning between requests
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return opts
+
+    def create_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(model.SerializeToString(), self.session_options(), providers=self.choice.providers)
+
+    def session(self, model_id: str, key: Hashable, build: Builder) -> Session:
+        """The cached session for (model_id, key), building it with `build()` on a miss.
+
+        `build` returns (model proto, meta). Concurrent requests for the same key
+        wait for one build instead of building twice.
+        """
+        full_key = (model_id, key)
+        with self._lock:
+            hit = self._cache.get(full_key)
+            if hit is not None:
+                self._cache.move_to_end(full_key)
+                return hit
+            key_lock = self._building.setdefault(full_key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                hit = self._cache.get(full_key)
+                if hit is not None:
+                    self._cache.move_to_end(full_key)
+                    return hit
+            t0 = time.perf_counter()
+            model, meta = build()
+            sess = self.create_session(model)
+            built = Session(full_key, model, sess, meta, time.perf_counter() - t0,
+                            [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+            with self._lock:
+                self.sessions_built += 1
+                self._cache[full_key] = built
+                self._cache.move_to_end(full_key)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+                self._building.pop(full_key, None)
+            log.debug("built session %s in %.3fs", full_key, built.build_seconds)
+            return built
+
+    def evict_model(self, model_id: str) -> None:
+        with self._lock:
+            for k in [k for k in self._cache if k[0] == model_id]:
+                del self._cache[k]
+
+    @property
+    def sessions_cached(self) -> int:
+        with self._lock:
+            return len(self._cache)

@@ -1,0 +1,87 @@
+"""Assemble the gRPC server: servicers, health checking, reflection."""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api import attribution_servicer, optimization_servicer
+from .api.servicers import Limits, ModelServicer, ServiceState, VisServicer
+from .gen import vis_pb2, vis_pb2_grpc
+from .models.store import ModelStore
+from .runtime.sessions import Runtime
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(vis_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("ModelService", "VisService"))
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    model_repository: Path | None = None
+    provider: str = "auto"
+    workers: int = 8
+    session_cache_size: int = 32
+    intra_op_threads: int = 0
+    limits: Limits = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.limits is None:
+            self.limits = Limits()
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    host: str
+    state: ServiceState
+    health: health.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start_server(config: ServerConfig | None = None, **overrides) -> RunningServer:
+    """Start serving in background threads; `port=0` picks a free port (see `.port`)."""
+    config = config or ServerConfig(**overrides)
+    runtime = Runtime(config.provider, config.session_cache_size, config.intra_op_threads)
+    store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes)
+    state = ServiceState(runtime, store, config.limits)
+    max_msg = max(config.limits.max_request_bytes, 4 << 20)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="vis-rpc"),
+                         options=[("grpc.max_receive_message_length", max_msg),
+                                  ("grpc.max_send_message_length", 8 << 20),
+                                  ("grpc.so_reuseport", 0)])
+    vis_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(state), server)
+    vis_pb2_grpc.add_VisServiceServicer_to_server(VisServicer(state), server)
+    service_names = SERVICE_NAMES
+    for family in (attribution_servicer, optimization_servicer):  # each registers its own service
+        service_names += tuple(family.register(server, state))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(service_names + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    server.start()
+    for name in ("",) + service_names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("vis-service listening on %s:%d (provider %s, repository %s)", config.host, port, runtime.provider,
+             config.model_repository)
+    return RunningServer(server, port, config.host, state, health_servicer)
