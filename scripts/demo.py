@@ -72,7 +72,7 @@ def main() -> int:
                 img = np.asarray(Image.open(path).convert("RGB").resize((32, 32)))
                 heat = np.abs(grad.gradient[i]).max(axis=0)
                 render.heatmap_overlay(img, heat, out / f"saliency_{path.stem}.png")
-            print(f"saliency for classes {list(grad.target_index)}")
+            print("saliency for classes", [int(k) for k in grad.target_index])
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -85,3 +85,14 @@ def digits(client):
 @pytest.fixture(scope="session")
 def digit_images() -> list[Path]:
     return sorted((DEFAULT_MODEL_DIR / "samples").glob("digit_*.png"))
+
+
+@pytest.fixture(scope="session")
+def stubs(server):
+    """Raw gRPC stubs, for requests the Python client would refuse before sending."""
+    import grpc
+
+    from vis_service.gen import vis_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as ch:
+        yield vis_pb2_grpc.ModelServiceStub(ch), vis_pb2_grpc.VisServiceStub(ch)

@@ -12,6 +12,8 @@ from PIL import Image
 
 from conftest import SHARED_IMAGES, SHARED_MODELS, light_model_paths, requires_shared
 from vis_client import VisError
+from vis_service.api.tensors import tensor_to_proto
+from vis_service.gen import vis_pb2
 from vis_service.default_models import DEFAULT_MODEL_DIR
 from vis_service.graph.loading import prepare_model
 
@@ -94,22 +96,33 @@ def test_unknown_layer_lists_close_matches(client, digits):
     (np.full((1, 1, 32, 32), np.nan, np.float32), "NaN"),
     (np.full((2, 1, 32, 32), np.inf, np.float32), "Inf"),
 ], ids=["spatial", "channels", "float64", "int64", "nan", "inf"])
-def test_bad_input_tensors(client, digits, x, fragment):
-    with pytest.raises(VisError) as e:
-        client.activations(digits, x, ["logits"])
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert fragment in e.value.details and "input" in e.value.details
+def test_bad_input_tensors(stubs, client, digits, x, fragment):
+    # raw stub: the Python client would cast float64 itself
+    _, vis = stubs
+    req = vis_pb2.ActivationsRequest(model=digits.id, layers=["logits"],
+                                     input=vis_pb2.InputBatch(tensors=[tensor_to_proto("", x)]))
+    with pytest.raises(grpc.RpcError) as e:
+        list(vis.Activations(req, timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in e.value.details() and "input.tensors[input]" in e.value.details()
     assert client.activations(digits, np.zeros((1, 1, 32, 32), np.float32), ["logits"])["logits"].shape == (1, 10)
 
 
-def test_undecodable_image(client, digits):
+def test_undecodable_image(stubs, client, digits):
     with pytest.raises(VisError) as e:
         client.activations(digits, [b"\x89PNG\r\n\x1a\n garbage"], ["logits"])
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input.images[0]" in e.value.details and "decode" in e.value.details
-    with pytest.raises(VisError) as e:
-        client.activations(digits, [b"\x89PNG\r\n\x1a\n garbage"], ["logits"], preprocess="nonsense")
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "preset" in e.value.details
+    _, vis = stubs
+    req = vis_pb2.ActivationsRequest(model=digits.id, layers=["logits"], input=vis_pb2.InputBatch(
+        images=[digits_png()], preprocess=vis_pb2.Preprocessing(preset="nonsense")))
+    with pytest.raises(grpc.RpcError) as e:
+        list(vis.Activations(req, timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input.preprocess.preset" in e.value.details()
+
+
+def digits_png() -> bytes:
+    return sorted((DEFAULT_MODEL_DIR / "samples").glob("*.png"))[0].read_bytes()
 
 
 @requires_shared

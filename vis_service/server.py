@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .api import attribution_servicer, optimization_servicer
+from .api import attribution_servicer, localization_servicer, optimization_servicer
 from .api.servicers import Limits, ModelServicer, ServiceState, VisServicer
 from .gen import vis_pb2, vis_pb2_grpc
 from .models.store import ModelStore
@@ -71,7 +71,7 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
     vis_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(state), server)
     vis_pb2_grpc.add_VisServiceServicer_to_server(VisServicer(state), server)
     service_names = SERVICE_NAMES
-    for family in (attribution_servicer, optimization_servicer):  # each registers its own service
+    for family in (attribution_servicer, localization_servicer, optimization_servicer):  # each registers its own service
         service_names += tuple(family.register(server, state))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -19,6 +19,7 @@ from ..graph.names import resolve_tensor
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from .activations import compute_activations
+from .targets import class_scores_tensor
 
 INPUT_ALIAS = "input"
 
@@ -84,8 +85,9 @@ def _per_sample(values: Sequence[int], batch: int, field: str) -> np.ndarray | N
 
 def objective_tensor_name(model: LoadedModel, obj: Objective) -> str:
     if obj.kind == "output":
-        name = obj.layer or model.output_names[0]
-        return resolve_tensor(model.proto, name, kind="output")
+        if not obj.layer:
+            return class_scores_tensor(model)
+        return resolve_tensor(model.proto, obj.layer, kind="output")
     if not obj.layer:
         raise InvalidArgument("target.layer", "required for channel, neuron and tensor targets")
     return resolve_tensor(model.proto, obj.layer, kind="layer")

@@ -96,7 +96,7 @@ class ImageSpec:
 def _merge(base: dict, ic: vis_pb2.InputConfig) -> dict:
     out = dict(base)
     for fd, value in ic.ListFields():
-        out[fd.name] = tuple(value) if fd.label == fd.LABEL_REPEATED else value
+        out[fd.name] = tuple(value) if fd.is_repeated else value
     return out
 
 

@@ -95,6 +95,7 @@ class ModelStore:
 
     # -- lookup -------------------------------------------------------------
     def get(self, ref: str, field: str = "model") -> LoadedModel:
+        """A loaded model by id or name; a repository name not loaded yet is loaded now."""
         if not ref:
             raise InvalidArgument(field, "empty; give a model id or name (see ModelService.List)")
         with self._lock:
@@ -104,7 +105,10 @@ class ModelStore:
                 if ref in m.names:
                     return m
             known = [m.id for m in self._models.values()] + [n for m in self._models.values() for n in m.names]
-        known += [n for n in self.repository_names() if n not in known]
+        repo = self.repository_names()
+        if ref in repo:  # repository models load on first use
+            return self.load(ref)
+        known += [n for n in repo if n not in known]
         raise NotFound("model", ref, known)
 
     def loaded(self) -> list[LoadedModel]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cli_attribution, cli_optimization
+from . import cli_attribution, cli_localization, cli_optimization
 from .client import PRESETS, Client, Model
 from .errors import VisError
 from .tensors import CorruptStream
@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # method families add their own subcommands
     cli_attribution.register(sub, add_input)
+    cli_localization.register(sub, add_input)
     cli_optimization.register(sub, add_input)
     return ap
 

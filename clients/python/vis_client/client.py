@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from .errors import from_rpc_error
 from .gen import vis_pb2, vis_pb2_grpc
 from .attribution import AttributionMixin
+from .localization import LocalizationMixin
 from .optimization import OptimizationMixin
 from .stream import Result, collect
 from .tensors import to_proto
@@ -494,7 +495,7 @@ def _names(value, what: str) -> list[str]:
 # Client
 
 
-class Client(AttributionMixin, OptimizationMixin):
+class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
     """Connection to a vis-service server.
 
     ``Client("127.0.0.1:50051", timeout=60)``. ``timeout`` (seconds) applies to every call,

@@ -1,0 +1,290 @@
+"""What the pixel-attribution methods share: the input tensor, the target's cotangent,
+batched gradient runs over many perturbed copies, channel reductions and IG baselines.
+
+Every method here differentiates one objective: <objective tensor, cotangent>, with the
+cotangent fixed by the *unperturbed* input (the top-1 class of the clean image stays the
+target for every noisy or interpolated copy of it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InvalidArgument
+from ..gen import vis_pb2
+from ..graph.loading import BATCH_DIM
+from ..models.config import ImageSpec, resolve_image_spec
+from ..models.preprocess import image_to_array
+from ..models.store import LoadedModel
+from ..runtime.sessions import Runtime
+from .gradient import Objective, make_cotangent, objective_tensor_name, resolve_wrt, run_gradient
+from .progress import NO_PROGRESS, MethodResult, Progress
+
+MiB = 1 << 20
+DEFAULT_MEMORY_BUDGET = 256 * MiB
+DEFAULT_MAX_BATCH = 64          # rows per onnxruntime run when the request gives no `batch`
+# per-sample bytes of a forward+backward run when the graph's activation shapes are unknown
+UNKNOWN_SHAPE_FACTOR = 64
+
+
+@dataclass
+class AttributionInput:
+    """The preprocessed input batch and the target every copy of it is differentiated for."""
+
+    feeds: dict[str, np.ndarray]
+    image_input: str
+    objective_tensor: str
+    cotangent: np.ndarray            # [N, ...] shaped like the objective tensor
+    target_index: np.ndarray | None  # per-sample class / channel (None for tensor targets)
+    spec: ImageSpec | None           # image preprocessing that applies to the input, if any
+    spec_note: str                   # why no spec applies ("" when one does)
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.feeds[self.image_input]
+
+    @property
+    def batch(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def channel_axis(self) -> int | None:
+        """Channel axis of the image input (None when it is not a 4-D image)."""
+        if self.x.ndim != 4:
+            return None
+        layout = self.spec.layout if self.spec is not None else _guess_layout(self.x.shape)
+        return 1 if layout == "NCHW" else 3
+
+
+def _guess_layout(shape) -> str:
+    return "NHWC" if shape[-1] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
+
+
+def image_spec(model: LoadedModel, preprocess: vis_pb2.Preprocessing | None, x: np.ndarray) -> tuple[ImageSpec | None, str]:
+    """The preprocessing that applies to the image input (also for raw-tensor requests)."""
+    name = model.image_input
+    info = model.infos.get(name)
+    shape = tuple(info.shape) if info is not None and info.shape is not None else tuple(x.shape)
+    if x.ndim != 4:
+        return None, f"input {name!r} is not a 4-D image tensor"
+    try:
+        return resolve_image_spec(model.config, preprocess, name, shape), ""
+    except InvalidArgument as exc:
+        return None, f"no image preprocessing applies to input {name!r} ({exc})"
+
+
+def prepare(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], obj: Objective,
+            preprocess: vis_pb2.Preprocessing | None) -> AttributionInput:
+    x = feeds[model.image_input]
+    if x.dtype.kind != "f":
+        raise InvalidArgument("input", f"input {model.image_input!r} is {x.dtype}; attributions need a float input")
+    tensor = objective_tensor_name(model, obj)
+    cot, target_index = make_cotangent(runtime, model, feeds, obj, tensor)
+    spec, note = image_spec(model, preprocess, x)
+    return AttributionInput(feeds, model.image_input, tensor, cot, target_index, spec, note)
+
+
+# ----------------------------------------------------------------------------
+# batched gradient runs
+
+
+def per_sample_bytes(model: LoadedModel, x: np.ndarray) -> int:
+    """Rough bytes one sample costs in a forward+backward run: every float activation
+    once (kept for the backward pass) and once more for its gradient."""
+    def estimate():
+        total, unknown = 0, False
+        for info in model.infos.values():
+            shape = info.shape
+            if not shape or shape[0] != BATCH_DIM or info.dtype is None or np.dtype(info.dtype).kind != "f":
+                continue
+            if not all(isinstance(d, int) for d in shape[1:]):
+                unknown = True
+                continue
+            total += int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(info.dtype).itemsize
+        return 2 * total, unknown
+
+    total, unknown = model.memo("attribution_per_sample_bytes", estimate)
+    sample = int(x[0].nbytes)
+    return max(total, sample * UNKNOWN_SHAPE_FACTOR if unknown or total == 0 else 0, sample)
+
+
+def rows_per_run(model: LoadedModel, x: np.ndarray, batch: int, memory_budget: int) -> int:
+    """Rows per onnxruntime run: the memory budget's share, capped by `batch` (0 = default)."""
+    budget = memory_budget if memory_budget > 0 else DEFAULT_MEMORY_BUDGET
+    rows = max(1, budget // per_sample_bytes(model, x))
+    return int(max(1, min(rows, batch if batch > 0 else DEFAULT_MAX_BATCH)))
+
+
+def chunks(total: int, size: int) -> Iterator[slice]:
+    for start in range(0, total, size):
+        yield slice(start, min(total, start + size))
+
+
+def gradient_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, rows: np.ndarray,
+                  make_inputs: Callable[[np.ndarray], np.ndarray], chunk: int, rule_set: str = "gradient",
+                  progress: Progress = NO_PROGRESS, stage: str = "",
+                  consume: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> None:
+    """Differentiate many input rows, `chunk` rows per run of the cached gradient graph.
+
+    `rows[k]` is the image index of row k; `make_inputs(ks)` returns the image-input values
+    of rows `ks`; other model inputs and the cotangent are copied from image `rows[k]`.
+    `consume(ks, gradients, objective values)` receives each run's results.
+    """
+    wrt_map = resolve_wrt(model, ["input"])
+    total = len(rows)
+    progress.update(0, total, stage)
+    for sl in chunks(total, chunk):
+        ks = np.arange(sl.start, sl.stop)
+        images = rows[ks]
+        feeds = {name: (make_inputs(ks) if name == ai.image_input else v[images]) for name, v in ai.feeds.items()}
+        cot = np.ascontiguousarray(ai.cotangent[images])
+        res = run_gradient(runtime, model, feeds, ai.objective_tensor, cot, wrt_map, rule_set)
+        if consume is not None:
+            consume(ks, res.gradients["input"], res.objective)
+        progress.update(sl.stop, total, stage)
+
+
+def single_gradient(runtime: Runtime, model: LoadedModel, ai: AttributionInput, rule_set: str = "gradient"):
+    """Gradient and objective values of the batch as given (one run)."""
+    res = run_gradient(runtime, model, ai.feeds, ai.objective_tensor, ai.cotangent,
+                       resolve_wrt(model, ["input"]), rule_set)
+    return res.gradients["input"], res.objective
+
+
+# ----------------------------------------------------------------------------
+# channel reductions (attribution [N, ...] -> map [N, H, W])
+
+
+def reduce_channels(a: np.ndarray, axis: int | None, how: str) -> np.ndarray:
+    """`how`: "max_abs" (max over channels of |a|), "sum" (signed sum over channels),
+    "signed_max_abs" (the signed value of the channel where |a| is largest)."""
+    if axis is None:  # not an image: the map is the attribution itself (|.| where asked)
+        return np.abs(a) if how == "max_abs" else a
+    if how == "max_abs":
+        return np.abs(a).max(axis=axis)
+    if how == "sum":
+        return a.sum(axis=axis)
+    if how == "signed_max_abs":
+        idx = np.expand_dims(np.abs(a).argmax(axis=axis), axis)
+        return np.take_along_axis(a, idx, axis=axis).squeeze(axis)
+    raise ValueError(how)
+
+
+# ----------------------------------------------------------------------------
+# baselines
+
+
+def black_value(ai: AttributionInput) -> tuple[np.ndarray, str]:
+    """The model-space value of a black image, broadcastable to the input, and how it was made.
+
+    The black image goes through the same preprocessing as requests' images (invert,
+    colour order, value range, mean/std), so it is exactly what a black PNG would give.
+    """
+    x = ai.x
+    if ai.spec is None:
+        return np.zeros((1,) + x.shape[1:], x.dtype), f"zeros ({ai.spec_note})"
+    spec = ai.spec
+    mode = "L" if spec.color == "GRAY" else "RGB"
+    black = image_to_array(Image.new(mode, (spec.size[1], spec.size[0]), 0), spec)
+    axis = ai.channel_axis
+    pixel = black[:, 0, 0] if spec.layout == "NCHW" else black[0, 0, :]
+    shape = [1] * x.ndim
+    shape[axis] = pixel.size
+    value = np.broadcast_to(pixel.reshape(shape), (1,) + x.shape[1:]).astype(x.dtype)
+    vals = ", ".join(f"{v:.4g}" for v in pixel)
+    return value, f"black image in model space (per channel: {vals})"
+
+
+def gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """[n, n] Gaussian blur along one axis with mirrored ('reflect') edges."""
+    if sigma <= 0:
+        return np.eye(n)
+    radius = max(1, int(np.ceil(3 * sigma)))
+    offsets = np.arange(-radius, radius + 1)
+    w = np.exp(-0.5 * (offsets / sigma) ** 2)
+    w /= w.sum()
+    m = np.zeros((n, n))
+    for i in range(n):
+        j = i + offsets
+        # reflect about the edges (d c b a | a b c d | d c b a), repeatedly for tiny images
+        period = 2 * n
+        j = np.mod(j, period)
+        j = np.where(j >= n, period - 1 - j, j)
+        np.add.at(m[i], j, w)
+    return m
+
+
+def blurred(ai: AttributionInput, sigma: float) -> tuple[np.ndarray, str]:
+    x = ai.x
+    axis = ai.channel_axis
+    if axis is None:
+        raise InvalidArgument("integrated_gradients.baseline", "'blurred' needs a 4-D image input")
+    h_axis, w_axis = (2, 3) if axis == 1 else (1, 2)
+    h, w = x.shape[h_axis], x.shape[w_axis]
+    if sigma < 0 or not np.isfinite(sigma):
+        raise InvalidArgument("integrated_gradients.blur_sigma", f"must be >= 0 (pixels), got {sigma}")
+    sigma = float(sigma) if sigma > 0 else 0.1 * min(h, w)
+    mh, mw = gaussian_matrix(h, sigma), gaussian_matrix(w, sigma)
+    xf = x.astype(np.float64)
+    if axis == 1:
+        out = np.einsum("ij,ncjk,lk->ncil", mh, xf, mw)
+    else:
+        out = np.einsum("ij,njkc,lk->nilc", mh, xf, mw)
+    return out.astype(x.dtype), f"Gaussian blur of the input, sigma {sigma:.3g} px"
+
+
+def custom(ai: AttributionInput, value: np.ndarray | None) -> tuple[np.ndarray, str]:
+    x = ai.x
+    field = "integrated_gradients.baseline_tensor"
+    if value is None:
+        raise InvalidArgument(field, "required for baseline 'custom'")
+    b = np.asarray(value)
+    if b.shape == x.shape[1:]:
+        b = b[None]
+    if b.shape != x.shape and not (b.ndim == x.ndim and b.shape[0] == 1 and b.shape[1:] == x.shape[1:]):
+        raise InvalidArgument(field, f"shape {list(b.shape)} not allowed; the input has shape {list(x.shape)} "
+                                     "(batch dim optional)")
+    if b.dtype.kind != "f" or not np.isfinite(b).all():
+        raise InvalidArgument(field, "must be a finite floating-point tensor")
+    return b.astype(x.dtype), "custom tensor"
+
+
+BASELINES = ("black", "zero", "blurred", "custom")
+
+
+def baseline(ai: AttributionInput, kind: str, blur_sigma: float = 0.0,
+             tensor: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """The baseline [N or 1, ...] and a sentence saying what it is."""
+    kind = kind or "black"
+    if kind == "black":
+        return black_value(ai)
+    if kind == "zero":
+        return np.zeros((1,) + ai.x.shape[1:], ai.x.dtype), "zeros"
+    if kind == "blurred":
+        return blurred(ai, blur_sigma)
+    if kind == "custom":
+        return custom(ai, tensor)
+    raise InvalidArgument("integrated_gradients.baseline", f"unknown baseline {kind!r}; allowed: {', '.join(BASELINES)}")
+
+
+# ----------------------------------------------------------------------------
+# results
+
+
+def attribution_result(ai: AttributionInput, attribution: np.ndarray, heat: np.ndarray,
+                       text: dict[str, str] | None = None, **extra: np.ndarray) -> MethodResult:
+    """The common result tensors: attribution, map, input, target_index (+ method extras)."""
+    tensors = {"attribution": attribution.astype(ai.x.dtype, copy=False),
+               "map": heat.astype(ai.x.dtype, copy=False), "input": ai.x}
+    if ai.target_index is not None:
+        tensors["target_index"] = ai.target_index.astype(np.int64)
+    tensors.update(extra)
+    info = {"objective_tensor": ai.objective_tensor}
+    if ai.spec is not None:
+        info["input_layout"] = ai.spec.layout
+        info["input_color"] = ai.spec.color
+    info.update(text or {})
+    return MethodResult(tensors=tensors, text=info)

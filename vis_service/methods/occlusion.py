@@ -1,0 +1,174 @@
+"""Occlusion sensitivity (Zeiler & Fergus 2014, section 4.2).
+
+A patch (grey, zero or the image's channel mean) is slid over the image; for
+every position the occluded image is classified and three maps are recorded:
+
+(a) "probability": the target class's probability (softmax of the class scores;
+    an output that already is a Softmax is taken as is);
+(b) "feature": the total activation (sum over positions) of one feature map of
+    `layer`, the one strongest (by total activation) on the unoccluded image;
+(c) "top_class": the most probable class, with its label names.
+
+Positions: top = r * stride_h for r in 0 .. (H - patch_h) // stride_h (same for
+columns), so every patch lies inside the image. The occluded copies of all
+images are stacked and classified `batch` at a time in one cached session that
+exposes both the class scores and the layer, never one run per patch; progress
+(patches done / total) is reported per batch and the loop stops on cancel.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..models.store import LoadedModel
+from ..runtime.sessions import Runtime
+from ..graph.names import resolve_tensor
+from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities, default_layer, forward_tensors,
+                  image_layout, input_spec, spatial_size)
+from .gradient import Objective, objective_tensor_name
+from .progress import NO_PROGRESS, MethodResult, Progress
+
+FILLS = ("grey", "zero", "mean")
+MID_GREY = 127.5  # pixel value (0..255) of the grey patch
+
+
+def _pair(values: Sequence[int], field: str, default: tuple[int, int]) -> tuple[int, int]:
+    values = [int(v) for v in values]
+    if not values:
+        return default
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise InvalidArgument(field, f"give [size] or [h, w], got {len(values)} values")
+    if any(v <= 0 for v in values):
+        raise InvalidArgument(field, f"must be positive, got {values}")
+    return values[0], values[1]
+
+
+def grey_value(model: LoadedModel, preprocess, channels: int) -> np.ndarray:
+    """Model-space value of a mid-grey pixel per channel, from the preprocessing config."""
+    spec = input_spec(model, preprocess)
+    if spec is None:
+        raise InvalidArgument("fill", "'grey' needs the model's preprocessing (its config or input.preprocess); "
+                                      "use 'zero' or 'mean'")
+    lo, hi = spec.value_range
+    v = lo + (hi - lo) * MID_GREY / 255.0  # 255 - 127.5 = 127.5: inversion does not change it
+    mean = np.asarray(spec.mean or (0.0,), dtype=np.float64)
+    std = np.asarray(spec.std or (1.0,), dtype=np.float64)
+    return np.broadcast_to((v - mean) / std, (channels,)).copy()
+
+
+def fill_values(x: np.ndarray, fill: str, layout: str, model: LoadedModel, preprocess) -> np.ndarray:
+    """[N, C] patch value per image and channel."""
+    ch_axis = 3 if layout == "NHWC" else 1
+    n, c = x.shape[0], x.shape[ch_axis]
+    if fill == "grey":
+        return np.broadcast_to(grey_value(model, preprocess, c), (n, c)).copy()
+    if fill == "zero":
+        return np.zeros((n, c))
+    if fill == "mean":
+        axes = (1, 2) if layout == "NHWC" else (2, 3)
+        return x.astype(np.float64).mean(axis=axes)
+    raise InvalidArgument("fill", f"unknown fill {fill!r}; allowed: {', '.join(FILLS)}")
+
+
+def occlusion_positions(hw: tuple[int, int], patch: tuple[int, int], stride: tuple[int, int]):
+    rows = (hw[0] - patch[0]) // stride[0] + 1
+    cols = (hw[1] - patch[1]) // stride[1] + 1
+    return rows, cols
+
+
+def occlude(x: np.ndarray, values: np.ndarray, top: int, left: int, patch: tuple[int, int], layout: str) -> np.ndarray:
+    """A copy of one image [C, H, W] / [H, W, C] with the patch filled with `values` [C]."""
+    out = x.copy()
+    ph, pw = patch
+    if layout == "NHWC":
+        out[top:top + ph, left:left + pw, :] = values
+    else:
+        out[:, top:top + ph, left:left + pw] = values[:, None, None]
+    return out
+
+
+def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray],
+                      objective: Objective | None = None, patch: Sequence[int] = (), stride: Sequence[int] = (),
+                      fill: str = "grey", layer: str = "", batch: int = 0, preprocess=None,
+                      progress: Progress = NO_PROGRESS) -> MethodResult:
+    objective = objective or Objective()
+    fill = fill or "grey"
+    if fill not in FILLS:
+        raise InvalidArgument("fill", f"unknown fill {fill!r}; allowed: {', '.join(FILLS)}")
+    if batch < 0:
+        raise InvalidArgument("batch", f"must be >= 0 (0 = default {DEFAULT_BATCH}), got {batch}")
+    batch = batch or DEFAULT_BATCH
+    if objective.kind != "output":
+        raise InvalidArgument("target", f"occlusion needs a class (output) target, got a {objective.kind} target")
+    x = feeds[model.image_input]
+    layout = image_layout(model, x, preprocess)
+    hw = spatial_size(x, layout)
+    default_patch = max(1, min(hw) // 4)
+    ph, pw = _pair(patch, "patch", (default_patch, default_patch))
+    if ph > hw[0] or pw > hw[1]:
+        raise InvalidArgument("patch", f"patch {[ph, pw]} is larger than the image {list(hw)}")
+    sh, sw = _pair(stride, "stride", (max(1, ph // 2), max(1, pw // 2)))
+    scores_t = objective_tensor_name(model, objective)
+    if layer:
+        layer_t = resolve_tensor(model.proto, layer, kind="layer")
+        info = model.infos.get(layer_t)
+        if info is None or info.shape is None or len(info.shape) < 2:
+            raise InvalidArgument("layer", f"{layer!r} has no channel axis (shape "
+                                           f"{None if info is None else info.shape}); name a feature map [N, C, ...]")
+    else:
+        layer_t = default_layer(model, objective_tensor_name(model, Objective("output", objective.layer))).layer
+    values = fill_values(x, fill, layout, model, preprocess)
+
+    # unoccluded images: target class, strongest feature map, reference probability
+    ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
+    base = forward_tensors(ctx, feeds, [scores_t, layer_t])
+    n = x.shape[0]
+    idx = class_indices(ctx, base[scores_t])
+    probs0 = class_probabilities(ctx, scores_t, base[scores_t])
+    totals0 = base[layer_t].reshape(n, base[layer_t].shape[1], -1).astype(np.float64).sum(axis=2)
+    channel = totals0.argmax(axis=1).astype(np.int64)
+
+    rows, cols = occlusion_positions(hw, (ph, pw), (sh, sw))
+    per_image = rows * cols
+    total = n * per_image
+    prob_map = np.zeros(total)
+    feat_map = np.zeros(total)
+    top_map = np.zeros(total, dtype=np.int64)
+    progress.update(0, total, "patches")
+    for start in range(0, total, batch):
+        stop = min(total, start + batch)
+        items = np.arange(start, stop)
+        img, pos = np.divmod(items, per_image)
+        r, c = np.divmod(pos, cols)
+        occluded = np.stack([occlude(x[i], values[i], rr * sh, cc * sw, (ph, pw), layout)
+                             for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
+        run_feeds = {k: v[img] for k, v in feeds.items() if k != model.image_input}
+        run_feeds[model.image_input] = occluded
+        out = forward_tensors(ctx, run_feeds, [scores_t, layer_t])
+        p = class_probabilities(ctx, scores_t, out[scores_t])
+        prob_map[start:stop] = p[np.arange(len(items)), idx[img]]
+        top_map[start:stop] = p.argmax(axis=1)
+        act = out[layer_t]
+        feat_map[start:stop] = act[np.arange(len(items)), channel[img]].reshape(len(items), -1).astype(np.float64).sum(axis=1)
+        progress.update(stop, total, "patches")
+
+    shape = (n, rows, cols)
+    tensors = {
+        "probability": prob_map.reshape(shape).astype(np.float32),
+        "feature": feat_map.reshape(shape).astype(np.float32),
+        "feature_channel": channel,
+        "top_class": top_map.reshape(shape),
+        "probability_unoccluded": probs0[np.arange(n), idx].astype(np.float32),
+        "target_index": idx,
+        "input": x,
+    }
+    labels = {}
+    if model.labels:
+        labels["top_class"] = [model.label(int(i)) or "" for i in top_map]
+        labels["target_index"] = [model.label(int(i)) or "" for i in idx]
+    text = {"layer": layer_t, "fill": fill, "patch": f"{ph}x{pw}", "stride": f"{sh}x{sw}"}
+    return MethodResult(tensors, {"patch_h": ph, "patch_w": pw, "stride_h": sh, "stride_w": sw}, labels, text)

@@ -1,0 +1,84 @@
+"""SmoothGrad (Smilkov et al. 2017) and VarGrad (Adebayo et al. 2018).
+
+The gradient is averaged (or, VarGrad, its population variance taken) over `samples`
+noisy copies x + sigma * eps of each image, sigma = noise * (max(x_i) - min(x_i)).
+The copies are stacked along the batch dimension, `chunk` rows per onnxruntime run.
+
+Noise (reproducible from outside, see `noise_for`): for image i,
+``np.random.default_rng([seed, i]).standard_normal((samples, *x.shape[1:]), dtype=np.float32)``;
+row s of that array is eps for sample s, and the noisy input is computed in float32 as
+``x[i] + np.float32(sigma_i) * eps[s]``.
+
+attribution = mean (or variance) of the gradients; map = max over channels of |attribution|.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..models.store import LoadedModel
+from ..runtime.sessions import Runtime
+from .attribution_common import (AttributionInput, attribution_result, gradient_rows, reduce_channels,
+                                 rows_per_run)
+from .progress import NO_PROGRESS, MethodResult, Progress
+
+DEFAULT_SAMPLES = 25
+DEFAULT_NOISE = 0.15
+
+
+def noise_sigma(x: np.ndarray, noise: float) -> np.ndarray:
+    """Per-image sigma: `noise` times the image's value range (max - min)."""
+    flat = x.reshape(x.shape[0], -1).astype(np.float64)
+    return noise * (flat.max(axis=1) - flat.min(axis=1))
+
+
+def noise_for(x_i: np.ndarray, i: int, samples: int, seed: int) -> np.ndarray:
+    """eps [samples, ...] of image i (standard normal, float32)."""
+    return np.random.default_rng([int(seed), int(i)]).standard_normal((samples,) + x_i.shape, dtype=np.float32)
+
+
+def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, samples: int = DEFAULT_SAMPLES,
+               noise: float = DEFAULT_NOISE, vargrad: bool = False, seed: int = 0, batch: int = 0,
+               progress: Progress = NO_PROGRESS) -> MethodResult:
+    if samples <= 0:
+        raise InvalidArgument("smoothgrad.samples", f"must be > 0, got {samples}")
+    if not np.isfinite(noise) or noise < 0:
+        raise InvalidArgument("smoothgrad.noise", f"must be >= 0 (a fraction of the input range), got {noise}")
+    x = ai.x
+    n = ai.batch
+    sigma = noise_sigma(x, noise)
+    eps_cache: dict[int, np.ndarray] = {}
+
+    def eps(i: int) -> np.ndarray:
+        if i not in eps_cache:
+            eps_cache.clear()  # rows are image-major: one image's noise is enough at a time
+            eps_cache[i] = noise_for(x[i], i, samples, seed)
+        return eps_cache[i]
+
+    rows = np.repeat(np.arange(n), samples)   # row k = image k // samples, sample k % samples
+
+    def make_inputs(ks: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ks),) + x.shape[1:], x.dtype)
+        for j, k in enumerate(ks):
+            i, s = divmod(int(k), samples)
+            out[j] = x[i] + np.float32(sigma[i]) * eps(i)[s]
+        return out
+
+    total = np.zeros(x.shape, np.float64)
+    total_sq = np.zeros(x.shape, np.float64)
+
+    def consume(ks, grads, _objective):
+        g = grads.astype(np.float64)
+        np.add.at(total, rows[ks], g)
+        np.add.at(total_sq, rows[ks], g * g)
+
+    chunk = rows_per_run(model, x, batch, 0)
+    gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
+                  stage="vargrad" if vargrad else "smoothgrad", consume=consume)
+    mean = total / samples
+    attribution = np.maximum(total_sq / samples - mean * mean, 0.0) if vargrad else mean
+    heat = reduce_channels(attribution, ai.channel_axis, "max_abs")
+    text = {"map": "max over channels of |" + ("variance" if vargrad else "mean") + " of the gradients|",
+            "noise": f"sigma = {noise:g} x (max - min) of each image; {samples} samples; seed {seed}; "
+                     f"{chunk} rows per run"}
+    return attribution_result(ai, attribution, heat, text, sigma=sigma.astype(np.float32))
