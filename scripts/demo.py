@@ -58,7 +58,7 @@ def main() -> int:
             for i in (0, 3, 7):
                 for name in layers:
                     fname = out / f"activations_{samples[i].stem}_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.png"
-                    render.feature_map_grid(acts[name][i], fname)
+                    render.feature_map_grid(acts[name][i], fname, upscale=4)
             for node in (convs[0], convs[-1]):
                 w = client.filters(model, node.name)["weight"]
                 fname = out / f"filters_{re.sub(r'[^A-Za-z0-9]+', '_', node.name).strip('_')}.png"

@@ -145,11 +145,15 @@ def test_default_session_runs_with_optimizations():
 # hand-made graphs
 
 
+def _typed(v):
+    v = np.asarray(v)
+    return v.astype(np.int64) if v.dtype.kind in "iu" else v.astype(np.float32)
+
+
 def make_model(nodes, inputs, outputs, inits=(), opset=17):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
                           [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-                          initializer=[numpy_helper.from_array(np.asarray(v, dtype=np.float32), k)
-                                       for k, v in dict(inits).items()])
+                          initializer=[numpy_helper.from_array(_typed(v), k) for k, v in dict(inits).items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return prepare_model(m)
@@ -356,3 +360,18 @@ def test_softmax_and_bad_cotangent_are_refused():
         deconvnet_projection(model, {"x": x}, "y", x)
     with pytest.raises(InvalidArgument, match="cotangent"):
         deconvnet_projection(model, {"x": x}, "x", np.ones((1, 5), dtype=np.float32))
+
+
+def test_second_input_operand_and_wrt_choice():
+    """A Mul by another graph input is read from the feeds; `wrt` picks the input; node names resolve."""
+    model = make_model([helper.make_node("Mul", ["x", "s"], ["m"], name="scale"),
+                        helper.make_node("Relu", ["m"], ["y"], name="relu")],
+                       [("x", [1, 3]), ("s", [1, 3])], ["y"])
+    x = np.array([[1.0, -2.0, 3.0]], dtype=np.float32)
+    s = np.array([[2.0, 3.0, -1.0]], dtype=np.float32)
+    cot = np.array([[1.0, -1.0, 2.0]], dtype=np.float32)
+    with pytest.raises(InvalidArgument, match="wrt"):
+        deconvnet_projection(model, {"x": x, "s": s}, "y", cot)
+    got = deconvnet_projection(model, {"x": x, "s": s}, "relu", cot, wrt="x")
+    np.testing.assert_allclose(got, [[2.0, 0.0, -2.0]])
+    np.testing.assert_allclose(deconvnet_projection(model, {"x": x, "s": s}, "y", cot, wrt="s"), [[1.0, 0.0, 6.0]])

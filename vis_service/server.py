@@ -11,8 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api import attribution_servicer, localization_servicer, optimization_servicer
+from .api.registration import add_servicer
 from .api.servicers import Limits, ModelServicer, ServiceState, VisServicer
-from .gen import vis_pb2, vis_pb2_grpc
+from .gen import vis_pb2
 from .models.store import ModelStore
 from .runtime.sessions import Runtime
 
@@ -68,8 +69,8 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
                          options=[("grpc.max_receive_message_length", max_msg),
                                   ("grpc.max_send_message_length", 8 << 20),
                                   ("grpc.so_reuseport", 0)])
-    vis_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(state), server)
-    vis_pb2_grpc.add_VisServiceServicer_to_server(VisServicer(state), server)
+    add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelServicer(state))
+    add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["VisService"], VisServicer(state))
     service_names = SERVICE_NAMES
     for family in (attribution_servicer, localization_servicer, optimization_servicer):  # each registers its own service
         service_names += tuple(family.register(server, state))

@@ -3,9 +3,52 @@ from __future__ import annotations
 
 import grpc
 
+from ..gen import attribution_pb2, attribution_pb2_grpc
+from ..methods import cam, occlusion
+from . import convert
+from .errors import handles_errors
 from .servicers import ServiceState
+from .streaming import run_streaming
+
+
+def _preprocess(batch):
+    return batch.preprocess if batch.HasField("preprocess") else None
+
+
+class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
+    def __init__(self, state: ServiceState):
+        self.s = state
+
+    def _to_stream(self, result):
+        return self.s.stream(result.tensors, scalars=result.scalars, labels=result.labels, text=result.text)
+
+    @handles_errors
+    def Cam(self, request, context):
+        model = self.s.store.get(request.model)
+        feeds = self.s.feeds(model, request.input)
+        obj = convert.objective(request.target)
+
+        def method(progress):
+            return cam.compute_cam(self.s.runtime, model, feeds, request.method or "gradcam", request.layer, obj,
+                                   request.batch, _preprocess(request.input), progress)
+
+        yield from run_streaming(context, method, self._to_stream)
+
+    @handles_errors
+    def Occlusion(self, request, context):
+        model = self.s.store.get(request.model)
+        feeds = self.s.feeds(model, request.input)
+        obj = convert.objective(request.target)
+
+        def method(progress):
+            return occlusion.compute_occlusion(self.s.runtime, model, feeds, obj, list(request.patch),
+                                               list(request.stride), request.fill or "grey", request.layer,
+                                               request.batch, _preprocess(request.input), progress)
+
+        yield from run_streaming(context, method, self._to_stream)
 
 
 def register(server: grpc.Server, state: ServiceState) -> list[str]:
     """Add the servicer to `server`; returns the full service names it serves."""
-    return []
+    attribution_pb2_grpc.add_LocalizationServiceServicer_to_server(LocalizationServicer(state), server)
+    return [attribution_pb2.DESCRIPTOR.services_by_name["LocalizationService"].full_name]

@@ -33,17 +33,43 @@ def tensor_to_proto(name: str, arr: np.ndarray) -> vis_pb2.Tensor:
     return vis_pb2.Tensor(name=name, datatype=dt, shape=list(arr.shape), raw_contents=data)
 
 
-def chunk_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[vis_pb2.ResultChunk]:
-    """One tensor as ResultChunks of at most `chunk_bytes` payload each (at least one)."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+# wire tags: ResultChunk.tensor = field 2, TensorChunk.data = field 6, both length-delimited
+_RESULT_TENSOR_TAG = bytes([(2 << 3) | 2])
+_CHUNK_DATA_TAG = bytes([(6 << 3) | 2])
+
+
+def chunk_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """One tensor as serialized ResultChunk messages of at most `chunk_bytes` payload each.
+
+    The messages are encoded here rather than built as protobuf objects: the payload
+    is copied once, straight from the array into the wire bytes, instead of into a
+    bytes object, a message and then the wire (tensor transfer dominates the
+    overhead of large activations). Servicers are registered with a serializer that
+    passes bytes through (see `registration.py`).
+    """
     arr = np.asarray(arr)
     dt = datatype_of(arr.dtype)
     data = memoryview(np.ascontiguousarray(arr, dtype=NUMPY_BY_DATATYPE[dt]).reshape(-1).view(np.uint8))
     total = len(data)
     offset = 0
     while True:
-        piece = bytes(data[offset:offset + chunk_bytes])
-        yield vis_pb2.ResultChunk(tensor=vis_pb2.TensorChunk(
-            name=name, datatype=dt, shape=list(arr.shape), total_bytes=total, offset=offset, data=piece))
+        piece = data[offset:offset + chunk_bytes]
+        header = vis_pb2.TensorChunk(name=name, datatype=dt, shape=list(arr.shape), total_bytes=total,
+                                     offset=offset).SerializeToString()
+        body_len = len(header) + 1 + len(_varint(len(piece))) + len(piece)
+        yield b"".join((_RESULT_TENSOR_TAG, _varint(body_len), header, _CHUNK_DATA_TAG, _varint(len(piece)), piece))
         offset += len(piece)
         if offset >= total:
             break
@@ -51,8 +77,8 @@ def chunk_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BY
 
 def result_stream(tensors: Mapping[str, np.ndarray], *, scalars: Mapping[str, float] | None = None,
                   labels: Mapping[str, list[str]] | None = None, text: Mapping[str, str] | None = None,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[vis_pb2.ResultChunk]:
-    """The tail of every analysis stream: the tensors' chunks, then one ResultInfo."""
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[vis_pb2.ResultChunk | bytes]:
+    """The tail of every analysis stream: the tensors' chunks (pre-serialized), then one ResultInfo."""
     for name, arr in tensors.items():
         yield from chunk_tensor(name, arr, chunk_bytes)
     info = vis_pb2.ResultInfo()

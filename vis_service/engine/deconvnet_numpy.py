@@ -218,7 +218,8 @@ class _Walker:
                 if name and name not in relevant and name not in self.constants:
                     value = constant_value(model, name)
                     if value is None:
-                        self.runtime_values.append(name)
+                        if name not in self.runtime_values:
+                            self.runtime_values.append(name)
                     else:
                         self.constants[name] = value
 
@@ -228,14 +229,13 @@ class _Walker:
         m.CopyFrom(model)
         infos = tensor_infos(m)
         taken = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
-        by_name = {id(n): n for n in self.nodes}
+        pools = {n.output[0]: n for n in self.nodes if n.op_type == "MaxPool"}
         extra = []
         for node in m.graph.node:
-            if node.op_type != "MaxPool" or node.domain not in _STANDARD_DOMAINS:
-                continue
-            if not any(node.output[0] == n.output[0] for n in self.nodes if n.op_type == "MaxPool"):
+            if node.op_type != "MaxPool" or node.domain not in _STANDARD_DOMAINS or node.output[0] not in pools:
                 continue
             if len(node.output) < 2 or not node.output[1]:
+                # ask the primal pool for its switches (flattened N·C·H·W argmax positions)
                 name = node.output[0] + _SWITCH_SUFFIX
                 while name in taken:
                     name += "_"
@@ -248,15 +248,15 @@ class _Walker:
                 shape = None if info is None or info.shape is None else list(info.shape)
                 m.graph.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, shape))
             extra.append(node.output[1])
-            for orig in by_name.values():
-                if orig.op_type == "MaxPool" and orig.output[0] == node.output[0]:
-                    self.switches[id(orig)] = node.output[1]
+            self.switches[id(pools[node.output[0]])] = node.output[1]
         graph_inputs = {i.name for i in m.graph.input}
         wanted = [t for t in _ordered(self.relevant, self.nodes) if t not in graph_inputs]
         wanted += [t for t in self.runtime_values if t not in graph_inputs]
         wanted += extra
-        sess = session_factory(expose_tensors(m, wanted))
-        values = dict(zip(wanted, sess.run(wanted, dict(feeds))))
+        values = {}
+        if wanted:
+            sess = session_factory(expose_tensors(m, wanted))
+            values = dict(zip(wanted, sess.run(wanted, dict(feeds))))
         for name in graph_inputs:
             if name in feeds:
                 values[name] = np.asarray(feeds[name])
@@ -326,9 +326,9 @@ def conv_input_adjoint(g: np.ndarray, weight: np.ndarray, in_sizes, strides, dil
                        group: int = 1) -> np.ndarray:
     """Transposed convolution: Jᵀg for x of y = Conv(x, weight) (no bias).
 
-    g: [N, M, *out]; weight: [M, C/group, *kernel]. Each kernel offset scatters
-    Wᵀ·g into a strided view of a zero buffer covering the padded input; the pads
-    are cropped off at the end.
+    g: [N, M, *out]; weight: [M, C/group, *kernel]. For each kernel offset, Wᵀ·g
+    (that offset's weight slice) is added into a strided view of a zero buffer
+    covering the padded input; the pads are cropped off at the end.
     """
     n, m = g.shape[:2]
     out_sizes = g.shape[2:]

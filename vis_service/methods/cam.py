@@ -168,12 +168,11 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
                 if not x or x in seen or x in inits:
                     continue
                 seen.add(x)
-                if _is_feature_map(model, x):
+                if _is_feature_map(model, x) and tuple(model.infos[x].shape[2:]) != (1, 1):  # [N, C, 1, 1] is pooled
                     kind = pooling_kind(model, node, x)
                     if kind is not None:
                         return FeatureHead(x, node, kind)
-                    shape = model.infos[x].shape
-                    if fallback is None and not (shape[2] == 1 and shape[3] == 1):
+                    if fallback is None:
                         fallback = x
                 queue.append(x)
         if fallback is not None:

@@ -1,9 +1,256 @@
-"""Attribution methods (saliency family, deconvnet projections, CAM family, occlusion).
+"""Attribution methods: saliency family (saliency, gradient x input, SmoothGrad / VarGrad,
+Integrated Gradients, guided backprop) and deconvnet projections.
 
 Mixed into :class:`vis_client.Client`; uses its channel and stream helpers.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .gen import attribution_pb2, attribution_pb2_grpc
+from .stream import Result
+from .tensors import to_proto
+
+__all__ = ["AttributionMixin", "Attribution", "DeconvnetProjections", "display_image"]
+
+IG_BASELINES = ("black", "zero", "blurred", "custom")
+
+
+def display_image(x: np.ndarray, color: str = "") -> np.ndarray:
+    """A preprocessed model input ([C, H, W] or [H, W, C]) as uint8 RGB [H, W, 3] for display:
+    min-max scaled to 0..255 per image; BGR inputs are flipped to RGB."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    a = a[..., :3]
+    if color.upper() == "BGR":
+        a = a[..., ::-1]
+    lo, hi = a.min(), a.max()
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return (a * 255 + 0.5).astype(np.uint8)
+
+
+def _image_of(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """One input sample as [C, H, W] or [H, W, C] matching spatial size ``hw``."""
+    a = np.asarray(x)
+    if a.ndim == 3 and a.shape[1:] == tuple(hw):
+        return a
+    if a.ndim == 3 and a.shape[:2] == tuple(hw):
+        return a.transpose(2, 0, 1)
+    return a
+
+
+@dataclass
+class Attribution:
+    """Result of a saliency-family call.
+
+    ``attribution``: input-shaped per-channel attribution; ``map``: [N, H, W] heat map
+    (channels reduced as ``text["map"]`` says); ``input``: the preprocessed input the model
+    saw; ``target_index``/``labels``: the class per image (output targets); ``extra``: other
+    tensors (``completeness_gap``, ``delta``, ``objective``, ``baseline``, ``sigma`` ...);
+    ``text``: the server's notes (map reduction, IG baseline and rule, ...)."""
+    method: str
+    attribution: np.ndarray
+    map: np.ndarray
+    input: np.ndarray | None
+    target_index: np.ndarray | None
+    labels: list[str] | None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
+    result: Result = field(repr=False, default_factory=Result)
+
+    def label(self, i: int) -> str:
+        """"class K (name)" for image ``i`` ("" for non-output targets)."""
+        if self.target_index is None or self.target_index.shape[0] <= i:
+            return ""
+        k = int(np.asarray(self.target_index[i]).ravel()[0])
+        name = self.labels[i] if self.labels and len(self.labels) > i else ""
+        return f"class {k}" + (f" ({name})" if name else "")
+
+    def render(self, i: int, path: str | os.PathLike | None = None, cmap: str = "jet", alpha: float = 0.5,
+               colorbar: bool = True) -> np.ndarray:
+        """Heat map of image ``i`` overlaid on its input (min-max scaled to 0..255), with a colour
+        bar; signed maps use a symmetric scale. Returns the RGB image, writes a PNG if ``path``."""
+        from . import render
+
+        heat = np.asarray(self.map[i], dtype=np.float64)
+        if self.input is not None:
+            img = display_image(_image_of(self.input[i], heat.shape), self.text.get("input_color", ""))
+        else:
+            img = np.zeros(heat.shape + (3,), np.uint8)
+        lo, hi = float(heat.min(initial=0)), float(heat.max(initial=0))
+        if lo < 0:  # signed: 0 in the middle of the colour scale
+            m = max(-lo, hi)
+            lo, hi = -m, m
+        return render.heatmap_overlay(img, heat, path, cmap=cmap, alpha=alpha, colorbar=colorbar,
+                                      vmin=lo, vmax=hi if hi > lo else None, label=self.method)
+
+
+@dataclass
+class DeconvnetProjections:
+    """Result of :meth:`AttributionMixin.deconvnet`.
+
+    ``projections`` [N, K, C, H, W] (one per selected unit), ``channels`` [N, K],
+    ``positions`` [N, K, 2] (y, x in the layer), ``activations`` [N, K], ``boxes`` [N, K, 4]
+    (top, left, bottom, right; exclusive) of each unit's receptive field in the input,
+    ``crops`` [N, K, C, h, w] (when asked), ``input``."""
+    layer: str
+    projections: np.ndarray
+    channels: np.ndarray
+    positions: np.ndarray
+    activations: np.ndarray
+    boxes: np.ndarray
+    crops: np.ndarray | None
+    input: np.ndarray | None
+    text: dict[str, str] = field(default_factory=dict)
+    result: Result = field(repr=False, default_factory=Result)
+
+    def render_grid(self, i: int, path: str | os.PathLike | None = None, *, crops: bool | None = None,
+                    upscale: int = 0) -> np.ndarray:
+        """Grid of image ``i``'s projections (or crops, when present and ``crops`` is not False),
+        each min-max scaled on its own as in Zeiler & Fergus."""
+        from . import render
+
+        use_crops = self.crops is not None if crops is None else crops
+        tiles_src = self.crops[i] if use_crops and self.crops is not None else self.projections[i]
+        tiles = []
+        for t in tiles_src:
+            hw = t.shape[1:] if t.shape[0] in (1, 3) else t.shape[:2]
+            tiles.append(display_image(_image_of(t, hw), self.text.get("input_color", "")))
+        h, w = tiles[0].shape[:2]
+        k = upscale or max(1, min(8, 64 // max(1, min(h, w))))
+        arr = render._upscale(np.stack(tiles), k)
+        rows, cols = render.grid_shape(len(tiles))
+        return render._finish(render._tile(arr, rows, cols), path)
+
+
+def _check_bool(value, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _check_int(value, what: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
+
 
 class AttributionMixin:
-    """Client methods for ``AttributionService`` (proto/vis/v1/attribution.proto)."""
+    """Client methods for ``AttributionService`` (proto/vis/v1/attribution.proto).
+
+    ``target`` is what :meth:`Client.gradient`'s ``objective`` accepts: a class index, a list
+    of indices (one per image), ``None`` (each image's top-1 class score, pre-softmax) or a
+    ``Target.*`` message (a channel / neuron of any layer)."""
+
+    def _attribution_stub(self):
+        stub = getattr(self, "_attribution", None)
+        if stub is None:
+            stub = self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
+        return stub
+
+    def _attribute(self, method: str, model, x, target, preprocess, on_progress=None, cancel=None,
+                   **options) -> Attribution:
+        from .client import _model_ref, build_input_batch, build_target
+
+        req = attribution_pb2.AttributionRequest(model=_model_ref(model), input=build_input_batch(x, preprocess, model),
+                                                 target=build_target(target), method=method, **options)
+        res = self._stream(self._attribution_stub().Attribute, req, on_progress, cancel)
+        t = dict(res.tensors)
+        main = {k: t.pop(k, None) for k in ("attribution", "map", "input", "target_index")}
+        return Attribution(method=method, attribution=main["attribution"], map=main["map"], input=main["input"],
+                           target_index=main["target_index"], labels=res.labels.get("target_index"),
+                           extra=t, text=dict(res.text), result=res)
+
+    def saliency(self, model, x, target=None, *, signed: bool = False, preprocess=None,
+                 on_progress=None, cancel=None) -> Attribution:
+        """Saliency map (Simonyan et al.): attribution = the gradient of the target w.r.t. the
+        input; map = max over channels of |gradient| (``signed``: the signed gradient of the
+        channel where |gradient| is largest)."""
+        opts = attribution_pb2.SaliencyOptions(signed=_check_bool(signed, "signed"))
+        return self._attribute("saliency", model, x, target, preprocess, on_progress, cancel, saliency=opts)
+
+    def gradient_x_input(self, model, x, target=None, *, preprocess=None, on_progress=None,
+                         cancel=None) -> Attribution:
+        """Gradient x input; map = sum over channels."""
+        return self._attribute("gradient_x_input", model, x, target, preprocess, on_progress, cancel)
+
+    def guided_backprop(self, model, x, target=None, *, preprocess=None, on_progress=None,
+                        cancel=None) -> Attribution:
+        """Guided backpropagation (rule set "guided"); map = max over channels of |attribution|."""
+        return self._attribute("guided_backprop", model, x, target, preprocess, on_progress, cancel)
+
+    def smoothgrad(self, model, x, target=None, *, samples: int = 25, noise: float = 0.15, vargrad: bool = False,
+                   seed: int = 0, batch: int = 0, preprocess=None, on_progress=None, cancel=None) -> Attribution:
+        """SmoothGrad: the mean gradient over ``samples`` noisy copies (sigma = ``noise`` x the
+        image's value range), or with ``vargrad`` their variance; map = max over channels of
+        |attribution|. ``seed`` fixes the noise; ``batch`` caps copies per onnxruntime run.
+        Streams progress to ``on_progress``; set ``cancel`` (an Event) to stop."""
+        opts = attribution_pb2.SmoothGradOptions(samples=_check_int(samples, "samples"), noise=float(noise),
+                                                 vargrad=_check_bool(vargrad, "vargrad"),
+                                                 seed=_check_int(seed, "seed", 0))
+        return self._attribute("smoothgrad", model, x, target, preprocess, on_progress, cancel, smoothgrad=opts,
+                               batch=_check_int(batch, "batch", 0))
+
+    def integrated_gradients(self, model, x, target=None, *, steps: int = 50, baseline: str = "black",
+                             baseline_tensor=None, blur_sigma: float = 0, rule: str = "",
+                             memory_budget_bytes: int = 0, batch: int = 0, preprocess=None,
+                             on_progress=None, cancel=None) -> Attribution:
+        """Integrated Gradients from ``baseline`` ("black": a black image in the model's input
+        space, "zero", "blurred" (Gaussian, ``blur_sigma`` px), "custom" (``baseline_tensor``)).
+        ``extra["completeness_gap"]`` = |sum(attribution) - (f(x) - f(baseline))| per image,
+        ``extra["delta"]`` = f(x) - f(baseline); map = sum over channels. ``rule``: quadrature
+        ("riemann_middle" default, "riemann_trapezoid", "gausslegendre")."""
+        if not isinstance(baseline, str):
+            raise TypeError("baseline must be a string")
+        if baseline_tensor is not None and baseline in ("black", ""):
+            baseline = "custom"
+        opts = attribution_pb2.IntegratedGradientsOptions(
+            steps=_check_int(steps, "steps"), baseline=baseline, blur_sigma=float(blur_sigma), rule=rule,
+            memory_budget_bytes=_check_int(memory_budget_bytes, "memory_budget_bytes", 0))
+        if baseline_tensor is not None:
+            b = np.asarray(baseline_tensor)
+            if b.dtype == np.float64 or b.dtype.kind in "iub":
+                b = b.astype(np.float32)
+            opts.baseline_tensor.CopyFrom(to_proto("baseline", b))
+        return self._attribute("integrated_gradients", model, x, target, preprocess, on_progress, cancel,
+                               integrated_gradients=opts, batch=_check_int(batch, "batch", 0))
+
+    def attribute(self, model, x, method: str, target=None, *, preprocess=None, on_progress=None, cancel=None,
+                  **options: Any) -> Attribution:
+        """Any method by name (``options``: the AttributionRequest's option messages / batch)."""
+        return self._attribute(method, model, x, target, preprocess, on_progress, cancel, **options)
+
+    def deconvnet(self, model, x, layer: str, *, top_k: int = 9, target=None, crop: bool = False,
+                  rule_set: str = "deconvnet", preprocess=None, on_progress=None,
+                  cancel=None) -> DeconvnetProjections:
+        """Deconvnet projections (Zeiler & Fergus) of single units of ``layer``: the ``top_k``
+        channels with the largest max activation, each at its argmax position; or ``target``: a
+        channel index (int / list, one per image) or a ``Target.channel`` / ``Target.neuron``
+        of ``layer``. ``crop`` also cuts each projection to the unit's receptive field."""
+        from .client import Target, _check_name, _model_ref, build_input_batch
+
+        _check_name(layer, "layer")
+        req = attribution_pb2.DeconvnetRequest(model=_model_ref(model), input=build_input_batch(x, preprocess, model),
+                                               layer=layer, top_k=_check_int(top_k, "top_k", 1),
+                                               crop=_check_bool(crop, "crop"), rule_set=rule_set)
+        if target is not None:
+            if isinstance(target, (int, np.integer, list, tuple, np.ndarray)):
+                target = Target.channel(layer, target)
+            req.target.CopyFrom(target)
+        res = self._stream(self._attribution_stub().Deconvnet, req, on_progress, cancel)
+        t = res.tensors
+        return DeconvnetProjections(layer=res.text.get("layer", layer), projections=t["projections"],
+                                    channels=t["channels"], positions=t["positions"], activations=t["activations"],
+                                    boxes=t["boxes"], crops=t.get("crops"), input=t.get("input"),
+                                    text=dict(res.text), result=res)

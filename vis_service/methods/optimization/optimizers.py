@@ -1,0 +1,80 @@
+"""Gradient-descent updates (Adam, momentum SGD) and learning-rate schedules, in numpy."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import InvalidArgument
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine", "step", "linear")
+
+
+@dataclass
+class OptimizerSettings:
+    name: str = "adam"
+    lr: float = 0.05
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: str = "constant"
+    decay_factor: float = 0.1
+    decay_every: int = 0      # "step": 0 = at 60 % and 90 % of the steps
+
+    def validate(self, field: str = "optimizer") -> None:
+        if self.name not in OPTIMIZERS:
+            raise InvalidArgument(f"{field}.name", f"unknown optimizer {self.name!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidArgument(f"{field}.lr", f"must be a positive number, got {self.lr}")
+        for name in ("momentum", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise InvalidArgument(f"{field}.{name}", f"must be in [0, 1), got {v}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidArgument(f"{field}.schedule", f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if not 0 < self.decay_factor <= 1:
+            raise InvalidArgument(f"{field}.decay_factor", f"must be in (0, 1], got {self.decay_factor}")
+        if self.decay_every < 0:
+            raise InvalidArgument(f"{field}.decay_every", f"must be >= 0, got {self.decay_every}")
+
+
+def learning_rate(s: OptimizerSettings, step: int, total: int) -> float:
+    """Learning rate of step `step` (0-based) of `total`."""
+    if s.schedule == "cosine":
+        return s.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+    if s.schedule == "linear":
+        return s.lr * (1.0 - step / max(1, total))
+    if s.schedule == "step":
+        if s.decay_every > 0:
+            k = step // s.decay_every
+        else:
+            k = int(step >= 0.6 * total) + int(step >= 0.9 * total)
+        return s.lr * s.decay_factor ** k
+    return s.lr
+
+
+class Optimizer:
+    """Minimizes: `step(params, grad, lr)` returns the updated parameters."""
+
+    def __init__(self, s: OptimizerSettings):
+        self.s = s
+        self.t = 0
+        self.m = None
+        self.v = None
+
+    def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> np.ndarray:
+        self.t += 1
+        if self.m is None:
+            self.m = np.zeros_like(params)
+            self.v = np.zeros_like(params) if self.s.name == "adam" else None
+        if self.s.name == "sgd":
+            self.m = self.s.momentum * self.m + grad
+            return params - lr * self.m
+        b1, b2 = self.s.beta1, self.s.beta2
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        mhat = self.m / (1 - b1 ** self.t)
+        vhat = self.v / (1 - b2 ** self.t)
+        return params - lr * mhat / (np.sqrt(vhat) + 1e-8)
