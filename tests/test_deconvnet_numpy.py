@@ -207,7 +207,8 @@ def test_max_pool_ceil_mode_pads_and_batch_offsets():
     cot = rng.standard_normal(y.shape).astype(np.float32)
     got = deconvnet_projection(model, {"x": x}, "y", cot)
     np.testing.assert_allclose(got, engine_projection(model, {"x": x}, "y", cot, "x"), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got.sum(axis=(2, 3)), cot.sum(axis=(2, 3)), rtol=1e-5)   # every switch lands in its own (n, c)
+    # every switch lands inside its own (n, c) plane
+    np.testing.assert_allclose(got.sum(axis=(2, 3)), cot.sum(axis=(2, 3)), rtol=1e-5)
 
 
 CONV_GEOMETRIES = [

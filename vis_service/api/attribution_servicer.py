@@ -15,6 +15,7 @@ from ..methods.saliency import saliency
 from ..methods.smoothgrad import DEFAULT_NOISE, DEFAULT_SAMPLES, smoothgrad
 from . import convert
 from .errors import handles_errors
+from .registration import add_servicer
 from .servicers import ServiceState
 from .streaming import run_streaming
 from .tensors import tensor_from_proto
@@ -97,5 +98,6 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
 
 def register(server: grpc.Server, state: ServiceState) -> list[str]:
     """Add the servicer to `server`; returns the full service names it serves."""
-    attribution_pb2_grpc.add_AttributionServiceServicer_to_server(AttributionServicer(state), server)
-    return [attribution_pb2.DESCRIPTOR.services_by_name["AttributionService"].full_name]
+    # tensor chunks arrive pre-serialized: register with the pass-through serializer
+    return [add_servicer(server, attribution_pb2.DESCRIPTOR.services_by_name["AttributionService"],
+                         AttributionServicer(state))]

@@ -7,6 +7,7 @@ from ..gen import attribution_pb2, attribution_pb2_grpc
 from ..methods import cam, occlusion
 from . import convert
 from .errors import handles_errors
+from .registration import add_servicer
 from .servicers import ServiceState
 from .streaming import run_streaming
 
@@ -50,5 +51,6 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
 
 def register(server: grpc.Server, state: ServiceState) -> list[str]:
     """Add the servicer to `server`; returns the full service names it serves."""
-    attribution_pb2_grpc.add_LocalizationServiceServicer_to_server(LocalizationServicer(state), server)
-    return [attribution_pb2.DESCRIPTOR.services_by_name["LocalizationService"].full_name]
+    # tensor chunks arrive pre-serialized: register with the pass-through serializer
+    return [add_servicer(server, attribution_pb2.DESCRIPTOR.services_by_name["LocalizationService"],
+                         LocalizationServicer(state))]

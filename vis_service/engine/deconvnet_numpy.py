@@ -126,7 +126,7 @@ def deconvnet_projection(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
         path_nodes, relevant = _path(model, infos, layer, wrt)
 
     walker = _Walker(model, path_nodes, relevant, lrn)
-    recorded = walker.record(model, feeds, wrt, session_factory or default_session)
+    recorded = walker.record(model, feeds, session_factory or default_session)
     cot = np.asarray(cotangent)
     if cot.shape != recorded[layer].shape:
         raise InvalidArgument("cotangent", f"cotangent shape {cot.shape} differs from the shape "
@@ -223,7 +223,7 @@ class _Walker:
                     else:
                         self.constants[name] = value
 
-    def record(self, model: onnx.ModelProto, feeds, wrt: str, session_factory: SessionFactory) -> dict[str, np.ndarray]:
+    def record(self, model: onnx.ModelProto, feeds, session_factory: SessionFactory) -> dict[str, np.ndarray]:
         """One forward pass: the path's activations, switches and run-time operands."""
         m = onnx.ModelProto()
         m.CopyFrom(model)

@@ -78,8 +78,7 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
         i, j = rows[ks], ks % per_image
         w = path_weights[j].reshape((-1,) + (1,) * (x.ndim - 1))
         np.add.at(total, i, w * grads.astype(np.float64))
-        ends = j >= steps
-        f_base[i[ends & (j == steps)]] = objective[ends & (j == steps)]
+        f_base[i[j == steps]] = objective[j == steps]
         f_input[i[j == steps + 1]] = objective[j == steps + 1]
 
     chunk = rows_per_run(model, x, batch, memory_budget)

@@ -76,9 +76,11 @@ class Attribution:
         return f"class {k}" + (f" ({name})" if name else "")
 
     def render(self, i: int, path: str | os.PathLike | None = None, cmap: str = "jet", alpha: float = 0.5,
-               colorbar: bool = True) -> np.ndarray:
+               colorbar: bool = True, clip_percentile: float = 99.0) -> np.ndarray:
         """Heat map of image ``i`` overlaid on its input (min-max scaled to 0..255), with a colour
-        bar; signed maps use a symmetric scale. Returns the RGB image, writes a PNG if ``path``."""
+        bar. A few pixels dominate gradient maps, so the colour scale ends at the
+        ``clip_percentile`` of |map| (100 = its max); signed maps use a symmetric scale around 0.
+        Returns the RGB image and writes a PNG if ``path`` is given."""
         from . import render
 
         heat = np.asarray(self.map[i], dtype=np.float64)
@@ -86,10 +88,11 @@ class Attribution:
             img = display_image(_image_of(self.input[i], heat.shape), self.text.get("input_color", ""))
         else:
             img = np.zeros(heat.shape + (3,), np.uint8)
-        lo, hi = float(heat.min(initial=0)), float(heat.max(initial=0))
-        if lo < 0:  # signed: 0 in the middle of the colour scale
-            m = max(-lo, hi)
-            lo, hi = -m, m
+        top = float(np.percentile(np.abs(heat), clip_percentile)) if heat.size else 0.0
+        if top <= 0:
+            top = float(np.abs(heat).max(initial=0))
+        signed = bool((heat < 0).any())
+        lo, hi = (-top, top) if signed else (float(heat.min(initial=0)) if heat.min(initial=0) < top else 0.0, top)
         return render.heatmap_overlay(img, heat, path, cmap=cmap, alpha=alpha, colorbar=colorbar,
                                       vmin=lo, vmax=hi if hi > lo else None, label=self.method)
 

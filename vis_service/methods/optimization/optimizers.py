@@ -56,13 +56,20 @@ def learning_rate(s: OptimizerSettings, step: int, total: int) -> float:
 
 
 class Optimizer:
-    """Minimizes: `step(params, grad, lr)` returns the updated parameters."""
+    """Minimizes: `step(params, grad, lr)` returns the updated parameters.
+
+    Momentum SGD's gradients are divided by the RMS of the first step's gradient (per
+    batch entry, fixed afterwards): the raw scale of a network's gradient differs by orders
+    of magnitude between layers and models, so `lr` means "the first step moves each
+    parameter by about lr" -- like Adam's lr -- while the update stays plain momentum SGD.
+    """
 
     def __init__(self, s: OptimizerSettings):
         self.s = s
         self.t = 0
         self.m = None
         self.v = None
+        self.grad_scale = None
 
     def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> np.ndarray:
         self.t += 1
@@ -70,7 +77,11 @@ class Optimizer:
             self.m = np.zeros_like(params)
             self.v = np.zeros_like(params) if self.s.name == "adam" else None
         if self.s.name == "sgd":
-            self.m = self.s.momentum * self.m + grad
+            if self.grad_scale is None:
+                rms = np.sqrt((grad.reshape(len(grad), -1) ** 2).mean(axis=1))
+                scale = np.where(rms > 0, 1.0 / np.maximum(rms, 1e-30), 1.0)
+                self.grad_scale = scale.reshape((-1,) + (1,) * (grad.ndim - 1))
+            self.m = self.s.momentum * self.m + grad * self.grad_scale
             return params - lr * self.m
         b1, b2 = self.s.beta1, self.s.beta2
         self.m = b1 * self.m + (1 - b1) * grad

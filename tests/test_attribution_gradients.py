@@ -1,0 +1,114 @@
+"""AttributionService: saliency, gradient x input, guided backprop and bad requests, through the real API."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from vis_client import Target
+from vis_client.errors import VisError
+from vis_client.gen import attribution_pb2, attribution_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def images(digit_images):
+    return [str(p) for p in digit_images[:4]]
+
+
+def test_saliency_is_max_abs_gradient_over_channels(client, digits, images):
+    a = client.saliency(digits, images)
+    g = client.gradient(digits, images)          # top-1 class score, like saliency's default
+    np.testing.assert_array_equal(a.target_index, g.target_index)
+    np.testing.assert_allclose(a.attribution, g.gradient, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a.map, np.abs(g.gradient).max(axis=1), rtol=1e-5, atol=1e-7)
+    assert a.map.shape == (4, 32, 32) and a.labels == [str(int(k)) for k in a.target_index]
+    inputs = client.activations(digits, images, ["input"])["input"]
+    np.testing.assert_array_equal(a.input, inputs)
+
+
+def test_signed_saliency_and_explicit_class(client, digits, images):
+    a = client.saliency(digits, images, 3, signed=True)
+    g = client.gradient(digits, images, 3).gradient
+    assert list(a.target_index) == [3] * 4
+    # one channel (grayscale): the signed map is the gradient itself
+    np.testing.assert_allclose(a.map, g[:, 0], rtol=1e-5, atol=1e-7)
+    assert (a.map < 0).any() and (a.map > 0).any()
+
+
+def test_gradient_x_input_is_their_product(client, digits, images):
+    a = client.gradient_x_input(digits, images, [0, 1, 2, 3])
+    g = client.gradient(digits, images, [0, 1, 2, 3]).gradient
+    np.testing.assert_allclose(a.attribution, g * a.input, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a.map, (g * a.input).sum(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_guided_backprop_equals_guided_gradient(client, digits, images):
+    a = client.guided_backprop(digits, images)
+    g = client.gradient(digits, images, rule_set="guided")
+    np.testing.assert_allclose(a.attribution, g.gradient, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(a.attribution, client.gradient(digits, images).gradient)
+
+
+def test_channel_target_of_a_layer(client, digits, images):
+    t = Target.channel("pool2", 5)
+    a = client.saliency(digits, images, t)
+    g = client.gradient(digits, images, t).gradient
+    np.testing.assert_allclose(a.attribution, g, rtol=1e-5, atol=1e-7)
+    assert a.labels is None
+
+
+def test_render_writes_overlay_png(client, digits, images, tmp_path):
+    from PIL import Image
+
+    a = client.gradient_x_input(digits, images[:1])
+    img = a.render(0, tmp_path / "gxi.png")
+    assert (tmp_path / "gxi.png").is_file()
+    assert img.ndim == 3 and img.shape[2] == 3 and img.shape[0] >= 128   # enlarged, with a colour bar
+    assert Image.open(tmp_path / "gxi.png").size == (img.shape[1], img.shape[0])
+
+
+def _raw_call(client, **fields):
+    stub = attribution_pb2_grpc.AttributionServiceStub(client._channel)
+    from vis_client.client import build_input_batch
+
+    req = attribution_pb2.AttributionRequest(model="digits", input=build_input_batch(np.zeros((1, 1, 32, 32), np.float32)),
+                                             **fields)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Attribute(req))
+    return err.value
+
+
+def test_bad_requests_name_the_field(client, digits):
+    e = _raw_call(client, method="lime")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "method" in e.details()
+    assert "saliency" in e.details() and "integrated_gradients" in e.details()
+    e = _raw_call(client, method="smoothgrad", smoothgrad=attribution_pb2.SmoothGradOptions(samples=0))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "smoothgrad.samples" in e.details()
+    e = _raw_call(client, method="integrated_gradients",
+                  integrated_gradients=attribution_pb2.IntegratedGradientsOptions(steps=-1))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "integrated_gradients.steps" in e.details()
+    e = _raw_call(client, method="integrated_gradients",
+                  integrated_gradients=attribution_pb2.IntegratedGradientsOptions(baseline="grey"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "baseline" in e.details() and "blurred" in e.details()
+    with pytest.raises(VisError) as err:
+        client.integrated_gradients(digits, np.zeros((2, 1, 32, 32), np.float32), baseline_tensor=np.zeros((1, 32, 31)))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "baseline_tensor" in err.value.details
+    with pytest.raises(VisError) as err:
+        client.saliency(digits, np.zeros((1, 1, 32, 32), np.float32), 10)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "index" in err.value.details
+    # the server keeps serving
+    assert client.saliency(digits, np.zeros((1, 1, 32, 32), np.float32)).map.shape == (1, 32, 32)
+
+
+def test_cli_writes_pngs_and_prints_a_line_per_image(server, digits, images, tmp_path, capsys):
+    from vis_client.cli import main
+
+    for cmd in (["saliency"], ["ig", "--steps", "8"], ["deconvnet", "--layer", "pool2", "--top-k", "4", "--crop"]):
+        rc = main(["--address", server.address, cmd[0], "digits", *cmd[1:], "--images", *images[:2],
+                   "--out", str(tmp_path)])
+        assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("completeness gap") == 2 and "class 0 (0)" in out and "ch " in out
+    assert len(list(tmp_path.glob("*.png"))) == 6
+    assert main(["--address", server.address, "ig", "digits", "--steps", "0", "--images", images[0],
+                 "--out", str(tmp_path)]) == 1

@@ -1,0 +1,248 @@
+"""LocalizationService.Cam: every variant against an independent numpy computation.
+
+The reference arrays come from the basic calls (client.activations, client.gradient,
+client.filters) on a small GAP + Gemm CNN built here (and the embedded digits model),
+so a wrong weight formula, a wrong layer, a wrong upsampling or a wrong target shows.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vis_client import Cancelled, InvalidArgument, NotFound, Target
+
+LAYER = "feat"          # the tiny model's last feature map (before GlobalAveragePool)
+CLASSES = ["ant", "bee", "cat", "dog", "eel"]
+
+
+def tiny_model_bytes(head: str = "gap", seed: int = 0) -> bytes:
+    """Conv-Relu-Conv(stride 2)-Relu ("feat", [N, 6, 8, 8]) -> GAP -> Flatten -> Gemm (5 classes).
+
+    head="flatten": Flatten(feat) -> Gemm, i.e. no global pooling (CAM must refuse it)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (6, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (6,)).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], [LAYER], name="relu2")]
+    if head == "gap":
+        nodes += [helper.make_node("GlobalAveragePool", [LAYER], ["pooled"], name="gap"),
+                  helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten")]
+        fan_in = 6
+    else:
+        nodes += [helper.make_node("Flatten", [LAYER], ["flat"], name="flatten")]
+        fan_in = 6 * 8 * 8
+    inits += [numpy_helper.from_array(rng.normal(0, 1.0, (5, fan_in)).astype(np.float32), "fc_w"),
+              numpy_helper.from_array(rng.normal(0, 0.1, (5,)).astype(np.float32), "fc_b")]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, f"tiny_{head}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def tiny(client):
+    return client.load_model(tiny_model_bytes(), "loc_tiny", config={"preset": "raw255"}, labels=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(1).uniform(0, 255, (3, 3, 16, 16)).astype(np.float32)
+
+
+def _bilinear(n_in: int, n_out: int) -> np.ndarray:
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), i0] += 1 - (src - i0)
+    m[np.arange(n_out), i1] += src - i0
+    return m
+
+
+def _heatmap(cam: np.ndarray, hw) -> np.ndarray:
+    up = np.einsum("Hh,nhw,Ww->nHW", _bilinear(cam.shape[1], hw[0]), cam, _bilinear(cam.shape[2], hw[1]))
+    lo = up.min(axis=(1, 2), keepdims=True)
+    return (up - lo) / (up.max(axis=(1, 2), keepdims=True) - lo)
+
+
+def _reference(client, model, x, layer, target):
+    a = client.activations(model, x, [layer])[layer].astype(np.float64)
+    g = client.gradient(model, x, target, wrt=[layer]).gradient.astype(np.float64)
+    return a, g
+
+
+def _gradcam(a, g):
+    return np.maximum(np.einsum("nc,nchw->nhw", g.mean(axis=(2, 3)), a), 0)
+
+
+def _gradcampp(a, g):
+    g2, g3 = g ** 2, g ** 3
+    denom = 2 * g2 + a.sum(axis=(2, 3), keepdims=True) * g3
+    alpha = np.where(g != 0, g2 / np.where(denom != 0, denom, 1e-7), 0)
+    w = (alpha * np.maximum(g, 0)).sum(axis=(2, 3))
+    return np.maximum(np.einsum("nc,nchw->nhw", w, a), 0)
+
+
+def _layercam(a, g):
+    return np.maximum((np.maximum(g, 0) * a).sum(axis=1), 0)
+
+
+@pytest.mark.parametrize("method,formula", [("gradcam", _gradcam), ("gradcam++", _gradcampp), ("layercam", _layercam)])
+def test_gradient_cams_match_numpy(client, tiny, x, method, formula):
+    cam = client.grad_cam(tiny, x, method=method)
+    assert cam.layer == LAYER and cam.method == method
+    logits = client.activations(tiny, x, ["logits"])["logits"]
+    np.testing.assert_array_equal(cam.target_index, logits.argmax(axis=1))
+    assert cam.labels == [CLASSES[k] for k in cam.target_index]
+    a, g = _reference(client, tiny, x, LAYER, cam.target_index.tolist())
+    want = formula(a, g)
+    assert want.max() > 0
+    np.testing.assert_allclose(cam.cam, want, rtol=1e-4, atol=1e-5 * want.max())
+    np.testing.assert_allclose(cam.heatmap, _heatmap(cam.cam.astype(np.float64), (16, 16)), atol=1e-5)
+    assert cam.heatmap.shape == (3, 16, 16) and cam.weights.shape == (3, 6)
+    np.testing.assert_array_equal(cam.input, x)
+
+
+def test_gradcam_explicit_class_and_named_node(client, tiny, x):
+    """A given class (not the top-1) and the layer named by its node ("relu2")."""
+    cam = client.grad_cam(tiny, x, [1, 2, 3], layer="relu2")
+    np.testing.assert_array_equal(cam.target_index, [1, 2, 3])
+    a, g = _reference(client, tiny, x, LAYER, [1, 2, 3])
+    np.testing.assert_allclose(cam.weights, g.mean(axis=(2, 3)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cam.cam, _gradcam(a, g), rtol=1e-4, atol=1e-5)
+    # an earlier layer at a higher resolution
+    early = client.grad_cam(tiny, x, [1, 2, 3], layer="r1")
+    a1, g1 = _reference(client, tiny, x, "r1", [1, 2, 3])
+    assert early.cam.shape == (3, 16, 16)
+    np.testing.assert_allclose(early.cam, _gradcam(a1, g1), rtol=1e-4, atol=1e-5)
+
+
+def test_cam_uses_head_weights(client, tiny, x):
+    cam = client.grad_cam(tiny, x, method="cam")
+    w = client.filters(tiny, "fc")["weight"].astype(np.float64)  # [5, 6]
+    a = client.activations(tiny, x, [LAYER])[LAYER].astype(np.float64)
+    np.testing.assert_allclose(cam.weights, w[cam.target_index], rtol=1e-6)
+    want = np.maximum(np.einsum("nc,nchw->nhw", w[cam.target_index], a), 0)
+    np.testing.assert_allclose(cam.cam, want, rtol=1e-4, atol=1e-5)
+    # for a GAP + linear head, Grad-CAM's weights are the head weights / (h * w)
+    grad = client.grad_cam(tiny, x, cam.target_index.tolist())
+    np.testing.assert_allclose(grad.weights * 64, cam.weights, rtol=1e-4, atol=1e-6)
+
+
+def test_cam_refuses_a_head_without_global_pooling(client, tiny, x):
+    flat = client.load_model(tiny_model_bytes("flatten"), "loc_tiny_flatten", config={"preset": "raw255"})
+    with pytest.raises(InvalidArgument) as e:
+        client.grad_cam(flat, x, method="cam")
+    assert "method" in e.value.details and "flatten" in e.value.details
+    # Grad-CAM still works there (the default layer is the flattened feature map)
+    assert client.grad_cam(flat, x).layer == LAYER
+    with pytest.raises(InvalidArgument) as e:
+        client.grad_cam(tiny, x, method="cam", layer="r1")
+    assert "layer" in e.value.details
+
+
+def test_guided_gradcam_is_guided_backprop_times_heatmap(client, tiny, x):
+    cam = client.grad_cam(tiny, x, method="guided_gradcam")
+    guided = client.gradient(tiny, x, cam.target_index.tolist(), rule_set="guided").gradient
+    np.testing.assert_allclose(cam.attribution, guided * cam.heatmap[:, None], rtol=1e-4, atol=1e-6)
+    plain = client.grad_cam(tiny, x, cam.target_index.tolist())
+    np.testing.assert_allclose(cam.heatmap, plain.heatmap, atol=1e-6)
+
+
+def test_scorecam_matches_masked_forward_passes(client, tiny, x):
+    """Each channel's weight is the class probability of the input masked by that
+    channel's upsampled, min-max normalized activation (input masking, as the paper)."""
+    progress = []
+    cam = client.score_cam(tiny, x, batch=5, on_progress=progress.append)
+    a = client.activations(tiny, x, [LAYER])[LAYER].astype(np.float64)
+    want = np.zeros((3, 6))
+    for n in range(3):
+        masks = []
+        for c in range(6):
+            up = np.einsum("Hh,hw,Ww->HW", _bilinear(8, 16), a[n, c], _bilinear(8, 16))
+            masks.append((up - up.min()) / (up.max() - up.min()) if up.max() > up.min() else None)
+        batch = np.stack([x[n] * m[None] for m in masks if m is not None]).astype(np.float32)
+        logits = client.activations(tiny, batch, ["logits"])["logits"].astype(np.float64)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        want[n, [c for c in range(6) if masks[c] is not None]] = p[:, cam.target_index[n]]
+    np.testing.assert_allclose(cam.weights, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cam.cam, np.maximum(np.einsum("nc,nchw->nhw", want, a), 0), rtol=1e-4, atol=1e-5)
+    total = int((a.max(axis=(2, 3)) > a.min(axis=(2, 3))).sum())
+    assert progress and progress[-1].done == progress[-1].total == total
+    assert len(progress) >= -(-total // 5)
+
+
+def test_ablationcam_matches_zeroed_channels(client, tiny, x):
+    """Ablation-CAM replays only the graph after the layer; check it against the head in numpy."""
+    cam = client.grad_cam(tiny, x, method="ablationcam")
+    assert cam.result.text["replay"].startswith("layer separates")
+    a = client.activations(tiny, x, [LAYER])[LAYER].astype(np.float64)
+    f = client.filters(tiny, "fc")
+    w, b = f["weight"].astype(np.float64), f["bias"].astype(np.float64)
+    k = cam.target_index
+    pooled = a.mean(axis=(2, 3))                             # [N, C]
+    y = (pooled * w[k]).sum(axis=1) + b[k]
+    y_k = y[:, None] - pooled * w[k]                         # channel c zeroed
+    want = (y[:, None] - y_k) / y[:, None]
+    np.testing.assert_allclose(cam.weights, want, rtol=1e-3, atol=1e-5)
+
+
+def test_gradcam_channel_target(client, tiny, x):
+    """Gradient variants accept any target, e.g. a channel of the layer itself."""
+    cam = client.grad_cam(tiny, x, Target.channel("r1", 2), layer="r1")
+    a, g = _reference(client, tiny, x, "r1", Target.channel("r1", 2))
+    np.testing.assert_allclose(cam.cam, _gradcam(a, g), rtol=1e-4, atol=1e-5)
+    assert cam.labels is None
+
+
+def test_bad_requests(client, tiny, x):
+    with pytest.raises(InvalidArgument) as e:
+        client.grad_cam(tiny, x, method="gradcam+++")
+    assert "method" in e.value.details and "gradcam++" in e.value.details
+    with pytest.raises(NotFound) as e:
+        client.grad_cam(tiny, x, layer="relu3")
+    assert "relu2" in e.value.details  # a suggestion
+    with pytest.raises(InvalidArgument) as e:
+        client.grad_cam(tiny, x, layer="logits")
+    assert "layer" in e.value.details and "4-D" in e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.grad_cam(tiny, x, 7)
+    assert "index" in e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.score_cam(tiny, x, Target.channel("r1", 0))
+    assert "target" in e.value.details
+    assert client.grad_cam(tiny, x).cam.shape == (3, 8, 8)  # still serving
+
+
+def test_scorecam_cancel(client, tiny):
+    """Cancel after the first progress message: the client gets Cancelled, the server keeps serving."""
+    big = np.random.default_rng(2).uniform(0, 255, (40, 3, 16, 16)).astype(np.float32)
+    cancel = threading.Event()
+    seen = []
+
+    def on_progress(p):
+        seen.append(p)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        client.score_cam(tiny, big, batch=1, on_progress=on_progress, cancel=cancel)
+    assert seen and seen[0].total > 1
+    assert client.grad_cam(tiny, big[:2]).heatmap.shape == (2, 16, 16)
+
+
+def test_render(client, tiny, x, tmp_path):
+    pytest.importorskip("matplotlib")
+    cam = client.grad_cam(tiny, x)
+    img = cam.render(0, tmp_path / "cam.png")
+    assert (tmp_path / "cam.png").is_file() and img.ndim == 3 and img.shape[1] > img.shape[0]

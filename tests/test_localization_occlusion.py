@@ -1,0 +1,120 @@
+"""LocalizationService.Occlusion against a brute-force loop: one occluded image per call,
+built in numpy, classified with client.activations."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from vis_client import Cancelled, InvalidArgument, NotFound
+from vis_service.default_models import DEFAULT_MODEL_DIR
+
+from test_localization_cam import CLASSES, LAYER, tiny_model_bytes
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def small(client):
+    """(model, scores tensor, feature layer, images): the digits model when it is built, else the tiny CNN."""
+    if (DEFAULT_MODEL_DIR / "model.onnx").is_file():
+        m = client.model("digits")
+        images = sorted((DEFAULT_MODEL_DIR / "samples").glob("digit_*.png"))[:2]
+        x = client.activations(m, images, [m.inputs[0].name])[m.inputs[0].name]
+        return m, x
+    m = client.load_model(tiny_model_bytes(), "loc_tiny", config={"preset": "raw255"}, labels=CLASSES)
+    return m, np.random.default_rng(3).uniform(0, 255, (2, 3, 16, 16)).astype(np.float32)
+
+
+def _grey(model, channels):
+    cfg = model.config
+    presets = {"raw255": (0.0, 255.0), "imagenet": (0.0, 1.0), "caffe": (0.0, 255.0), "tf": (-1.0, 1.0)}
+    inp = cfg.get("input", {})
+    lo, hi = inp.get("value_range") or presets.get(cfg.get("preset", ""), (0.0, 1.0))
+    mean = np.asarray(inp.get("mean") or [0.0], dtype=np.float64)
+    std = np.asarray(inp.get("std") or [1.0], dtype=np.float64)
+    return np.broadcast_to((lo + (hi - lo) * 127.5 / 255 - mean) / std, (channels,))
+
+
+@pytest.mark.parametrize("fill", ["grey", "zero", "mean"])
+def test_occlusion_equals_brute_force(client, small, fill):
+    model, x = small
+    n, c, h, w = x.shape
+    patch, stride = (h // 3, w // 4), (h // 4, w // 5)
+    occ = client.occlusion(model, x, patch=patch, stride=stride, fill=fill, batch=7)
+    layer = occ.layer
+    scores_name = model.outputs[0].name
+    base = client.activations(model, x, [scores_name, layer])
+    target = base[scores_name].argmax(axis=1)
+    np.testing.assert_array_equal(occ.target_index, target)
+    strongest = base[layer].reshape(n, base[layer].shape[1], -1).sum(axis=2).argmax(axis=1)
+    np.testing.assert_array_equal(occ.feature_channel, strongest)
+    rows, cols = (h - patch[0]) // stride[0] + 1, (w - patch[1]) // stride[1] + 1
+    assert occ.probability.shape == (n, rows, cols) and occ.patch == patch and occ.stride == stride
+    for i in range(n):
+        value = {"grey": _grey(model, c), "zero": np.zeros(c), "mean": x[i].mean(axis=(1, 2))}[fill]
+        for r in range(rows):
+            for q in range(cols):
+                img = x[i:i + 1].copy()
+                img[0, :, r * stride[0]:r * stride[0] + patch[0], q * stride[1]:q * stride[1] + patch[1]] = value[:, None, None]
+                out = client.activations(model, img, [scores_name, layer])
+                p = _softmax(out[scores_name].astype(np.float64))[0]
+                assert occ.probability[i, r, q] == pytest.approx(p[target[i]], rel=1e-4, abs=1e-6)
+                assert occ.top_class[i, r, q] == p.argmax()
+                total = out[layer][0, strongest[i]].astype(np.float64).sum()
+                assert occ.feature[i, r, q] == pytest.approx(total, rel=1e-4, abs=1e-4)
+    p0 = _softmax(base[scores_name].astype(np.float64))[np.arange(n), target]
+    np.testing.assert_allclose(occ.probability_unoccluded, p0, rtol=1e-5)
+    if occ.top_class_labels is not None:
+        assert occ.top_class_labels[0][0][0] == occ.labels[0] or occ.top_class[0, 0, 0] != occ.target_index[0]
+
+
+def test_defaults_and_render(client, small, tmp_path):
+    pytest.importorskip("matplotlib")
+    model, x = small
+    occ = client.occlusion(model, x[:1])
+    side = min(x.shape[2:]) // 4
+    assert occ.patch == (side, side) and occ.stride == (side // 2, side // 2) and occ.fill == "grey"
+    paths = occ.render(0, tmp_path)
+    assert all(p.is_file() for p in paths.values()) and set(paths) == {"probability", "feature", "top_class"}
+
+
+def test_progress_and_cancel(client, small):
+    model, x = small
+    seen = []
+    occ = client.occlusion(model, x, patch=4, stride=4, batch=8, on_progress=seen.append)
+    total = occ.probability.size
+    assert [p.done for p in seen][-1] == total and all(p.total == total for p in seen)
+    assert len(seen) >= total // 8  # batched: one report per run of 8
+
+    cancel = threading.Event()
+    reports = []
+
+    def on_progress(p):
+        reports.append(p)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        client.occlusion(model, x, patch=1, stride=1, batch=1, on_progress=on_progress, cancel=cancel)
+    assert reports
+    assert client.occlusion(model, x[:1], patch=8, stride=8).probability.shape[0] == 1  # still serving
+
+
+def test_bad_requests(client, small):
+    model, x = small
+    with pytest.raises(InvalidArgument) as e:
+        client.occlusion(model, x, fill="pink")
+    assert "fill" in e.value.details and "grey" in e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.occlusion(model, x, patch=x.shape[2] + 1)
+    assert "patch" in e.value.details and "larger" in e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.occlusion(model, x, stride=[0, 2])
+    assert "stride" in e.value.details
+    with pytest.raises(NotFound):
+        client.occlusion(model, x, layer="no_such_layer")
+    assert client.occlusion(model, x[:1], patch=8).probability.ndim == 3

@@ -1,0 +1,139 @@
+"""Feature inversion (Mahendran & Vedaldi, CVPR 2015): an image whose features at a layer
+match those of a reference image, under natural-image priors.
+
+Variable z (per start), pixel P = 127.5 + B z (RGB, 0..255 nominal; the sigma
+normalization: z is the image in units of the typical pixel norm B), model input
+x = to_model(P / 255). Loss per start:
+  ||Phi(x) - Phi0||^2 / ||Phi0||^2 + lambda_alpha * sum|z|^alpha / (H W)
+  + lambda_tv * sum(((dz_x^2 + dz_y^2) (B / V)^2)^(beta / 2)) / (H W)
+The feature term is a graph head ((Phi - phi0)^2, phi0 fed as an input), so a step is
+one run of a cached forward+backward graph on a DAG of any shape; several random
+starts run as one batch. A layer sweep inverts each layer in turn (its own cached
+graph, which only goes as deep as that layer).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ...errors import InvalidArgument
+from ...graph.names import resolve_tensor
+from ...models.config import ImageSpec
+from ...models.store import LoadedModel
+from ...runtime.sessions import Runtime
+from ..activations import compute_activations
+from ..progress import MethodResult, Progress
+from ..targets import class_scores_tensor
+from . import regularizers
+from .objectives import GradientRun, Head
+from .optimizers import Optimizer, OptimizerSettings, learning_rate
+from .parameterization import PixelMap
+
+MAX_STEPS = 100_000
+GREY = 127.5
+
+
+@dataclass
+class InvertSettings:
+    layers: Sequence[str] = ()
+    steps: int = 200
+    starts: int = 1
+    optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(
+        name="sgd", lr=0.5, schedule="step"))
+    alpha: float = 6.0
+    beta: float = 2.0
+    lambda_alpha: float = 1e-4
+    lambda_tv: float = 1e-3
+    pixel_norm: float = 80.0
+    tv_norm: float = 0.0          # 0 = pixel_norm / 6.5
+    init_std: float = 0.1
+    seed: int = 0
+    snapshot_every: int = 0
+
+    def validate(self, max_batch: int = 256) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InvalidArgument("steps", f"must be in [1, {MAX_STEPS}], got {self.steps}")
+        if not 1 <= self.starts <= max_batch:
+            raise InvalidArgument("starts", f"must be in [1, {max_batch}], got {self.starts}")
+        checks = [("alpha", self.alpha, 1, 16), ("beta", self.beta, 1, 4), ("lambda_alpha", self.lambda_alpha, 0, math.inf),
+                  ("lambda_tv", self.lambda_tv, 0, math.inf), ("pixel_norm", self.pixel_norm, 1e-3, 1e4),
+                  ("tv_norm", self.tv_norm, 0, 1e4), ("init_std", self.init_std, 0, 10),
+                  ("snapshot_every", self.snapshot_every, 0, MAX_STEPS)]
+        for name, v, lo, hi in checks:
+            if not (lo <= v <= hi) or (isinstance(v, float) and math.isnan(v)):
+                raise InvalidArgument(name, f"must be in [{lo}, {hi}], got {v}")
+        self.optimizer.validate("optimizer")
+
+
+def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.ndarray, s: InvertSettings,
+           progress: Progress, on_snapshot: Callable[[str, np.ndarray], None] | None = None) -> MethodResult:
+    """`reference`: the model-space reference input [1, ...]."""
+    s.validate()
+    if reference.shape[0] != 1:
+        raise InvalidArgument("input", f"send exactly one reference image, got a batch of {reference.shape[0]}")
+    layers = [resolve_tensor(model.proto, name, kind="layer") for name in s.layers] or [class_scores_tensor(model)]
+    pmap = PixelMap(spec)
+    h, w = spec.size
+    c = pmap.channels
+    b_norm = s.pixel_norm
+    v_norm = s.tv_norm or b_norm / 6.5
+    p0 = pmap.from_model(reference) * 255.0                      # reference pixels [1, C, H, W]
+    phi0 = compute_activations(runtime, model, {model.image_input: reference}, layers)
+    columns = ["loss", "feature", "alpha", "tv", "lr"]
+    n_layers, S = len(layers), s.starts
+    recon = np.zeros((n_layers, S) + tuple(reference.shape[1:]), np.float32)
+    images = np.zeros((n_layers, S, h, w, 3), np.uint8)
+    feat_err = np.zeros((n_layers, S))
+    pix_err = np.zeros((n_layers, S))
+    losses = np.zeros((n_layers, s.steps, len(columns)), np.float32)
+    total = n_layers * s.steps
+    for li, layer in enumerate(layers):
+        ref = phi0[layer].astype(np.float32)
+        ref_sq = float((ref.astype(np.float64) ** 2).sum())
+        if ref_sq == 0:
+            raise InvalidArgument("layers", f"the reference's features at {layer!r} are all zero; nothing to invert")
+        head = Head("squared_difference", layer)
+        feats = np.broadcast_to(ref, (S,) + ref.shape[1:]).copy()
+        run = GradientRun(runtime, model, [head], {head.output: np.full((S,) + ref.shape[1:], 1.0 / ref_sq, np.float32)})
+        extra = {head.reference_input: feats}
+        rng = np.random.default_rng([s.seed, li])
+        z = rng.normal(0.0, s.init_std, size=(S, c, h, w))
+        opt = Optimizer(s.optimizer)
+        for step in range(s.steps):
+            d = (GREY + b_norm * z) / 255.0
+            x = pmap.to_model(d)
+            grad_x, fwd = run.run(x, extra)
+            feature = fwd[head.output].reshape(S, -1).astype(np.float64).sum(axis=1) / ref_sq
+            g = pmap.to_model_adjoint(grad_x) * (b_norm / 255.0)     # d feature term / dz
+            pen_a = pen_t = 0.0
+            if s.lambda_alpha > 0:
+                v, ga = regularizers.alpha_norm(z, s.alpha)
+                g = g + s.lambda_alpha * ga
+                pen_a = s.lambda_alpha * float(v.mean())
+            if s.lambda_tv > 0:
+                v, gt = regularizers.total_variation(z, s.beta, norm=v_norm / b_norm)
+                g = g + s.lambda_tv * gt
+                pen_t = s.lambda_tv * float(v.mean())
+            lr = learning_rate(s.optimizer, step, s.steps)
+            z = opt.step(z, g, lr)
+            row = [float(feature.mean()) + pen_a + pen_t, float(feature.mean()), pen_a, pen_t, lr]
+            losses[li, step] = row
+            if on_snapshot is not None and s.snapshot_every and (step + 1) % s.snapshot_every == 0:
+                on_snapshot(f"snapshot/{layer}/{step + 1}", PixelMap.to_uint8((GREY + b_norm * z) / 255.0))
+            progress.update(li * s.steps + step + 1, total, f"invert {layer}", **dict(zip(columns, row)))
+        d = np.clip((GREY + b_norm * z) / 255.0, 0.0, 1.0)
+        x = pmap.to_model(d)
+        _, fwd = run.run(x, extra)
+        feat_err[li] = np.sqrt(fwd[head.output].reshape(S, -1).astype(np.float64).sum(axis=1) / ref_sq)
+        p = d * 255.0
+        pix_err[li] = (np.sqrt(((p - p0) ** 2).reshape(S, -1).sum(axis=1))
+                       / max(1e-12, float(np.sqrt(((p0 - GREY) ** 2).sum()))))
+        recon[li] = x
+        images[li] = PixelMap.to_uint8(d)
+    tensors = {"reconstructions": recon, "images": images,
+               "reference": PixelMap.to_uint8(np.clip(p0 / 255.0, 0, 1)),
+               "feature_error": feat_err, "pixel_error": pix_err, "losses": losses}
+    return MethodResult(tensors, labels={"layers": layers, "losses": columns})

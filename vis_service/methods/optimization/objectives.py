@@ -1,0 +1,296 @@
+"""Objective terms, the graph "heads" they need, and the per-step gradient run.
+
+Every objective is <T, c> for some tensor T with a fixed cotangent c, so the
+cotangents are built once before the loop and each step is ONE run of a cached
+forward+backward graph (d sum_T <T, c_T> / d input, plus T's forward values):
+- neuron, channel (mean), direction, class logit: T is the layer itself;
+- whole-layer L2 (deep dream): T = layer * layer (a Mul head);
+- class probability: T = the graph's Softmax output, or a Softmax head on the scores;
+- Lucid's diversity: T = the [B, B] cosine similarities of the per-image Gram
+  matrices of a layer (Reshape/MatMul/ReduceSum/Sqrt/Div head);
+- feature inversion: T = (layer - phi0)^2 with phi0 fed as an extra graph input.
+Heads use standard ops the backward engine has rules for; the head model plus the
+backward graph is built once per (model, heads, objective tensors) and cached by
+the runtime like any gradient session.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from ...engine.backward import GradientGraph, build_gradient_model
+from ...errors import InvalidArgument
+from ...graph.loading import BATCH_DIM, opset_version
+from ...graph.names import resolve_tensor
+from ...models.store import LoadedModel
+from ...runtime.sessions import Runtime
+from ..activations import compute_activations
+from ..targets import class_scores_tensor, softmax_node
+
+KINDS = ("neuron", "channel", "layer", "class_score", "direction")
+
+
+@dataclass
+class Term:
+    """One weighted objective term; `images` = batch entries it applies to (empty = all)."""
+
+    kind: str
+    layer: str = ""
+    channel: int = 0
+    y: int | None = None
+    x: int | None = None
+    vector: Sequence[float] = ()
+    index: int = 0
+    probability: bool = False
+    weight: float = 1.0
+    images: Sequence[int] = ()
+    field: str = "objectives[0]"
+
+
+@dataclass(frozen=True)
+class Head:
+    """A small subgraph appended to the model: `kind` of `tensor`."""
+
+    kind: str    # "square", "softmax", "gram_similarity", "squared_difference"
+    tensor: str
+
+    @property
+    def output(self) -> str:
+        return f"__opt_{self.kind}__{self.tensor}"
+
+    @property
+    def reference_input(self) -> str:
+        return f"__opt_reference__{self.tensor}"
+
+
+def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def with_heads(model: LoadedModel, heads: Sequence[Head]) -> onnx.ModelProto:
+    """A copy of the model's graph with the heads' nodes (and inputs) appended, shapes inferred."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model.proto)
+    g = m.graph
+    opset = opset_version(m)
+    for h in heads:
+        t, out, p = h.tensor, h.output, f"__opt_{h.kind}__{h.tensor}/"
+        if h.kind == "square":
+            g.node.append(helper.make_node("Mul", [t, t], [out], name=p + "mul"))
+        elif h.kind == "softmax":
+            g.node.append(helper.make_node("Flatten", [t], [p + "flat"], axis=1, name=p + "flatten"))
+            g.node.append(helper.make_node("Softmax", [p + "flat"], [out], axis=1, name=p + "softmax"))
+        elif h.kind == "squared_difference":
+            info = model.infos[t]
+            g.input.append(helper.make_tensor_value_info(h.reference_input, info.elem_type, list(info.shape)))
+            g.node.append(helper.make_node("Sub", [t, h.reference_input], [p + "diff"], name=p + "sub"))
+            g.node.append(helper.make_node("Mul", [p + "diff", p + "diff"], [out], name=p + "mul"))
+        elif h.kind == "gram_similarity":
+            # F [N, C, HW]; G = F F^T flattened [N, C*C]; Gn = G / sqrt(|G|^2 + 1e-10); S = Gn Gn^T [N, N]
+            shape = _const(g, p + "shape", np.array([0, 0, -1], np.int64))
+            g.node.append(helper.make_node("Reshape", [t, shape], [p + "f"], name=p + "reshape"))
+            g.node.append(helper.make_node("Transpose", [p + "f"], [p + "ft"], perm=[0, 2, 1], name=p + "transpose"))
+            g.node.append(helper.make_node("MatMul", [p + "f", p + "ft"], [p + "gram"], name=p + "gram"))
+            g.node.append(helper.make_node("Flatten", [p + "gram"], [p + "gf"], axis=1, name=p + "flatten"))
+            g.node.append(helper.make_node("Mul", [p + "gf", p + "gf"], [p + "sq"], name=p + "sq"))
+            if opset >= 13:
+                axes = _const(g, p + "axes", np.array([1], np.int64))
+                g.node.append(helper.make_node("ReduceSum", [p + "sq", axes], [p + "ss"], keepdims=1, name=p + "sum"))
+            else:
+                g.node.append(helper.make_node("ReduceSum", [p + "sq"], [p + "ss"], axes=[1], keepdims=1, name=p + "sum"))
+            eps = _const(g, p + "eps", np.array(1e-10, np.float32))
+            g.node.append(helper.make_node("Add", [p + "ss", eps], [p + "sse"], name=p + "add"))
+            g.node.append(helper.make_node("Sqrt", [p + "sse"], [p + "norm"], name=p + "sqrt"))
+            g.node.append(helper.make_node("Div", [p + "gf", p + "norm"], [p + "gn"], name=p + "div"))
+            g.node.append(helper.make_node("Transpose", [p + "gn"], [p + "gnt"], perm=[1, 0], name=p + "transpose2"))
+            g.node.append(helper.make_node("MatMul", [p + "gn", p + "gnt"], [out], name=p + "similarity"))
+        else:  # pragma: no cover - internal
+            raise ValueError(h.kind)
+    try:
+        return shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidArgument("objectives", f"cannot attach the objective heads: {exc}") from None
+
+
+def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head], objectives: Sequence[str]):
+    """Cached session: model + heads, forward + d sum <objective, cotangent> / d image input."""
+    heads = tuple(sorted(set(heads), key=lambda h: (h.kind, h.tensor)))
+    objectives = tuple(dict.fromkeys(objectives))
+    key = ("optimization", heads, objectives, model.image_input)
+
+    def build():
+        proto = with_heads(model, heads) if heads else model.proto
+        gg = build_gradient_model(proto, list(objectives), [model.image_input])
+        return gg.model, gg
+
+    return runtime.session(model.id, key, build)
+
+
+class GradientRun:
+    """One cached graph with fixed cotangents: `run(x)` -> (d objective / dx, forward values)."""
+
+    def __init__(self, runtime: Runtime, model: LoadedModel, heads: Sequence[Head],
+                 cotangents: dict[str, np.ndarray]):
+        self.model = model
+        self.session = objective_session(runtime, model, heads, list(cotangents))
+        gg: GradientGraph = self.session.meta
+        self.gg = gg
+        self.cotangents = {gg.cotangent_inputs[t]: np.ascontiguousarray(c, np.float32) for t, c in cotangents.items()}
+        self.grad_name = gg.gradient_outputs[model.image_input]
+        self.forward_names = {t: gg.forward_outputs[t] for t in cotangents}
+
+    def run(self, x: np.ndarray, extra_feeds: dict[str, np.ndarray] | None = None):
+        feeds = {self.model.image_input: x, **self.cotangents, **(extra_feeds or {})}
+        feeds = {k: v for k, v in feeds.items() if k in self.session.input_names}
+        names = [self.grad_name] + list(self.forward_names.values())
+        values = self.session.run_dict(list(dict.fromkeys(names)), feeds)
+        return values[self.grad_name], {t: values[n] for t, n in self.forward_names.items()}
+
+
+def tensor_shape(runtime: Runtime, model: LoadedModel, tensor: str, x_example: np.ndarray) -> tuple[int, ...]:
+    """Concrete shape of `tensor` for the batch of `x_example` (one forward run if not static)."""
+    batch = x_example.shape[0]
+    info = model.infos.get(tensor)
+    shape = info.shape if info is not None else None
+    if shape is not None and all(isinstance(d, int) or d == BATCH_DIM for d in shape):
+        return tuple(batch if d == BATCH_DIM else int(d) for d in shape)
+    feeds = {model.image_input: x_example}
+    return tuple(compute_activations(runtime, model, feeds, [tensor])[tensor].shape)
+
+
+@dataclass
+class CompiledObjective:
+    """The terms of a Maximize request as cotangents on (head) tensors."""
+
+    run: GradientRun
+    term_tensors: list[str]                  # per term: the tensor its value is read from
+    term_cotangents: list[np.ndarray]        # per term: unweighted, masked cotangent [B, ...]
+    term_masks: np.ndarray                   # [B, T] bool: term applies to image
+    weights: np.ndarray                      # [T]
+    layers: list[str]                        # resolved layer per term
+    diversity_tensor: str | None = None
+    diversity_weight: float = 0.0
+
+    def evaluate(self, x: np.ndarray):
+        """(gradient of the maximized objective w.r.t. x, term values [B, T] (NaN where a term does
+        not apply), diversity value (a scalar, Lucid's definition))."""
+        grad, fwd = self.run.run(x)
+        b = x.shape[0]
+        vals = np.full((b, len(self.term_tensors)), np.nan)
+        for i, (t, c) in enumerate(zip(self.term_tensors, self.term_cotangents)):
+            v = (fwd[t].reshape(b, -1).astype(np.float64) * c.reshape(b, -1)).sum(axis=1)
+            vals[:, i] = np.where(self.term_masks[:, i], v, np.nan)
+        div = 0.0
+        if self.diversity_tensor is not None:
+            s = fwd[self.diversity_tensor].astype(np.float64)
+            div = float((s * (1.0 - np.eye(b))).sum() / b)
+        return grad, vals, div
+
+
+def _spatial_count(shape) -> int:
+    return int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+
+
+def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term], batch: int,
+                      x_example: np.ndarray, diversity: float = 0.0, diversity_layer: str = "") -> CompiledObjective:
+    heads: list[Head] = []
+    cots: dict[str, np.ndarray] = {}
+    term_tensors, term_cots, layers = [], [], []
+    masks = np.zeros((batch, len(terms)), bool)
+    weights = np.array([t.weight for t in terms], np.float64)
+
+    def shape_of(tensor):
+        return tensor_shape(runtime, model, tensor, x_example)
+
+    for i, term in enumerate(terms):
+        f = term.field
+        images = list(term.images)
+        for j, b in enumerate(images):
+            if not 0 <= b < batch:
+                raise InvalidArgument(f"{f}.images[{j}]", f"image {b} outside the batch [0, {batch})")
+        mask = np.zeros(batch, bool)
+        mask[images if images else slice(None)] = True
+        masks[:, i] = mask
+        if term.kind == "class_score":
+            if term.probability:
+                sm = softmax_node(model, term.layer or None)
+                if sm is not None:
+                    tensor = term.layer or model.output_names[0]
+                    layer = tensor
+                else:
+                    scores = class_scores_tensor(model, term.layer or None)
+                    heads.append(Head("softmax", scores))
+                    tensor, layer = heads[-1].output, scores
+                    shape = (batch, int(np.prod(shape_of(scores)[1:])))
+            else:
+                tensor = class_scores_tensor(model, resolve_tensor(model.proto, term.layer, kind="output")
+                                             if term.layer else None)
+                layer = tensor
+            if not tensor.startswith("__opt_"):
+                shape = shape_of(tensor)
+            per = int(np.prod(shape[1:], dtype=np.int64))
+            if not 0 <= term.index < per:
+                raise InvalidArgument(f"{f}.class_score.index", f"must be in [0, {per}) for scores {layer!r} of shape {list(shape)}")
+            base = np.zeros((per,), np.float64)
+            base[term.index] = 1.0
+            base = base.reshape(shape[1:])
+        else:
+            if not term.layer:
+                raise InvalidArgument(f"{f}.{term.kind}.layer", "required")
+            layer = resolve_tensor(model.proto, term.layer, kind="layer")
+            shape = shape_of(layer)
+            tensor = layer
+            if term.kind == "layer":
+                heads.append(Head("square", layer))
+                tensor = heads[-1].output
+                base = np.full(shape[1:], 1.0 / max(1, int(np.prod(shape[1:], dtype=np.int64))))
+            else:
+                if len(shape) < 2:
+                    raise InvalidArgument(f"{f}.{term.kind}.layer", f"tensor {layer!r} of shape {list(shape)} has no channel axis")
+                channels = shape[1]
+                base = np.zeros(shape[1:], np.float64)
+                if term.kind == "direction":
+                    v = np.asarray(term.vector, np.float64)
+                    if v.shape != (channels,):
+                        raise InvalidArgument(f"{f}.direction.vector", f"needs {channels} values (channels of {layer!r}), got {v.size}")
+                    if not np.isfinite(v).all():
+                        raise InvalidArgument(f"{f}.direction.vector", "contains NaN or Inf")
+                    base += (v / _spatial_count(shape)).reshape((channels,) + (1,) * (len(shape) - 2))
+                else:
+                    if not 0 <= term.channel < channels:
+                        raise InvalidArgument(f"{f}.{term.kind}.channel", f"must be in [0, {channels}) for {layer!r} of shape {list(shape)}")
+                    if term.kind == "channel":
+                        base[term.channel] = 1.0 / _spatial_count(shape)
+                    else:  # neuron
+                        spatial = shape[2:]
+                        pos = []
+                        for name, given, size in zip(("y", "x"), (term.y, term.x), spatial):
+                            p = size // 2 if given is None else int(given)
+                            if not 0 <= p < size:
+                                raise InvalidArgument(f"{f}.neuron.{name}", f"must be in [0, {size}) for {layer!r} of shape {list(shape)}")
+                            pos.append(p)
+                        base[(term.channel,) + tuple(pos) + (0,) * (len(spatial) - len(pos))] = 1.0
+        cot = np.where(mask.reshape((batch,) + (1,) * base.ndim), base[None], 0.0)
+        term_tensors.append(tensor)
+        term_cots.append(cot)
+        layers.append(layer)
+        cots[tensor] = cots.get(tensor, 0.0) + term.weight * cot
+    div_tensor = None
+    if diversity > 0:
+        dl = resolve_tensor(model.proto, diversity_layer, kind="layer") if diversity_layer else layers[0]
+        dshape = shape_of(dl)
+        if len(dshape) != 4:
+            raise InvalidArgument("diversity_layer", f"needs a 4-D feature map; {dl!r} has shape {list(dshape)}")
+        if batch < 2:
+            raise InvalidArgument("diversity", "needs batch >= 2")
+        heads.append(Head("gram_similarity", dl))
+        div_tensor = heads[-1].output
+        # maximize objective - diversity * sum_{i != j} S_ij / B
+        cots[div_tensor] = -diversity * (1.0 - np.eye(batch)) / batch
+    run = GradientRun(runtime, model, heads, cots)
+    return CompiledObjective(run, term_tensors, term_cots, masks, weights, layers, div_tensor, diversity)
