@@ -105,3 +105,19 @@ def test_cam_sanity_randomized_classifier(client):
     g0 = np.abs(client.gradient("resnet20", images, target).gradient).max(axis=1)
     g1 = np.abs(client.gradient(randomized, images, target).gradient).max(axis=1)
     assert all(_spearman(g0[i], g1[i]) < 0.5 for i in range(len(images)))
+
+
+def test_cam_reads_head_weights_from_real_graphs(client):
+    """ResNet-20: AveragePool -> Reshape -> Gemm (weights = linear.weight); SqueezeNet: conv10 ->
+    GlobalAveragePool -> Softmax (the pooled maps are the scores: CAM = the class's own map)."""
+    images = _images()
+    cam = client.grad_cam("resnet20", images, method="cam")
+    w = client.filters("resnet20", "logits")["weight"].astype(np.float64)  # [10, 64]
+    layer = cam.layer
+    a = client.activations("resnet20", images, [layer])[layer].astype(np.float64)
+    want = np.maximum(np.einsum("nc,nchw->nhw", w[cam.target_index], a), 0)
+    np.testing.assert_allclose(cam.cam, want, rtol=1e-4, atol=1e-5)
+    sq = client.grad_cam("squeezenet", images, method="cam")
+    a = client.activations("squeezenet", images, [sq.layer])[sq.layer]
+    np.testing.assert_allclose(sq.cam, np.maximum(a[np.arange(2), sq.target_index], 0), rtol=1e-5, atol=1e-6)
+    assert sq.layer == "conv10_2"

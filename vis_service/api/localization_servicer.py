@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import grpc
 
+from ..errors import InvalidArgument
 from ..gen import attribution_pb2, attribution_pb2_grpc
 from ..methods import cam, occlusion
 from . import convert
@@ -20,6 +21,13 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
     def __init__(self, state: ServiceState):
         self.s = state
 
+    def _batch(self, value: int) -> int:
+        # the perturbed copies of one run live in memory at once: bounded like request batches
+        limit = self.s.limits.max_batch
+        if value > limit:
+            raise InvalidArgument("batch", f"{value} copies per run exceeds the server's limit of {limit}")
+        return value
+
     def _to_stream(self, result):
         return self.s.stream(result.tensors, scalars=result.scalars, labels=result.labels, text=result.text)
 
@@ -31,7 +39,7 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
 
         def method(progress):
             return cam.compute_cam(self.s.runtime, model, feeds, request.method or "gradcam", request.layer, obj,
-                                   request.batch, _preprocess(request.input), progress)
+                                   self._batch(request.batch), _preprocess(request.input), progress)
 
         yield from run_streaming(context, method, self._to_stream)
 
@@ -44,7 +52,7 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
         def method(progress):
             return occlusion.compute_occlusion(self.s.runtime, model, feeds, obj, list(request.patch),
                                                list(request.stride), request.fill or "grey", request.layer,
-                                               request.batch, _preprocess(request.input), progress)
+                                               self._batch(request.batch), _preprocess(request.input), progress)
 
         yield from run_streaming(context, method, self._to_stream)
 

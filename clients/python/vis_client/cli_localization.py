@@ -31,8 +31,9 @@ def _run_cam(client, args, method: str) -> None:
         progress.close()
     print(f"{cam.method} at layer {cam.layer}: cam {tuple(cam.cam.shape[1:])} -> heat map "
           f"{tuple(cam.heatmap.shape[1:])} (scaled to [0, 1] per image)")
+    tag = cli._safe(cam.method.replace("+", "p"))  # gradcam++ -> gradcampp
     for i, (path_in, stem) in enumerate(zip(args.images, cli._stems(args.images))):
-        path = out / f"{stem}_{cli._safe(cam.method.replace("+", "p"))}.png"
+        path = out / f"{stem}_{tag}.png"
         cam.render(i, path, alpha=args.alpha)
         y, x = cam.peak(i)
         h, w = cam.heatmap.shape[1:]
@@ -43,7 +44,7 @@ def _run_cam(client, args, method: str) -> None:
 
             a = np.abs(cam.attribution[i])
             heat = a.max(axis=0) if a.ndim == 3 and a.shape[0] in (1, 3) else a.max(axis=-1)
-            gpath = out / f"{stem}_{cli._safe(cam.method.replace("+", "p"))}_attribution.png"
+            gpath = out / f"{stem}_{tag}_attribution.png"
             from . import render
             from .localization import _display
 

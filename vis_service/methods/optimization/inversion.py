@@ -42,11 +42,11 @@ class InvertSettings:
     steps: int = 200
     starts: int = 1
     optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(
-        name="sgd", lr=0.5, schedule="step"))
+        name="sgd", lr=0.02, schedule="step"))
     alpha: float = 6.0
     beta: float = 2.0
     lambda_alpha: float = 1e-4
-    lambda_tv: float = 1e-3
+    lambda_tv: float = 5e-3
     pixel_norm: float = 80.0
     tv_norm: float = 0.0          # 0 = pixel_norm / 6.5
     init_std: float = 0.1
