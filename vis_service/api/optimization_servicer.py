@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from ..errors import InvalidArgument
-from ..gen import optimization_pb2
+from ..gen import optimization_pb2, vis_pb2
 from ..methods.optimization import InvertSettings, MaximizeSettings, invert, maximize
 from ..methods.optimization.objectives import Term
 from ..methods.optimization.optimizers import OptimizerSettings
@@ -27,9 +27,9 @@ from .streaming import run_streaming
 from .tensors import chunk_tensor
 
 
-def _opt(o, field: str, name: str, schedule: str) -> OptimizerSettings:
+def _opt(o, field: str, name: str, schedule: str, adam_lr: float = 0.05) -> OptimizerSettings:
     s = OptimizerSettings(name=o.name or name)
-    s.lr = o.lr if o.HasField("lr") else (0.02 if s.name == "sgd" else 0.05)
+    s.lr = o.lr if o.HasField("lr") else (0.02 if s.name == "sgd" else adam_lr)
     s.momentum = o.momentum or 0.9
     s.beta1 = o.beta1 or 0.9
     s.beta2 = o.beta2 or 0.999
@@ -74,14 +74,14 @@ def maximize_settings(r: optimization_pb2.MaximizeRequest, max_batch: int) -> Ma
         raise InvalidArgument("batch", f"must be >= 1 (0 = default 1), got {r.batch}")
     s = MaximizeSettings(
         terms=_terms(r), steps=r.steps or 256, batch=r.batch or 1,
-        optimizer=_opt(r.optimizer, "optimizer", "adam", "constant"),
+        optimizer=_opt(r.optimizer, "optimizer", "adam", "constant", 0.01 if raw else 0.05),
         parameterization=param,
         decorrelate=r.decorrelate if r.HasField("decorrelate") else True,
         fourier_decay=r.fourier_decay or 1.0, init_std=r.init_std or 0.01,
-        transforms=TransformSettings(jitter=r.jitter if r.HasField("jitter") else (0 if raw else 8),
+        transforms=TransformSettings(jitter=r.jitter if r.HasField("jitter") else (4 if raw else 8),
                                      scale=r.scale if r.HasField("scale") else (0.0 if raw else 0.05),
                                      rotate=r.rotate if r.HasField("rotate") else (0.0 if raw else 5.0)),
-        l2=r.l2 if r.HasField("l2") else (1.0 if raw else 0.0),
+        l2=r.l2 if r.HasField("l2") else (30.0 if raw else 0.0),
         tv=r.tv if r.HasField("tv") else 0.0, tv_beta=r.tv_beta or 1.0,
         blur_every=r.blur_every, blur_sigma=r.blur_sigma or 0.5,
         diversity=r.diversity, diversity_layer=r.diversity_layer, seed=r.seed, snapshot_every=r.snapshot_every)
@@ -119,19 +119,24 @@ class OptimizationServicer:
         pending: queue.SimpleQueue = queue.SimpleQueue()
         chunk = self.s.limits.chunk_bytes
 
-        def on_snapshot(name: str, array: np.ndarray) -> None:
-            pending.put((name, array))
+        def on_snapshot(name: str, array: np.ndarray, done: int) -> None:
+            pending.put((done, name, array))
 
         def to_stream(result):
             return self.s.stream(result.tensors, scalars=result.scalars, labels=result.labels, text=result.text)
 
+        held = []  # the worker runs ahead of the stream: hold snapshots until their step's Progress
         for msg in run_streaming(context, lambda progress: work(progress, on_snapshot), to_stream):
             while True:
                 try:
-                    name, array = pending.get_nowait()
+                    held.append(pending.get_nowait())
                 except queue.Empty:
                     break
-                yield from chunk_tensor(name, array, chunk)
+            is_progress = isinstance(msg, vis_pb2.ResultChunk) and msg.HasField("progress")
+            upto = msg.progress.done if is_progress else float("inf")
+            for item in [h for h in held if h[0] <= upto]:
+                yield from chunk_tensor(item[1], item[2], chunk)
+            held = [h for h in held if h[0] > upto]
             yield msg
 
     @handles_errors

@@ -11,12 +11,13 @@ from .client import (PRESETS, Client, GradientResult, Inspection, Model, NodeInf
 from .errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                      Unavailable, Unimplemented, VisError)
 from .localization import Cam, Occlusion
+from .optimization import InversionResult, LayerInversion, Objective, OptimizationResult, Snapshot
 from .stream import Result, collect
 from .tensors import ChunkAssembler, CorruptStream, from_proto, to_proto
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "Model", "Attribution", "DeconvnetProjections", "Cam", "Occlusion", "TensorSpec", "NodeInfo", "ReceptiveField", "Inspection", "GradientResult", "Target",
+__all__ = ["Client", "Model", "Attribution", "DeconvnetProjections", "Cam", "Occlusion", "Objective", "OptimizationResult", "InversionResult", "LayerInversion", "Snapshot", "TensorSpec", "NodeInfo", "ReceptiveField", "Inspection", "GradientResult", "Target",
            "PRESETS", "Result", "collect", "VisError", "InvalidArgument", "NotFound", "FailedPrecondition",
            "ResourceExhausted", "Unimplemented", "Unavailable", "DeadlineExceeded", "Cancelled", "ChunkAssembler",
            "CorruptStream", "to_proto", "from_proto", "__version__"]

@@ -29,7 +29,8 @@ from .parameterization import PARAMETERIZATIONS, PixelMap, make_parameterization
 from .transforms import TransformSettings
 
 MAX_STEPS = 100_000
-SnapshotFn = Callable[[str, np.ndarray], None]
+# (tensor name, images, the Progress.done of the step it belongs to)
+SnapshotFn = Callable[[str, np.ndarray, int], None]
 
 
 @dataclass
@@ -120,7 +121,7 @@ def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeS
         row = [-obj_mean + pen_l2 + pen_tv + pen_div / s.batch, obj_mean, pen_l2, pen_tv, pen_div, lr]
         losses[step] = row
         if on_snapshot is not None and s.snapshot_every and (step + 1) % s.snapshot_every == 0:
-            on_snapshot(f"snapshot/{step + 1}", PixelMap.to_uint8(param.image()))
+            on_snapshot(f"snapshot/{step + 1}", PixelMap.to_uint8(param.image()), step + 1)
         progress.update(step + 1, s.steps, "maximize", **dict(zip(columns, row)))
     d = param.image()
     x = pmap.to_model(d)

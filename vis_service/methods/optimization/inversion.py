@@ -69,7 +69,7 @@ class InvertSettings:
 
 
 def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.ndarray, s: InvertSettings,
-           progress: Progress, on_snapshot: Callable[[str, np.ndarray], None] | None = None) -> MethodResult:
+           progress: Progress, on_snapshot: Callable[[str, np.ndarray, int], None] | None = None) -> MethodResult:
     """`reference`: the model-space reference input [1, ...]."""
     s.validate()
     if reference.shape[0] != 1:
@@ -122,7 +122,8 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
             row = [float(feature.mean()) + pen_a + pen_t, float(feature.mean()), pen_a, pen_t, lr]
             losses[li, step] = row
             if on_snapshot is not None and s.snapshot_every and (step + 1) % s.snapshot_every == 0:
-                on_snapshot(f"snapshot/{layer}/{step + 1}", PixelMap.to_uint8((GREY + b_norm * z) / 255.0))
+                on_snapshot(f"snapshot/{layer}/{step + 1}", PixelMap.to_uint8((GREY + b_norm * z) / 255.0),
+                            li * s.steps + step + 1)
             progress.update(li * s.steps + step + 1, total, f"invert {layer}", **dict(zip(columns, row)))
         d = np.clip((GREY + b_norm * z) / 255.0, 0.0, 1.0)
         x = pmap.to_model(d)
