@@ -12,30 +12,13 @@ from typing import Any
 import numpy as np
 
 from .gen import attribution_pb2, attribution_pb2_grpc
+from .display import display_image
 from .stream import Result
 from .tensors import to_proto
 
 __all__ = ["AttributionMixin", "Attribution", "DeconvnetProjections", "display_image"]
 
 IG_BASELINES = ("black", "zero", "blurred", "custom")
-
-
-def display_image(x: np.ndarray, color: str = "") -> np.ndarray:
-    """A preprocessed model input ([C, H, W] or [H, W, C]) as uint8 RGB [H, W, 3] for display:
-    min-max scaled to 0..255 per image; BGR inputs are flipped to RGB."""
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(1, 2, 0)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    a = a[..., :3]
-    if color.upper() == "BGR":
-        a = a[..., ::-1]
-    lo, hi = a.min(), a.max()
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return (a * 255 + 0.5).astype(np.uint8)
 
 
 def _image_of(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import cli_attribution, cli_localization, cli_optimization
 from .client import PRESETS, Client, Model
+from .display import display_image, model_color
 from .errors import VisError
 from .tensors import CorruptStream
 
@@ -125,29 +126,6 @@ def _render():
     except ImportError as e:
         raise CliError(f"{e} (rendering needs the [render] extra: pip install 'vis-client[render]')") from None
     return render
-
-
-def _display_image(x: np.ndarray, model: Model, preset: str | None = None) -> np.ndarray:
-    """A preprocessed model input (C, H, W or H, W, C) as uint8 RGB for display (min-max)."""
-    x = np.asarray(x, dtype=np.float64)
-    layout = str(model.config.get("input", {}).get("layout", "") or "NCHW").upper()
-    if x.ndim == 3 and layout == "NCHW":
-        x = x.transpose(1, 2, 0)
-    if x.ndim == 2:
-        x = x[..., None]
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    x = x[..., :3]
-    if preset:
-        color = "BGR" if preset == "caffe" else "RGB"
-    else:
-        color = str(model.config.get("input", {}).get("color", "") or "").upper()
-        color = color or ("BGR" if model.config.get("preset") == "caffe" else "RGB")
-    if color == "BGR":
-        x = x[..., ::-1]
-    lo, hi = x.min(), x.max()
-    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    return (x * 255 + 0.5).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------
@@ -271,7 +249,7 @@ def cmd_gradient(client: Client, args) -> None:
         gi = grad[i]
         heat = np.abs(gi).max(axis=ch_axis) if gi.ndim == 3 else np.abs(gi)
         if inputs is not None and inputs.shape[0] > i and inputs[i].shape == gi.shape:
-            img = _display_image(inputs[i], model, args.preset)
+            img = display_image(inputs[i], model_color(model, args.preset))
         else:
             from PIL import Image
             with Image.open(path_in) as im:

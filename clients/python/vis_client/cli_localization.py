@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .display import display_image
 from .localization import CAM_METHODS, OCCLUSION_FILLS
 
 
@@ -46,9 +47,8 @@ def _run_cam(client, args, method: str) -> None:
             heat = a.max(axis=0) if a.ndim == 3 and a.shape[0] in (1, 3) else a.max(axis=-1)
             gpath = out / f"{stem}_{tag}_attribution.png"
             from . import render
-            from .localization import _display
 
-            render.heatmap_overlay(_display(cam.input[i], cam.color), heat, gpath, alpha=args.alpha,
+            render.heatmap_overlay(display_image(cam.input[i], cam.color), heat, gpath, alpha=args.alpha,
                                    label="|guided x cam|", vmin=0.0)
             print(f"    guided Grad-CAM attribution -> {gpath}")
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .gen import attribution_pb2, attribution_pb2_grpc
+from .display import display_image, model_color
 from .stream import Result
 
 __all__ = ["LocalizationMixin", "Cam", "Occlusion", "CAM_METHODS", "OCCLUSION_FILLS"]
@@ -25,32 +26,6 @@ __all__ = ["LocalizationMixin", "Cam", "Occlusion", "CAM_METHODS", "OCCLUSION_FI
 CAM_METHODS = ("gradcam", "gradcam++", "layercam", "guided_gradcam", "cam", "scorecam", "ablationcam")
 #: Patch fills of ``LocalizationService.Occlusion``.
 OCCLUSION_FILLS = ("grey", "zero", "mean")
-
-
-def _color_of(model) -> str:
-    config = getattr(model, "config", None) or {}
-    color = str((config.get("input") or {}).get("color", "") or "").upper()
-    return color or ("BGR" if config.get("preset") == "caffe" else "RGB")
-
-
-def _display(x: np.ndarray, color: str) -> np.ndarray:
-    """A preprocessed input sample ([C, H, W] or [H, W, C]) as uint8 RGB [H, W, 3].
-
-    The model-space values are mapped back to 0..255 by one linear map per image
-    (min -> 0, max -> 255); BGR inputs are flipped to RGB."""
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(1, 2, 0)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    a = a[..., :3]
-    if color == "BGR":
-        a = a[..., ::-1]
-    lo, hi = a.min(), a.max()
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return (a * 255 + 0.5).astype(np.uint8)
 
 
 def _ints(value, what: str) -> list[int]:
@@ -106,7 +81,7 @@ class Cam:
         PNG when ``path`` is given and returns the image."""
         from . import render
 
-        img = _display(self.input[i], self.color)
+        img = display_image(self.input[i], self.color)
         return render.heatmap_overlay(img, self.heatmap[i], path, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0,
                                       label=self.method)
 
@@ -156,7 +131,7 @@ class Occlusion:
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        img = _display(self.input[i], self.color)
+        img = display_image(self.input[i], self.color)
         paths = {"probability": out / f"{stem}_probability.png", "feature": out / f"{stem}_feature.png",
                  "top_class": out / f"{stem}_top_class.png"}
         # each map value belongs to the patch centre: nearest-upsample the grid onto the patch centres' cells
@@ -254,7 +229,7 @@ class LocalizationMixin:
         return Cam(cam=t["cam"], heatmap=t["heatmap"], weights=t["weights"], input=t["input"],
                    target_index=t.get("target_index"), labels=res.labels.get("target_index"),
                    layer=res.text.get("layer", ""), method=res.text.get("method", method),
-                   attribution=t.get("attribution"), color=_color_of(model), result=res)
+                   attribution=t.get("attribution"), color=model_color(model), result=res)
 
     def score_cam(self, model, x, target=None, **kwargs) -> Cam:
         """Score-CAM (input masked by each upsampled feature map); see :meth:`grad_cam`."""
@@ -289,4 +264,4 @@ class LocalizationMixin:
                          labels=res.labels.get("target_index"), input=t["input"], layer=res.text.get("layer", ""),
                          patch=(int(s.get("patch_h", 0)), int(s.get("patch_w", 0))),
                          stride=(int(s.get("stride_h", 0)), int(s.get("stride_w", 0))),
-                         fill=res.text.get("fill", fill), color=_color_of(model), result=res)
+                         fill=res.text.get("fill", fill), color=model_color(model), result=res)

@@ -1,0 +1,130 @@
+"""Cost of an input gradient relative to the forward pass, and graph build time.
+
+Prints, for ResNet-style (light_resnet50), MobileNet-style (shared mobilenet) and
+DenseNet-style (light_densenet121) networks at batch 1 and 8, the median time of
+forward + input gradient divided by the median forward time (goal <= 2.2), and the
+time build_gradient_model takes on light_resnet50 (goal < 2 s).
+
+Both sessions use ORT_ENABLE_ALL with thread spinning off, as the service does.
+Runs alternate between the two sessions so that noisy neighbours hit both alike.
+
+    python benchmarks/bench_gradient.py [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vis_service.engine import build_gradient_model  # noqa: E402
+from vis_service.graph.expose import expose_tensors  # noqa: E402
+from vis_service.graph.loading import prepare_model  # noqa: E402
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+SHARED = REPO / ".." / "shared" / "models"
+MODELS = {
+    "resnet (light_resnet50)": LIGHT / "light_resnet50.onnx",
+    "mobilenet (shared mobilenet_v1_0.75_192)": SHARED / "imagenet" / "mobilenet_v1_0.75_192.onnx",
+    "densenet (light_densenet121)": LIGHT / "light_densenet121.onnx",
+}
+
+
+def randomize_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Light models hold constant-valued weights (ConstantOfShape) whose activations
+    overflow; random He-scaled weights keep the arithmetic in normal float range."""
+    rng = np.random.default_rng(0)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
+            shape = [int(d) for d in inits[node.input[0]]]
+            scale = np.sqrt(2.0 / np.prod(shape[1:])) if len(shape) > 1 else None
+            value = rng.standard_normal(shape) * scale if scale else rng.uniform(0.5, 1.5, shape)
+            model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def logits_of(model: onnx.ModelProto) -> str:
+    last = model.graph.node[-1]
+    return last.input[0] if last.op_type == "Softmax" else model.graph.output[0].name
+
+
+def bench_model(label: str, path: Path, batches: list[int], repeats: int) -> None:
+    if not path.is_file():
+        print(f"{label:44s} skipped: {path} not found")
+        return
+    model = prepare_model(randomize_constant_weights(onnx.load(str(path))))
+    objective = logits_of(model)
+    image = model.graph.input[0].name
+    forward = session(expose_tensors(model, [objective]))
+    graph = build_gradient_model(model, [objective], [image])
+    backward = session(graph.model)
+    cotangent_name = graph.cotangent_inputs[objective]
+    fetch = [graph.gradient_outputs[image]]
+    for batch in batches:
+        shape = [batch] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        y = forward.run(None, {image: x})[0]
+        feeds = {image: x, cotangent_name: np.ones_like(y)}
+        backward.run(fetch, feeds)   # warm-up (allocations, kernel selection)
+        forward_times, backward_times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward.run(None, {image: x})
+            forward_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            backward.run(fetch, feeds)
+            backward_times.append(time.perf_counter() - start)
+        f, b = statistics.median(forward_times), statistics.median(backward_times)
+        print(f"{label:44s} batch {batch}: forward {f * 1e3:8.1f} ms, forward+gradient {b * 1e3:8.1f} ms, "
+              f"ratio {b / f:5.2f}  (goal <= 2.2)")
+
+
+def bench_build_time(repeats: int) -> None:
+    model = prepare_model(onnx.load(str(LIGHT / "light_resnet50.onnx")))
+    objective = logits_of(model)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        build_gradient_model(model, [objective], [model.graph.input[0].name])
+        times.append(time.perf_counter() - start)
+    print(f"build_gradient_model(light_resnet50): median {statistics.median(times):.3f} s over {repeats} "
+          f"(includes opset 9 -> 16 conversion; goal < 2 s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs")
+    bench_build_time(args.repeats)
+    for label, path in MODELS.items():
+        bench_model(label, path, args.batches, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""build_gradient_model's contract: names, errors, rule sets, per-node overrides, outputs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from vis_service.engine import RULE_SETS, RULES, build_gradient_model
+from vis_service.engine.verify import run_gradient, session
+from vis_service.errors import InvalidArgument, NotFound, Unimplemented
+from vis_service.graph.loading import prepare_model
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, FLOAT, None) for n in outputs], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return prepare_model(model)
+
+
+def relu_chain():
+    """y = relu(w * relu(x)) with w = -1 on half the elements: both masks matter."""
+    w = numpy_helper.from_array(np.array([1.0, -1.0, 2.0, -2.0], np.float32), "w")
+    return make_model([helper.make_node("Relu", ["x"], ["a"], name="relu1"),
+                       helper.make_node("Mul", ["a", "w"], ["b"], name="scale"),
+                       helper.make_node("Relu", ["b"], ["y"], name="relu2")],
+                      [("x", [1, 4])], ["y"], [w])
+
+
+X = np.array([[1.0, 2.0, -1.0, 3.0]], np.float32)
+G = np.array([[1.0, -1.0, 1.0, -1.0]], np.float32)   # upstream cotangent at y
+
+
+def gradient(model, rule_set="gradient", node_rules=None, objective="y", wrt="x", x=X, g=G):
+    graph = build_gradient_model(model, [objective], [wrt], rule_set=rule_set, node_rules=node_rules)
+    onnx.checker.check_model(graph.model)
+    return run_gradient(graph, {"x": x}, {objective: g})[wrt]
+
+
+def test_rule_sets_are_registered():
+    assert set(RULE_SETS) >= {"gradient", "deconvnet", "guided"}
+    assert RULE_SETS["deconvnet"] == "gradient" and RULE_SETS["guided"] == "gradient"
+    assert RULES.lookup("Conv", "deconvnet") is RULES.lookup("Conv", "gradient")
+    assert RULES.lookup("Relu", "deconvnet") is not RULES.lookup("Relu", "gradient")
+
+
+def test_exact_gradient_by_hand():
+    # a = relu(x) = [1,2,0,3]; b = [1,-2,0,-6]; y = [1,0,0,0]
+    # dy/db mask (b>0): [1,0,0,0]; times w: [1,0,0,0]; dy/da mask (a>0): [1,0,0,0]
+    np.testing.assert_allclose(gradient(relu_chain()), [[1.0, 0.0, 0.0, 0.0]])
+
+
+def test_deconvnet_ignores_forward_masks():
+    # relu(g) = [1,0,1,0]; times w = [1,0,2,0]; relu = [1,0,2,0] (no mask from x)
+    np.testing.assert_allclose(gradient(relu_chain(), "deconvnet"), [[1.0, 0.0, 2.0, 0.0]])
+
+
+def test_guided_backprop_masks_and_rectifies():
+    g = np.array([[1.0, 1.0, 1.0, -1.0]], np.float32)
+    x = np.array([[1.0, -2.0, 1.0, 3.0]], np.float32)
+    # a = [1,0,1,3]; b = [1,0,2,-6]; y = [1,0,2,0]
+    # at relu2: relu(g)*(y>0) = [1,0,1,0]; *w = [1,0,2,0]; at relu1: relu()*(a>0) = [1,0,2,0]
+    np.testing.assert_allclose(gradient(relu_chain(), "guided", x=x, g=g), [[1.0, 0.0, 2.0, 0.0]])
+    # with a negative upstream where the mask is open, guided zeroes it and plain gradient keeps it
+    w_neg = np.array([[-1.0, 0.0, 0.0, 0.0]], np.float32)
+    assert gradient(relu_chain(), "guided", x=x, g=w_neg)[0, 0] == 0.0
+    assert gradient(relu_chain(), "gradient", x=x, g=w_neg)[0, 0] == -1.0
+
+
+def test_per_node_rule_override():
+    # deconvnet only at relu2: relu(g) = [1,0,1,0]; *w = [1,0,2,0]; exact at relu1 (a>0): [1,0,0,0]
+    result = gradient(relu_chain(), node_rules={"relu2": "deconvnet"})
+    np.testing.assert_allclose(result, [[1.0, 0.0, 0.0, 0.0]])
+    result = gradient(relu_chain(), node_rules={"relu1": "deconvnet"})
+    # exact at relu2: g*(b>0) = [1,0,0,0]; *w; relu at relu1: [1,0,0,0]
+    np.testing.assert_allclose(result, [[1.0, 0.0, 0.0, 0.0]])
+
+
+def test_unknown_names_and_rule_sets():
+    model = relu_chain()
+    with pytest.raises(NotFound, match="'yy'"):
+        build_gradient_model(model, ["yy"], ["x"])
+    with pytest.raises(NotFound):
+        build_gradient_model(model, ["y"], ["nope"])
+    with pytest.raises(InvalidArgument, match="rule_set"):
+        build_gradient_model(model, ["y"], ["x"], rule_set="lrp-z")
+    with pytest.raises(NotFound):
+        build_gradient_model(model, ["y"], ["x"], node_rules={"no_such_node": "deconvnet"})
+
+
+def test_wrt_that_does_not_influence_the_objective():
+    with pytest.raises(InvalidArgument, match="'y'.*does not influence|does not influence"):
+        build_gradient_model(relu_chain(), ["a"], ["y"])   # y is downstream of a
+
+
+def test_missing_rule_on_path_names_op_and_node():
+    model = make_model([helper.make_node("Relu", ["x"], ["a"], name="relu1"),
+                        helper.make_node("Einsum", ["a", "a"], ["y"], name="my_einsum", equation="ij,ij->ij")],
+                       [("x", [2, 3])], ["y"])
+    with pytest.raises(Unimplemented, match=r"no backward rule for op Einsum \(node 'my_einsum'\) in rule set 'gradient'"):
+        build_gradient_model(model, ["y"], ["x"])
+
+
+def test_op_without_rule_off_the_path_is_fine():
+    # TopK on the side: its output is requested as a forward output but not differentiated
+    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu1"),
+                        helper.make_node("TopK", ["x", "k"], ["top", "idx"], name="topk")],
+                       [("x", [1, 4])], ["y", "top"],
+                       [numpy_helper.from_array(np.array([2], np.int64), "k")])
+    graph = build_gradient_model(model, ["y"], ["x"], forward_outputs=["top"])
+    sess = session(graph.model)
+    top, grad = sess.run([graph.forward_outputs["top"], graph.gradient_outputs["x"]],
+                         {"x": X, graph.cotangent_inputs["y"]: G})
+    np.testing.assert_allclose(top, [[3.0, 2.0]])
+    np.testing.assert_allclose(grad, [[1.0, -1.0, 0.0, -1.0]])
+
+
+def test_shape_arithmetic_is_not_differentiated():
+    # Reshape target computed from Shape/Gather/Concat of x: only the float path is differentiated
+    model = make_model([helper.make_node("Shape", ["x"], ["s"]),
+                        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+                        helper.make_node("Concat", ["n", "minus_one"], ["target"], axis=0),
+                        helper.make_node("Reshape", ["x", "target"], ["flat"]),
+                        helper.make_node("Sigmoid", ["flat"], ["y"])],
+                       [("x", ["N", 2, 3])], ["y"],
+                       [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                        numpy_helper.from_array(np.array([-1], np.int64), "minus_one")])
+    x = np.random.default_rng(0).standard_normal((3, 2, 3)).astype(np.float32)
+    graph = build_gradient_model(model, ["y"], ["x"])
+    g = run_gradient(graph, {"x": x}, {"y": np.ones((3, 6), np.float32)})["x"]
+    s = 1 / (1 + np.exp(-x))
+    np.testing.assert_allclose(g, s * (1 - s), rtol=1e-5)
+
+
+def test_outputs_and_accumulation_with_dynamic_batch():
+    # y1 = x*x (x used twice), y2 = 3x; two objectives, gradients w.r.t. x and the intermediate h
+    three = numpy_helper.from_array(np.array(3.0, np.float32), "three")
+    model = make_model([helper.make_node("Identity", ["x"], ["h"]),
+                        helper.make_node("Mul", ["h", "h"], ["y1"]),
+                        helper.make_node("Mul", ["h", "three"], ["y2"])],
+                       [("x", [1, 3])], ["y1", "y2"], [three])
+    graph = build_gradient_model(model, ["y1", "y2"], ["x", "h"], forward_outputs=["h", "x"])
+    onnx.checker.check_model(graph.model)
+    assert set(graph.forward_outputs) == {"y1", "y2", "h", "x"}
+    assert {o.name for o in graph.model.graph.output} == set(graph.forward_outputs.values()) | set(graph.gradient_outputs.values())
+    cot_input = next(i for i in graph.model.graph.input if i.name == graph.cotangent_inputs["y1"])
+    assert cot_input.type.tensor_type.shape.dim[0].dim_param == "N"
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    g1, g2 = np.ones((2, 3), np.float32), np.full((2, 3), 2.0, np.float32)
+    grads = run_gradient(graph, {"x": x}, {"y1": g1, "y2": g2})
+    np.testing.assert_allclose(grads["x"], 2 * x * g1 + 3 * g2)
+    np.testing.assert_allclose(grads["h"], 2 * x * g1 + 3 * g2)
+    sess = session(graph.model)
+    fx = sess.run([graph.forward_outputs["x"]], {"x": x, graph.cotangent_inputs["y1"]: g1,
+                                                 graph.cotangent_inputs["y2"]: g2})[0]
+    np.testing.assert_allclose(fx, x)
+
+
+def test_objective_equal_to_wrt():
+    graph = build_gradient_model(relu_chain(), ["a"], ["a"])
+    grads = run_gradient(graph, {"x": X}, {"a": G})
+    np.testing.assert_allclose(grads["a"], G)
+
+
+def test_weight_gradient_of_conv_is_refused():
+    w = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [("x", [1, 1, 5, 5])], ["y"], [w])
+    with pytest.raises(Unimplemented, match="weights"):
+        build_gradient_model(model, ["y"], ["w"])
+
+
+def test_input_model_is_not_modified():
+    model = make_model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
+                       [("x", [1, 1, 4, 4])], ["y"])
+    before = model.SerializeToString()
+    build_gradient_model(model, ["y"], ["x"])
+    assert model.SerializeToString() == before
