@@ -7,6 +7,8 @@ exposed graph and session options; runs are interleaved and medians compared.
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
 import statistics
 import sys
 import time
@@ -19,7 +21,6 @@ from vis_client import Client
 from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import prepare_model
 from vis_service.runtime.sessions import Runtime
-from vis_service.server import ServerConfig, start_server
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODEL = SHARED / "models" / "imagenet" / "squeezenet1.0.onnx"
@@ -43,9 +44,13 @@ def main() -> int:
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
     runtime = Runtime()
     proto = prepare_model(onnx.load(MODEL))
-    running = start_server(ServerConfig(port=0))
+    # the server in its own process, as deployed: sharing one interpreter (and its GIL)
+    # with the client would charge the client's work to the service
+    server = subprocess.Popen([sys.executable, "-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING",
+                               "--preload"], stdout=subprocess.PIPE, text=True)
+    address = re.search(r"listening on (\S+)", server.stdout.readline()).group(1)
     try:
-        with Client(running.address) as client:
+        with Client(address) as client:
             model = client.load_model(MODEL, name="squeezenet")
             for title, layers in LAYER_SETS.items():
                 local = runtime.create_session(expose_tensors(proto, layers))
@@ -66,7 +71,8 @@ def main() -> int:
                 print(f"  through gRPC:           {g * 1e3:8.1f} ms")
                 print(f"  overhead ratio:         {g / l:8.3f}   (goal <= 1.10)")
     finally:
-        running.stop(grace=0)
+        server.terminate()
+        server.wait(timeout=30)
     return 0
 
 
