@@ -93,6 +93,21 @@ def test_conv_depthwise_with_bias(stride):
           group=4, strides=[stride, stride], pads=[1, 1, 1, 1])
 
 
+@pytest.mark.parametrize("attrs", CONV_CASES, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()) or "plain")
+def test_conv_depthwise(attrs):
+    check("Conv", {"x": (2, 4, 9, 8)}, {"w": weights(4, 1, 3, 2)}, kind=LINEAR, group=4, **attrs)
+    # channel multiplier 2: grouped, not depthwise
+    check("Conv", {"x": (2, 4, 9, 8)}, {"w": weights(8, 1, 3, 3)}, kind=LINEAR, group=4, **attrs)
+
+
+@pytest.mark.parametrize("attrs", [dict(strides=[2, 2]), dict(strides=[2, 3], pads=[0, 1, 1, 0]),
+                                   dict(strides=[3, 2], pads=[1, 0, 0, 0]), dict(auto_pad="SAME_UPPER", strides=[2, 2])],
+                         ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_pointwise_strided(attrs, group):
+    check("Conv", {"x": (2, 4, 9, 8)}, {"w": weights(6, 4 // group, 1, 1)}, kind=LINEAR, group=group, **attrs)
+
+
 def test_conv_1d_and_3d():
     check("Conv", {"x": (2, 3, 11)}, {"w": weights(4, 3, 3)}, kind=LINEAR, strides=[2], pads=[1, 0])
     check("Conv", {"x": (1, 2, 5, 6, 4)}, {"w": weights(3, 2, 2, 3, 2)}, kind=LINEAR, strides=[2, 1, 2])
@@ -338,6 +353,17 @@ def test_pad_constant(pads):
     check("Pad", {"x": (2, 4, 5)}, opset=9, kind=LINEAR, pads=pads)
 
 
+@pytest.mark.parametrize("mode", ["edge", "reflect"])
+@pytest.mark.parametrize("pads", [[0, 1, 2, 0, 2, 1], [0, 0, 3, 0, 3, 0], [0, 3, 0, 0, 0, 1]])
+def test_pad_edge_and_reflect(mode, pads):
+    check("Pad", {"x": (2, 4, 5)}, {"pads": np.array(pads, dtype=np.int64)}, kind=LINEAR, mode=mode)
+
+
+def test_pad_opset_18_axes():
+    check("Pad", {"x": (2, 4, 5)}, {"pads": np.array([1, 2, 0, 1], dtype=np.int64), "value": np.array(0.0),
+                                    "axes": np.array([-1, 1], dtype=np.int64)}, opset=18, kind=LINEAR)
+
+
 def test_tile():
     check("Tile", {"x": (2, 3, 4)}, {"repeats": np.array([1, 2, 3], dtype=np.int64)}, kind=LINEAR)
 
@@ -369,3 +395,30 @@ def test_upsample_opset_9_and_resize_opset_10():
     check("Upsample", {"x": (2, 3, 4, 3)}, scales, opset=9, kind=LINEAR, mode="nearest")
     check("Upsample", {"x": (2, 3, 4, 3)}, scales, opset=9, kind=LINEAR, mode="linear")
     check("Resize", {"x": (2, 3, 4, 3)}, scales, opset=10, kind=LINEAR, mode="linear")
+
+
+# ---- per-channel scales folded into conv weights ------------------------------------------------
+@pytest.mark.parametrize("opset", [9, 17])
+def test_channel_scales_fold_into_conv_weights(opset):
+    """Conv -> BN -> Mul(per-channel) -> Conv(stride 2) -> BN: the scales reach the convs' weights."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from vis_service.graph.loading import prepare_model
+    bn = lambda c: [numpy_helper.from_array(v.astype(np.float32), f"{n}{c}")  # noqa: E731
+                    for n, v in (("s", weights(c)), ("b", weights(c)), ("m", weights(c)), ("v", rng.uniform(0.5, 2, c)))]
+    inits = [numpy_helper.from_array(weights(6, 3, 3, 3).astype(np.float32), "w1"),
+             numpy_helper.from_array(weights(4, 6, 3, 3).astype(np.float32), "w2"),
+             numpy_helper.from_array(weights(1, 6, 1, 1).astype(np.float32), "per_channel")] + bn(6) + bn(4)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Identity", ["s6"], ["s6_computed"]),    # parameters computed in the graph
+             helper.make_node("BatchNormalization", ["c1", "s6_computed", "b6", "m6", "v6"], ["n1"]),
+             helper.make_node("Mul", ["per_channel", "n1"], ["scaled"]),
+             helper.make_node("Conv", ["scaled", "w2"], ["c2"], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c2", "s4", "b4", "m4", "v4"], ["y0"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    model = prepare_model(model)
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1.0).relative_error < 1e-4

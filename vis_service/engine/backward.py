@@ -23,6 +23,7 @@ from .registry import RULE_SETS, RULES
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 STANDARD_DOMAINS = ("", "ai.onnx")
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # The helpers emit ConstantOfShape/Where/Shape-based forms that exist from opset 9 on.
 MIN_OPSET = 9
 
@@ -109,6 +110,11 @@ class _ForwardGraph:
                 if a.name == "value":
                     self.constants[node.output[0]] = numpy_helper.to_array(a.t)
         self.graph_inputs = [i.name for i in self.graph.input]
+        # tensors computed from weights alone (onnxruntime folds them into constants)
+        self.static = set(self.constants)
+        for node in self.graph.node:
+            if all(i in self.static for i in node.input if i) and node.op_type not in NONDETERMINISTIC:
+                self.static.update(o for o in node.output if o)
         self.produced = set(self.graph_inputs) | set(self.constants)
         for node in self.graph.node:
             self.produced.update(o for o in node.output if o)
@@ -164,7 +170,7 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     def needs_grad(node: onnx.NodeProto, index: int) -> bool:
         return node.input[index] in relevant
 
-    ctx = RuleContext(infos=infos, opset=forward.opset, constants=forward.constants,
+    ctx = RuleContext(infos=infos, opset=forward.opset, constants=forward.constants, static=forward.static,
                       taken_names=taken, needs_grad=needs_grad)
     contributions: dict[str, list[str]] = defaultdict(list)
 

@@ -24,13 +24,16 @@ _SHARED_CONST_MAX_SIZE = 64
 
 class RuleContext:
     def __init__(self, *, infos: dict[str, TensorInfo], opset: int,
-                 constants: dict[str, np.ndarray], taken_names: set[str],
+                 constants: dict[str, np.ndarray], static: set[str], taken_names: set[str],
                  needs_grad: Callable[[onnx.NodeProto, int], bool]):
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._infos = infos
         self._constants = constants
+        self._static = static
+        # gradient tensor -> (unscaled gradient, per-channel factor [C]) for the fold in `scale_channels`
+        self._channel_scales: dict[str, tuple[str, str]] = {}
         self._taken = taken_names
         self._needs_grad = needs_grad
         self._counter = 0
@@ -110,6 +113,10 @@ class RuleContext:
     def constant_value(self, name: str) -> np.ndarray | None:
         """Value of an initializer or Constant output, None if computed at run time."""
         return self._constants.get(name)
+
+    def is_static(self, name: str) -> bool:
+        """True if the forward tensor depends on no graph input (weights and what is computed from them)."""
+        return name in self._static
 
     def needs_grad(self, node: onnx.NodeProto, input_index: int) -> bool:
         """True if the gradient for this input is used (it lies on a wrt -> objective path)."""
@@ -194,9 +201,32 @@ class RuleContext:
             outs = self.make_node("Split", [x], num_outputs=len(sizes), axis=axis, split=sizes)
         return list(outs)
 
+    def scale_channels(self, g: str, factor: str, like: str) -> str:
+        """g * factor along axis 1, where factor [C] depends on weights only; g has the shape of `like`.
+
+        The product is recorded: a later scale of the result multiplies the factors
+        instead (one pass over the tensor, not two), and the Conv rule folds a scaled
+        gradient into its weights (see `channel_scale_of`). onnxruntime constant-folds
+        the factor arithmetic, so folded scales cost nothing at run time.
+        """
+        if g in self._channel_scales:
+            g, earlier = self._channel_scales[g]
+            factor = self.make_node("Mul", [earlier, factor])
+        scaled = self.make_node("Mul", [g, self.unsqueeze(factor, list(range(1, self.rank(like) - 1)))])
+        self._channel_scales[scaled] = (g, factor)
+        return scaled
+
+    def channel_scale_of(self, g: str) -> tuple[str, str] | None:
+        """(unscaled gradient, factor [C]) if g was made by `scale_channels`."""
+        return self._channel_scales.get(g)
+
+    def zeros(self, shape: str, like: str) -> str:
+        """Zeros of run-time shape `shape` (an int64 tensor) in the element type of `like`."""
+        value = numpy_helper.from_array(np.zeros(1, dtype=self.dtype(like)), "zero")
+        return self.make_node("ConstantOfShape", [shape], value=value)
+
     def zeros_like(self, x: str) -> str:
-        value = numpy_helper.from_array(np.zeros(1, dtype=self.dtype(x)), "zero")
-        return self.make_node("ConstantOfShape", [self.shape_of(x)], value=value)
+        return self.zeros(self.shape_of(x), x)
 
     def add_all(self, terms: Sequence[str]) -> str:
         if len(terms) == 1:

@@ -29,7 +29,7 @@ def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSessi
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def one_node_model(op_type: str, inputs: Mapping[str, np.ndarray | tuple], constants: Mapping[str, np.ndarray] | None = None,
+def one_node_model(op_type: str, inputs: Mapping[str, Sequence[int]], constants: Mapping[str, np.ndarray] | None = None,
                    *, opset: int, dtype=np.float32, n_outputs: int = 1, input_order: Sequence[str] | None = None,
                    **attrs) -> onnx.ModelProto:
     """Model with one node; `inputs` maps graph-input names to shapes, `constants` to initializer values.

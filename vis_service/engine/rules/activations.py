@@ -71,13 +71,14 @@ def _clip_bounds(ctx: RuleContext, node) -> tuple[str | None, str | None]:
 def clip_backward(ctx: RuleContext, node, grad_outputs):
     y = node.output[0]
     low, high = _clip_bounds(ctx, node)
-    grad = grad_outputs[0]
-    # strictly inside the bounds, judged on the output (lets onnxruntime fuse Conv+Clip)
-    if low is not None:
-        grad = ctx.make_node("Mul", [grad, ctx.mask("Greater", y, low, y)])
-    if high is not None:
-        grad = ctx.make_node("Mul", [grad, ctx.mask("Less", y, high, y)])
-    return [grad, None, None][:len(node.input)]
+    # strictly inside the bounds, judged on the output (lets onnxruntime fuse Conv+Clip);
+    # both bounds combine with And so that only one Cast and one Mul touch the tensor
+    inside = [ctx.make_node(op, [y, bound]) for op, bound in (("Greater", low), ("Less", high)) if bound is not None]
+    if not inside:
+        return [grad_outputs[0]] + [None] * (len(node.input) - 1)
+    condition = inside[0] if len(inside) == 1 else ctx.make_node("And", inside)
+    mask = ctx.make_node("Cast", [condition], to=ctx.elem_type(y))
+    return [ctx.make_node("Mul", [grad_outputs[0], mask])] + [None] * (len(node.input) - 1)
 
 
 @rule("Sigmoid")

@@ -63,15 +63,15 @@ def conv_input_adjoint(ctx: RuleContext, g: str, weight: str | np.ndarray, windo
     """Jᵀg for x of y = Conv(x, weight) with the given window geometry (no bias).
 
     `weight` is a tensor name or a constant array of shape [M, C/group, *kernel].
+    Stride 1 uses a Conv with the flipped kernel (onnxruntime's ConvTranspose is ~2x
+    slower, more for depthwise). Strided kernels use ConvTranspose: zero-spreading the
+    gradient for a stride-1 Conv, or a 1x1 Conv then spreading, measured ~10% slower
+    on MobileNet and ResNet-50.
     """
     if all(s == 1 for s in window.strides):
-        # flipped-kernel Conv: "full" padding minus the forward pads
-        begin = [e - 1 - p for e, p in zip(window.extents, window.pads_begin)]
-        end = [i + e - 1 - o - b for i, e, o, b in zip(window.in_sizes, window.extents, window.out_sizes, begin)]
-        if min(begin + end) >= 0:
-            flipped = _flipped_weight(ctx, weight, group, weight_shape)
-            if flipped is not None:
-                return ctx.make_node("Conv", [g, flipped], pads=begin + end, dilations=window.dilations, group=group)
+        flipped = _flipped_weight(ctx, weight, group, weight_shape)
+        if flipped is not None:
+            return _flipped_conv(ctx, g, flipped, window, group)
     # ConvTranspose covers [-pads_begin, L - pads_begin) of the input, L = s*(o-1) + extent:
     # crop what lies past the input's end, or extend with output_padding where the forward
     # window never reached (that is < stride, as onnxruntime requires).
@@ -84,6 +84,20 @@ def conv_input_adjoint(ctx: RuleContext, g: str, weight: str | np.ndarray, windo
     return ctx.make_node("ConvTranspose", [g, w], strides=window.strides, dilations=window.dilations, group=group,
                          pads=window.pads_begin + end,
                          output_padding=output_padding if any(output_padding) else None)
+
+
+def _flipped_conv(ctx: RuleContext, g: str, flipped: str, window: Window, group: int) -> str:
+    """Stride-1 correlation of g with the flipped kernel, cut to the input size.
+
+    dx[i] = sum_k g[i + pads_begin - k*d] w[k]: "full" padding minus the forward pads.
+    """
+    begin = [e - 1 - p for e, p in zip(window.extents, window.pads_begin)]
+    end = [i + e - 1 - o - b for i, e, o, b in zip(window.in_sizes, window.extents, window.out_sizes, begin)]
+    if min(begin + end) < 0:
+        # forward pads wider than the kernel: pad (or crop, negative) explicitly
+        g = ctx.pad(g, [0, 0] + begin + [0, 0] + end)
+        begin, end = [0] * len(begin), [0] * len(end)
+    return ctx.make_node("Conv", [g, flipped], pads=begin + end, dilations=window.dilations, group=group)
 
 
 def _flipped_weight(ctx: RuleContext, weight: str | np.ndarray, group: int, shape: Sequence[int]) -> str | None:
@@ -126,13 +140,18 @@ def conv_backward(ctx: RuleContext, node, grad_outputs):
     x, w, y = node.input[0], node.input[1], node.output[0]
     g = grad_outputs[0]
     grads: list = [None] * len(node.input)
+    if ctx.needs_grad(node, 2):
+        grads[2] = _bias_gradient(ctx, g, node)
     if ctx.needs_grad(node, 0):
         w_shape = ctx.static_dims(w, range(ctx.rank(w)), "Conv backward")
         kernel = attr(node, "kernel_shape", None) or w_shape[2:]
         window = window_of(ctx, node, x, y, kernel)
+        scaled = ctx.channel_scale_of(g)
+        if scaled is not None:
+            # g = g0 * f per output channel: use g0 and the weights scaled by f (folded by onnxruntime)
+            g, factor = scaled
+            w = ctx.make_node("Mul", [w, ctx.make_node("Reshape", [factor, ctx.ints([-1] + [1] * (len(w_shape) - 1))])])
         grads[0] = conv_input_adjoint(ctx, g, w, window, attr(node, "group", 1), w_shape)
-    if ctx.needs_grad(node, 2):
-        grads[2] = _bias_gradient(ctx, g, node)
     return grads
 
 

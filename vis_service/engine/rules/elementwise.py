@@ -36,12 +36,30 @@ def mean_backward(ctx: RuleContext, node, grad_outputs):
     return [ctx.sum_to(g, x, shape) if ctx.needs_grad(node, i) else None for i, x in enumerate(node.input)]
 
 
+def _per_channel(ctx: RuleContext, factor: str, x: str) -> bool:
+    """factor is static and shaped [C, 1, ..] or [1, C, 1, ..] against x [N, C, ..]."""
+    if not ctx.is_static(factor):
+        return False
+    x_shape, f_shape = ctx.shape(x), ctx.shape(factor)
+    if len(x_shape) < 3 or not isinstance(x_shape[1], int):
+        return False
+    trailing = [1] * (len(x_shape) - 2)
+    return list(f_shape) in ([x_shape[1]] + trailing, [1, x_shape[1]] + trailing)
+
+
 @rule("Mul")
 def mul_backward(ctx: RuleContext, node, grad_outputs):
     a, b = node.input[0], node.input[1]
     g = grad_outputs[0]
     shape = _out_shape(ctx, node)
     grads = [None, None]
+    for i, (x, factor) in enumerate(((a, b), (b, a))):
+        if ctx.needs_grad(node, i) and not ctx.needs_grad(node, 1 - i) and _per_channel(ctx, factor, x) \
+                and tuple(ctx.shape(x)) == tuple(shape):
+            # a per-channel constant scale (e.g. an unfolded BatchNorm): foldable, see scale_channels
+            flat = ctx.make_node("Reshape", [factor, ctx.ints([-1])])
+            grads[i] = ctx.scale_channels(g, flat, x)
+            return grads
     if ctx.needs_grad(node, 0):
         grads[0] = ctx.sum_to(ctx.make_node("Mul", [g, b]), a, shape)
     if ctx.needs_grad(node, 1):

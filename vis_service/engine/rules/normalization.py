@@ -12,13 +12,15 @@ def batch_norm_backward(ctx: RuleContext, node, grad_outputs):
     if attr(node, "training_mode", 0):
         raise Unimplemented(f"BatchNormalization node {node.name!r} in training mode has no backward rule")
     x, scale, var = node.input[0], node.input[1], node.input[4]
-    rank = ctx.rank(x)
     std = ctx.make_node("Sqrt", [ctx.make_node("Add", [var, ctx.scalar(attr(node, "epsilon", 1e-5), x)])])
     factor = ctx.make_node("Div", [scale, std])
-    # per channel [C] -> [C, 1, ...]; opset < 9 with spatial=0 has per-activation [C, D1, ...]
+    no_grads = [None] * (len(node.input) - 1)
+    if ctx.rank(scale) == 1 and ctx.is_static(scale) and ctx.is_static(var):
+        return [ctx.scale_channels(grad_outputs[0], factor, x)] + no_grads
+    # per-activation parameters [C, D1, ...] (opset < 9, spatial=0), or parameters fed at run time
     if ctx.rank(scale) == 1:
-        factor = ctx.unsqueeze(factor, list(range(1, rank - 1)))
-    return [ctx.make_node("Mul", [grad_outputs[0], factor])] + [None] * (len(node.input) - 1)
+        factor = ctx.unsqueeze(factor, list(range(1, ctx.rank(x) - 1)))
+    return [ctx.make_node("Mul", [grad_outputs[0], factor])] + no_grads
 
 
 def _normalized_backward(ctx: RuleContext, x: str, g_scaled: str, axes: list[int], epsilon: float) -> str:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import helper
 
+from ...errors import Unimplemented
 from ..context import RuleContext, attr
 from ..registry import rule
 from .conv import Window, conv_input_adjoint, window_of
@@ -18,18 +19,15 @@ def max_pool_backward(ctx: RuleContext, node, grad_outputs):
     where overlapping windows share a maximum; ScatterElements(reduction=add) sums.
     """
     x = node.input[0]
+    if attr(node, "storage_order", 0):
+        raise Unimplemented(f"MaxPool node {node.name!r} uses storage_order=1 (column-major indices); no backward rule")
     indices = ctx.primal_output(node, 1)
     flat = ctx.ints([-1])
-    size = ctx.make_node("Reshape", [ctx.make_node("Size", [x]), flat])
-    zeros = ctx.make_node("ConstantOfShape", [size], value=_zero_tensor(ctx, x))
+    zeros = ctx.zeros(ctx.make_node("Reshape", [ctx.make_node("Size", [x]), flat]), x)
     scattered = ctx.make_node("ScatterElements", [zeros, ctx.make_node("Reshape", [indices, flat]),
                                                   ctx.make_node("Reshape", [grad_outputs[0], flat])],
                               axis=0, reduction="add")
     return [ctx.reshape_like(scattered, x)]
-
-
-def _zero_tensor(ctx: RuleContext, like: str):
-    return numpy_helper.from_array(np.zeros(1, dtype=ctx.dtype(like)), "zero")
 
 
 @rule("AveragePool")
@@ -44,10 +42,8 @@ def average_pool_backward(ctx: RuleContext, node, grad_outputs):
     window = window_of(ctx, node, x, y, attr(node, "kernel_shape"))
     channels = ctx.static_dims(x, [1], "AveragePool backward")[0]
     rank = ctx.rank(x)
-    pool_attrs = {a.name: a for a in node.attribute}
     ones = ctx.const(np.ones([1, 1] + window.in_sizes, dtype=ctx.dtype(x)), "ones")
-    pooled_ones = ctx.make_node("AveragePool", [ones])
-    ctx.nodes[-1].attribute.extend(pool_attrs.values())
+    pooled_ones = ctx.make_node("AveragePool", [ones], **{a.name: helper.get_attribute_value(a) for a in node.attribute})
     covered = _covered_counts(window).astype(ctx.dtype(x)).reshape([1, 1] + window.out_sizes)
     inverse_divisor = ctx.make_node("Div", [pooled_ones, ctx.const(covered, "covered")])
     scaled = ctx.make_node("Mul", [grad_outputs[0], inverse_divisor])

@@ -119,11 +119,10 @@ def _spread(ctx: RuleContext, g: str, axis: int, stride: int, rank: int) -> str:
 
 @rule("Pad")
 def pad_backward(ctx: RuleContext, node, grad_outputs):
-    """Constant padding: crop it off again (Pad with negated pads)."""
+    """constant: crop the padding off (Pad with negated pads); edge/reflect: also fold the
+    padded border back onto the elements it copies, one axis at a time."""
     x, g = node.input[0], grad_outputs[0]
     mode = attr(node, "mode", "constant")
-    if mode != "constant":
-        raise Unimplemented(f"no backward rule for Pad mode {mode!r} (node {node.name!r}); only 'constant'")
     rank = ctx.rank(x)
     if ctx.opset < 11:
         pads = list(attr(node, "pads"))
@@ -135,7 +134,43 @@ def pad_backward(ctx: RuleContext, node, grad_outputs):
             for i, a in enumerate(normalize_axis(a, rank) for a in axes):
                 full[a], full[rank + a] = pads[i], pads[len(axes) + i]
             pads = full
-    return [ctx.pad(g, [-p for p in pads])] + [None] * (len(node.input) - 1)
+    no_grads = [None] * (len(node.input) - 1)
+    if mode == "constant":
+        return [ctx.pad(g, [-p for p in pads])] + no_grads
+    if mode not in ("edge", "reflect") or min(pads) < 0:
+        raise Unimplemented(f"no backward rule for Pad mode {mode!r} with pads {pads} (node {node.name!r})")
+    for axis in range(rank):
+        before, after = pads[axis], pads[rank + axis]
+        if before or after:
+            dim = ctx.static_dims(x, [axis], "Pad backward")[0]
+            g = _fold_border(ctx, g, axis, rank, dim, before, after, mode)
+    return [g] + no_grads
+
+
+def _fold_border(ctx: RuleContext, g: str, axis: int, rank: int, dim: int, before: int, after: int, mode: str) -> str:
+    """Adjoint of edge/reflect padding along one axis: [before | dim | after] -> dim."""
+    def placed(t: str, lead: int, trail: int) -> str:
+        pads = [0] * (2 * rank)
+        pads[axis], pads[rank + axis] = lead, trail
+        return ctx.pad(t, pads)
+
+    terms = [ctx.slice(g, [before], [before + dim], [axis])]
+    if mode == "edge":
+        if before:
+            head = ctx.reduce("ReduceSum", ctx.slice(g, [0], [before], [axis]), [axis], keepdims=True)
+            terms.append(placed(head, 0, dim - 1))
+        if after:
+            tail = ctx.reduce("ReduceSum", ctx.slice(g, [before + dim], [before + dim + after], [axis]), [axis], keepdims=True)
+            terms.append(placed(tail, dim - 1, 0))
+    else:
+        # g[before - k] mirrors x[k] and g[before + dim - 1 + k] mirrors x[dim - 1 - k], k = 1.. pads
+        if before:
+            head = ctx.slice(g, [before - 1], [INT64_MIN], [axis], [-1])
+            terms.append(placed(ctx.slice(head, [0], [before], [axis]), 1, dim - 1 - before))
+        if after:
+            tail = ctx.slice(g, [before + dim + after - 1], [before + dim - 1], [axis], [-1])
+            terms.append(placed(tail, dim - 1 - after, 1))
+    return ctx.add_all(terms)
 
 
 @rule("Tile")
