@@ -73,6 +73,25 @@ def main() -> int:
                 heat = np.abs(grad.gradient[i]).max(axis=0)
                 render.heatmap_overlay(img, heat, out / f"saliency_{path.stem}.png")
             print("saliency for classes", [int(k) for k in grad.target_index])
+
+            four = samples[:4]
+            ig = client.integrated_gradients(model, four, steps=64)
+            cam = client.grad_cam(model, four)
+            for i, path in enumerate(four):
+                ig.render(i, out / f"integrated_gradients_{path.stem}.png")
+                cam.render(i, out / f"gradcam_{path.stem}.png")
+            gaps = ", ".join(f"{g:.2g}" for g in ig.extra["completeness_gap"])
+            print(f"integrated gradients: completeness gaps {gaps}; Grad-CAM layer {cam.layer}")
+            proj = client.deconvnet(model, samples[3], convs[-1].outputs[0], top_k=8, crop=True)
+            proj.render_grid(0, out / f"deconvnet_{re.sub(r'[^A-Za-z0-9]+', '_', convs[-1].name)}.png")
+            occ = client.occlusion(model, samples[3], patch=8, stride=4)
+            occ.render(0, out, stem=f"occlusion_{samples[3].stem}")
+            print(f"deconvnet: top channels {[int(c) for c in proj.channels[0]]}; "
+                  f"occlusion: most sensitive patch {occ.most_sensitive(0)}")
+            for k in (3, 8):
+                cm = client.class_model(model, k, steps=120)
+                render.save_png(cm.images[0], out / f"class_model_{k}.png")
+            print("class models: final class scores", [round(float(v), 2) for v in (cm.objective)])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
