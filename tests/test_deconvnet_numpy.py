@@ -22,7 +22,6 @@ from _graph_helpers import load
 from vis_service.engine.backward import build_gradient_model
 from vis_service.engine.deconvnet_numpy import (deconvnet_projection, feature_map_cotangent,
                                                 top_activation_cotangent)
-from vis_service.engine.registry import RULES
 from vis_service.errors import InvalidArgument, Unimplemented
 from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import prepare_model, tensor_infos
@@ -36,12 +35,6 @@ def exact_session(model: onnx.ModelProto):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def engine_lrn_mode() -> str:
-    """What the engine's deconvnet set does at LRN: the exact gradient rule, or its own override."""
-    same = RULES.lookup("LRN", "deconvnet") is RULES.lookup("LRN", "gradient")
-    return "gradient" if same else "identity"
 
 
 def forward(model, feeds, names, session=exact_session):
@@ -106,9 +99,6 @@ LIGHT_CASES = [
     ("light:densenet121", "r300", 1),        # dense Concat, BN as Mul/Add, AveragePool transition
 ]
 
-LRN_MODELS = {"light:bvlc_alexnet", "light:zfnet512", "light:inception_v1"}
-
-
 @pytest.mark.parametrize("model_id,layer,batch", SHARED_CASES, ids=[c[0] for c in SHARED_CASES])
 def test_agrees_with_graph_rule_set_on_shared_models(model_id, layer, batch):
     compare(load(model_id), layer, batch)
@@ -116,10 +106,8 @@ def test_agrees_with_graph_rule_set_on_shared_models(model_id, layer, batch):
 
 @pytest.mark.parametrize("model_id,layer,batch", LIGHT_CASES, ids=[c[0] for c in LIGHT_CASES])
 def test_agrees_with_graph_rule_set_on_light_models(model_id, layer, batch):
-    # The spec passes LRN through; the engine's deconvnet set currently inherits the exact
-    # LRN gradient. Compare like with like (see test_lrn_* for both modes on a small graph).
-    lrn = engine_lrn_mode() if model_id in LRN_MODELS else "identity"
-    compare(load(model_id), layer, batch, lrn=lrn)
+    # alexnet, zfnet512 and inception_v1 have LRN: both sides pass it through
+    compare(load(model_id), layer, batch)
 
 
 def test_top_activation_projection_squeezenet():
@@ -301,12 +289,16 @@ def _lrn_model():
 
 
 def test_lrn_is_passed_through_by_default():
+    """Numpy and graph deconvnets both leave LRN out (Zeiler & Fergus do not invert it)."""
     model = _lrn_model()
     x = np.random.default_rng(5).standard_normal((1, 2, 4, 4)).astype(np.float32)
     cot = np.random.default_rng(6).standard_normal((1, 6, 4, 4)).astype(np.float32)
     (w,) = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w"]
     expected = np.einsum("nmhw,mc->nchw", cot, w[:, :, 0, 0])      # Conv adjoint only
     np.testing.assert_allclose(deconvnet_projection(model, {"x": x}, "y", cot), expected, rtol=1e-5, atol=1e-6)
+    gg = build_gradient_model(model, ["y"], ["x"], rule_set="deconvnet")
+    (graph,) = exact_session(gg.model).run([gg.gradient_outputs["x"]], {"x": x, gg.cotangent_inputs["y"]: cot})
+    np.testing.assert_allclose(graph, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_lrn_gradient_mode_matches_engine_exact_gradient():

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from vis_service.engine import RULE_SETS, RULES, build_gradient_model
-from vis_service.engine.verify import run_gradient, session
+from _engine_helpers import run_gradient, session
 from vis_service.errors import InvalidArgument, NotFound, Unimplemented
 from vis_service.graph.loading import prepare_model
 

@@ -26,7 +26,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from vis_service.engine import build_gradient_model
-from vis_service.engine.verify import run_gradient, session
+from _engine_helpers import run_gradient, session
 from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import opset_version, prepare_model, tensor_infos
 

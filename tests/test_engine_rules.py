@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-from vis_service.engine.verify import adjoint_check, one_node_model
+from _engine_helpers import adjoint_check, one_node_model
 
 LINEAR = "linear"        # linear / piecewise linear: finite differences exact away from kinks
 SMOOTH = "smooth"
@@ -117,7 +117,7 @@ def test_conv_weights_computed_in_graph():
     """Weights produced by nodes (light models: ConstantOfShape) use the in-graph flip."""
     import onnx
     from onnx import helper, numpy_helper
-    from vis_service.engine.verify import adjoint_check as check_model
+    from _engine_helpers import adjoint_check as check_model
     from vis_service.graph.loading import prepare_model
     w = weights(4, 3, 3, 3).astype(np.float32)
     graph = helper.make_graph(

@@ -92,3 +92,9 @@ def lrn_backward(ctx: RuleContext, node, grad_outputs):
     spread = channel_window_mean(through_d)                                         # Σ_window / size
     correction = ctx.make_node("Mul", [ctx.make_node("Mul", [x, spread]), ctx.scalar(2.0 * alpha * beta, x)])
     return [ctx.make_node("Sub", [direct, correction])]
+
+
+@rule("LRN", rule_set="deconvnet")
+def lrn_deconvnet(ctx: RuleContext, node, grad_outputs):
+    """Zeiler & Fergus's deconvnet does not invert contrast normalization: pass the signal on."""
+    return [grad_outputs[0]]

@@ -14,9 +14,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ..graph.expose import expose_tensors
-from ..graph.loading import prepare_model
-from .backward import GradientGraph, build_gradient_model
+from vis_service.graph.expose import expose_tensors
+from vis_service.graph.loading import prepare_model
+from vis_service.engine.backward import GradientGraph, build_gradient_model
 
 
 def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
