@@ -224,3 +224,59 @@ def test_unknown_model_suggests_close_names(client):
         client.inspect("sha256:0000000000000000")
     assert_status(e, grpc.StatusCode.NOT_FOUND)
     still_serving(client)
+
+
+def test_pbtxt_config_and_labels(client, repository, digit_images):
+    """A Triton-style config.pbtxt configures preprocessing and labels like config.json does."""
+    import shutil
+
+    d = repository / "digits-pbtxt"
+    d.mkdir(exist_ok=True)
+    shutil.copyfile(DEFAULT_MODEL_DIR / "model.onnx", d / "model.onnx")
+    (d / "names.txt").write_text("\n".join(f"digit-{k}" for k in range(10)) + "\n")
+    (d / "config.pbtxt").write_text(
+        'name: "digits-pbtxt"\nlabels: "names.txt"\n'
+        'input { color: "GRAY" resize: "stretch" value_range: [0, 1] mean: [0.3052] std: [0.3236] }\n')
+    m = client.model("digits-pbtxt")
+    assert m.config["labels"] == "names.txt" and m.num_labels == 10
+    res = client.gradient(m, digit_images[:3], None)
+    expected = [int(p.stem.split("_")[1]) for p in digit_images[:3]]
+    assert res.labels == [f"digit-{k}" for k in expected]
+
+
+def test_bad_config_file_is_refused(client, repository):
+    import shutil
+
+    d = repository / "digits-badcfg"
+    d.mkdir(exist_ok=True)
+    shutil.copyfile(DEFAULT_MODEL_DIR / "model.onnx", d / "model.onnx")
+    (d / "config.json").write_text('{"input": {"layout": "CHWN"}}')
+    with pytest.raises(VisError) as e:
+        client.model("digits-badcfg")
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "layout", "NCHW")
+    still_serving(client)
+
+
+def test_session_cache_is_bounded_lru():
+    from vis_service.runtime.sessions import Runtime
+
+    rt = Runtime(provider="cpu", cache_size=2)
+    proto = onnx.load(DEFAULT_MODEL_DIR / "model.onnx")
+    built = []
+
+    def build(tag):
+        def make():
+            built.append(tag)
+            return proto, tag
+        return make
+
+    a = rt.session("m", ("a",), build("a"))
+    rt.session("m", ("b",), build("b"))
+    assert rt.session("m", ("a",), build("a")) is a  # hit: nothing built
+    rt.session("m", ("c",), build("c"))               # evicts the least recently used: b
+    assert rt.sessions_cached == 2 and built == ["a", "b", "c"]
+    rt.session("m", ("a",), build("a"))
+    rt.session("m", ("b",), build("b"))
+    assert built == ["a", "b", "c", "b"]
+    rt.evict_model("m")
+    assert rt.sessions_cached == 0

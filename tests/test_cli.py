@@ -1,0 +1,58 @@
+"""The `vis` CLI against the real server: files written, readable summaries, error exit codes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vis_client import cli
+from vis_service.default_models import DEFAULT_MODEL_DIR
+
+
+def run(server, *args) -> int:
+    return cli.main(["--address", server.address, *args])
+
+
+def test_info_models_inspect(server, client, capsys):
+    client.model("digits")
+    assert run(server, "info") == 0
+    out = capsys.readouterr().out
+    assert "provider" in out and ("CPUExecutionProvider" in out or "CUDAExecutionProvider" in out)
+    assert run(server, "models") == 0
+    assert "digits" in capsys.readouterr().out
+    assert run(server, "inspect", "digits") == 0
+    out = capsys.readouterr().out
+    assert "block1/add" in out and "Add" in out and "global" in out  # layer table with receptive fields
+
+
+def test_activations_filters_gradient_write_pngs(server, digit_images, tmp_path, capsys):
+    imgs = [str(p) for p in digit_images[:2]]
+    assert run(server, "activations", "digits", "--images", *imgs, "--layers", "conv1", "block1/add",
+               "--out", str(tmp_path / "act")) == 0
+    pngs = sorted((tmp_path / "act").glob("*.png"))
+    assert len(pngs) == 4  # 2 images x 2 layers
+    grid = np.asarray(Image.open(pngs[0]))
+    assert grid.ndim == 3 and grid.shape[0] >= 32
+    assert run(server, "filters", "digits", "--layer", "conv1", "--out", str(tmp_path / "f")) == 0
+    out = capsys.readouterr().out
+    assert "weight: shape (16, 1, 3, 3)" in out and "bias: shape (16,)" in out
+    assert list((tmp_path / "f").glob("*.png"))
+    assert run(server, "gradient", "digits", "--images", imgs[0], "--out", str(tmp_path / "g")) == 0
+    assert list((tmp_path / "g").glob("*.png"))
+
+
+def test_local_onnx_file_is_uploaded(server, tmp_path, capsys):
+    assert run(server, "inspect", str(DEFAULT_MODEL_DIR / "model.onnx")) == 0
+    assert "head/gemm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["inspect", "no-such-model"], "NOT_FOUND"),
+    (["activations", "digits", "--images", "missing.png", "--layers", "conv1", "--out", "x"], "missing.png"),
+    (["filters", "digits", "--layer", "relu1", "--out", "x"], "INVALID_ARGUMENT"),
+])
+def test_errors_exit_1_with_one_line(server, args, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(server, *args) == 1
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
