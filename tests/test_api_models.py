@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import grpc
@@ -49,16 +50,29 @@ def test_health_and_reflection(server):
 
 
 def test_load_list_and_content_id(client):
-    m = client.model("digits")
     data = (DEFAULT_MODEL_DIR / "model.onnx").read_bytes()
-    assert m.id == "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-    assert "digits" in m.names and m.num_labels == 10
-    assert m.inputs[0].name == "input"
-    # the same bytes uploaded (twice, under a new name) are the same model
+    raw_hash = "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    # the same bytes uploaded twice (under two names) are one model, named by their hash
     up1 = client.load_model(data, name="digits-upload")
     up2 = client.load_model(DEFAULT_MODEL_DIR / "model.onnx")
-    assert up1.id == up2.id == m.id
-    assert {"digits", "digits-upload"} <= set(client.model(m.id).names)
+    assert up1.id == up2.id == raw_hash
+    assert {"digits-upload", "model"} <= set(client.model(raw_hash).names)
+    # the repository entry serves the same bytes with a config and labels: another model ...
+    m = client.model("digits")
+    assert m.id != raw_hash and "digits" in m.names and m.num_labels == 10 and up1.num_labels == 0
+    assert m.config["input"]["color"] == "GRAY"
+    # ... that shares the parsed graph and its sessions with the upload
+    x = np.zeros((2, 1, 32, 32), np.float32)
+    layers = ["block1/relu_a", "mixed/relu1x1", "logits"]  # a set no other test asks for
+    by_repo = client.activations(m, x, layers)
+    built = client.server_info()["sessions_built"]
+    by_upload = client.activations(up1, x, layers[::-1])
+    assert client.server_info()["sessions_built"] == built  # the twin reused the session
+    np.testing.assert_array_equal(by_upload["mixed/relu1x1"], by_repo["mixed/relu1x1"])
+    # uploading with the repository's config and labels gives the repository model's id
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    labels = (DEFAULT_MODEL_DIR / "labels.txt").read_text().split()
+    assert client.load_model(data, config=cfg, labels=labels).id == m.id
     loaded, repo = client.list_models()
     assert "digits" in repo
     assert sum(1 for x in loaded if x.id == m.id) == 1

@@ -23,7 +23,7 @@ def resolve_layers(model: LoadedModel, layers: list[str], field: str = "layers")
 def exposed_session(runtime: Runtime, model: LoadedModel, tensors):
     """Cached session whose outputs are exactly `tensors` (order-independent key)."""
     key_tensors = tuple(sorted(set(tensors)))
-    return runtime.session(model.id, ("expose", key_tensors),
+    return runtime.session(model.graph_id, ("expose", key_tensors),
                            lambda: (expose_tensors(model.proto, list(key_tensors)), None))
 
 

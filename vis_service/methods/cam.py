@@ -532,7 +532,7 @@ class AblationCam(CamVariant):
             cut = graph_after(ctx.model.proto, ctx.layer, [scores_t])
             return cut.model, cut
 
-        session = ctx.runtime.session(ctx.model.id, key, build)
+        session = ctx.runtime.session(ctx.model.graph_id, key, build)
         sub = session.meta
         pairs = np.argwhere(np.ones((n, c), dtype=bool))
         total = len(pairs)

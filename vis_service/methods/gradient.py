@@ -69,7 +69,7 @@ def gradient_session(runtime: Runtime, model: LoadedModel, objective_tensor: str
                                   node_rules=dict(rules), forward_outputs=list(forward_outputs))
         return gg.model, gg
 
-    return runtime.session(model.id, key, build)
+    return runtime.session(model.graph_id, key, build)
 
 
 def _per_sample(values: Sequence[int], batch: int, field: str) -> np.ndarray | None:

@@ -41,6 +41,10 @@ class LoadedModel:
     infos: dict[str, TensorInfo] = field(repr=False, default_factory=dict)
     # facts derived from the graph once (inspection, gradient support, ...), by name
     derived: dict = field(repr=False, default_factory=dict)
+    graph_id: str = ""               # hash of the bytes alone: sessions are cached per graph
+
+    def __post_init__(self):
+        self.graph_id = self.graph_id or self.id
 
     def memo(self, key: str, compute):
         if key not in self.derived:
@@ -75,6 +79,23 @@ class LoadedModel:
 
 def content_id(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def model_ids(data: bytes, config: vis_pb2.ModelConfig | None, labels: list[str] | None) -> tuple[str, str]:
+    """(graph id, model id): the hash of the bytes, and of the bytes with their serving config.
+
+    The same bytes uploaded twice are one model. The same bytes served with another
+    config or labels (a second repository entry, an upload with a header) are another
+    model, since images are preprocessed and classes named differently, but they share
+    one parsed graph and its onnxruntime sessions (keyed by the graph id).
+    """
+    h = hashlib.sha256(data)
+    graph_id = "sha256:" + h.hexdigest()[:16]
+    cfg = config.SerializeToString(deterministic=True) if config is not None else b""
+    if not cfg and not labels:
+        return graph_id, graph_id
+    h.update(b"\0config\0" + cfg + b"\0labels\0" + "\n".join(labels or []).encode())
+    return graph_id, "sha256:" + h.hexdigest()[:16]
 
 
 def check_name(name: str, field: str = "name") -> str:
@@ -158,20 +179,12 @@ class ModelStore:
         model = self.get(ref)
         with self._lock:
             self._models.pop(model.id, None)
-        self.runtime.evict_model(model.id)
+            shared = any(m.graph_id == model.graph_id for m in self._models.values())
+        if not shared:
+            self.runtime.evict_model(model.graph_id)
         return True
 
     # -- internals ----------------------------------------------------------
-    @staticmethod
-    def _merge_into(existing: LoadedModel, name: str, config, labels) -> None:
-        """Same bytes again: one model; a new name is added, a given config / labels replace the old."""
-        if name and name not in existing.names:
-            existing.names.append(name)
-        if config is not None and config.ByteSize():
-            existing.config = config
-        if labels:
-            existing.labels = list(labels)
-
     def _check_size(self, size: int) -> None:
         if size > self.max_model_bytes:
             raise ResourceExhausted(f"model of {size} bytes exceeds the limit of {self.max_model_bytes} bytes")
@@ -188,25 +201,31 @@ class ModelStore:
         return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def _add(self, data: bytes, name: str, config, labels, *, source: str, base_dir: Path | None) -> LoadedModel:
-        mid = content_id(data)
+        graph_id, mid = model_ids(data, config, labels)
         with self._lock:
             existing = self._models.get(mid)
             if existing is not None:
-                self._merge_into(existing, name, config, labels)
+                if name and name not in existing.names:
+                    existing.names.append(name)
                 return existing
-        raw = parse_model(data, base_dir=base_dir)
-        proto = prepare_model(raw)
-        model = LoadedModel(mid, [name] if name else [], source, len(data), proto, config, labels, tensor_infos(proto))
+            twin = next((m for m in self._models.values() if m.graph_id == graph_id), None)
+        if twin is not None:  # same graph under another config: share the parsed graph and its sessions
+            proto, infos = twin.proto, twin.infos
+        else:
+            proto = prepare_model(parse_model(data, base_dir=base_dir))
+            infos = tensor_infos(proto)
+        model = LoadedModel(mid, [name] if name else [], source, len(data), proto, config, labels, infos,
+                            graph_id=graph_id)
         if model.config.input.name and model.config.input.name not in model.input_names:
             raise InvalidArgument("config.input.name", f"{model.config.input.name!r} is not an input of the model; inputs: {model.input_names}")
         # Validation by onnxruntime itself, and the forward session every request needs anyway.
         try:
-            self.runtime.session(mid, ("forward",), lambda: (proto, None))
+            self.runtime.session(graph_id, ("forward",), lambda: (proto, None))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InvalidArgument("model", f"onnxruntime cannot load the model: {str(exc).strip()[:500]}") from None
         with self._lock:
             existing = self._models.setdefault(mid, model)
-            if existing is not model:
-                self._merge_into(existing, name, config, labels)
+            if existing is not model and name and name not in existing.names:
+                existing.names.append(name)
         log.info("loaded model %s (%s) from %s", mid, ", ".join(model.names) or "unnamed", source)
         return existing

@@ -128,7 +128,7 @@ def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head
         gg = build_gradient_model(proto, list(objectives), [model.image_input])
         return gg.model, gg
 
-    return runtime.session(model.id, key, build)
+    return runtime.session(model.graph_id, key, build)
 
 
 class GradientRun:
