@@ -61,17 +61,18 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
     def __init__(self, state: ServiceState):
         self.s = state
 
-    def _stream_result(self, model, result: MethodResult, label_targets: bool):
+    def _stream_result(self, model, result: MethodResult, label_targets: bool, region):
         labels = dict(result.labels)
         if label_targets and "target_index" in result.tensors:
             names = convert.labels_for(model, result.tensors["target_index"])
             if names:
                 labels["target_index"] = names
-        return self.s.stream(result.tensors, scalars=result.scalars, labels=labels, text=result.text)
+        return self.s.stream(result.tensors, region, scalars=result.scalars, labels=labels, text=result.text)
 
     @handles_errors
     def Attribute(self, request, context):
         method = _method(request)  # validate options before any work
+        region = self.s.result_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input)
         obj = convert.objective(request.target)
@@ -81,10 +82,11 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             ai = attribution_common.prepare(self.s.runtime, model, feeds, obj, preprocess)
             return method(self.s.runtime, model, ai, progress)
 
-        yield from run_streaming(context, work, lambda r: self._stream_result(model, r, obj.kind == "output"))
+        yield from run_streaming(context, work, lambda r: self._stream_result(model, r, obj.kind == "output", region))
 
     @handles_errors
     def Deconvnet(self, request, context):
+        region = self.s.result_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input)
         target = convert.objective(request.target) if request.HasField("target") else None
@@ -93,7 +95,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             return deconvnet(self.s.runtime, model, feeds, request.layer, request.top_k, target, request.crop,
                              request.rule_set or "deconvnet", progress)
 
-        yield from run_streaming(context, work, lambda r: self._stream_result(model, r, False))
+        yield from run_streaming(context, work, lambda r: self._stream_result(model, r, False, region))
 
 
 def register(server: grpc.Server, state: ServiceState) -> list[str]:

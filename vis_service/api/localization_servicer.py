@@ -28,11 +28,13 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
             raise InvalidArgument("batch", f"{value} copies per run exceeds the server's limit of {limit}")
         return value
 
-    def _to_stream(self, result):
-        return self.s.stream(result.tensors, scalars=result.scalars, labels=result.labels, text=result.text)
+    def _to_stream(self, region):
+        return lambda result: self.s.stream(result.tensors, region, scalars=result.scalars, labels=result.labels,
+                                            text=result.text)
 
     @handles_errors
     def Cam(self, request, context):
+        region = self.s.result_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input)
         obj = convert.objective(request.target)
@@ -41,10 +43,11 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
             return cam.compute_cam(self.s.runtime, model, feeds, request.method or "gradcam", request.layer, obj,
                                    self._batch(request.batch), _preprocess(request.input), progress)
 
-        yield from run_streaming(context, method, self._to_stream)
+        yield from run_streaming(context, method, self._to_stream(region))
 
     @handles_errors
     def Occlusion(self, request, context):
+        region = self.s.result_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input)
         obj = convert.objective(request.target)
@@ -54,7 +57,7 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
                                                list(request.stride), request.fill or "grey", request.layer,
                                                self._batch(request.batch), _preprocess(request.input), progress)
 
-        yield from run_streaming(context, method, self._to_stream)
+        yield from run_streaming(context, method, self._to_stream(region))
 
 
 def register(server: grpc.Server, state: ServiceState) -> list[str]:

@@ -118,12 +118,14 @@ class OptimizationServicer:
         """run_streaming, with the loop's snapshots streamed before the Progress of their step."""
         pending: queue.SimpleQueue = queue.SimpleQueue()
         chunk = self.s.limits.chunk_bytes
+        region = self.s.result_region(context)  # the final result's tensors; snapshots are always streamed
 
         def on_snapshot(name: str, array: np.ndarray, done: int) -> None:
             pending.put((done, name, array))
 
         def to_stream(result):
-            return self.s.stream(result.tensors, scalars=result.scalars, labels=result.labels, text=result.text)
+            return self.s.stream(result.tensors, region, scalars=result.scalars, labels=result.labels,
+                                 text=result.text)
 
         held = []  # the worker runs ahead of the stream: hold snapshots until their step's Progress
         for msg in run_streaming(context, lambda progress: work(progress, on_snapshot), to_stream):

@@ -15,6 +15,7 @@ from ..models.store import ModelStore
 from ..runtime.sessions import Runtime
 from . import convert
 from .errors import handles_errors
+from .shared_memory import SharedResultRegion, region_from_metadata
 from .tensors import DEFAULT_CHUNK_BYTES, result_stream
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,17 @@ class ServiceState:
     def feeds(self, model, batch: vis_pb2.InputBatch, field: str = "input"):
         return build_feeds(model, convert.input_request(batch, field), self.limits.max_batch, field)
 
-    def stream(self, tensors, **kw):
-        return result_stream(tensors, chunk_bytes=self.limits.chunk_bytes, **kw)
+    def result_region(self, context: grpc.ServicerContext) -> SharedResultRegion | None:
+        """The same-host shared memory region the call's metadata names (api/shared_memory.py), opened
+        and checked now, before any work, and closed when the call ends; None when it names none."""
+        region = region_from_metadata(context.invocation_metadata())
+        if region is not None and not context.add_callback(region.close):
+            region.close()  # the call already ended
+        return region
+
+    def stream(self, tensors, region: SharedResultRegion | None = None, **kw):
+        """The result stream; tensors go into `region` (see result_region) where they fit."""
+        return result_stream(tensors, chunk_bytes=self.limits.chunk_bytes, region=region, **kw)
 
 
 class ModelServicer(vis_pb2_grpc.ModelServiceServicer):
@@ -109,20 +119,23 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
 
     @handles_errors
     def Activations(self, request, context):
+        region = self.s.result_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input)
         values = activations.compute_activations(self.s.runtime, model, feeds, list(request.layers))
-        yield from self.s.stream(values)
+        yield from self.s.stream(values, region)
 
     @handles_errors
     def Filters(self, request, context):
+        region = self.s.result_region(context)
         model = self.s.store.get(request.model)
         if not request.layer:
             raise InvalidArgument("layer", "required: a Conv / ConvTranspose / Gemm / MatMul node or its output tensor")
-        yield from self.s.stream(filters.layer_filters(model, request.layer))
+        yield from self.s.stream(filters.layer_filters(model, request.layer), region)
 
     @handles_errors
     def Gradient(self, request, context):
+        region = self.s.result_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input)
         obj = convert.objective(request.target)
@@ -137,4 +150,4 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
                 names = convert.labels_for(model, res.target_index)
                 if names:
                     labels["target_index"] = names
-        yield from self.s.stream(tensors, labels=labels, text={"objective_tensor": res.objective_tensor})
+        yield from self.s.stream(tensors, region, labels=labels, text={"objective_tensor": res.objective_tensor})

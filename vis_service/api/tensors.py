@@ -8,6 +8,7 @@ import numpy as np
 from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
 from ..errors import InvalidArgument
 from ..gen import vis_pb2
+from .shared_memory import SharedResultRegion
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -75,12 +76,31 @@ def chunk_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BY
             break
 
 
+def shared_memory_chunk(name: str, arr: np.ndarray, shm_offset: int) -> vis_pb2.ResultChunk:
+    """The one chunk of a tensor the server wrote into the call's shared memory region: where, no data."""
+    dt = datatype_of(arr.dtype)
+    return vis_pb2.ResultChunk(tensor=vis_pb2.TensorChunk(
+        name=name, datatype=dt, shape=list(arr.shape), total_bytes=arr.size * NUMPY_BY_DATATYPE[dt].itemsize,
+        offset=0, shm_offset=shm_offset, in_shared_memory=True))
+
+
 def result_stream(tensors: Mapping[str, np.ndarray], *, scalars: Mapping[str, float] | None = None,
                   labels: Mapping[str, list[str]] | None = None, text: Mapping[str, str] | None = None,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[vis_pb2.ResultChunk | bytes]:
-    """The tail of every analysis stream: the tensors' chunks (pre-serialized), then one ResultInfo."""
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  region: SharedResultRegion | None = None) -> Iterator[vis_pb2.ResultChunk | bytes]:
+    """The tail of every analysis stream: the tensors' chunks (pre-serialized), then one ResultInfo.
+
+    With the call's shared memory `region` (api/shared_memory.py), each tensor that
+    fits in what is left of it is written there and announced by one data-less chunk;
+    the others are streamed.
+    """
     for name, arr in tensors.items():
-        yield from chunk_tensor(name, arr, chunk_bytes)
+        arr = np.asarray(arr)
+        shm_offset = region.place(arr) if region is not None else None
+        if shm_offset is not None:
+            yield shared_memory_chunk(name, arr, shm_offset)
+        else:
+            yield from chunk_tensor(name, arr, chunk_bytes)
     info = vis_pb2.ResultInfo()
     for k, v in (scalars or {}).items():
         info.scalars[k] = float(v)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from .gen import vis_pb2, vis_pb2_grpc
 from .attribution import AttributionMixin
 from .localization import LocalizationMixin
 from .optimization import OptimizationMixin
+from .shared_memory import SharedResultMemory
 from .stream import Result, collect
 from .tensors import to_proto
 
@@ -500,9 +502,16 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
 
     ``Client("127.0.0.1:50051", timeout=60)``. ``timeout`` (seconds) applies to every call,
     ``None`` = no deadline. Use as a context manager or call :meth:`close`.
+
+    ``shared_memory_bytes`` > 0, only for a server on the same machine: the client creates a
+    shared memory region of that size and the server writes result tensors into it instead
+    of streaming them (much faster for large results; what does not fit is streamed). The
+    region serves one call at a time (concurrent calls on the same client are streamed) and
+    is unlinked by :meth:`close`. A server on another host answers INVALID_ARGUMENT.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = 64 * MiB):
+    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = 64 * MiB,
+                 shared_memory_bytes: int = 0):
         if not isinstance(address, str) or not address:
             raise ValueError("address must be 'host:port'")
         if timeout is not None and timeout <= 0:
@@ -516,12 +525,15 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         ])
         self._models = vis_pb2_grpc.ModelServiceStub(self._channel)
         self._vis = vis_pb2_grpc.VisServiceStub(self._channel)
+        self._shared = SharedResultMemory(shared_memory_bytes) if shared_memory_bytes else None
 
     # -- lifecycle
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel and unlink the shared memory region (if any)."""
         self._channel.close()
+        if self._shared is not None:
+            self._shared.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -538,12 +550,22 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
+    @contextmanager
+    def _result_transport(self) -> Iterator[tuple[tuple, memoryview | None]]:
+        """``(call metadata, shared memory buffer or None)`` for one streamed call."""
+        if self._shared is None:
+            yield (), None
+        else:
+            with self._shared.use() as transport:
+                yield transport
+
     def _stream(self, method, request, on_progress=None, cancel=None) -> Result:
-        try:
-            call = method(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return collect(call, on_progress=on_progress, cancel=cancel)
+        with self._result_transport() as (metadata, region):
+            try:
+                call = method(request, timeout=self.timeout, metadata=metadata or None)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            return collect(call, on_progress=on_progress, cancel=cancel, region=region)
 
     # -- server
 

@@ -247,12 +247,13 @@ class OptimizationMixin:
         from .errors import from_rpc_error
         import grpc
 
-        try:
-            call = method(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        tap = _SnapshotTap(call, on_snapshot)
-        return collect(tap, on_progress=on_step, cancel=cancel), tap.snapshots
+        with self._result_transport() as (metadata, region):  # the final tensors; snapshots are streamed
+            try:
+                call = method(request, timeout=self.timeout, metadata=metadata or None)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            tap = _SnapshotTap(call, on_snapshot)
+            return collect(tap, on_progress=on_step, cancel=cancel, region=region), tap.snapshots
 
     def maximize(self, model, objectives, *, steps: int = 256, lr: float | None = None, optimizer: str = "adam",
                  schedule: str | None = None, batch: int = 1, parameterization: str = "fourier",

@@ -52,17 +52,19 @@ def _watch(call, cancel, done: threading.Event, poll: float = 0.05) -> None:
 
 def collect(call: Iterable[vis_pb2.ResultChunk], *,
             on_progress: Callable[[vis_pb2.Progress], Any] | None = None,
-            cancel: Any = None) -> Result:
+            cancel: Any = None, region: memoryview | None = None) -> Result:
     """Drain a ResultChunk stream into a :class:`Result`.
 
     ``call`` is the object a server-streaming stub returns (an iterator that also has
     ``cancel()``). ``on_progress(progress)`` is called for each Progress message.
     ``cancel`` is a ``threading.Event``-like object (or a callable returning bool); once set
     the RPC is cancelled and :class:`Cancelled` is raised. gRPC failures raise
-    :class:`VisError`; an inconsistent chunk stream raises ``CorruptStream``.
+    :class:`VisError`; an inconsistent chunk stream raises ``CorruptStream``. ``region``: the
+    shared memory buffer named in the call's metadata (tensors the server wrote there are
+    copied out of it; see ``shared_memory.py``).
     """
     result = Result()
-    assembler = ChunkAssembler()
+    assembler = ChunkAssembler(region)
     done = threading.Event()
     if cancel is not None:
         if is_cancelled(cancel):

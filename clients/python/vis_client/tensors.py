@@ -100,11 +100,16 @@ class ChunkAssembler:
     far) and share name, datatype, shape and ``total_bytes``; several tensors may be
     interleaved by name. :meth:`add` returns ``(name, array)`` when a tensor completes,
     else ``None``. :meth:`finish` raises :class:`CorruptStream` if a tensor is incomplete.
+
+    ``region``: the call's shared memory buffer (see ``shared_memory.py``); a chunk marked
+    ``in_shared_memory`` is a whole tensor the server wrote there, copied out at once (the
+    result never aliases the region, which the next call reuses).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, region: memoryview | None = None) -> None:
         self._pending: dict[str, _Pending] = {}
         self._done: set[str] = set()
+        self._region = region
 
     @property
     def pending(self) -> list[str]:
@@ -113,6 +118,8 @@ class ChunkAssembler:
 
     def add(self, chunk: vis_pb2.TensorChunk) -> tuple[str, np.ndarray] | None:
         name = chunk.name
+        if chunk.in_shared_memory:
+            return name, self._from_region(chunk)
         p = self._pending.get(name)
         if p is None:
             if name in self._done:
@@ -146,6 +153,29 @@ class ChunkAssembler:
             self._done.add(name)
             return name, _decode(p.datatype, p.shape, p.buf, f"tensor {name!r}", copy=False)
         return None
+
+    def _from_region(self, chunk: vis_pb2.TensorChunk) -> np.ndarray:
+        name = chunk.name
+        if self._region is None:
+            raise CorruptStream(f"tensor {name!r}: announced in shared memory, but this call shared no region")
+        if name in self._done or name in self._pending:
+            raise CorruptStream(f"tensor {name!r}: shared memory chunk for a tensor already received")
+        dt = dtype_of(chunk.datatype)
+        shape = tuple(int(s) for s in chunk.shape)
+        if any(s < 0 for s in shape):
+            raise CorruptStream(f"tensor {name!r}: negative dimension in shape {list(shape)}")
+        count = int(np.prod(shape, dtype=np.int64))
+        start, end = chunk.shm_offset, chunk.shm_offset + count * dt.itemsize
+        if chunk.total_bytes != end - start or chunk.offset != 0 or chunk.data:
+            raise CorruptStream(f"tensor {name!r}: shared memory chunk with offset {chunk.offset}, "
+                                f"{len(chunk.data)} data bytes, total_bytes {chunk.total_bytes} "
+                                f"for {chunk.datatype}{list(shape)}")
+        if start < 0 or end > len(self._region):
+            raise CorruptStream(f"tensor {name!r}: bytes [{start}, {end}) lie outside the {len(self._region)}-byte "
+                                "shared memory region")
+        self._done.add(name)
+        # the one copy: out of the region (reused by the next call) into the result
+        return np.frombuffer(self._region, dtype=dt, count=count, offset=start).reshape(shape).copy()
 
     def feed(self, chunks: Iterable[vis_pb2.TensorChunk]) -> Iterator[tuple[str, np.ndarray]]:
         """Consume chunks, yielding ``(name, array)`` for each completed tensor, then :meth:`finish`."""
