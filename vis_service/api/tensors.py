@@ -24,7 +24,8 @@ def tensor_from_proto(t: vis_pb2.Tensor, field: str) -> np.ndarray:
     if len(t.raw_contents) != count * dtype.itemsize:
         raise InvalidArgument(f"{field}.raw_contents", f"holds {len(t.raw_contents)} bytes but {t.datatype} {list(shape)} needs {count * dtype.itemsize}")
     arr = np.frombuffer(t.raw_contents, dtype=dtype).reshape(shape)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
+    # read-only view of the message bytes: the request outlives the call, so no copy is needed
+    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
 
 def tensor_to_proto(name: str, arr: np.ndarray) -> vis_pb2.Tensor:

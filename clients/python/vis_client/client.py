@@ -26,7 +26,7 @@ from .localization import LocalizationMixin
 from .optimization import OptimizationMixin
 from .shared_memory import SharedResultMemory
 from .stream import Result, collect
-from .tensors import to_proto
+from .tensors import encode, to_proto
 
 __all__ = ["Client", "Model", "TensorSpec", "NodeInfo", "ReceptiveField", "Inspection",
            "GradientResult", "Target", "PRESETS", "build_input_batch", "build_preprocessing",
@@ -421,7 +421,11 @@ def _input_dtype(model, name: str) -> str | None:
     return model.inputs[0].datatype if not name else None
 
 
-def _raw_tensor(name: str, arr, model) -> vis_pb2.Tensor:
+def _add_raw_tensor(batch: vis_pb2.InputBatch, name: str, arr, model) -> None:
+    """Append one raw input, cast to the model input's float type where it is known.
+
+    Built in place (``tensors.add``) so the payload is copied once into the message,
+    not again by ``append``."""
     a = np.asarray(arr)
     if a.dtype == object:
         raise TypeError(f"input {name or '(first)'!r}: cannot send an object array")
@@ -431,7 +435,8 @@ def _raw_tensor(name: str, arr, model) -> vis_pb2.Tensor:
             a = a.astype({"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}[want], copy=False)
         elif want is None and a.dtype == np.float64:
             a = a.astype(np.float32)
-    return to_proto(name, a)
+    datatype, shape, data = encode(a)
+    batch.tensors.add(name=name, datatype=datatype, shape=shape, raw_contents=data)
 
 
 def build_input_batch(x, preprocess=None, model=None) -> vis_pb2.InputBatch:
@@ -448,14 +453,14 @@ def build_input_batch(x, preprocess=None, model=None) -> vis_pb2.InputBatch:
     elif isinstance(x, np.ndarray):
         if x.ndim == 0:
             raise ValueError("input array must have a batch dimension, got a scalar")
-        batch.tensors.append(_raw_tensor("", x, model))
+        _add_raw_tensor(batch, "", x, model)
     elif isinstance(x, Mapping):
         if not x:
             raise ValueError("input dict is empty")
         for name, arr in x.items():
             if not isinstance(name, str):
                 raise TypeError(f"input dict keys must be input names (str), got {name!r}")
-            batch.tensors.append(_raw_tensor(name, arr, model))
+            _add_raw_tensor(batch, name, arr, model)
     elif isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_pil_image(x):
         batch.images.append(_encode_image(x))
     elif isinstance(x, (list, tuple)):

@@ -57,10 +57,16 @@ def to_proto(name: str, array) -> vis_pb2.Tensor:
     Non-contiguous and big-endian arrays are converted; Python scalars/lists go through
     ``np.asarray`` (so Python floats become FP64, ints INT64).
     """
+    datatype, shape, data = encode(array)
+    return vis_pb2.Tensor(name=name, datatype=datatype, shape=shape, raw_contents=data)
+
+
+def encode(array) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, little-endian row-major bytes) of an array-like."""
     arr = np.asarray(array)
     datatype = datatype_of(arr.dtype)
     arr = np.ascontiguousarray(arr, dtype=DATATYPES[datatype])
-    return vis_pb2.Tensor(name=name, datatype=datatype, shape=list(arr.shape), raw_contents=arr.tobytes())
+    return datatype, list(arr.shape), arr.tobytes()
 
 
 def _decode(datatype: str, shape, data, what: str, copy: bool = True) -> np.ndarray:
