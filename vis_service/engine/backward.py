@@ -8,6 +8,7 @@ and nodes that feed none of them are dropped, so onnxruntime runs only what is n
 """
 from __future__ import annotations
 
+import os as _os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -181,8 +182,11 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         if len(terms) > 1:
             ctx.node_label = f"grad/{name}"
             terms[:] = [ctx.add_all(terms)]
+            gradient_shapes.setdefault(terms[0], name)
         return terms[0]
 
+    # gradient tensor -> forward tensor whose shape it has (declared as value_info below)
+    gradient_shapes: dict[str, str] = {}
     new_inputs = []
     cotangent_inputs = {}
     for name in objectives:
@@ -200,6 +204,7 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         for index, (name, g) in enumerate(zip(node.input, grad_inputs)):
             if g is not None and name in relevant:
                 contributions[name].append(g)
+                gradient_shapes.setdefault(g, name)
 
     gradient_outputs = {}
     new_outputs = []
@@ -230,6 +235,15 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
 
     graph.node.extend(ctx.nodes)
     graph.initializer.extend(ctx.initializers)
+    # Shapes of the gradient tensors: onnxruntime cannot infer them past shape-computed ops
+    # (Expand/Reshape to Shape(x)), and without them its NCHWc layout pass cannot prove two
+    # blocked tensors equal in shape, so it reorders both back to NCHW around every mask Mul.
+    declared = {v.name for v in graph.value_info} | {v.name for v in graph.input} | set(forward.produced)
+    for g, primal in (gradient_shapes.items() if _os.environ.get('VIS_VI', '1') == '1' else ()):
+        info = infos.get(primal)
+        if g not in declared and info is not None and info.shape is not None:
+            graph.value_info.append(_value_info(g, info))
+            declared.add(g)
     graph.input.extend(new_inputs)
     del graph.output[:]
     graph.output.extend(forward_value_infos + new_outputs)
