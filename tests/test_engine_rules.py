@@ -422,3 +422,19 @@ def test_channel_scales_fold_into_conv_weights(opset):
     model = prepare_model(model)
     x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype(np.float32)
     assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1.0).relative_error < 1e-4
+
+
+@pytest.mark.parametrize("opset", [9, 17])
+def test_relu_mask_on_blocked_channels_is_exact(opset):
+    """32 channels take the Conv+Clip mask (NCHWc-friendly): 0, tiny normal and huge values."""
+    from _engine_helpers import run_gradient
+    from vis_service.engine import build_gradient_model
+    model = one_node_model("Relu", {"x": (2, 32, 4, 5)}, opset=opset)
+    x = np.random.default_rng(3).standard_normal((2, 32, 4, 5)).astype(np.float32)
+    x.flat[:6] = [0.0, -0.0, 2.0 ** -126, -(2.0 ** -126), 3e38, -3e38]
+    g = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    graph = build_gradient_model(model, ["y0"], ["x"])
+    assert "Conv" in {n.op_type for n in graph.model.graph.node}
+    for optimize in (True, False):
+        got = run_gradient(graph, {"x": x}, {"y0": g}, optimize=optimize)["x"]
+        np.testing.assert_array_equal(got, g * (x > 0))

@@ -8,7 +8,6 @@ and nodes that feed none of them are dropped, so onnxruntime runs only what is n
 """
 from __future__ import annotations
 
-import os as _os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -239,7 +238,7 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     # (Expand/Reshape to Shape(x)), and without them its NCHWc layout pass cannot prove two
     # blocked tensors equal in shape, so it reorders both back to NCHW around every mask Mul.
     declared = {v.name for v in graph.value_info} | {v.name for v in graph.input} | set(forward.produced)
-    for g, primal in (gradient_shapes.items() if _os.environ.get('VIS_VI', '1') == '1' else ()):
+    for g, primal in gradient_shapes.items():
         info = infos.get(primal)
         if g not in declared and info is not None and info.shape is not None:
             graph.value_info.append(_value_info(g, info))
