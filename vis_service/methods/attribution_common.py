@@ -37,8 +37,8 @@ class AttributionInput:
     feeds: dict[str, np.ndarray]
     image_input: str
     objective_tensor: str
-    cotangent: np.ndarray            # [N, ...] shaped like the objective tensor
-    target_index: np.ndarray | None  # per-sample class / channel (None for tensor targets)
+    cotangent: np.ndarray | None     # [N, ...] shaped like the objective tensor; None = top-1, not yet known
+    target_index: np.ndarray | None  # per-sample class / channel (None for tensor targets / not yet known)
     spec: ImageSpec | None           # image preprocessing that applies to the input, if any
     spec_note: str                   # why no spec applies ("" when one does)
 
@@ -82,9 +82,19 @@ def prepare(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], 
     if x.dtype.kind != "f":
         raise InvalidArgument("input", f"input {model.image_input!r} is {x.dtype}; attributions need a float input")
     tensor = objective_tensor_name(model, obj)
-    cot, target_index = make_cotangent(runtime, model, feeds, obj, tensor)
     spec, note = image_spec(model, preprocess, x)
+    if obj.kind == "output" and not obj.index:  # top-1: resolved by the first gradient run (see ensure_target)
+        return AttributionInput(feeds, model.image_input, tensor, None, None, spec, note)
+    cot, target_index = make_cotangent(runtime, model, feeds, obj, tensor)
     return AttributionInput(feeds, model.image_input, tensor, cot, target_index, spec, note)
+
+
+def ensure_target(runtime: Runtime, model: LoadedModel, ai: AttributionInput) -> None:
+    """Fix a top-1 target before differentiating perturbed copies: they must all use the
+    class of the clean image, not their own top-1."""
+    if ai.cotangent is None:
+        obj = Objective("output", ai.objective_tensor)
+        ai.cotangent, ai.target_index = make_cotangent(runtime, model, ai.feeds, obj, ai.objective_tensor)
 
 
 # ----------------------------------------------------------------------------
@@ -133,6 +143,7 @@ def gradient_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, ro
     of rows `ks`; other model inputs and the cotangent are copied from image `rows[k]`.
     `consume(ks, gradients, objective values)` receives each run's results.
     """
+    ensure_target(runtime, model, ai)
     wrt_map = resolve_wrt(model, ["input"])
     total = len(rows)
     progress.update(0, total, stage)
@@ -151,6 +162,8 @@ def single_gradient(runtime: Runtime, model: LoadedModel, ai: AttributionInput, 
     """Gradient and objective values of the batch as given (one run)."""
     res = run_gradient(runtime, model, ai.feeds, ai.objective_tensor, ai.cotangent,
                        resolve_wrt(model, ["input"]), rule_set)
+    if ai.target_index is None:  # a top-1 target, found in this run
+        ai.target_index = res.target_index
     return res.gradients["input"], res.objective
 
 

@@ -412,7 +412,10 @@ class GradientCam(CamVariant):
 
     def gradients(self, ctx: CamContext):
         tensor = objective_tensor_name(ctx.model, ctx.objective)
-        cot, target_index = make_cotangent(ctx.runtime, ctx.model, ctx.feeds, ctx.objective, tensor)
+        if ctx.objective.kind == "output" and not ctx.objective.index:
+            cot, target_index = None, None  # top-1: found inside the same run
+        else:
+            cot, target_index = make_cotangent(ctx.runtime, ctx.model, ctx.feeds, ctx.objective, tensor)
         res = run_gradient(ctx.runtime, ctx.model, ctx.feeds, tensor, cot, {ctx.layer: ctx.layer},
                            forward_outputs=[ctx.layer], target_index=target_index)
         a = res.outputs[ctx.layer].astype(np.float64)
@@ -462,6 +465,9 @@ class GuidedGradCam(GradCam):
     def compute(self, ctx: CamContext) -> CamParts:
         a, g, res, (tensor, cot) = self.gradients(ctx)
         cam, weights = self.combine(a, g)
+        if cot is None:  # top-1 was found in the first run: the guided pass uses the same classes
+            top1 = Objective("output", ctx.objective.layer, [int(k) for k in res.target_index])
+            cot, _ = make_cotangent(ctx.runtime, ctx.model, ctx.feeds, top1, tensor)
         guided = run_gradient(ctx.runtime, ctx.model, ctx.feeds, tensor, cot, {"input": ctx.model.image_input},
                               rule_set="guided").gradients["input"]
         heat = minmax(upsample(np.maximum(cam, 0), spatial_size(ctx.x, ctx.layout)))

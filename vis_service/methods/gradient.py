@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+from onnx import TensorProto, helper
 
 from ..engine.backward import GradientGraph, build_gradient_model
 from ..errors import InvalidArgument
@@ -59,17 +60,64 @@ def resolve_wrt(model: LoadedModel, wrt: Sequence[str]) -> dict[str, str]:
 
 def gradient_session(runtime: Runtime, model: LoadedModel, objective_tensor: str, wrt_tensors: Sequence[str],
                      rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
-                     forward_outputs: Sequence[str] = ()):
-    """Cached session of the forward+backward graph; `session.meta` is the GradientGraph."""
+                     forward_outputs: Sequence[str] = (), top1: bool = False):
+    """Cached session of the forward+backward graph; `session.meta` is the GradientGraph.
+
+    `top1`: the cotangent is not fed but made in the graph: one-hot at each sample's
+    largest entry of the objective tensor, so a "top-1 class" target costs one run,
+    not a forward run to find the class and then the gradient run.
+    """
     rules = tuple(sorted((node_rules or {}).items()))
-    key = ("gradient", (objective_tensor,), tuple(wrt_tensors), rule_set, rules, tuple(forward_outputs))
+    key = ("gradient", (objective_tensor,), tuple(wrt_tensors), rule_set, rules, tuple(forward_outputs), top1)
 
     def build():
         gg = build_gradient_model(model.proto, [objective_tensor], list(wrt_tensors), rule_set=rule_set,
                                   node_rules=dict(rules), forward_outputs=list(forward_outputs))
+        if top1:
+            _cotangent_from_top1(gg, objective_tensor)
         return gg.model, gg
 
     return runtime.session(model.graph_id, key, build)
+
+
+def top1_output(gg: GradientGraph, tensor: str) -> str:
+    return gg.cotangent_inputs[tensor] + "__top1"
+
+
+def _cotangent_from_top1(gg: GradientGraph, tensor: str) -> None:
+    """Replace the cotangent input of `tensor` by OneHot(ArgMax) of the tensor itself (in place).
+
+    ArgMax picks the first of tied maxima, like numpy's argmax. The per-sample index is
+    a new output, `top1_output(gg, tensor)`.
+    """
+    g = gg.model.graph
+    cot = gg.cotangent_inputs[tensor]
+    info = next(i for i in g.input if i.name == cot)
+    g.input.remove(info)
+    value = gg.forward_outputs[tensor]  # the objective is always a forward output
+    p = f"{cot}__top1/"
+    zero_one = helper.make_tensor(p + "values", info.type.tensor_type.elem_type, [2], [0.0, 1.0])
+    g.node.extend([
+        helper.make_node("Flatten", [value], [p + "flat"], axis=1),
+        helper.make_node("ArgMax", [p + "flat"], [p + "index"], axis=1, keepdims=1),
+        helper.make_node("Shape", [p + "flat"], [p + "flat_shape"]),
+        helper.make_node("Constant", [], [p + "one"], value=helper.make_tensor(p + "one_v", TensorProto.INT64, [1], [1])),
+        helper.make_node("Gather", [p + "flat_shape", p + "one"], [p + "depth"], axis=0),
+        helper.make_node("Constant", [], [p + "values"], value=zero_one),
+        helper.make_node("OneHot", [p + "index", p + "depth", p + "values"], [p + "onehot"], axis=-1),
+        helper.make_node("Shape", [value], [p + "shape"]),
+        helper.make_node("Reshape", [p + "onehot", p + "shape"], [cot]),
+        helper.make_node("Squeeze", [p + "index"] + ([p + "axes"] if _opset(gg) >= 13 else []),
+                         [top1_output(gg, tensor)], **({} if _opset(gg) >= 13 else {"axes": [1]})),
+    ])
+    if _opset(gg) >= 13:
+        g.node.insert(len(g.node) - 1, helper.make_node(
+            "Constant", [], [p + "axes"], value=helper.make_tensor(p + "axes_v", TensorProto.INT64, [1], [1])))
+    g.output.append(helper.make_tensor_value_info(top1_output(gg, tensor), TensorProto.INT64, [None]))
+
+
+def _opset(gg: GradientGraph) -> int:
+    return next(o.version for o in gg.model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _per_sample(values: Sequence[int], batch: int, field: str) -> np.ndarray | None:
@@ -153,26 +201,42 @@ def compute_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.n
                      node_rules: Mapping[str, str] | None = None, forward_outputs: Sequence[str] = ()) -> GradientResult:
     tensor = objective_tensor_name(model, obj)
     wrt_map = resolve_wrt(model, wrt)
+    if obj.kind == "output" and not obj.index:  # top-1 target: found inside the gradient run
+        return run_gradient(runtime, model, feeds, tensor, None, wrt_map, rule_set, node_rules, forward_outputs)
     cot, target_index = make_cotangent(runtime, model, feeds, obj, tensor)
     return run_gradient(runtime, model, feeds, tensor, cot, wrt_map, rule_set, node_rules, forward_outputs, target_index)
 
 
-def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], tensor: str, cotangent: np.ndarray,
-                 wrt_map: Mapping[str, str], rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
-                 forward_outputs: Sequence[str] = (), target_index: np.ndarray | None = None) -> GradientResult:
-    """One run of the cached gradient graph for a given cotangent of `tensor`."""
+def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], tensor: str,
+                 cotangent: np.ndarray | None, wrt_map: Mapping[str, str], rule_set: str = "gradient",
+                 node_rules: Mapping[str, str] | None = None, forward_outputs: Sequence[str] = (),
+                 target_index: np.ndarray | None = None) -> GradientResult:
+    """One run of the cached gradient graph for a given cotangent of `tensor`.
+
+    `cotangent=None`: each sample's top-1 entry of `tensor` (one-hot, made in the graph);
+    the result's `target_index` then holds those entries.
+    """
     wrt_tensors = list(dict.fromkeys(wrt_map.values()))
-    session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs)
+    top1 = cotangent is None
+    session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs, top1)
     gg: GradientGraph = session.meta
     run_feeds = {k: v for k, v in feeds.items() if k in session.input_names}
-    run_feeds[gg.cotangent_inputs[tensor]] = cotangent
     names = [gg.gradient_outputs[t] for t in wrt_tensors] + [gg.forward_outputs[tensor]]
     names += [gg.forward_outputs[t] for t in forward_outputs if gg.forward_outputs[t] not in names]
+    if top1:
+        names.append(top1_output(gg, tensor))
+    else:
+        run_feeds[gg.cotangent_inputs[tensor]] = cotangent
     values = session.run_dict(list(dict.fromkeys(names)), run_feeds)
     grads = {req: values[gg.gradient_outputs[t]] for req, t in wrt_map.items()}
     obj_values = values[gg.forward_outputs[tensor]]
-    batch = cotangent.shape[0]
-    objective = (obj_values.reshape(batch, -1).astype(np.float64) * cotangent.reshape(batch, -1)).sum(axis=1)
+    batch = obj_values.shape[0]
+    flat = obj_values.reshape(batch, -1).astype(np.float64)
+    if top1:
+        target_index = values[top1_output(gg, tensor)].astype(np.int64)
+        objective = flat[np.arange(batch), target_index]
+    else:
+        objective = (flat * cotangent.reshape(batch, -1)).sum(axis=1)
     outs = {t: values[gg.forward_outputs[t]] for t in forward_outputs}
     return GradientResult(grads, objective, target_index, tensor, outs)
 

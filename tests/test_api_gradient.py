@@ -1,0 +1,96 @@
+"""The Gradient call: targets, rule sets and the in-graph top-1 target."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import SHARED_IMAGES, requires_shared
+from vis_client import Target, VisError
+
+
+def _tiny_model(opset: int) -> bytes:
+    rng = np.random.default_rng(opset)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["scores"])]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N", 5])], [w, fc])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=7).SerializeToString()
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17])
+def test_top1_in_graph_equals_explicit_target(client, opset):
+    """The default target (top-1) is found inside the gradient run; it must equal asking
+    for the argmax class explicitly (older opsets use the attribute forms of Squeeze)."""
+    model = client.load_model(_tiny_model(opset))
+    x = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    scores = client.activations(model, x, ["scores"])["scores"]
+    top = client.gradient(model, x, None)
+    assert list(top.target_index) == list(scores.argmax(1))
+    np.testing.assert_allclose(top.objective, scores.max(1), rtol=1e-6)
+    explicit = client.gradient(model, x, list(scores.argmax(1)))
+    np.testing.assert_allclose(top.gradient, explicit.gradient, rtol=1e-6, atol=1e-7)
+
+
+def test_top1_costs_one_session_and_no_forward_run(client, digits, digit_images):
+    client.gradient(digits, digit_images[:2], None, rule_set="guided")
+    built = client.server_info()["sessions_built"]
+    for _ in range(3):
+        res = client.gradient(digits, digit_images, None, rule_set="guided")
+    assert client.server_info()["sessions_built"] == built
+    assert list(res.target_index) == [int(p.stem.split("_")[1]) for p in digit_images]
+    assert res.labels == [p.stem.split("_")[1] for p in digit_images]
+
+
+def test_channel_and_neuron_targets(client, digits, digit_images):
+    acts = client.activations(digits, digit_images[:2], ["relu3"])["relu3"]
+    ch = client.gradient(digits, digit_images[:2], Target.channel("relu3", 5), wrt=["input", "relu3"])
+    np.testing.assert_allclose(ch.objective, acts[:, 5].sum(axis=(1, 2)), rtol=1e-5)
+    d = ch.gradients["relu3"]
+    assert np.all(d[:, 5] == 1) and np.all(d[:, [c for c in range(d.shape[1]) if c != 5]] == 0)
+    ne = client.gradient(digits, digit_images[:2], Target.neuron("relu3", 5, 2, 3))
+    np.testing.assert_allclose(ne.objective, acts[:, 5, 2, 3], rtol=1e-5)
+
+
+def test_bad_targets(client, digits, digit_images):
+    for target, code in [(99, grpc.StatusCode.INVALID_ARGUMENT),
+                         (Target.channel("relu3", 64), grpc.StatusCode.INVALID_ARGUMENT),
+                         (Target.neuron("relu3", 0, 8, 0), grpc.StatusCode.INVALID_ARGUMENT),
+                         (Target.channel("relu33", 0), grpc.StatusCode.NOT_FOUND)]:
+        with pytest.raises(VisError) as e:
+            client.gradient(digits, digit_images[:1], target)
+        assert e.value.code == code, e.value.details
+    with pytest.raises(VisError) as e:
+        client.gradient(digits, digit_images[:1], None, rule_set="lrp")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "deconvnet" in e.value.details
+
+
+def test_unimplemented_op_names_op_and_node_and_forward_still_works(client):
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Einsum", ["r"], ["y"], name="mystery", equation="nchw->nc")]
+    g = helper.make_graph(nodes, "einsum", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 4, 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2])])
+    model = client.load_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+                              .SerializeToString())
+    assert not model.gradients_supported and "Einsum" in model.gradients_unsupported_reason
+    x = np.ones((1, 2, 4, 4), np.float32)
+    with pytest.raises(VisError) as e:
+        client.gradient(model, x, 0)
+    assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert "Einsum" in e.value.details and "mystery" in e.value.details
+    np.testing.assert_allclose(client.activations(model, x, ["y"])["y"], np.full((1, 2), 16.0))
+
+
+@requires_shared
+def test_squeezenet_top1_uses_pre_softmax_scores(client):
+    res = client.gradient("squeezenet", [SHARED_IMAGES / "winml_dog_golden_retriever.jpg"], None)
+    assert int(res.target_index[0]) == 207 and "golden retriever" in res.labels[0]
+    assert res.result.text["objective_tensor"] != "softmaxout_1"
+    assert res.objective[0] > 1.0  # a class score, not a probability
