@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from ..errors import InvalidArgument, NotFound, Unimplemented
 from ..graph.loading import opset_version, prepare_model, tensor_infos
+from ..graph.paths import float_path
 from . import rules as _rules  # noqa: F401  (registers the rules)
 from .context import RuleContext
 from .registry import RULE_SETS, RULES
@@ -141,19 +142,7 @@ class _ForwardGraph:
         return info is not None and info.elem_type in FLOAT_TYPES
 
     def path(self, objectives: Sequence[str], wrt: Sequence[str]) -> _Path:
-        active = set(wrt)                  # float tensors that depend on some wrt tensor
-        for node in self.graph.node:
-            if any(i in active for i in node.input if i):
-                active.update(o for o in node.output if o and self.is_float(o))
-        relevant = {o for o in objectives if o in active}   # ... that also reach an objective
-        nodes = []
-        for node in reversed(self.graph.node):
-            if any(o in relevant for o in node.output if o):
-                inputs = [i for i in node.input if i in active]
-                if inputs:
-                    nodes.append(node)
-                    relevant.update(inputs)
-        nodes.reverse()
+        nodes, relevant, _ = float_path(self.graph, wrt, objectives, self.is_float)
         for name in wrt:
             if name not in relevant:
                 raise InvalidArgument("wrt", f"tensor {name!r} does not influence any of the objectives "

@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, version_converter
 
 from ..errors import InvalidArgument, Unimplemented
+from ..graph.paths import float_path
 from ..graph.constants import constant_value
 from ..graph.expose import expose_tensors
 from ..graph.loading import opset_version, prepare_model, tensor_infos
@@ -153,21 +154,9 @@ def _path(model: onnx.ModelProto, infos, layer: str, wrt: str):
     def is_float(name: str) -> bool:
         return name in infos and infos[name].elem_type in _FLOAT_TYPES
 
-    active = {wrt}
-    for node in model.graph.node:
-        if any(i in active for i in node.input if i):
-            active.update(o for o in node.output if o and is_float(o))
+    nodes, relevant, active = float_path(model.graph, [wrt], [layer], is_float)
     if layer not in active:
         raise InvalidArgument("layer", f"tensor {layer!r} does not depend on input {wrt!r}")
-    relevant = {layer}
-    nodes = []
-    for node in reversed(model.graph.node):
-        if any(o in relevant for o in node.output if o):
-            inputs = [i for i in node.input if i in active]
-            if inputs:
-                nodes.append(node)
-                relevant.update(inputs)
-    nodes.reverse()
     return nodes, relevant
 
 
