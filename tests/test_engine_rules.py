@@ -438,3 +438,25 @@ def test_relu_mask_on_blocked_channels_is_exact(opset):
     for optimize in (True, False):
         got = run_gradient(graph, {"x": x}, {"y0": g}, optimize=optimize)["x"]
         np.testing.assert_array_equal(got, g * (x > 0))
+
+
+@pytest.mark.parametrize("high", [6.0, 1.0, 0.3, 4.0])
+def test_clip_mask_on_blocked_channels_is_exact(high):
+    """32 channels take the two-ramp Conv+Clip mask of Clip(0, high): exact at and one float from the bounds."""
+    from _engine_helpers import run_gradient
+    from vis_service.engine import build_gradient_model
+    model = one_node_model("Clip", {"x": (2, 32, 4, 5)}, {"lo": np.array(0.0, np.float32), "hi": np.array(high, np.float32)}, opset=17)
+    x = (np.random.default_rng(3).standard_normal((2, 32, 4, 5)) * high).astype(np.float32)
+    high32 = np.float32(high)
+    x.flat[:12] = [0.0, -0.0, 2.0 ** -126, -(2.0 ** -126), high32, np.nextafter(high32, np.float32(0)),
+                   np.nextafter(high32, np.float32(np.inf)), high32 / 2, np.nextafter(high32 / 2, np.float32(0)),
+                   3e38, -3e38, 2.0 ** -149]
+    g = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    graph = build_gradient_model(model, ["y0"], ["x"])
+    assert "Conv" in {n.op_type for n in graph.model.graph.node}
+    expected = g * ((x > 0) & (x < high32))
+    for optimize in (True, False):
+        got = run_gradient(graph, {"x": x}, {"y0": g}, optimize=optimize)["x"]
+        # a positive denormal below 2^-127 gets a fractional factor (documented); all else exact
+        np.testing.assert_array_equal(got.flat[:11], expected.flat[:11])
+        np.testing.assert_array_equal(got.flat[12:], expected.flat[12:])

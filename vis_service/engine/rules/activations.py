@@ -98,10 +98,43 @@ def _clip_bounds(ctx: RuleContext, node) -> tuple[str | None, str | None]:
     return low, high
 
 
+def _inside_mask_as_conv(ctx: RuleContext, y: str, low: float, high: float) -> str | None:
+    """Float mask (low < y < high) of y = clip(x, low, high) as two per-channel Conv+Clip ramps.
+
+    Same reason as _positive_mask_as_conv (stay in onnxruntime's blocked layout):
+    Clip(s*(y - low), 0, 1) * Clip(t*(high - y), 0, 1). The scales are powers of two,
+    so s*y and t*y are exact; each ramp is 0 at its bound and >= 1 one float away from
+    it (y - low and high - y are exact near the bound by Sterbenz, and far from it are
+    large). Only for low == 0 (no subtraction needed on that side) and a moderate high.
+    """
+    shape = ctx.shape(y)
+    if len(shape) != 4 or ctx.dtype(y) != np.float32 or not isinstance(shape[1], int) \
+            or shape[1] % _NCHWC_BLOCK or ctx.opset < 11 or low != 0.0 or not 2.0 ** -20 <= high <= 2.0 ** 20:
+        return None
+    channels = shape[1]
+    # high - y >= ulp(high)/2 >= high * 2^-24 when y < high; scaled by 2^k it must reach 1
+    # without high * 2^k overflowing: 2^k = 2^(26 - exponent(high))
+    scale_high = 2.0 ** (26 - math.frexp(high)[1])
+    zero, one = ctx.scalar(0.0, y), ctx.scalar(1.0, y)
+    above_low = ctx.make_node("Conv", [y, ctx.const(np.full((channels, 1, 1, 1), 2.0 ** 127, np.float32),
+                                                    "mask_scale")], group=channels, kernel_shape=[1, 1])
+    below_high = ctx.make_node("Conv", [y, ctx.const(np.full((channels, 1, 1, 1), -scale_high, np.float32), "mask_scale"),
+                                        ctx.const(np.full((channels,), high * scale_high, np.float32), "mask_bias")],
+                               group=channels, kernel_shape=[1, 1])
+    return ctx.make_node("Mul", [ctx.make_node("Clip", [above_low, zero, one]),
+                                 ctx.make_node("Clip", [below_high, zero, one])])
+
+
 @rule("Clip")
 def clip_backward(ctx: RuleContext, node, grad_outputs):
     y = node.output[0]
     low, high = _clip_bounds(ctx, node)
+    if low is not None and high is not None:
+        low_value, high_value = ctx.constant_value(low), ctx.constant_value(high)
+        if low_value is not None and high_value is not None and low_value.size == 1 and high_value.size == 1:
+            mask = _inside_mask_as_conv(ctx, y, float(low_value), float(high_value))
+            if mask is not None:
+                return [ctx.make_node("Mul", [grad_outputs[0], mask])] + [None] * (len(node.input) - 1)
     # strictly inside the bounds, judged on the output (lets onnxruntime fuse Conv+Clip);
     # both bounds combine with And so that only one Cast and one Mul touch the tensor
     inside = [ctx.make_node(op, [y, bound]) for op, bound in (("Greater", low), ("Less", high)) if bound is not None]

@@ -12,16 +12,19 @@ from .conv import Window, conv_input_adjoint, window_of
 
 @rule("MaxPool", min_opset=16)
 def max_pool_backward(ctx: RuleContext, node, grad_outputs):
-    """Scatter-add the gradient to the recorded argmax positions.
+    """Scatter-add the gradient to the argmax positions (the switches).
 
-    The primal MaxPool itself yields the switches (its Indices output, flattened over
-    N*C*H*W): a duplicate pool would cost a second pass. MaxUnpool would overwrite
-    where overlapping windows share a maximum; ScatterElements(reduction=add) sums.
+    The switches come from a second MaxPool with an Indices output (flattened over
+    N*C*H*W) that only the backward reads: asking the primal pool for its Indices
+    makes onnxruntime leave its blocked NCHWc kernel for a plain one with layout
+    reorders around it, which costs more than the extra pass. MaxUnpool would
+    overwrite where overlapping windows share a maximum; ScatterElements(reduction=add) sums.
     """
     x = node.input[0]
     if attr(node, "storage_order", 0):
         raise Unimplemented(f"MaxPool node {node.name!r} uses storage_order=1 (column-major indices); no backward rule")
-    indices = ctx.primal_output(node, 1)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    _, indices = ctx.make_node("MaxPool", [x], num_outputs=2, **attrs)
     flat = ctx.ints([-1])
     zeros = ctx.zeros(ctx.make_node("Reshape", [ctx.make_node("Size", [x]), flat]), x)
     scattered = ctx.make_node("ScatterElements", [zeros, ctx.make_node("Reshape", [indices, flat]),
