@@ -300,7 +300,8 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of [..., h, w] maps to [..., H, W] (like torch interpolate, align_corners=False)."""
     mh = _bilinear_matrix(maps.shape[-2], size[0])
     mw = _bilinear_matrix(maps.shape[-1], size[1])
-    return np.einsum("Hh,...hw,Ww->...HW", mh, maps.astype(np.float64), mw)
+    # two matrix products (not one three-operand einsum, which loops over all H*W*h*w terms)
+    return mh @ maps.astype(np.float64) @ mw.T
 
 
 def minmax(maps: np.ndarray) -> np.ndarray:

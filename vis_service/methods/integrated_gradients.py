@@ -76,8 +76,7 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
 
     def consume(ks, grads, objective):
         i, j = rows[ks], ks % per_image
-        w = path_weights[j].reshape((-1,) + (1,) * (x.ndim - 1))
-        np.add.at(total, i, w * grads.astype(np.float64))
+        common.accumulate_rows(total, i, grads, path_weights[j])
         f_base[i[j == steps]] = objective[j == steps]
         f_input[i[j == steps + 1]] = objective[j == steps + 1]
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
-from .attribution_common import (AttributionInput, attribution_result, gradient_rows, reduce_channels,
+from .attribution_common import (AttributionInput, accumulate_rows, attribution_result, gradient_rows, reduce_channels,
                                  rows_per_run)
 from .progress import NO_PROGRESS, MethodResult, Progress
 
@@ -69,8 +69,8 @@ def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, sampl
 
     def consume(ks, grads, _objective):
         g = grads.astype(np.float64)
-        np.add.at(total, rows[ks], g)
-        np.add.at(total_sq, rows[ks], g * g)
+        accumulate_rows(total, rows[ks], g)
+        accumulate_rows(total_sq, rows[ks], g * g)
 
     chunk = rows_per_run(model, x, batch, 0)
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
