@@ -2,14 +2,18 @@
 """Activations through gRPC vs the same onnxruntime run in-process (goal: overhead ratio <= 1.10).
 
 SqueezeNet 1.0 from ../shared, three layers, batch 8. Both sides use the same
-exposed graph and session options; runs are interleaved and medians compared.
-Two transports for the result tensors: streamed through gRPC (the default) and
-same-host shared memory (`Client(..., shared_memory_bytes=...)`, README "Same-host
-shared memory"), where the server writes the tensors into the client's region.
+exposed graph and session options; runs are interleaved (each repetition runs the
+three in another order, each after a short pause so that no call pays for the
+server's tail of the one before) and medians compared. Two transports: everything through
+gRPC (the default), and same-host shared memory (`Client(..., shared_memory_bytes=...)`,
+README "Same-host shared memory"), where the client writes the input into its region
+(inside the timed call) and the server reads it there and has onnxruntime write the
+results straight into the region, which the client hands out as views.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import subprocess
 import statistics
@@ -39,7 +43,8 @@ LAYER_SETS = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--settle-ms", type=float, default=10.0, help="pause before each timed call")
     ap.add_argument("--shm-mib", type=int, default=64, help="shared memory region of the second client (MiB)")
     args = ap.parse_args()
     if not MODEL.is_file():
@@ -56,25 +61,35 @@ def main() -> int:
     try:
         with Client(address) as client, Client(address, shared_memory_bytes=args.shm_mib << 20) as shm_client:
             model = client.load_model(MODEL, name="squeezenet")
-            transports = {"streamed": client, "shared memory": shm_client}
             for title, layers in LAYER_SETS.items():
                 local = runtime.create_session(expose_tensors(proto, layers))
-                for c in transports.values():  # warm: the server builds its session once
-                    c.activations(model, x, layers)
-                local.run(layers, {"data_0": x})
-                t_local, times = [], {k: [] for k in transports}
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    expected = local.run(layers, {"data_0": x})
-                    t_local.append(time.perf_counter() - t0)
-                    for kind, c in transports.items():
+                contestants = {
+                    "in-process": lambda: dict(zip(layers, local.run(layers, {"data_0": x}))),
+                    "streamed": lambda: client.activations(model, x, layers),
+                    # writes x into the client's region inside the call: timed
+                    "shared memory": lambda: shm_client.activations(model, x, layers),
+                }
+                for run in contestants.values():  # warm: the server builds its session once
+                    run()
+                times, outs = {k: [] for k in contestants}, {}
+                orders = list(itertools.permutations(contestants))
+                for rep in range(args.reps):
+                    # every order in turn: what runs just before (cache, CPU and the previous call's
+                    # trailing work in the server) weighs on each contestant alike
+                    for kind in orders[rep % len(orders)]:
+                        time.sleep(args.settle_ms / 1e3)  # what the last call left running in the server ends
                         t0 = time.perf_counter()
-                        out = c.activations(model, x, layers)
+                        out = contestants[kind]()
                         times[kind].append(time.perf_counter() - t0)
-                for name, want in zip(layers, expected):  # both transports return the same bytes
-                    assert np.array_equal(out[name], want), name
-                mb = sum(v.nbytes for v in out.values()) / 2**20
-                l = statistics.median(t_local)
+                        if rep == args.reps - 1:  # kept to check that every transport returns the same bytes
+                            outs[kind] = out
+                        del out
+                for kind in ("streamed", "shared memory"):
+                    for name in layers:
+                        assert np.array_equal(outs[kind][name], outs["in-process"][name]), (kind, name)
+                mb = sum(v.nbytes for v in outs["in-process"].values()) / 2**20
+                del outs
+                l = statistics.median(times.pop("in-process"))
                 print(f"squeezenet activations, batch {args.batch}, {title} {layers} ({mb:.1f} MiB returned)")
                 print(f"  in-process onnxruntime:     {l * 1e3:8.1f} ms (median of {args.reps}, interleaved)")
                 for kind, t in times.items():

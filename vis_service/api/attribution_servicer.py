@@ -72,9 +72,9 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
     @handles_errors
     def Attribute(self, request, context):
         method = _method(request)  # validate options before any work
-        region = self.s.result_region(context)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
-        feeds = self.s.feeds(model, request.input)
+        feeds = self.s.feeds(model, request.input, region=region)
         obj = convert.objective(request.target)
         preprocess = request.input.preprocess if request.input.HasField("preprocess") else None
 
@@ -86,9 +86,9 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
 
     @handles_errors
     def Deconvnet(self, request, context):
-        region = self.s.result_region(context)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
-        feeds = self.s.feeds(model, request.input)
+        feeds = self.s.feeds(model, request.input, region=region)
         target = convert.objective(request.target) if request.HasField("target") else None
 
         def work(progress):

@@ -9,15 +9,17 @@ from ..graph.loading import TensorInfo
 from ..methods.gradient import Objective
 from ..models.inputs import InputRequest
 from ..models.store import LoadedModel
+from .shared_memory import SharedRegion
 from .tensors import tensor_from_proto
 
 
-def input_request(batch: vis_pb2.InputBatch, field: str = "input") -> InputRequest:
+def input_request(batch: vis_pb2.InputBatch, field: str = "input", region: SharedRegion | None = None) -> InputRequest:
+    """`region`: the call's shared memory region, where tensors marked `in_shared_memory` lie."""
     tensors = {}
     for i, t in enumerate(batch.tensors):
         if t.name in tensors:
             raise InvalidArgument(f"{field}.tensors[{i}].name", f"input {t.name!r} given twice")
-        tensors[t.name] = tensor_from_proto(t, f"{field}.tensors[{i}]")
+        tensors[t.name] = tensor_from_proto(t, f"{field}.tensors[{i}]", region)
     pre = batch.preprocess if batch.HasField("preprocess") else None
     return InputRequest(tensors, list(batch.images), pre)
 

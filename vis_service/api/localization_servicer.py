@@ -34,9 +34,9 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
 
     @handles_errors
     def Cam(self, request, context):
-        region = self.s.result_region(context)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
-        feeds = self.s.feeds(model, request.input)
+        feeds = self.s.feeds(model, request.input, region=region)
         obj = convert.objective(request.target)
 
         def method(progress):
@@ -47,9 +47,9 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
 
     @handles_errors
     def Occlusion(self, request, context):
-        region = self.s.result_region(context)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
-        feeds = self.s.feeds(model, request.input)
+        feeds = self.s.feeds(model, request.input, region=region)
         obj = convert.objective(request.target)
 
         def method(progress):

@@ -114,11 +114,12 @@ class OptimizationServicer:
         info = model.infos[model.image_input]
         return resolve_image_spec(model.config, preprocess, model.image_input, info.shape or (), field)
 
-    def _run(self, context, work) -> Iterator:
-        """run_streaming, with the loop's snapshots streamed before the Progress of their step."""
+    def _run(self, context, work, region) -> Iterator:
+        """run_streaming, with the loop's snapshots streamed before the Progress of their step.
+
+        `region` (ServiceState.shared_region) takes the final result's tensors; snapshots are always streamed."""
         pending: queue.SimpleQueue = queue.SimpleQueue()
         chunk = self.s.limits.chunk_bytes
-        region = self.s.result_region(context)  # the final result's tensors; snapshots are always streamed
 
         def on_snapshot(name: str, array: np.ndarray, done: int) -> None:
             pending.put((done, name, array))
@@ -144,19 +145,21 @@ class OptimizationServicer:
     @handles_errors
     def Maximize(self, request, context):
         settings = maximize_settings(request, self.s.limits.max_batch)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
         spec = self._spec(model, request.preprocess if request.HasField("preprocess") else None, "preprocess")
 
         def work(progress, on_snapshot):
             return maximize(self.s.runtime, model, spec, settings, progress, on_snapshot)
 
-        yield from self._run(context, work)
+        yield from self._run(context, work, region)
 
     @handles_errors
     def Invert(self, request, context):
         settings = invert_settings(request, self.s.limits.max_batch)
+        region = self.s.shared_region(context)  # before the feeds: the reference may lie in it
         model = self.s.store.get(request.model)
-        feeds = self.s.feeds(model, request.input)
+        feeds = self.s.feeds(model, request.input, region=region)
         pre = request.input.preprocess if request.input.HasField("preprocess") else None
         spec = self._spec(model, pre, "input.preprocess")
         reference = feeds[model.image_input]
@@ -164,7 +167,7 @@ class OptimizationServicer:
         def work(progress, on_snapshot):
             return invert(self.s.runtime, model, spec, reference, settings, progress, on_snapshot)
 
-        yield from self._run(context, work)
+        yield from self._run(context, work, region)
 
 
 def register(server: grpc.Server, state: ServiceState) -> list[str]:

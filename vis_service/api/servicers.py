@@ -15,7 +15,7 @@ from ..models.store import ModelStore
 from ..runtime.sessions import Runtime
 from . import convert
 from .errors import handles_errors
-from .shared_memory import SharedResultRegion, region_from_metadata
+from .shared_memory import RegionMappings, SharedRegion, region_from_metadata
 from .tensors import DEFAULT_CHUNK_BYTES, result_stream
 
 log = logging.getLogger(__name__)
@@ -36,20 +36,23 @@ class ServiceState:
         self.runtime = runtime
         self.store = store
         self.limits = limits
+        self.regions = RegionMappings()  # same-host shared memory mappings, kept between calls
 
-    def feeds(self, model, batch: vis_pb2.InputBatch, field: str = "input"):
-        return build_feeds(model, convert.input_request(batch, field), self.limits.max_batch, field)
+    def feeds(self, model, batch: vis_pb2.InputBatch, field: str = "input", region: SharedRegion | None = None):
+        """Validated feeds; raw inputs the client sent in the call's shared memory `region` are read in place."""
+        return build_feeds(model, convert.input_request(batch, field, region), self.limits.max_batch, field)
 
-    def result_region(self, context: grpc.ServicerContext) -> SharedResultRegion | None:
+    def shared_region(self, context: grpc.ServicerContext) -> SharedRegion | None:
         """The same-host shared memory region the call's metadata names (api/shared_memory.py), opened
-        and checked now, before any work, and closed when the call ends; None when it names none."""
-        region = region_from_metadata(context.invocation_metadata())
+        and checked now, before any input is read, and closed for writes when the call ends; None when it
+        names none."""
+        region = region_from_metadata(context.invocation_metadata(), self.regions)
         if region is not None and not context.add_callback(region.close):
             region.close()  # the call already ended
         return region
 
-    def stream(self, tensors, region: SharedResultRegion | None = None, **kw):
-        """The result stream; tensors go into `region` (see result_region) where they fit."""
+    def stream(self, tensors, region: SharedRegion | None = None, **kw):
+        """The result stream; tensors go into `region` (see shared_region) where they fit."""
         return result_stream(tensors, chunk_bytes=self.limits.chunk_bytes, region=region, **kw)
 
 
@@ -119,15 +122,16 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
 
     @handles_errors
     def Activations(self, request, context):
-        region = self.s.result_region(context)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
-        feeds = self.s.feeds(model, request.input)
-        values = activations.compute_activations(self.s.runtime, model, feeds, list(request.layers))
+        feeds = self.s.feeds(model, request.input, region=region)
+        values = activations.compute_activations(self.s.runtime, model, feeds, list(request.layers),
+                                                 allocate=region.allocate if region is not None else None)
         yield from self.s.stream(values, region)
 
     @handles_errors
     def Filters(self, request, context):
-        region = self.s.result_region(context)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
         if not request.layer:
             raise InvalidArgument("layer", "required: a Conv / ConvTranspose / Gemm / MatMul node or its output tensor")
@@ -135,9 +139,9 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
 
     @handles_errors
     def Gradient(self, request, context):
-        region = self.s.result_region(context)
+        region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
-        feeds = self.s.feeds(model, request.input)
+        feeds = self.s.feeds(model, request.input, region=region)
         obj = convert.objective(request.target)
         res = gradient.compute_gradient(self.s.runtime, model, feeds, obj, list(request.wrt) or ["input"],
                                         request.rule_set or "gradient", dict(request.node_rules))

@@ -8,12 +8,14 @@ import numpy as np
 from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
 from ..errors import InvalidArgument
 from ..gen import vis_pb2
-from .shared_memory import SharedResultRegion
+from .shared_memory import SharedRegion
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
 
-def tensor_from_proto(t: vis_pb2.Tensor, field: str) -> np.ndarray:
+def tensor_from_proto(t: vis_pb2.Tensor, field: str, region: SharedRegion | None = None) -> np.ndarray:
+    """The tensor as a read-only numpy array: a view of the message bytes, or of the call's shared
+    memory `region` when the client sent it there (`in_shared_memory`); no copy either way."""
     dtype = NUMPY_BY_DATATYPE.get(t.datatype)
     if dtype is None:
         raise InvalidArgument(f"{field}.datatype", f"{t.datatype!r} not allowed; use one of {', '.join(NUMPY_BY_DATATYPE)}")
@@ -21,10 +23,19 @@ def tensor_from_proto(t: vis_pb2.Tensor, field: str) -> np.ndarray:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape", f"negative dimension in {list(shape)}")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if len(t.raw_contents) != count * dtype.itemsize:
-        raise InvalidArgument(f"{field}.raw_contents", f"holds {len(t.raw_contents)} bytes but {t.datatype} {list(shape)} needs {count * dtype.itemsize}")
-    arr = np.frombuffer(t.raw_contents, dtype=dtype).reshape(shape)
-    # read-only view of the message bytes: the request outlives the call, so no copy is needed
+    if t.in_shared_memory:
+        if region is None:
+            raise InvalidArgument(f"{field}.in_shared_memory",
+                                  "set, but no shared memory region is given for this tensor (only an InputBatch's "
+                                  "tensors, in a call whose vis-shm-name / vis-shm-size metadata names a region)")
+        if t.raw_contents:
+            raise InvalidArgument(f"{field}.raw_contents", "must be empty for a tensor in shared memory")
+        arr = region.input_view(int(t.shm_offset), dtype, shape, field)
+    else:
+        if len(t.raw_contents) != count * dtype.itemsize:
+            raise InvalidArgument(f"{field}.raw_contents", f"holds {len(t.raw_contents)} bytes but {t.datatype} {list(shape)} needs {count * dtype.itemsize}")
+        # read-only view of the message bytes: the request outlives the call, so no copy is needed
+        arr = np.frombuffer(t.raw_contents, dtype=dtype).reshape(shape)
     return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
 
@@ -77,32 +88,39 @@ def chunk_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BY
             break
 
 
-def shared_memory_chunk(name: str, arr: np.ndarray, shm_offset: int) -> vis_pb2.ResultChunk:
+def shared_memory_chunk(name: str, arr: np.ndarray, shm_offset: int) -> vis_pb2.TensorChunk:
     """The one chunk of a tensor the server wrote into the call's shared memory region: where, no data."""
     dt = datatype_of(arr.dtype)
-    return vis_pb2.ResultChunk(tensor=vis_pb2.TensorChunk(
-        name=name, datatype=dt, shape=list(arr.shape), total_bytes=arr.size * NUMPY_BY_DATATYPE[dt].itemsize,
-        offset=0, shm_offset=shm_offset, in_shared_memory=True))
+    return vis_pb2.TensorChunk(name=name, datatype=dt, shape=list(arr.shape),
+                               total_bytes=arr.size * NUMPY_BY_DATATYPE[dt].itemsize, offset=0,
+                               shm_offset=shm_offset, in_shared_memory=True)
 
 
 def result_stream(tensors: Mapping[str, np.ndarray], *, scalars: Mapping[str, float] | None = None,
                   labels: Mapping[str, list[str]] | None = None, text: Mapping[str, str] | None = None,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                  region: SharedResultRegion | None = None) -> Iterator[vis_pb2.ResultChunk | bytes]:
+                  region: SharedRegion | None = None) -> Iterator[vis_pb2.ResultChunk | bytes]:
     """The tail of every analysis stream: the tensors' chunks (pre-serialized), then one ResultInfo.
 
     With the call's shared memory `region` (api/shared_memory.py), each tensor that
-    fits in what is left of it is written there and announced by one data-less chunk;
-    the others are streamed.
+    fits in what is left of it (after the call's inputs) is written there (or already
+    is: `SharedRegion.allocate`) and announced by a data-less chunk; the others are
+    streamed. The announcements ride in the closing ResultInfo (`tensors`), so a result
+    that fits is one message; they go out on their own only before a streamed tensor,
+    which keeps the tensors in order.
     """
+    placed: list[vis_pb2.TensorChunk] = []
     for name, arr in tensors.items():
         arr = np.asarray(arr)
         shm_offset = region.place(arr) if region is not None else None
         if shm_offset is not None:
-            yield shared_memory_chunk(name, arr, shm_offset)
-        else:
-            yield from chunk_tensor(name, arr, chunk_bytes)
-    info = vis_pb2.ResultInfo()
+            placed.append(shared_memory_chunk(name, arr, shm_offset))
+            continue
+        for chunk in placed:
+            yield vis_pb2.ResultChunk(tensor=chunk)
+        placed.clear()
+        yield from chunk_tensor(name, arr, chunk_bytes)
+    info = vis_pb2.ResultInfo(tensors=placed)
     for k, v in (scalars or {}).items():
         info.scalars[k] = float(v)
     for k, v in (labels or {}).items():

@@ -8,16 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "datatype", "shape", "raw_contents")
+    __slots__ = ("name", "datatype", "shape", "raw_contents", "in_shared_memory", "shm_offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DATATYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     RAW_CONTENTS_FIELD_NUMBER: _ClassVar[int]
+    IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     datatype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     raw_contents: bytes
-    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw_contents: _Optional[bytes] = ...) -> None: ...
+    in_shared_memory: bool
+    shm_offset: int
+    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw_contents: _Optional[bytes] = ..., in_shared_memory: _Optional[bool] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "datatype", "shape", "total_bytes", "offset", "data", "shm_offset", "in_shared_memory")
@@ -65,7 +69,7 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResultInfo(_message.Message):
-    __slots__ = ("scalars", "labels", "text")
+    __slots__ = ("scalars", "labels", "text", "tensors")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,10 +94,12 @@ class ResultInfo(_message.Message):
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     scalars: _containers.ScalarMap[str, float]
     labels: _containers.MessageMap[str, StringList]
     text: _containers.ScalarMap[str, str]
-    def __init__(self, scalars: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, StringList]] = ..., text: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, scalars: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, StringList]] = ..., text: _Optional[_Mapping[str, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class ResultChunk(_message.Message):
     __slots__ = ("progress", "tensor", "info")

@@ -5,12 +5,21 @@ fusions); the session for that set is cached, so repeated requests only run.
 """
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from ..graph.expose import expose_tensors, exposed_name
+from ..graph.loading import BATCH_DIM
 from ..graph.names import resolve_tensor
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def resolve_layers(model: LoadedModel, layers: list[str], field: str = "layers") -> dict[str, str]:
@@ -27,10 +36,87 @@ def exposed_session(runtime: Runtime, model: LoadedModel, tensors):
                            lambda: (expose_tensors(model.proto, list(key_tensors)), None))
 
 
+# where the caller wants the results: (dtype, shape) of every result -> one writable C-contiguous
+# array per result, or None to have them allocated as usual (e.g. they do not all fit)
+OutputAllocator = Callable[[list[tuple[np.dtype, tuple[int, ...]]]], "list[np.ndarray] | None"]
+
+_PLANS_PER_MODEL = 64
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a layer list means for a model, worked out once (resolving names walks the graph)."""
+    resolved: dict[str, str]            # requested name -> tensor
+    outputs: list[str]                  # exposed output names, one per distinct tensor
+    by_name: dict[str, str]             # requested name -> exposed output name
+    # (dtype, shape with None for the batch dimension) per output; None when a shape is not known
+    # before the run, or its dtype has no numpy equivalent
+    specs: list[tuple[np.dtype, tuple[int | None, ...]]] | None
+
+
+_plans_lock = threading.Lock()
+
+
+def _plan(model: LoadedModel, layers: list[str]) -> _Plan:
+    key = tuple(layers)
+    with _plans_lock:
+        plans = model.memo("activation_plans", OrderedDict)
+        plan = plans.get(key)
+        if plan is not None:
+            plans.move_to_end(key)
+            return plan
+    resolved = resolve_layers(model, layers)  # NotFound for an unknown name: nothing is kept
+    tensors = list(dict.fromkeys(resolved.values()))
+    exposed = {t: exposed_name(model.proto, t) for t in tensors}
+    plan = _Plan(resolved, [exposed[t] for t in tensors], {n: exposed[t] for n, t in resolved.items()},
+                 _result_specs(model, tensors))
+    with _plans_lock:
+        plans[key] = plan
+        while len(plans) > _PLANS_PER_MODEL:
+            plans.popitem(last=False)
+    return plan
+
+
 def compute_activations(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray],
-                        layers: list[str]) -> dict[str, np.ndarray]:
-    resolved = resolve_layers(model, layers)
-    session = exposed_session(runtime, model, resolved.values())
-    wanted = [exposed_name(model.proto, t) for t in dict.fromkeys(resolved.values())]
-    values = session.run_dict(wanted, feeds)
-    return {name: values[exposed_name(model.proto, t)] for name, t in resolved.items()}
+                        layers: list[str], allocate: OutputAllocator | None = None) -> dict[str, np.ndarray]:
+    """Requested name -> activation. With `allocate` (e.g. the call's shared memory region), results
+    whose shapes are known before the run are written by onnxruntime straight into the arrays it
+    gives, sparing an allocation and a copy per result."""
+    plan = _plan(model, list(layers))
+    session = exposed_session(runtime, model, plan.resolved.values())
+    values = None
+    if allocate is not None and plan.specs is not None and feeds:
+        batch = next(iter(feeds.values())).shape[0]
+        arrays = allocate([(dtype, tuple(batch if d is None else d for d in shape)) for dtype, shape in plan.specs])
+        if arrays is not None:
+            try:
+                values = session.run_into(dict(zip(plan.outputs, arrays)), feeds)
+            except Exception:  # noqa: BLE001 - an inferred shape onnxruntime disagrees with: run as usual
+                log.debug("run into preallocated outputs failed; running with allocated outputs", exc_info=True)
+    if values is None:
+        values = session.run_dict(plan.outputs, feeds)
+    return {name: values[out] for name, out in plan.by_name.items()}
+
+
+def _result_specs(model: LoadedModel, tensors: list[str]):
+    """(dtype, shape) of each tensor from the inferred shapes, None standing for the batch dimension
+    (the symbol every input's first dimension has); None when any other dimension is not known."""
+    specs = []
+    for t in tensors:
+        info = model.infos.get(t)
+        if info is None or info.shape is None:
+            return None
+        shape = []
+        for d in info.shape:
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            elif d == BATCH_DIM:
+                shape.append(None)
+            else:
+                return None
+        try:
+            dtype = info.dtype
+        except Exception:  # noqa: BLE001 - a type numpy has no dtype for
+            return None
+        specs.append((dtype, tuple(shape)))
+    return specs

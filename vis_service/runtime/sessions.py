@@ -41,6 +41,18 @@ class Session:
     def run_dict(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(outputs, self.ort_session.run(outputs, feeds)))
 
+    def run_into(self, outputs: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with each output written straight into the caller's array (onnxruntime IOBinding): no
+        output allocation, no copy. The arrays must be C-contiguous and writable, with exactly the
+        outputs' dtypes and shapes (onnxruntime raises otherwise). Returns `outputs`."""
+        binding = self.ort_session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, arr)
+        for name, arr in outputs.items():
+            binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        self.ort_session.run_with_iobinding(binding)
+        return outputs
+
 
 Builder = Callable[[], "tuple[onnx.ModelProto, Any]"]
 

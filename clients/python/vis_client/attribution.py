@@ -147,11 +147,12 @@ class AttributionMixin:
 
     def _attribute(self, method: str, model, x, target, preprocess, on_progress=None, cancel=None,
                    **options) -> Attribution:
-        from .client import _model_ref, build_input_batch, build_target
+        from .client import _input_batch, _model_ref, build_target
 
-        req = attribution_pb2.AttributionRequest(model=_model_ref(model), input=build_input_batch(x, preprocess, model),
+        batch, inputs = _input_batch(x, preprocess, model)
+        req = attribution_pb2.AttributionRequest(model=_model_ref(model), input=batch,
                                                  target=build_target(target), method=method, **options)
-        res = self._stream(self._attribution_stub().Attribute, req, on_progress, cancel)
+        res = self._stream(self._attribution_stub().Attribute, req, on_progress, cancel, inputs)
         t = dict(res.tensors)
         main = {k: t.pop(k, None) for k in ("attribution", "map", "input", "target_index")}
         return Attribution(method=method, attribution=main["attribution"], map=main["map"], input=main["input"],
@@ -224,17 +225,18 @@ class AttributionMixin:
         channels with the largest max activation, each at its argmax position; or ``target``: a
         channel index (int / list, one per image) or a ``Target.channel`` / ``Target.neuron``
         of ``layer``. ``crop`` also cuts each projection to the unit's receptive field."""
-        from .client import Target, _check_name, _model_ref, build_input_batch
+        from .client import Target, _check_name, _input_batch, _model_ref
 
         _check_name(layer, "layer")
-        req = attribution_pb2.DeconvnetRequest(model=_model_ref(model), input=build_input_batch(x, preprocess, model),
+        batch, inputs = _input_batch(x, preprocess, model)
+        req = attribution_pb2.DeconvnetRequest(model=_model_ref(model), input=batch,
                                                layer=layer, top_k=_check_int(top_k, "top_k", 1),
                                                crop=_check_bool(crop, "crop"), rule_set=rule_set)
         if target is not None:
             if isinstance(target, (int, np.integer, list, tuple, np.ndarray)):
                 target = Target.channel(layer, target)
             req.target.CopyFrom(target)
-        res = self._stream(self._attribution_stub().Deconvnet, req, on_progress, cancel)
+        res = self._stream(self._attribution_stub().Deconvnet, req, on_progress, cancel, inputs)
         t = res.tensors
         return DeconvnetProjections(layer=res.text.get("layer", layer), projections=t["projections"],
                                     channels=t["channels"], positions=t["positions"], activations=t["activations"],

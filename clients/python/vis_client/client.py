@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import grpc
+import grpc.experimental
 import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -24,9 +25,9 @@ from .gen import vis_pb2, vis_pb2_grpc
 from .attribution import AttributionMixin
 from .localization import LocalizationMixin
 from .optimization import OptimizationMixin
-from .shared_memory import SharedResultMemory
-from .stream import Result, collect
-from .tensors import encode, to_proto
+from .shared_memory import INPUT_MIN_BYTES, RegionLease, SharedResultMemory
+from .stream import Result, Unfinished, collect
+from .tensors import DATATYPES, datatype_of, encode, to_proto
 
 __all__ = ["Client", "Model", "TensorSpec", "NodeInfo", "ReceptiveField", "Inspection",
            "GradientResult", "Target", "PRESETS", "build_input_batch", "build_preprocessing",
@@ -421,11 +422,17 @@ def _input_dtype(model, name: str) -> str | None:
     return model.inputs[0].datatype if not name else None
 
 
-def _add_raw_tensor(batch: vis_pb2.InputBatch, name: str, arr, model) -> None:
+#: raw inputs of an InputBatch whose bytes are not in the message yet: (index in ``tensors``, array)
+DeferredInputs = list[tuple[int, np.ndarray]]
+
+
+def _add_raw_tensor(batch: vis_pb2.InputBatch, name: str, arr, model, deferred: DeferredInputs | None = None) -> None:
     """Append one raw input, cast to the model input's float type where it is known.
 
     Built in place (``tensors.add``) so the payload is copied once into the message,
-    not again by ``append``."""
+    not again by ``append``. With ``deferred`` (a list), a large input's bytes are left
+    out and the contiguous little-endian array is appended to it instead: the call puts
+    them in its shared memory region or, without one, in the message (``_send_inputs``)."""
     a = np.asarray(arr)
     if a.dtype == object:
         raise TypeError(f"input {name or '(first)'!r}: cannot send an object array")
@@ -435,8 +442,27 @@ def _add_raw_tensor(batch: vis_pb2.InputBatch, name: str, arr, model) -> None:
             a = a.astype({"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}[want], copy=False)
         elif want is None and a.dtype == np.float64:
             a = a.astype(np.float32)
+    if deferred is not None and a.nbytes >= INPUT_MIN_BYTES:
+        datatype = datatype_of(a.dtype)
+        a = np.ascontiguousarray(a, dtype=DATATYPES[datatype])
+        deferred.append((len(batch.tensors), a))
+        batch.tensors.add(name=name, datatype=datatype, shape=list(a.shape))
+        return
     datatype, shape, data = encode(a)
     batch.tensors.add(name=name, datatype=datatype, shape=shape, raw_contents=data)
+
+
+def _send_inputs(batch: vis_pb2.InputBatch, deferred: DeferredInputs, lease: RegionLease | None) -> None:
+    """Give the deferred inputs their bytes: in the call's shared memory region where they fit
+    (``in_shared_memory`` / ``shm_offset``), else in the message."""
+    for index, arr in deferred:
+        t = batch.tensors[index]
+        offset = lease.put(arr) if lease is not None else None
+        if offset is None:
+            t.raw_contents = arr.tobytes()
+        else:
+            t.in_shared_memory = True
+            t.shm_offset = offset
 
 
 def build_input_batch(x, preprocess=None, model=None) -> vis_pb2.InputBatch:
@@ -447,20 +473,29 @@ def build_input_batch(x, preprocess=None, model=None) -> vis_pb2.InputBatch:
     single one is accepted too). Float arrays are cast to the model input's float type when
     ``model`` is a :class:`Model`, else float64 is sent as FP32.
     """
+    batch, deferred = _input_batch(x, preprocess, model)
+    _send_inputs(batch, deferred, None)
+    return batch
+
+
+def _input_batch(x, preprocess=None, model=None) -> tuple[vis_pb2.InputBatch, DeferredInputs]:
+    """:func:`build_input_batch` with the bytes of large raw inputs left for the call to place
+    (see ``_send_inputs``)."""
     batch = vis_pb2.InputBatch()
+    deferred: DeferredInputs = []
     if isinstance(x, vis_pb2.InputBatch):
         batch.CopyFrom(x)
     elif isinstance(x, np.ndarray):
         if x.ndim == 0:
             raise ValueError("input array must have a batch dimension, got a scalar")
-        _add_raw_tensor(batch, "", x, model)
+        _add_raw_tensor(batch, "", x, model, deferred)
     elif isinstance(x, Mapping):
         if not x:
             raise ValueError("input dict is empty")
         for name, arr in x.items():
             if not isinstance(name, str):
                 raise TypeError(f"input dict keys must be input names (str), got {name!r}")
-            _add_raw_tensor(batch, name, arr, model)
+            _add_raw_tensor(batch, name, arr, model, deferred)
     elif isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_pil_image(x):
         batch.images.append(_encode_image(x))
     elif isinstance(x, (list, tuple)):
@@ -475,7 +510,7 @@ def build_input_batch(x, preprocess=None, model=None) -> vis_pb2.InputBatch:
     pre = build_preprocessing(preprocess)
     if pre is not None:
         batch.preprocess.CopyFrom(pre)
-    return batch
+    return batch, deferred
 
 
 def _model_ref(model) -> str:
@@ -508,15 +543,24 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
     ``Client("127.0.0.1:50051", timeout=60)``. ``timeout`` (seconds) applies to every call,
     ``None`` = no deadline. Use as a context manager or call :meth:`close`.
 
-    ``shared_memory_bytes`` > 0, only for a server on the same machine: the client creates a
-    shared memory region of that size and the server writes result tensors into it instead
-    of streaming them (much faster for large results; what does not fit is streamed). The
-    region serves one call at a time (concurrent calls on the same client are streamed) and
-    is unlinked by :meth:`close`. A server on another host answers INVALID_ARGUMENT.
+    ``shared_memory_bytes`` > 0, only for a server on the same machine: the client creates
+    shared memory regions of that size (a pool of at most ``shared_memory_regions``, made as
+    needed). Each streamed call leases one: large raw inputs are written into it instead of
+    the request, and the server writes result tensors into it instead of streaming them
+    (much faster for large tensors; what does not fit travels through gRPC). **Results of
+    such a client are numpy views into shared memory**: writable, owned by the caller, and
+    nothing reuses that memory while any of them lives (the region goes back to the pool when
+    the call's last result array is garbage; ``arr.copy()`` detaches one). A call that finds
+    every region leased is streamed; a call that fails or is cancelled retires its region.
+    :meth:`close` unlinks the regions (arrays still viewing one stay valid). A server on
+    another host answers INVALID_ARGUMENT.
+
+    Streamed calls return as soon as the closing ResultInfo has arrived; the OK status that
+    follows is read during the client's next call, once its request is out (or by :meth:`close`).
     """
 
     def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = 64 * MiB,
-                 shared_memory_bytes: int = 0):
+                 shared_memory_bytes: int = 0, shared_memory_regions: int = 4):
         if not isinstance(address, str) or not address:
             raise ValueError("address must be 'host:port'")
         if timeout is not None and timeout <= 0:
@@ -524,18 +568,24 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = int(max_message_bytes)
+        self._shared = (SharedResultMemory(shared_memory_bytes, shared_memory_regions)
+                        if shared_memory_bytes else None)
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            # streamed answers are read on the calling thread, not handed over by gRPC's channel
+            # thread: one thread wake-up less per message
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ])
+        self._unfinished = Unfinished()
         self._models = vis_pb2_grpc.ModelServiceStub(self._channel)
         self._vis = vis_pb2_grpc.VisServiceStub(self._channel)
-        self._shared = SharedResultMemory(shared_memory_bytes) if shared_memory_bytes else None
 
     # -- lifecycle
 
     def close(self) -> None:
-        """Close the channel and unlink the shared memory region (if any)."""
+        """Close the channel and unlink the shared memory regions (if any)."""
+        self._unfinished.drain(cancel=True)
         self._channel.close()
         if self._shared is not None:
             self._shared.close()
@@ -556,21 +606,36 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
             raise from_rpc_error(e) from None
 
     @contextmanager
-    def _result_transport(self) -> Iterator[tuple[tuple, memoryview | None]]:
-        """``(call metadata, shared memory buffer or None)`` for one streamed call."""
-        if self._shared is None:
-            yield (), None
-        else:
-            with self._shared.use() as transport:
-                yield transport
+    def _transport(self) -> Iterator[RegionLease | None]:
+        """The shared memory region leased for one streamed call, None when the call is streamed
+        (no shared memory, or every region in use). A call that raises retires its region."""
+        lease = self._shared.lease() if self._shared is not None else None
+        if lease is None:
+            yield None
+            return
+        try:
+            yield lease
+        except BaseException:
+            lease.retire()  # the server may still write into it: never hand it to another call
+            raise
+        finally:
+            lease.end()
 
-    def _stream(self, method, request, on_progress=None, cancel=None) -> Result:
-        with self._result_transport() as (metadata, region):
+    def _stream(self, method, request, on_progress=None, cancel=None, inputs: DeferredInputs = ()) -> Result:
+        """Make a streamed call and collect its result; ``inputs``: the request's deferred raw inputs
+        (``_input_batch``), placed in the call's region where it has one."""
+        with self._transport() as lease:
+            if inputs:
+                _send_inputs(request.input, inputs, lease)
             try:
-                call = method(request, timeout=self.timeout, metadata=metadata or None)
+                call = method(request, timeout=self.timeout, metadata=lease.metadata if lease else None)
             except grpc.RpcError as e:
                 raise from_rpc_error(e) from None
-            return collect(call, on_progress=on_progress, cancel=cancel, region=region)
+            self._unfinished.drain()  # earlier calls' statuses, while the server works on this one
+            if lease is None:
+                return collect(call, on_progress=on_progress, cancel=cancel, finish=self._unfinished.add)
+            return collect(call, on_progress=on_progress, cancel=cancel, region=lease.buffer, views=True,
+                           reserved=lease.inputs_end, finish=self._unfinished.add)
 
     # -- server
 
@@ -680,10 +745,9 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         """Activations of ``layers`` (tensor or node names; empty = graph outputs) for input
         ``x`` (see :func:`build_input_batch`); ``preprocess``: None (model config), a preset
         name or a dict of InputConfig fields. Returns layer name -> array (batch first)."""
-        req = vis_pb2.ActivationsRequest(model=_model_ref(model),
-                                         input=build_input_batch(x, preprocess, model),
-                                         layers=_names(layers, "layers"))
-        return self._stream(self._vis.Activations, req, on_progress, cancel).tensors
+        batch, inputs = _input_batch(x, preprocess, model)
+        req = vis_pb2.ActivationsRequest(model=_model_ref(model), input=batch, layers=_names(layers, "layers"))
+        return self._stream(self._vis.Activations, req, on_progress, cancel, inputs).tensors
 
     def filters(self, model: ModelRef, layer: str, *, on_progress: ProgressFn | None = None,
                 cancel=None) -> dict[str, np.ndarray]:
@@ -713,10 +777,11 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
             if not isinstance(k, str) or not isinstance(v, str) or not k or not v:
                 raise TypeError("node_rules must map node names to rule set names")
             rules[k] = v
-        req = vis_pb2.GradientRequest(model=_model_ref(model), input=build_input_batch(x, preprocess, model),
+        batch, inputs = _input_batch(x, preprocess, model)
+        req = vis_pb2.GradientRequest(model=_model_ref(model), input=batch,
                                       target=build_target(objective, cotangent), wrt=wrt_names,
                                       rule_set=rule_set, node_rules=rules)
-        res = self._stream(self._vis.Gradient, req, on_progress, cancel)
+        res = self._stream(self._vis.Gradient, req, on_progress, cancel, inputs)
         grads = {k[len("grad/"):]: v for k, v in res.tensors.items() if k.startswith("grad/")}
         # keep the requested order
         order = {n: i for i, n in enumerate(wrt_names)}

@@ -213,7 +213,7 @@ class LocalizationMixin:
         channel / neuron targets too). ``layer``: a 4-D feature tensor or node name (default:
         the last feature map before the global pooling). ``batch``: masked inputs per run for
         Score-CAM / ablated maps per run for Ablation-CAM (0 = server default)."""
-        from .client import _model_ref, build_input_batch, build_target
+        from .client import _input_batch, _model_ref, build_target
 
         if not isinstance(method, str) or not method:
             raise TypeError("method must be a non-empty string")
@@ -221,10 +221,11 @@ class LocalizationMixin:
             raise TypeError("layer must be a non-empty string or None")
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
             raise ValueError("batch must be an int >= 0")
-        req = attribution_pb2.CamRequest(model=_model_ref(model), input=build_input_batch(x, preprocess, model),
+        batch_in, inputs = _input_batch(x, preprocess, model)
+        req = attribution_pb2.CamRequest(model=_model_ref(model), input=batch_in,
                                          target=build_target(target), method=method, layer=layer or "",
                                          batch=int(batch))
-        res = self._stream(self._localization().Cam, req, on_progress, cancel)
+        res = self._stream(self._localization().Cam, req, on_progress, cancel, inputs)
         t = res.tensors
         return Cam(cam=t["cam"], heatmap=t["heatmap"], weights=t["weights"], input=t["input"],
                    target_index=t.get("target_index"), labels=res.labels.get("target_index"),
@@ -242,17 +243,18 @@ class LocalizationMixin:
         """Occlusion sensitivity (Zeiler & Fergus): slide a ``fill`` patch ("grey", "zero" or
         "mean") of size ``patch`` (int or (h, w); default a quarter of the smaller image side)
         with ``stride`` (default half the patch); ``batch`` occluded images per run."""
-        from .client import _model_ref, build_input_batch, build_target
+        from .client import _input_batch, _model_ref, build_target
 
         if not isinstance(fill, str) or not fill:
             raise TypeError("fill must be a non-empty string")
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
             raise ValueError("batch must be an int >= 0")
-        req = attribution_pb2.OcclusionRequest(model=_model_ref(model), input=build_input_batch(x, preprocess, model),
+        batch_in, inputs = _input_batch(x, preprocess, model)
+        req = attribution_pb2.OcclusionRequest(model=_model_ref(model), input=batch_in,
                                                target=build_target(target), patch=_ints(patch, "patch"),
                                                stride=_ints(stride, "stride"), fill=fill, layer=layer or "",
                                                batch=int(batch))
-        res = self._stream(self._localization().Occlusion, req, on_progress, cancel)
+        res = self._stream(self._localization().Occlusion, req, on_progress, cancel, inputs)
         t = res.tensors
         top = t["top_class"]
         flat = res.labels.get("top_class")

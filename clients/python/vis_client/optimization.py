@@ -243,17 +243,25 @@ class OptimizationMixin:
             self._optimization_stub_ = stub
         return stub
 
-    def _optimization_stream(self, method, request, on_step, on_snapshot, cancel) -> tuple[Result, list[Snapshot]]:
+    def _optimization_stream(self, method, request, on_step, on_snapshot, cancel,
+                             inputs=()) -> tuple[Result, list[Snapshot]]:
+        from .client import _send_inputs
         from .errors import from_rpc_error
         import grpc
 
-        with self._result_transport() as (metadata, region):  # the final tensors; snapshots are streamed
+        with self._transport() as lease:  # the inputs and the final tensors; snapshots are streamed
+            if inputs:
+                _send_inputs(request.input, inputs, lease)
             try:
-                call = method(request, timeout=self.timeout, metadata=metadata or None)
+                call = method(request, timeout=self.timeout, metadata=lease.metadata if lease else None)
             except grpc.RpcError as e:
                 raise from_rpc_error(e) from None
+            self._unfinished.drain()  # earlier calls' statuses, while the server works on this one
             tap = _SnapshotTap(call, on_snapshot)
-            return collect(tap, on_progress=on_step, cancel=cancel, region=region), tap.snapshots
+            if lease is None:
+                return collect(tap, on_progress=on_step, cancel=cancel, finish=self._unfinished.add), tap.snapshots
+            return collect(tap, on_progress=on_step, cancel=cancel, region=lease.buffer, views=True,
+                           reserved=lease.inputs_end, finish=self._unfinished.add), tap.snapshots
 
     def maximize(self, model, objectives, *, steps: int = 256, lr: float | None = None, optimizer: str = "adam",
                  schedule: str | None = None, batch: int = 1, parameterization: str = "fourier",
@@ -330,18 +338,20 @@ class OptimizationMixin:
         per layer run in one batch. ``alpha``/``beta``/``lambda_alpha``/``lambda_tv``: the
         regularizers (None = server default). Returns per layer the reconstructions and their
         relative feature and pixel errors."""
-        from .client import _model_ref, _names, build_input_batch
+        from .client import _input_batch, _model_ref, _names
 
         layer_names = _names(layers, "layers")
+        batch, inputs = _input_batch(reference, preprocess, model)
         req = optimization_pb2.InvertRequest(
-            model=_model_ref(model), input=build_input_batch(reference, preprocess, model), layers=layer_names,
+            model=_model_ref(model), input=batch, layers=layer_names,
             steps=_int(steps, "steps"), starts=_int(starts, "starts"), optimizer=_optimizer(optimizer, lr, schedule),
             alpha=float(alpha), beta=float(beta), pixel_norm=float(pixel_norm or 0.0), seed=_int(seed, "seed"),
             snapshot_every=_int(snapshot_every, "snapshot_every"))
         _set_optional(req, "lambda_alpha", lambda_alpha)
         _set_optional(req, "lambda_tv", lambda_tv)
         _set_optional(req, "init_std", init_std)
-        res, snaps = self._optimization_stream(self._optimization_stub().Invert, req, on_step, on_snapshot, cancel)
+        res, snaps = self._optimization_stream(self._optimization_stub().Invert, req, on_step, on_snapshot, cancel,
+                                               inputs)
         names = res.labels.get("layers", [])
         columns = res.labels.get("losses", [])
         t = res.tensors

@@ -6,6 +6,7 @@ arrive in order; :class:`ChunkAssembler` puts them back together.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -108,14 +109,21 @@ class ChunkAssembler:
     else ``None``. :meth:`finish` raises :class:`CorruptStream` if a tensor is incomplete.
 
     ``region``: the call's shared memory buffer (see ``shared_memory.py``); a chunk marked
-    ``in_shared_memory`` is a whole tensor the server wrote there, copied out at once (the
-    result never aliases the region, which the next call reuses).
+    ``in_shared_memory`` is a whole tensor the server wrote there. It is copied out at once,
+    or with ``views=True`` returned as a view into the region, without a copy (the caller
+    then keeps the region from being reused while the view lives). ``reserved``: bytes at
+    the start of the region that hold the call's inputs; results never overlap them or
+    each other.
     """
 
-    def __init__(self, region: memoryview | None = None) -> None:
+    def __init__(self, region: memoryview | np.ndarray | None = None, *, views: bool = False,
+                 reserved: int = 0) -> None:
         self._pending: dict[str, _Pending] = {}
         self._done: set[str] = set()
-        self._region = region
+        self._region = (region if region is None or isinstance(region, np.ndarray)
+                        else np.frombuffer(region, np.uint8))
+        self._views = views
+        self._taken: list[tuple[int, int]] = [(0, reserved)] if reserved > 0 else []
 
     @property
     def pending(self) -> list[str]:
@@ -166,22 +174,30 @@ class ChunkAssembler:
             raise CorruptStream(f"tensor {name!r}: announced in shared memory, but this call shared no region")
         if name in self._done or name in self._pending:
             raise CorruptStream(f"tensor {name!r}: shared memory chunk for a tensor already received")
+        # (plain Python, few numpy calls: this runs right after a long wait, with cold caches)
         dt = dtype_of(chunk.datatype)
-        shape = tuple(int(s) for s in chunk.shape)
-        if any(s < 0 for s in shape):
+        shape = tuple(chunk.shape)
+        if shape and min(shape) < 0:
             raise CorruptStream(f"tensor {name!r}: negative dimension in shape {list(shape)}")
-        count = int(np.prod(shape, dtype=np.int64))
-        start, end = chunk.shm_offset, chunk.shm_offset + count * dt.itemsize
+        start = chunk.shm_offset
+        end = start + math.prod(shape) * dt.itemsize
         if chunk.total_bytes != end - start or chunk.offset != 0 or chunk.data:
             raise CorruptStream(f"tensor {name!r}: shared memory chunk with offset {chunk.offset}, "
                                 f"{len(chunk.data)} data bytes, total_bytes {chunk.total_bytes} "
                                 f"for {chunk.datatype}{list(shape)}")
-        if start < 0 or end > len(self._region):
-            raise CorruptStream(f"tensor {name!r}: bytes [{start}, {end}) lie outside the {len(self._region)}-byte "
+        size = self._region.nbytes
+        if start < 0 or end > size:
+            raise CorruptStream(f"tensor {name!r}: bytes [{start}, {end}) lie outside the {size}-byte "
                                 "shared memory region")
+        for a, b in self._taken:
+            if start < b and a < end and end > start:
+                raise CorruptStream(f"tensor {name!r}: bytes [{start}, {end}) overlap the call's inputs or another "
+                                    f"result at [{a}, {b})")
+        self._taken.append((start, end))
         self._done.add(name)
-        # the one copy: out of the region (reused by the next call) into the result
-        return np.frombuffer(self._region, dtype=dt, count=count, offset=start).reshape(shape).copy()
+        arr = self._region[start:end].view(dt).reshape(shape)
+        # a view when the caller keeps the region for it (Client does), else the one copy out of the region
+        return arr if self._views else arr.copy()
 
     def feed(self, chunks: Iterable[vis_pb2.TensorChunk]) -> Iterator[tuple[str, np.ndarray]]:
         """Consume chunks, yielding ``(name, array)`` for each completed tensor, then :meth:`finish`."""
