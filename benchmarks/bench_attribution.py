@@ -9,7 +9,9 @@ Both sides compute on the same architecture and weights: a torchvision-style Res
 BatchNorm statistics calibrated on random batches, exported to ONNX by this script
 (TorchScript exporter, opset 17, dynamic batch axis; the dynamo exporter only if that
 fails) and uploaded to an in-process server (``start_server(ServerConfig(port=0))``)
-through ``vis_client.Client``. Captum runs the torch module in this same process.
+through ``vis_client.Client``. Captum runs the torch module in this same process. Our
+client moves tensors through same-host shared memory where /dev/shm exists (README,
+"Same-host shared memory"; ``--transport stream`` sends them in gRPC messages instead).
 torch and the ORT sessions use the same number of intra-op threads (all cores).
 
 Before timing, both sides are checked to agree (logits, and each method's maps).
@@ -278,6 +280,9 @@ def main() -> int:
                     help="our IG path points per onnxruntime run (0 = the server's memory-budget default)")
     ap.add_argument("--captum-ig-batch", type=int, default=CAPTUM_IG_BATCH, help="Captum IG internal_batch_size")
     ap.add_argument("--skip-check", action="store_true", help="skip the agreement check")
+    ap.add_argument("--transport", choices=("shared-memory", "stream"),
+                    default="shared-memory" if os.path.isdir("/dev/shm") else "stream",
+                    help="how our client moves tensors: same-host shared memory (README) or gRPC messages")
     args = ap.parse_args()
 
     torch_models = _bench_imports()
@@ -305,7 +310,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, captum {captum.__version__}, onnxruntime {ort.__version__}; "
           f"{args.threads} intra-op threads on both sides ({os.cpu_count()} cores)")
     print(f"timing: median of {args.reps} (IG, occlusion: {args.slow_reps}) interleaved runs per side after "
-          f"a warm-up; IG/occlusion at batch {','.join(map(str, slow_batches))}")
+          f"a warm-up; IG/occlusion at batch {','.join(map(str, slow_batches))}; our tensors: {args.transport}")
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((max(batches + slow_batches), 3, 224, 224)).astype(np.float32)
@@ -313,7 +318,9 @@ def main() -> int:
     all_rows: list[Row] = []
     disagreements: list[str] = []
     try:
-        with Client(running.address) as client, tempfile.TemporaryDirectory() as tmp:
+        shm_bytes = 256 << 20 if args.transport == "shared-memory" else 0
+        with Client(running.address, shared_memory_bytes=shm_bytes) as client, \
+                tempfile.TemporaryDirectory() as tmp:
             for name in models:
                 net = torch_models.seeded_resnet(name, seed=0)
                 path = Path(tmp) / f"{name}.onnx"

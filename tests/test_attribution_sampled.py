@@ -121,3 +121,21 @@ def test_cancel_mid_call_stops_promptly(client, digits, images, method):
     assert not any(t.name == "vis-method" for t in threading.enumerate())
     # the server is healthy and answers the next call
     assert client.smoothgrad(digits, images[:1], samples=2).map.shape == (1, 32, 32)
+
+
+def test_rows_are_spread_evenly_over_runs():
+    from vis_service.methods.attribution_common import balanced_chunk
+    for total in range(1, 80):
+        for chunk in range(1, 20):
+            even = balanced_chunk(total, chunk)
+            runs = -(-total // chunk)
+            assert even <= chunk and -(-total // even) == runs, (total, chunk, even)
+            assert even * runs - total < runs                    # the runs differ by at most one row
+    assert balanced_chunk(52, 10) == 9
+
+
+def test_integrated_gradients_the_same_at_any_rows_per_run(client, digits, images):
+    one = client.integrated_gradients(digits, images, steps=16, batch=1)
+    many = client.integrated_gradients(digits, images, steps=16, batch=10)
+    assert "1 rows per run" in one.text["rule"] and "9 rows per run" in many.text["rule"]   # 54 rows: 6 runs of 9, not 5 of 10 + 4
+    np.testing.assert_allclose(many.attribution, one.attribution, rtol=1e-4, atol=1e-6)

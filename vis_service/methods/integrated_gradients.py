@@ -80,7 +80,7 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
         f_base[i[j == steps]] = objective[j == steps]
         f_input[i[j == steps + 1]] = objective[j == steps + 1]
 
-    chunk = rows_per_run(model, x, batch, memory_budget)
+    chunk = common.balanced_chunk(len(rows), rows_per_run(model, x, batch, memory_budget))
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
                   stage="integrated gradients", consume=consume)
     attribution = diff * total
