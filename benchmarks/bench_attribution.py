@@ -16,8 +16,9 @@ torch and the ORT sessions use the same number of intra-op threads (all cores).
 
 Before timing, both sides are checked to agree (logits, and each method's maps).
 Timing: each row is warmed up on both sides (our server builds its graphs and
-sessions once per method), then the two sides alternate, ``reps`` times each, and the
-medians are compared; the ratio of each side's fastest run is printed too. On a
+sessions once per method), then the two sides alternate, ``reps`` times each, each timed
+call after ``--pause`` seconds of idle (so that neither side runs while the other's thread
+pool still spins), and the medians are compared; the ratio of each side's fastest run is printed too. On a
 shared, loaded machine torch's OpenMP pool slows down far more than onnxruntime's
 (whose threads do not spin), which flatters our medians: the best-of ratio is the
 closer estimate of a quiet machine. Needs the ``bench`` extra (torch, captum): without it the script
@@ -153,7 +154,7 @@ class Row:
         return GOALS[self.method]
 
 
-def time_row(row: Row) -> None:
+def time_row(row: Row, pause: float = 0.0) -> None:
     row.ours()  # warm: the server builds its gradient graph / session once per method
     row.captum()
     t_ours, t_captum = [], []
@@ -161,6 +162,9 @@ def time_row(row: Row) -> None:
         # alternate which side goes first so slow drifts of a shared machine hit both alike
         sides = [(row.ours, t_ours), (row.captum, t_captum)]
         for fn, times in (sides if rep % 2 == 0 else sides[::-1]):
+            # a pause first: torch's OpenMP workers keep spinning a while after its last
+            # parallel region, and would otherwise run on the cores of whatever comes next
+            time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -280,6 +284,8 @@ def main() -> int:
                     help="our IG path points per onnxruntime run (0 = the server's memory-budget default)")
     ap.add_argument("--captum-ig-batch", type=int, default=CAPTUM_IG_BATCH, help="Captum IG internal_batch_size")
     ap.add_argument("--skip-check", action="store_true", help="skip the agreement check")
+    ap.add_argument("--pause", type=float, default=0.2,
+                    help="seconds of idle before each timed call (no side pays for the other's spinning threads)")
     ap.add_argument("--transport", choices=("shared-memory", "stream"),
                     default="shared-memory" if os.path.isdir("/dev/shm") else "stream",
                     help="how our client moves tensors: same-host shared memory (README) or gRPC messages")
@@ -310,7 +316,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, captum {captum.__version__}, onnxruntime {ort.__version__}; "
           f"{args.threads} intra-op threads on both sides ({os.cpu_count()} cores)")
     print(f"timing: median of {args.reps} (IG, occlusion: {args.slow_reps}) interleaved runs per side after "
-          f"a warm-up; IG/occlusion at batch {','.join(map(str, slow_batches))}; our tensors: {args.transport}")
+          f"a warm-up, {args.pause} s idle before each; IG/occlusion at batch {','.join(map(str, slow_batches))}; "
+          f"our tensors: {args.transport}")
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((max(batches + slow_batches), 3, 224, 224)).astype(np.float32)
@@ -339,7 +346,7 @@ def main() -> int:
                 rows = build_rows(client, name, ours_model, net, x, targets, batches, slow_batches, args.reps,
                                   args.slow_reps, args.ig_rows, args.captum_ig_batch)
                 for row in rows:
-                    time_row(row)
+                    time_row(row, args.pause)
                     print(f"  {row.method:<21} batch {row.batch}: median ours {row.t_ours * 1e3:9.1f} ms, "
                           f"Captum {row.t_captum * 1e3:9.1f} ms, ratio {row.ratio:5.2f}; best-of ratio "
                           f"{row.best_ratio:5.2f}", flush=True)
