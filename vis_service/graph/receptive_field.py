@@ -451,7 +451,6 @@ def _slice(node, main, ctx, outs, out_shape):
         if vals[0] is None or vals[1] is None:
             return {}
         starts = [int(x) for x in vals[0].reshape(-1)]
-        ends = [int(x) for x in vals[1].reshape(-1)]
         axes = [int(x) for x in vals[2].reshape(-1)] if vals[2] is not None else list(range(len(starts)))
         if len(node.input) > 3 and node.input[3] and vals[2] is None:
             return {}

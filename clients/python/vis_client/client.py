@@ -621,9 +621,11 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         finally:
             lease.end()
 
-    def _stream(self, method, request, on_progress=None, cancel=None, inputs: DeferredInputs = ()) -> Result:
+    def _stream(self, method, request, on_progress=None, cancel=None, inputs: DeferredInputs = (),
+                tap=None) -> Result:
         """Make a streamed call and collect its result; ``inputs``: the request's deferred raw inputs
-        (``_input_batch``), placed in the call's region where it has one."""
+        (``_input_batch``), placed in the call's region where it has one; ``tap(call)``: an
+        iterable over the call's messages to collect from instead (e.g. one that keeps snapshots)."""
         with self._transport() as lease:
             if inputs:
                 _send_inputs(request.input, inputs, lease)
@@ -632,9 +634,10 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
             except grpc.RpcError as e:
                 raise from_rpc_error(e) from None
             self._unfinished.drain()  # earlier calls' statuses, while the server works on this one
+            messages = tap(call) if tap is not None else call
             if lease is None:
-                return collect(call, on_progress=on_progress, cancel=cancel, finish=self._unfinished.add)
-            return collect(call, on_progress=on_progress, cancel=cancel, region=lease.buffer, views=True,
+                return collect(messages, on_progress=on_progress, cancel=cancel, finish=self._unfinished.add)
+            return collect(messages, on_progress=on_progress, cancel=cancel, region=lease.buffer, views=True,
                            reserved=lease.inputs_end, finish=self._unfinished.add)
 
     # -- server

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .gen import optimization_pb2, optimization_pb2_grpc, vis_pb2
-from .stream import Result, collect
+from .stream import Result
 from .tensors import ChunkAssembler
 
 __all__ = ["Objective", "Snapshot", "OptimizationResult", "LayerInversion", "InversionResult", "OptimizationMixin"]
@@ -245,23 +245,15 @@ class OptimizationMixin:
 
     def _optimization_stream(self, method, request, on_step, on_snapshot, cancel,
                              inputs=()) -> tuple[Result, list[Snapshot]]:
-        from .client import _send_inputs
-        from .errors import from_rpc_error
-        import grpc
+        """The inputs and final tensors use the client's transport; snapshots are always streamed."""
+        taps: list[_SnapshotTap] = []
 
-        with self._transport() as lease:  # the inputs and the final tensors; snapshots are streamed
-            if inputs:
-                _send_inputs(request.input, inputs, lease)
-            try:
-                call = method(request, timeout=self.timeout, metadata=lease.metadata if lease else None)
-            except grpc.RpcError as e:
-                raise from_rpc_error(e) from None
-            self._unfinished.drain()  # earlier calls' statuses, while the server works on this one
-            tap = _SnapshotTap(call, on_snapshot)
-            if lease is None:
-                return collect(tap, on_progress=on_step, cancel=cancel, finish=self._unfinished.add), tap.snapshots
-            return collect(tap, on_progress=on_step, cancel=cancel, region=lease.buffer, views=True,
-                           reserved=lease.inputs_end, finish=self._unfinished.add), tap.snapshots
+        def tap(call):
+            taps.append(_SnapshotTap(call, on_snapshot))
+            return taps[-1]
+
+        res = self._stream(method, request, on_step, cancel, inputs, tap=tap)
+        return res, taps[0].snapshots
 
     def maximize(self, model, objectives, *, steps: int = 256, lr: float | None = None, optimizer: str = "adam",
                  schedule: str | None = None, batch: int = 1, parameterization: str = "fourier",
