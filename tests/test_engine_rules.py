@@ -180,6 +180,13 @@ def test_average_pool_opset_9_and_1d():
     check("AveragePool", {"x": (2, 3, 10)}, kind=LINEAR, kernel_shape=[3], strides=[2], ceil_mode=1)
 
 
+@pytest.mark.parametrize("shape,kernel", [((2, 3, 11), [2]), ((1, 2, 5, 4, 7), [2, 2, 3]), ((2, 16, 6, 6), [3, 3])],
+                         ids=["1d-tail", "3d-tail", "2d-exact"])
+def test_average_pool_tiling_windows(shape, kernel):
+    # kernel == stride, no pads: the adjoint is a nearest Resize and a per-channel 1/(k*k) scale
+    check("AveragePool", {"x": shape}, kind=LINEAR, kernel_shape=kernel, strides=kernel)
+
+
 def test_global_pools():
     check("GlobalAveragePool", {"x": (2, 3, 5, 4)}, kind=LINEAR)
     check("GlobalMaxPool", {"x": (2, 3, 5, 4)}, kind=LINEAR, values="separated")

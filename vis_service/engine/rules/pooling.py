@@ -44,6 +44,8 @@ def average_pool_backward(ctx: RuleContext, node, grad_outputs):
     x, y = node.input[0], node.output[0]
     window = window_of(ctx, node, x, y, attr(node, "kernel_shape"))
     channels = ctx.static_dims(x, [1], "AveragePool backward")[0]
+    if _is_tiling(window) and ctx.opset >= 11:
+        return [_tile_adjoint_resized(ctx, grad_outputs[0], x, window, channels)]
     rank = ctx.rank(x)
     ones = ctx.const(np.ones([1, 1] + window.in_sizes, dtype=ctx.dtype(x)), "ones")
     pooled_ones = ctx.make_node("AveragePool", [ones], **{a.name: helper.get_attribute_value(a) for a in node.attribute})
@@ -75,6 +77,25 @@ def _is_tiling(window: Window) -> bool:
     return all(k == s and d == 1 and b == 0 and e == 0 and o * s <= i
                for k, s, d, b, e, o, i in zip(window.kernel, window.strides, window.dilations,
                                               window.pads_begin, window.pads_end, window.out_sizes, window.in_sizes))
+
+
+def _tile_adjoint_resized(ctx: RuleContext, g: str, x: str, window: Window, channels: int) -> str:
+    """Tiling windows: each gradient element repeated over its k×k block by a nearest Resize, then
+    divided by k×k as a channel scale.
+
+    Why: onnxruntime runs an integer-scale nearest Resize in its blocked NCHWc layout (the
+    broadcast Mul of _tile_adjoint is a plain kernel with reorders around it: 4 of DenseNet-121's
+    120 ms backward), and the uniform 1/(k×k) folds into the weights of the Conv before the pool
+    (see RuleContext.scale_channels). Full windows only (no pads, no overhang), so every divisor is k×k.
+    """
+    scales = ctx.const(np.array([1.0, 1.0] + [float(k) for k in window.kernel], np.float32), "scales")
+    g = ctx.make_node("Resize", [g, "", scales], mode="nearest",
+                      coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    tail = [i - o * k for i, o, k in zip(window.in_sizes, window.out_sizes, window.kernel)]
+    if any(tail):
+        g = ctx.pad(g, [0] * (len(tail) + 2) + [0, 0] + tail)
+    factor = np.full([channels], 1.0 / float(np.prod(window.kernel)), dtype=ctx.dtype(x))
+    return ctx.scale_channels(g, ctx.const(factor, "inverse_divisor"), x)
 
 
 def _tile_adjoint(ctx: RuleContext, g: str, x: str, window: Window, rank: int) -> str:
