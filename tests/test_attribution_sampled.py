@@ -97,7 +97,7 @@ def test_progress_streams_until_total(client, digits, images):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     seen.clear()
     client.integrated_gradients(digits, images, steps=10, batch=8, on_progress=lambda p: seen.append((p.done, p.total)))
-    total = 3 * (10 + 2)                     # path points plus f(x) and f(baseline) per image
+    total = 3 * 10                           # path points; f(x) and f(baseline) come from forward runs
     assert seen[-1] == (total, total) and len(seen) >= total // 8
 
 
@@ -135,7 +135,7 @@ def test_rows_are_spread_evenly_over_runs():
 
 
 def test_integrated_gradients_the_same_at_any_rows_per_run(client, digits, images):
-    one = client.integrated_gradients(digits, images, steps=16, batch=1)
-    many = client.integrated_gradients(digits, images, steps=16, batch=10)
-    assert "1 rows per run" in one.text["rule"] and "9 rows per run" in many.text["rule"]   # 54 rows: 6 runs of 9, not 5 of 10 + 4
+    one = client.integrated_gradients(digits, images, steps=17, batch=1)
+    many = client.integrated_gradients(digits, images, steps=17, batch=10)
+    assert "1 rows per run" in one.text["rule"] and "9 rows per run" in many.text["rule"]   # 51 rows: 6 runs of 8-9, not 5 of 10 + 1
     np.testing.assert_allclose(many.attribution, one.attribution, rtol=1e-4, atol=1e-6)

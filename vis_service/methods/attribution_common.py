@@ -20,6 +20,7 @@ from ..models.config import ImageSpec, resolve_image_spec
 from ..models.preprocess import image_to_array
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from .activations import compute_activations
 from .gradient import Objective, make_cotangent, objective_tensor_name, resolve_wrt, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
 
@@ -170,6 +171,25 @@ def gradient_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, ro
         if consume is not None:
             consume(ks, res.gradients["input"], res.objective)
         progress.update(sl.stop, total, stage)
+
+
+def objective_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, rows: np.ndarray,
+                   inputs: np.ndarray, chunk: int) -> np.ndarray:
+    """The objective <cotangent, objective tensor> of each row, from forward runs only (no gradient).
+
+    `rows[k]` is the image index of row k and `inputs[k]` its image-input value; other model
+    inputs and the cotangent come from image `rows[k]` (as in gradient_rows). Float64, summed
+    like run_gradient's objective.
+    """
+    ensure_target(runtime, model, ai)
+    out = np.zeros(len(rows))
+    for sl in chunks(len(rows), balanced_chunk(len(rows), chunk)):
+        images = rows[sl]
+        feeds = {name: (inputs[sl] if name == ai.image_input else v[images]) for name, v in ai.feeds.items()}
+        values = compute_activations(runtime, model, feeds, [ai.objective_tensor])[ai.objective_tensor]
+        flat = values.reshape(len(images), -1).astype(np.float64)
+        out[sl] = (flat * ai.cotangent[images].reshape(len(images), -1)).sum(axis=1)
+    return out
 
 
 def accumulate_rows(total: np.ndarray, images: np.ndarray, values: np.ndarray,

@@ -8,7 +8,7 @@ in chunks that fit a memory budget. Completeness says sum(attribution) = f(x) - 
 
 Quadratures (`rule`): "riemann_trapezoid" (steps points 0..1 incl. both ends, Captum's
 trapezoid), "riemann_middle" (midpoints (k + 1/2) / steps), "gausslegendre" (Captum's
-default). f(x) and f(b) are evaluated in the same runs (two extra rows per image).
+default). f(x) and f(b) come from forward-only runs (no gradient rows spent on them).
 """
 from __future__ import annotations
 
@@ -59,30 +59,26 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
     base, base_text = common.baseline(ai, baseline, blur_sigma, baseline_tensor)
     base = np.broadcast_to(base, x.shape)
     diff = x.astype(np.float64) - base.astype(np.float64)
-    # per image: steps path points, then the two ends (weight 0) for f(b) and f(x)
-    path_alphas = np.concatenate([alphas, [0.0, 1.0]])
-    path_weights = np.concatenate([weights, [0.0, 0.0]])
-    per_image = len(path_alphas)
+    per_image = steps
     rows = np.repeat(np.arange(n), per_image)
 
     def make_inputs(ks: np.ndarray) -> np.ndarray:
         i, j = rows[ks], ks % per_image
-        a = path_alphas[j].reshape((-1,) + (1,) * (x.ndim - 1))
+        a = alphas[j].reshape((-1,) + (1,) * (x.ndim - 1))
         return (base[i] + a * diff[i]).astype(x.dtype)
 
     total = np.zeros(x.shape, np.float64)
-    f_base = np.zeros(n)
-    f_input = np.zeros(n)
 
     def consume(ks, grads, objective):
-        i, j = rows[ks], ks % per_image
-        common.accumulate_rows(total, i, grads, path_weights[j])
-        f_base[i[j == steps]] = objective[j == steps]
-        f_input[i[j == steps + 1]] = objective[j == steps + 1]
+        common.accumulate_rows(total, rows[ks], grads, weights[ks % per_image])
 
     chunk = common.balanced_chunk(len(rows), rows_per_run(model, x, batch, memory_budget))
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
                   stage="integrated gradients", consume=consume)
+    # the ends of the path, f(b) and f(x), need no gradient: forward runs only
+    ends = common.objective_rows(runtime, model, ai, np.concatenate([np.arange(n), np.arange(n)]),
+                                 np.concatenate([np.ascontiguousarray(base, dtype=x.dtype), x]), chunk)
+    f_base, f_input = ends[:n], ends[n:]
     attribution = diff * total
     delta = f_input - f_base
     gap = np.abs(attribution.reshape(n, -1).sum(axis=1) - delta)
