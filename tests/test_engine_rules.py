@@ -187,6 +187,11 @@ def test_average_pool_tiling_windows(shape, kernel):
     check("AveragePool", {"x": shape}, kind=LINEAR, kernel_shape=kernel, strides=kernel)
 
 
+def test_average_pool_tiling_windows_before_opset_13():
+    # Resize needs its roi input before opset 13: the broadcast-product form instead
+    check("AveragePool", {"x": (2, 3, 9, 8)}, opset=11, kind=LINEAR, kernel_shape=[2, 2], strides=[2, 2])
+
+
 def test_global_pools():
     check("GlobalAveragePool", {"x": (2, 3, 5, 4)}, kind=LINEAR)
     check("GlobalMaxPool", {"x": (2, 3, 5, 4)}, kind=LINEAR, values="separated")

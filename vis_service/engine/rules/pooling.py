@@ -44,7 +44,7 @@ def average_pool_backward(ctx: RuleContext, node, grad_outputs):
     x, y = node.input[0], node.output[0]
     window = window_of(ctx, node, x, y, attr(node, "kernel_shape"))
     channels = ctx.static_dims(x, [1], "AveragePool backward")[0]
-    if _is_tiling(window) and ctx.opset >= 11:
+    if _is_tiling(window) and ctx.opset >= 13:  # Resize with its roi input optional
         return [_tile_adjoint_resized(ctx, grad_outputs[0], x, window, channels)]
     rank = ctx.rank(x)
     ones = ctx.const(np.ones([1, 1] + window.in_sizes, dtype=ctx.dtype(x)), "ones")
