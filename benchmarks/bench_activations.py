@@ -3,13 +3,14 @@
 
 SqueezeNet 1.0 from ../shared, three layers, batch 8. Both sides use the same
 exposed graph and session options; runs are interleaved (each repetition runs the
-three in another order, each after a short pause so that no call pays for the
+contestants in another order, each after a short pause so that no call pays for the
 server's tail of the one before) and medians compared: the ratio of the medians, and
-the median of each repetition's own ratio (paired, robust to the machine's drifts). Two transports: everything through
-gRPC (the default), and same-host shared memory (`Client(..., shared_memory_bytes=...)`,
+the median of each repetition's own ratio (paired, robust to the machine's drifts).
+Transports: everything through gRPC (the default), and same-host shared memory (`Client(..., shared_memory_bytes=...)`,
 README "Same-host shared memory"), where the client writes the input into its region
 (inside the timed call) and the server reads it there and has onnxruntime write the
-results straight into the region, which the client hands out as views.
+results straight into the region, which the client hands out as views; and the same with
+the input built in a region beforehand (`Client.shared_input`: no copy in the call).
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def main() -> int:
     try:
         with Client(address) as client, Client(address, shared_memory_bytes=args.shm_mib << 20) as shm_client:
             model = client.load_model(MODEL, name="squeezenet")
+            x_shared = shm_client.shared_input(x.shape, x.dtype)
+            x_shared[:] = x
             for title, layers in LAYER_SETS.items():
                 local = runtime.create_session(expose_tensors(proto, layers))
                 contestants = {
@@ -69,6 +72,9 @@ def main() -> int:
                     "streamed": lambda: client.activations(model, x, layers),
                     # writes x into the client's region inside the call: timed
                     "shared memory": lambda: shm_client.activations(model, x, layers),
+                    # x built in a region beforehand (Client.shared_input), as a caller decoding
+                    # its batch straight into shared memory would: no copy in the call
+                    "shm, input in place": lambda: shm_client.activations(model, x_shared, layers),
                 }
                 for run in contestants.values():  # warm: the server builds its session once
                     run()
@@ -85,7 +91,7 @@ def main() -> int:
                         if rep == args.reps - 1:  # kept to check that every transport returns the same bytes
                             outs[kind] = out
                         del out
-                for kind in ("streamed", "shared memory"):
+                for kind in ("streamed", "shared memory", "shm, input in place"):
                     for name in layers:
                         assert np.array_equal(outs[kind][name], outs["in-process"][name]), (kind, name)
                 mb = sum(v.nbytes for v in outs["in-process"].values()) / 2**20

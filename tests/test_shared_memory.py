@@ -394,3 +394,50 @@ def test_results_computed_into_the_region_fall_back_when_onnxruntime_refuses(cli
     got = shm_client.activations(digits.id, x, layers)  # run as usual, results copied into the region
     assert_same(got, client.activations(digits, x, layers))
     assert all(in_shared_memory(v) for v in got.values())
+
+
+def test_shared_input_is_sent_where_it_lies(server, client, digits, x, sent):
+    layers = digits_layers()
+    want = client.activations(digits, x, layers)
+    want_double = client.activations(digits, 2 * x, layers)
+    with Client(server.address, shared_memory_bytes=16 << 20, shared_memory_regions=2) as c:
+        buf = c.shared_input(x.shape, np.float32)
+        assert buf.shape == x.shape and buf.dtype == np.float32 and buf.flags.c_contiguous
+        buf[:] = x
+        sent.clear()
+        first = c.activations(digits.id, buf, layers)
+        assert_same(first, want)
+        assert c._shared.in_place_inputs == 1 and sent == [[(True, 0)]]
+        # `first` still views the input's region: the next call copies the input into the other one
+        second = c.activations(digits.id, buf, layers)
+        assert_same(second, want)
+        assert_same(first, want)
+        assert c._shared.in_place_inputs == 1 and c._shared.created == 2
+        # both regions busy (the input's and `second`'s): streamed, still correct
+        assert_same(c.activations(digits.id, {"": buf}, layers), want)
+        del first, second
+        gc.collect()
+        buf *= 2  # the array is the input: the next call sees what it holds now
+        assert_same(c.activations(digits.id, {"": buf}, layers), want_double)
+        assert c._shared.in_place_inputs == 2
+        # a view of the array keeps its region pinned; dropping every view frees it for any call
+        part = buf[:4]
+        del buf
+        gc.collect()
+        with pytest.raises(RuntimeError, match="in use"):
+            c.shared_input((1,)), c.shared_input((1,))
+        del part
+        gc.collect()
+        y = x[::-1].copy()
+        assert_same(c.activations(digits.id, y, layers), client.activations(digits, y, layers))
+        assert c._shared.created == 2
+
+
+def test_shared_input_needs_shared_memory_and_a_fitting_size(server):
+    with Client(server.address) as c, pytest.raises(RuntimeError, match="shared_memory_bytes"):
+        c.shared_input((4, 4))
+    with Client(server.address, shared_memory_bytes=1 << 20) as c:
+        with pytest.raises(ValueError, match="does not fit"):
+            c.shared_input((1 << 20,), np.float32)
+        with pytest.raises(ValueError, match="non-negative"):
+            c.shared_input((-1, 3))

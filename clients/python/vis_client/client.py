@@ -581,6 +581,22 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         self._models = vis_pb2_grpc.ModelServiceStub(self._channel)
         self._vis = vis_pb2_grpc.VisServiceStub(self._channel)
 
+    def shared_input(self, shape, dtype=np.float32) -> np.ndarray:
+        """An array to fill with a call's input, living in one of this client's shared memory regions.
+
+        Passed as a call's input (the array itself, or the first value of an input dict), it is
+        sent where it lies: no copy into the region (Triton's system shared memory works the same
+        way). Build batches in it directly, e.g. ``buf = client.shared_input((8, 3, 224, 224));
+        buf[:] = images; client.activations(model, buf, layers)``. Its region serves only calls
+        with this input while the array (or a view of it) lives; a call made while an earlier
+        call's results still view that region copies the input elsewhere instead. Do not change
+        the array during a call. Needs ``shared_memory_bytes``; RuntimeError when every region is
+        in use, ValueError when it does not fit one.
+        """
+        if self._shared is None:
+            raise RuntimeError("shared_input needs a Client made with shared_memory_bytes > 0")
+        return self._shared.input_array(shape, dtype)
+
     # -- lifecycle
 
     def close(self) -> None:
@@ -606,10 +622,11 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
             raise from_rpc_error(e) from None
 
     @contextmanager
-    def _transport(self) -> Iterator[RegionLease | None]:
+    def _transport(self, first_input: np.ndarray | None = None) -> Iterator[RegionLease | None]:
         """The shared memory region leased for one streamed call, None when the call is streamed
-        (no shared memory, or every region in use). A call that raises retires its region."""
-        lease = self._shared.lease() if self._shared is not None else None
+        (no shared memory, or every region in use); the region of ``first_input`` when that is a
+        free :meth:`shared_input` array. A call that raises retires its region."""
+        lease = self._shared.lease(first_input) if self._shared is not None else None
         if lease is None:
             yield None
             return
@@ -626,7 +643,7 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         """Make a streamed call and collect its result; ``inputs``: the request's deferred raw inputs
         (``_input_batch``), placed in the call's region where it has one; ``tap(call)``: an
         iterable over the call's messages to collect from instead (e.g. one that keeps snapshots)."""
-        with self._transport() as lease:
+        with self._transport(inputs[0][1] if inputs else None) as lease:
             if inputs:
                 _send_inputs(request.input, inputs, lease)
             try:

@@ -15,6 +15,10 @@ a copy: the region is leased to the call's results until every array viewing it 
 garbage, and only then serves another call. A small pool of regions lets a caller keep
 a few results while making further calls; a call that finds no free region (and the
 pool full) is streamed.
+
+An input can also be built in a region from the start (:meth:`SharedResultMemory.input_array`,
+``Client.shared_input``): a call whose input is that array leases its region and sends the
+input where it lies, without the copy.
 """
 from __future__ import annotations
 
@@ -42,12 +46,15 @@ DEFAULT_MAX_REGIONS = 4
 class _Region:
     """One POSIX shared memory region (``/dev/shm/vis_<random>``), mapped read-write."""
 
-    __slots__ = ("name", "size", "map", "retired", "_unlinked", "__weakref__")
+    __slots__ = ("name", "size", "map", "retired", "pinned", "leased", "address", "_unlinked", "__weakref__")
 
     def __init__(self, size: int):
         self.name = f"vis_{secrets.token_hex(12)}"
         self.size = size
         self.retired = False
+        self.pinned = False  # an input_array lives at its start
+        self.leased = False  # a call, or result arrays of one, use it
+        self.address = 0  # where the region starts in this process (set when pinned)
         self._unlinked = False
         path = os.path.join(SHM_DIR, self.name)
         # what shm_open(O_CREAT | O_EXCL, 0600) does on Linux; only the owner (and root) can open it
@@ -114,8 +121,11 @@ class RegionLease:
         end = offset + arr.nbytes
         if self.buffer is None or end > self.region.size:
             return None
-        target = self.buffer[offset:end].view(arr.dtype).reshape(arr.shape)
-        np.copyto(target, arr, casting="no")
+        if self.region.pinned and arr.ctypes.data == self.region.address + offset:
+            self._pool.in_place_inputs += 1  # an input_array of this region: already where it goes
+        else:
+            target = self.buffer[offset:end].view(arr.dtype).reshape(arr.shape)
+            np.copyto(target, arr, casting="no")
         self._used = end
         return offset
 
@@ -156,9 +166,11 @@ class SharedResultMemory:
         self._lock = threading.Lock()
         self._free: list[_Region] = []
         self._live: dict[str, _Region] = {}  # not retired: free or leased, by name
-        self._returned: deque[_Region] = deque()  # given back by finalizers (any thread, any time: no lock)
+        # (region, what ended: "lease" or "pin"), from finalizers (any thread, any time: no lock)
+        self._returned: deque[tuple[_Region, str]] = deque()
         self._closed = False
         self.created = 0
+        self.in_place_inputs = 0  # inputs a call found already in its region (input_array)
         with self._lock:
             self._free.append(self._create())
 
@@ -185,31 +197,83 @@ class SharedResultMemory:
 
     def _collect_returned(self) -> None:
         while self._returned:
-            region = self._returned.popleft()
+            region, ended = self._returned.popleft()
+            if ended == "lease":
+                region.leased = False
+            else:
+                region.pinned = False
             if self._closed or region.retired:
                 region.unmap()
-            else:
+            elif not (region.leased or region.pinned):
                 self._free.append(region)  # LIFO: the most recently used region, its pages warm
 
-    def _give_back(self, region: _Region) -> None:
+    def _give_back(self, region: _Region, ended: str = "lease") -> None:
         # a weakref.finalize callback: may run in any thread, even one holding self._lock (no locking here)
         if not (self._closed or region.retired):
-            self._returned.append(region)
+            self._returned.append((region, ended))
         # else: dropped; the mapping goes when the dying buffer releases it
 
-    def lease(self) -> RegionLease | None:
-        """A region for one call, None when all are in use (or the pool is closed)."""
+    def lease(self, first_input: np.ndarray | None = None) -> RegionLease | None:
+        """A region for one call, None when all are in use (or the pool is closed).
+
+        ``first_input``: the call's first large raw input; when it is an :meth:`input_array`
+        whose region no call and no result array uses, that region is the one leased (the
+        input is then sent where it lies)."""
         with self._lock:
             if self._closed:
                 return None
+            self._collect_returned()
+            region = self._pinned_region_of(first_input)
+            if region is None:
+                if self._free:
+                    region = self._free.pop()
+                elif len(self._live) < self.max_regions:
+                    region = self._create()
+                else:
+                    return None
+            region.leased = True
+        return RegionLease(self, region)
+
+    def _pinned_region_of(self, arr: np.ndarray | None) -> _Region | None:
+        if arr is None or not isinstance(arr, np.ndarray) or arr.size == 0:
+            return None
+        address = arr.ctypes.data
+        for region in self._live.values():
+            if region.pinned and not region.leased and region.address == address:
+                return region
+        return None
+
+    def input_array(self, shape, dtype=np.float32) -> np.ndarray:
+        """A C-contiguous array of ``shape`` and ``dtype`` at the start of a region of its own.
+
+        Fill it and pass it as a call's (first) input: the call leases its region and the
+        input is not copied. Its region serves no other call while the array (or any view of
+        it) lives; a call made while earlier results still view that region copies the input
+        into another region as usual. Raises ValueError when it would not fit a region and
+        RuntimeError when every region is in use (or the pool is closed)."""
+        dtype = np.dtype(dtype)
+        shape = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape must be non-negative, got {shape}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes > self.size:
+            raise ValueError(f"an input of {nbytes} bytes does not fit a region of {self.size} bytes")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the shared memory pool is closed")
             self._collect_returned()
             if self._free:
                 region = self._free.pop()
             elif len(self._live) < self.max_regions:
                 region = self._create()
             else:
-                return None
-        return RegionLease(self, region)
+                raise RuntimeError(f"all {self.max_regions} shared memory regions are in use")
+            region.pinned = True
+        base = np.frombuffer(region.map, np.uint8, count=nbytes)
+        region.address = base.ctypes.data
+        # every view of the returned array keeps `base` alive: the region stays pinned until all are gone
+        weakref.finalize(base, self._give_back, region, "pin")
+        return base.view(dtype).reshape(shape)
 
     def _retire(self, region: _Region) -> None:
         with self._lock:
