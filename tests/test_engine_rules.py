@@ -436,25 +436,25 @@ def test_channel_scales_fold_into_conv_weights(opset):
     assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1.0).relative_error < 1e-4
 
 
-@pytest.mark.parametrize("opset", [9, 17])
-def test_relu_mask_on_blocked_channels_is_exact(opset):
-    """32 channels take the Conv+Clip mask (NCHWc-friendly): 0, tiny normal and huge values."""
+@pytest.mark.parametrize("opset,channels", [(9, 32), (17, 32), (17, 3)])
+def test_relu_mask_ramp_is_exact(opset, channels):
+    """The float32 ReLU mask is a HardSigmoid ramp (runs in NCHWc): exact at 0, tiny normal and huge values."""
     from _engine_helpers import run_gradient
     from vis_service.engine import build_gradient_model
-    model = one_node_model("Relu", {"x": (2, 32, 4, 5)}, opset=opset)
-    x = np.random.default_rng(3).standard_normal((2, 32, 4, 5)).astype(np.float32)
+    model = one_node_model("Relu", {"x": (2, channels, 4, 5)}, opset=opset)
+    x = np.random.default_rng(3).standard_normal((2, channels, 4, 5)).astype(np.float32)
     x.flat[:6] = [0.0, -0.0, 2.0 ** -126, -(2.0 ** -126), 3e38, -3e38]
     g = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
     graph = build_gradient_model(model, ["y0"], ["x"])
-    assert "Conv" in {n.op_type for n in graph.model.graph.node}
+    assert "HardSigmoid" in {n.op_type for n in graph.model.graph.node}
     for optimize in (True, False):
         got = run_gradient(graph, {"x": x}, {"y0": g}, optimize=optimize)["x"]
         np.testing.assert_array_equal(got, g * (x > 0))
 
 
 @pytest.mark.parametrize("high", [6.0, 1.0, 0.3, 4.0])
-def test_clip_mask_on_blocked_channels_is_exact(high):
-    """32 channels take the two-ramp Conv+Clip mask of Clip(0, high): exact at and one float from the bounds."""
+def test_clip_mask_ramps_are_exact(high):
+    """Clip(0, high) in float32 takes the two-ramp HardSigmoid mask: exact at and one float from the bounds."""
     from _engine_helpers import run_gradient
     from vis_service.engine import build_gradient_model
     model = one_node_model("Clip", {"x": (2, 32, 4, 5)}, {"lo": np.array(0.0, np.float32), "hi": np.array(high, np.float32)}, opset=17)
@@ -465,7 +465,7 @@ def test_clip_mask_on_blocked_channels_is_exact(high):
                    3e38, -3e38, 2.0 ** -149]
     g = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
     graph = build_gradient_model(model, ["y0"], ["x"])
-    assert "Conv" in {n.op_type for n in graph.model.graph.node}
+    assert "HardSigmoid" in {n.op_type for n in graph.model.graph.node}
     expected = g * ((x > 0) & (x < high32))
     for optimize in (True, False):
         got = run_gradient(graph, {"x": x}, {"y0": g}, optimize=optimize)["x"]
