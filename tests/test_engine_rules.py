@@ -472,3 +472,50 @@ def test_clip_mask_ramps_are_exact(high):
         # a positive denormal below 2^-127 gets a fractional factor (documented); all else exact
         np.testing.assert_array_equal(got.flat[:11], expected.flat[:11])
         np.testing.assert_array_equal(got.flat[12:], expected.flat[12:])
+
+
+def _dense_layer_model(dtype):
+    """Concat -> BatchNormalization -> Relu -> 1x1 Conv, as in a DenseNet layer."""
+    from onnx import helper, numpy_helper
+    from vis_service.graph.loading import prepare_model
+    rng = np.random.default_rng(7)
+    c = 32
+    inits = [numpy_helper.from_array(v.astype(dtype), name) for name, v in {
+        "scale": rng.uniform(0.5, 2.0, c), "bias": rng.standard_normal(c), "mean": rng.standard_normal(c),
+        "var": rng.uniform(0.5, 2.0, c), "w": rng.standard_normal((16, c, 1, 1)) / np.sqrt(c)}.items()]
+    nodes = [helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+             helper.make_node("BatchNormalization", ["cat", "scale", "bias", "mean", "var"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Conv", ["r", "w"], ["y0"])]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info(n, elem, [2, c // 2, 5, 5]) for n in "ab"],
+                              [helper.make_tensor_value_info("y0", elem, [2, 16, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    # inputs at least 0.2 (in input units) away from each channel's ReLU kink, so that central
+    # differences never cross one
+    p = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in inits}
+    kink = p["mean"] - p["bias"] * np.sqrt(p["var"] + 1e-5) / p["scale"]
+    x = kink[None, :, None, None] + rng.choice([-1.0, 1.0], (2, c, 5, 5)) * rng.uniform(0.2, 2.0, (2, c, 5, 5))
+    feeds = {"a": x[:, : c // 2].astype(dtype), "b": x[:, c // 2:].astype(dtype)}
+    return prepare_model(model, symbolic_batch=False), feeds
+
+
+def test_channel_scale_before_a_split_folds_into_the_masked_backward_conv(monkeypatch):
+    """DenseNet-style layer: the BatchNorm's per-channel scale goes into the backward Conv's weights
+    (no broadcast product before the Concat's Split); the gradient stays exact."""
+    from _engine_helpers import run_gradient
+    from vis_service.engine import build_gradient_model
+    from vis_service.engine.context import RuleContext
+    model, feeds = _dense_layer_model(np.float32)
+    gg = build_gradient_model(model, ["y0"], ["a", "b"])
+    producers = {o: n for n in gg.model.graph.node for o in n.output}
+    split = next(n for n in gg.model.graph.node if n.op_type == "Split")
+    masked = producers[split.input[0]]
+    assert masked.op_type == "Mul" and sorted(producers[i].op_type for i in masked.input) == ["Conv", "HardSigmoid"]
+    cotangent = {"y0": np.random.default_rng(8).standard_normal((2, 16, 5, 5)).astype(np.float32)}
+    folded = run_gradient(gg, feeds, cotangent)
+    monkeypatch.setattr(RuleContext, "_scaled_masked_conv", lambda self, g, factor, like: None)
+    plain = run_gradient(build_gradient_model(model, ["y0"], ["a", "b"]), feeds, cotangent)
+    for name in "ab":
+        np.testing.assert_allclose(folded[name], plain[name], rtol=1e-5, atol=1e-6)
+    assert adjoint_check(model, feeds, ["y0"], ["a", "b"], eps=1e-2, graph=gg).relative_error < 1e-4

@@ -39,6 +39,8 @@ class RuleContext:
         self._counter = 0
         self._shared_consts: dict[tuple, str] = {}
         self._shape_tensors: dict[str, str] = {}
+        self._producers: dict[str, onnx.NodeProto] = {}  # emitted tensor -> the node that makes it
+        self._weight_shapes: dict[str, tuple[int, ...]] = {}  # shapes of the initializers `const` made
         self.node_label = "grad"   # prefix of emitted node names: the primal node being differentiated
 
     # ---- naming and emission -------------------------------------------------------------
@@ -55,7 +57,10 @@ class RuleContext:
         """Emit one node; returns its output name (or list of names if num_outputs != 1)."""
         outputs = [self.fresh(op_type) for _ in range(num_outputs)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=self.fresh(op_type + "_node"), **attrs))
+        node = helper.make_node(op_type, list(inputs), outputs, name=self.fresh(op_type + "_node"), **attrs)
+        self.nodes.append(node)
+        for out in outputs:
+            self._producers[out] = node
         return outputs[0] if num_outputs == 1 else outputs
 
     def const(self, array, hint: str = "const") -> str:
@@ -68,6 +73,7 @@ class RuleContext:
                 return self._shared_consts[key]
         name = self.fresh(hint)
         self.initializers.append(numpy_helper.from_array(array, name))
+        self._weight_shapes[name] = array.shape
         if key is not None:
             self._shared_consts[key] = name
         return name
@@ -209,12 +215,66 @@ class RuleContext:
         gradient into its weights (see `channel_scale_of`). onnxruntime constant-folds
         the factor arithmetic, so folded scales cost nothing at run time.
         """
+        unscaled, total = g, factor
         if g in self._channel_scales:
-            g, earlier = self._channel_scales[g]
-            factor = self.make_node("Mul", [earlier, factor])
-        scaled = self.make_node("Mul", [g, self.unsqueeze(factor, list(range(1, self.rank(like) - 1)))])
-        self._channel_scales[scaled] = (g, factor)
+            unscaled, earlier = self._channel_scales[g]
+            total = self.make_node("Mul", [earlier, factor])
+        scaled = self._scaled_masked_conv(unscaled, total, like)
+        if scaled is None:
+            scaled = self.make_node("Mul", [unscaled, self.unsqueeze(total, list(range(1, self.rank(like) - 1)))])
+        self._channel_scales[scaled] = (unscaled, total)
         return scaled
+
+    def _scaled_masked_conv(self, g: str, factor: str, like: str) -> str | None:
+        """For g = Mul(Conv(h, W), mask) made here (a backward Conv, then a ReLU mask): the same with
+        W's output channels scaled by `factor` ((c * mask) * f = (c * f) * mask); None otherwise.
+
+        Why: where no Conv follows to take the factor (a DenseNet BatchNorm whose input comes from a
+        Concat: the Split is next), the product would be a broadcast Mul, which onnxruntime runs
+        outside its blocked NCHWc layout with reorders around it. The scaled weights are constants
+        (folded by onnxruntime); the unscaled Conv, now unused, is pruned.
+        """
+        mul = self._producers.get(g)
+        if mul is None or mul.op_type != "Mul":
+            return None
+        for position, candidate in enumerate(mul.input):
+            conv = self._producers.get(candidate)
+            if conv is not None and conv.op_type == "Conv" and len(conv.input) == 2:
+                break
+        else:
+            return None
+        weight = conv.input[1]
+        shape = self._weight_shape(weight)
+        channels = self.shape(like)[1] if self.rank(like) >= 2 else None
+        if shape is None or len(shape) < 3 or not isinstance(channels, int) or shape[0] != channels:
+            return None
+        scaled_weight = self.make_node("Mul", [weight, self.make_node(
+            "Reshape", [factor, self.ints([-1] + [1] * (len(shape) - 1))])])
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        product = self.make_node("Conv", [conv.input[0], scaled_weight], **attrs)
+        inputs = list(mul.input)
+        inputs[position] = product
+        return self.make_node("Mul", inputs)
+
+    def note_weight_shape(self, name: str, shape: Sequence[int]) -> None:
+        """Record the static shape of a weight computed by emitted nodes (see _scaled_masked_conv)."""
+        self._weight_shapes[name] = tuple(int(d) for d in shape)
+
+    def _weight_shape(self, name: str) -> tuple | None:
+        """Static shape of a weight: an initializer made here or in the model, or one of them scaled
+        per channel by a Mul (as the Conv rule folds a channel scale); None when unknown."""
+        if name in self._weight_shapes:
+            return self._weight_shapes[name]
+        value = self.constant_value(name)
+        if value is not None:
+            return value.shape
+        node = self._producers.get(name)
+        if node is not None and node.op_type == "Mul":
+            return self._weight_shape(node.input[0])
+        info = self._infos.get(name)
+        if info is not None and info.shape is not None and all(isinstance(d, int) for d in info.shape):
+            return tuple(info.shape)
+        return None
 
     def channel_scale_of(self, g: str) -> tuple[str, str] | None:
         """(unscaled gradient, factor [C]) if g was made by `scale_channels`."""

@@ -180,7 +180,9 @@ def _flipped_weight(ctx: RuleContext, weight: str | np.ndarray, group: int, shap
     w = ctx.make_node("Reshape", [weight, ctx.ints(grouped)])
     w = ctx.make_node("Reshape", [ctx.make_node("Transpose", [w], perm=swapped), ctx.ints(result_shape)])
     spatial = list(range(2, 2 + len(kernel)))
-    return ctx.slice(w, [-1] * len(kernel), [INT64_MIN] * len(kernel), spatial, [-1] * len(kernel))
+    flipped = ctx.slice(w, [-1] * len(kernel), [INT64_MIN] * len(kernel), spatial, [-1] * len(kernel))
+    ctx.note_weight_shape(flipped, result_shape)
+    return flipped
 
 
 def _bias_gradient(ctx: RuleContext, g: str, node) -> str:
