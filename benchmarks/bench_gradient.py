@@ -9,7 +9,7 @@ time build_gradient_model takes on light_resnet50 (goal < 2 s).
 Both sessions use ORT_ENABLE_ALL with thread spinning off, as the service does.
 Runs alternate between the two sessions so that noisy neighbours hit both alike.
 
-    python benchmarks/bench_gradient.py [--repeats 5]
+    python benchmarks/bench_gradient.py [--repeats 9]
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def bench_build_time(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs")
