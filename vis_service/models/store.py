@@ -77,10 +77,6 @@ class LoadedModel:
         return self.labels[i] if 0 <= i < len(self.labels) else None
 
 
-def content_id(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-
-
 def model_ids(data: bytes, config: vis_pb2.ModelConfig | None, labels: list[str] | None) -> tuple[str, str]:
     """(graph id, model id): the hash of the bytes, and of the bytes with their serving config.
 
