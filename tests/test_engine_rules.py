@@ -519,3 +519,76 @@ def test_channel_scale_before_a_split_folds_into_the_masked_backward_conv(monkey
     for name in "ab":
         np.testing.assert_allclose(folded[name], plain[name], rtol=1e-5, atol=1e-6)
     assert adjoint_check(model, feeds, ["y0"], ["a", "b"], eps=1e-2, graph=gg).relative_error < 1e-4
+
+
+def _relu_pool_model(dtype, activation="Relu", second_consumer=False):
+    """x*s -> Relu (or ReLU6 as Clip) -> MaxPool 3x3/2 pad 1 -> *t, as in a ResNet stem (products
+    with constants instead of Convs: onnxruntime has no float64 Conv on CPU)."""
+    from onnx import helper, numpy_helper
+    from vis_service.graph.loading import prepare_model
+    rng = np.random.default_rng(11)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 2.0, (1, 3, 1, 1)).astype(dtype), "s"),
+             numpy_helper.from_array(rng.standard_normal((1, 3, 6, 6)).astype(dtype), "t")]
+    if activation == "Relu":
+        act = helper.make_node("Relu", ["c"], ["r"])
+    else:
+        inits += [numpy_helper.from_array(np.array(0.0, dtype), "lo"), numpy_helper.from_array(np.array(6.0, dtype), "hi")]
+        act = helper.make_node("Clip", ["c", "lo", "hi"], ["r"])
+    nodes = [helper.make_node("Mul", ["x", "s"], ["c"]), act,
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["p", "t"], ["y0"])]
+    outputs = [helper.make_tensor_value_info("y0", elem, [2, 3, 6, 6])]
+    if second_consumer:  # the ReLU output also feeds a second objective
+        nodes.append(helper.make_node("ReduceSum", ["r"], ["y1"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("y1", elem, []))
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", elem, [2, 3, 12, 12])], outputs, inits)
+    model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                          symbolic_batch=False)
+    x = rng.standard_normal((2, 3, 12, 12)) * 4
+    x[0, :, 2:9, 2:9] = 0.75   # a flat patch: windows with tied maxima
+    x[1, :, 3:8, 3:8] = 9.0    # ... that ReLU6 clips to 6 (tied at the upper bound)
+    x[1, :, 8:11, 0:5] = -1.0  # windows of zeros after the ReLU
+    return model, {"x": x.astype(dtype)}
+
+
+def _reads(graph, tensor, op_types):
+    return [n for n in graph.model.graph.node if n.op_type in op_types and tensor in n.input]
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_mask_moves_before_the_max_pool_backward(monkeypatch, activation, dtype):
+    """The ReLU's mask is applied to the pooled gradient (stride^2 fewer elements) instead of the
+    routed one; the gradient is the same, ties in the windows included."""
+    from _engine_helpers import run_gradient
+    from vis_service.engine import build_gradient_model
+    from vis_service.engine.context import RuleContext
+    mask_ops = {"HardSigmoid", "Greater", "Less"}
+    model, feeds = _relu_pool_model(dtype, activation)
+    gg = build_gradient_model(model, ["y0"], ["x"])
+    assert _reads(gg, "p", mask_ops) and not _reads(gg, "r", mask_ops)
+    cotangent = {"y0": np.random.default_rng(12).standard_normal((2, 3, 6, 6)).astype(dtype)}
+    moved = run_gradient(gg, feeds, cotangent)["x"]
+    monkeypatch.setattr(RuleContext, "sole_gradient_source", lambda self, x, node: None)
+    plain_graph = build_gradient_model(model, ["y0"], ["x"])
+    assert _reads(plain_graph, "r", mask_ops) and not _reads(plain_graph, "p", mask_ops)
+    np.testing.assert_array_equal(moved, run_gradient(plain_graph, feeds, cotangent)["x"])
+    assert np.count_nonzero(moved) > moved.size // 16  # at most one element per window gets one
+    monkeypatch.undo()
+    if dtype == np.float64:  # central differences away from the ties
+        rng = np.random.default_rng(13)
+        smooth = {"x": rng.standard_normal((2, 3, 12, 12)) * 4}
+        assert adjoint_check(model, smooth, ["y0"], ["x"], eps=1e-6).relative_error < 1e-6
+
+
+@pytest.mark.parametrize("case", ["relu output is a wrt tensor", "relu output has a second consumer",
+                                  "deconvnet", "guided"])
+def test_relu_mask_stays_where_the_pool_is_not_its_only_gradient(case):
+    from vis_service.engine import build_gradient_model
+    model, _ = _relu_pool_model(np.float32, second_consumer=case == "relu output has a second consumer")
+    objectives = ["y0", "y1"] if case == "relu output has a second consumer" else ["y0"]
+    wrt = ["x", "r"] if case == "relu output is a wrt tensor" else ["x"]
+    rule_set = case if case in ("deconvnet", "guided") else "gradient"
+    gg = build_gradient_model(model, objectives, wrt, rule_set=rule_set)
+    assert not _reads(gg, "p", {"HardSigmoid", "Greater", "Less", "Relu"})

@@ -159,8 +159,22 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     def needs_grad(node: onnx.NodeProto, index: int) -> bool:
         return node.input[index] in relevant
 
+    producer = {o: node for node in path.nodes for o in node.output if o}
+    gradient_consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in path.nodes:
+        for name in node.input:
+            if name in relevant:
+                gradient_consumers[name].append(node)
+    pinned = set(objectives) | set(wrt)  # their gradients are outputs or take the cotangent
+
+    def sole_route(name: str, consumer: onnx.NodeProto):
+        if name in pinned or name not in producer or gradient_consumers.get(name) != [consumer]:
+            return None
+        return producer[name]
+
     ctx = RuleContext(infos=infos, opset=forward.opset, constants=forward.constants, static=forward.static,
-                      taken_names=taken, needs_grad=needs_grad)
+                      taken_names=taken, needs_grad=needs_grad, sole_route=sole_route,
+                      rule_of=lambda node: rule_for[id(node)].fn if id(node) in rule_for else None)
     contributions: dict[str, list[str]] = defaultdict(list)
 
     def gradient_of(name: str) -> str | None:

@@ -25,7 +25,9 @@ _SHARED_CONST_MAX_SIZE = 64
 class RuleContext:
     def __init__(self, *, infos: dict[str, TensorInfo], opset: int,
                  constants: dict[str, np.ndarray], static: set[str], taken_names: set[str],
-                 needs_grad: Callable[[onnx.NodeProto, int], bool]):
+                 needs_grad: Callable[[onnx.NodeProto, int], bool],
+                 sole_route: Callable[[str, onnx.NodeProto], onnx.NodeProto | None] = lambda name, node: None,
+                 rule_of: Callable[[onnx.NodeProto], Callable | None] = lambda node: None):
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -36,6 +38,10 @@ class RuleContext:
         self._channel_scales: dict[str, tuple[str, str]] = {}
         self._taken = taken_names
         self._needs_grad = needs_grad
+        self._sole_route = sole_route
+        self._rule_of = rule_of
+        # gradient tensor -> forward node whose value mask it already carries (see `premasked`)
+        self._premasked: dict[str, onnx.NodeProto] = {}
         self._counter = 0
         self._shared_consts: dict[tuple, str] = {}
         self._shape_tensors: dict[str, str] = {}
@@ -127,6 +133,23 @@ class RuleContext:
     def needs_grad(self, node: onnx.NodeProto, input_index: int) -> bool:
         """True if the gradient for this input is used (it lies on a wrt -> objective path)."""
         return input_index < len(node.input) and bool(node.input[input_index]) and self._needs_grad(node, input_index)
+
+    def sole_gradient_source(self, x: str, consumer: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The forward node that produces `x`, if `consumer` is the only node whose gradient reaches
+        `x` (x is neither an objective nor a wrt tensor); else None."""
+        return self._sole_route(x, consumer)
+
+    def rule_of(self, node: onnx.NodeProto) -> Callable | None:
+        """The rule function that differentiates forward `node` in this graph."""
+        return self._rule_of(node)
+
+    def mark_premasked(self, g: str, node: onnx.NodeProto) -> None:
+        """Record that gradient `g`, flowing into the output of `node`, already carries the value mask
+        that `node`'s rule would multiply in (a rule upstream applied it where it was cheaper)."""
+        self._premasked[g] = node
+
+    def premasked(self, g: str | None, node: onnx.NodeProto) -> bool:
+        return g is not None and self._premasked.get(g) is node
 
     def primal_output(self, node: onnx.NodeProto, index: int) -> str:
         """Name of output `index` of the primal node, adding that optional output if absent."""

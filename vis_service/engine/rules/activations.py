@@ -40,11 +40,40 @@ def _positive_mask_ramp(ctx: RuleContext, y: str) -> str | None:
     return _ramp(ctx, y, 2.0 ** 127)
 
 
+def value_mask(ctx: RuleContext, node, values: str) -> str | None:
+    """The 0/1 factor the exact rule of Relu / Clip `node` multiplies the gradient with, computed
+    on `values`: a tensor holding values of the node's output (its output, or a max-pool of it).
+
+    A function of the output value alone, so it commutes with routing by switches: a max-pool
+    backward sends each window's gradient to an element equal to the window's maximum, which
+    therefore gets the same factor as the maximum (see pooling.max_pool_backward). None for
+    other op types and for a Clip without bounds (its gradient is the identity).
+    """
+    if node.op_type == "Relu":
+        return _positive_mask_ramp(ctx, values) or _positive_mask(ctx, values)
+    if node.op_type != "Clip":
+        return None
+    low, high = _clip_bounds(ctx, node)
+    if low is not None and high is not None:
+        low_value, high_value = ctx.constant_value(low), ctx.constant_value(high)
+        if low_value is not None and high_value is not None and low_value.size == 1 and high_value.size == 1:
+            mask = _inside_mask_ramp(ctx, values, float(low_value), float(high_value))
+            if mask is not None:
+                return mask
+    # strictly inside the bounds, judged on the output (lets onnxruntime fuse Conv+Clip);
+    # both bounds combine with And so that only one Cast and one Mul touch the tensor
+    inside = [ctx.make_node(op, [values, bound]) for op, bound in (("Greater", low), ("Less", high)) if bound is not None]
+    if not inside:
+        return None
+    condition = inside[0] if len(inside) == 1 else ctx.make_node("And", inside)
+    return ctx.make_node("Cast", [condition], to=ctx.elem_type(values))
+
+
 @rule("Relu")
 def relu_backward(ctx: RuleContext, node, grad_outputs):
-    y = node.output[0]
-    mask = _positive_mask_ramp(ctx, y) or _positive_mask(ctx, y)
-    return [ctx.make_node("Mul", [grad_outputs[0], mask])]
+    if ctx.premasked(grad_outputs[0], node):
+        return [grad_outputs[0]]
+    return [ctx.make_node("Mul", [grad_outputs[0], value_mask(ctx, node, node.output[0])])]
 
 
 @rule("LeakyRelu")
@@ -114,22 +143,17 @@ def _inside_mask_ramp(ctx: RuleContext, y: str, low: float, high: float) -> str 
 
 @rule("Clip")
 def clip_backward(ctx: RuleContext, node, grad_outputs):
-    y = node.output[0]
-    low, high = _clip_bounds(ctx, node)
-    if low is not None and high is not None:
-        low_value, high_value = ctx.constant_value(low), ctx.constant_value(high)
-        if low_value is not None and high_value is not None and low_value.size == 1 and high_value.size == 1:
-            mask = _inside_mask_ramp(ctx, y, float(low_value), float(high_value))
-            if mask is not None:
-                return [ctx.make_node("Mul", [grad_outputs[0], mask])] + [None] * (len(node.input) - 1)
-    # strictly inside the bounds, judged on the output (lets onnxruntime fuse Conv+Clip);
-    # both bounds combine with And so that only one Cast and one Mul touch the tensor
-    inside = [ctx.make_node(op, [y, bound]) for op, bound in (("Greater", low), ("Less", high)) if bound is not None]
-    if not inside:
-        return [grad_outputs[0]] + [None] * (len(node.input) - 1)
-    condition = inside[0] if len(inside) == 1 else ctx.make_node("And", inside)
-    mask = ctx.make_node("Cast", [condition], to=ctx.elem_type(y))
-    return [ctx.make_node("Mul", [grad_outputs[0], mask])] + [None] * (len(node.input) - 1)
+    unused_bounds = [None] * (len(node.input) - 1)
+    if ctx.premasked(grad_outputs[0], node):
+        return [grad_outputs[0]] + unused_bounds
+    mask = value_mask(ctx, node, node.output[0])
+    if mask is None:  # unbounded: identity
+        return [grad_outputs[0]] + unused_bounds
+    return [ctx.make_node("Mul", [grad_outputs[0], mask])] + unused_bounds
+
+
+# rules whose backward is the gradient times value_mask(node's output): a max-pool may apply it first
+VALUE_MASK_RULES = (relu_backward, clip_backward)
 
 
 @rule("Sigmoid")

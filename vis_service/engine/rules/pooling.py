@@ -7,6 +7,7 @@ from onnx import helper
 from ...errors import Unimplemented
 from ..context import RuleContext, attr
 from ..registry import rule
+from .activations import VALUE_MASK_RULES, value_mask
 from .conv import Window, conv_input_adjoint, window_of
 
 
@@ -23,14 +24,28 @@ def max_pool_backward(ctx: RuleContext, node, grad_outputs):
     x = node.input[0]
     if attr(node, "storage_order", 0):
         raise Unimplemented(f"MaxPool node {node.name!r} uses storage_order=1 (column-major indices); no backward rule")
+    g = grad_outputs[0]
+    # A ReLU (or ReLU6) before the pool: its mask is a function of the value, and each window's
+    # gradient lands on an element equal to the window's maximum, so masking with the pooled
+    # values first gives the same result on a tensor stride^2 times smaller (ResNet's stem,
+    # VGG, AlexNet, SqueezeNet); the ReLU rule then passes the gradient on as it is.
+    source = ctx.sole_gradient_source(x, node)
+    mask = None
+    if source is not None and ctx.rule_of(source) in VALUE_MASK_RULES:
+        mask = value_mask(ctx, source, node.output[0])
+    if mask is not None:
+        g = ctx.make_node("Mul", [g, mask])
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     _, indices = ctx.make_node("MaxPool", [x], num_outputs=2, **attrs)
     flat = ctx.ints([-1])
     zeros = ctx.zeros(ctx.make_node("Reshape", [ctx.make_node("Size", [x]), flat]), x)
     scattered = ctx.make_node("ScatterElements", [zeros, ctx.make_node("Reshape", [indices, flat]),
-                                                  ctx.make_node("Reshape", [grad_outputs[0], flat])],
+                                                  ctx.make_node("Reshape", [g, flat])],
                               axis=0, reduction="add")
-    return [ctx.reshape_like(scattered, x)]
+    dx = ctx.reshape_like(scattered, x)
+    if mask is not None:
+        ctx.mark_premasked(dx, source)
+    return [dx]
 
 
 @rule("AveragePool")
