@@ -179,3 +179,52 @@ def test_input_model_is_not_modified():
     before = model.SerializeToString()
     build_gradient_model(model, ["y"], ["x"])
     assert model.SerializeToString() == before
+
+
+def test_batch_summed_gradient_is_the_sum_of_the_rows():
+    """Normalization -> two strided Convs (one with BatchNorm) -> ReLU/pool head: the summed gradient
+    equals the sum of the per-row gradients, and the linear layers next to the input run on the
+    summed (batch-1) gradient."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    from vis_service.engine import build_gradient_model
+    from vis_service.errors import InvalidArgument
+    from vis_service.graph.loading import prepare_model
+    rng = np.random.default_rng(21)
+    f = np.float32
+    inits = {"mean": rng.standard_normal((1, 3, 1, 1)), "std": rng.uniform(0.5, 2, (1, 3, 1, 1)),
+             "w1": rng.standard_normal((8, 3, 3, 3)), "w2": rng.standard_normal((8, 3, 1, 1)),
+             "scale": rng.uniform(0.5, 2, 8), "bias": rng.standard_normal(8), "m": rng.standard_normal(8),
+             "v": rng.uniform(0.5, 2, 8)}
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["centered"]),
+             helper.make_node("Div", ["centered", "std"], ["n"]),
+             helper.make_node("Conv", ["n", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["n", "w2"], ["c2"], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c2", "scale", "bias", "m", "v"], ["b2"]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Add", ["r1", "b2"], ["s"]),
+             helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Tanh", ["n"], ["t"]),   # a per-sample (nonlinear) branch from the same tensor
+             helper.make_node("ReduceMean", ["t"], ["tm"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Flatten", ["p"], ["y0"])]
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", 1, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y0", 1, ["N", 32]),
+                               helper.make_tensor_value_info("tm", 1, ["N"])],
+                              [numpy_helper.from_array(v.astype(f), k) for k, v in inits.items()])
+    model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8))
+    x = rng.standard_normal((5, 3, 8, 8)).astype(f)
+    cot = {"y0": rng.standard_normal((5, 32)).astype(f), "tm": rng.standard_normal(5).astype(f)}
+    results = {}
+    for summed in (False, True):
+        gg = build_gradient_model(model, ["y0", "tm"], ["x"], batch_summed=["x"] if summed else [])
+        sess = ort.InferenceSession(gg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {"x": x, **{gg.cotangent_inputs[k]: v for k, v in cot.items()}}
+        results[summed] = sess.run([gg.gradient_outputs["x"]], feeds)[0]
+        # summed where a per-sample backward (ReLU mask, Add of a masked branch, Tanh) meets the
+        # linear part: three entries; the plain graph sums nothing over the batch
+        sums = [n for n in gg.model.graph.node if n.op_type == "ReduceSum" and n.name.startswith("grad/")]
+        assert len(sums) == (3 if summed else 0)
+    assert results[True].shape == (1, 3, 8, 8)
+    np.testing.assert_allclose(results[True][0], results[False].sum(axis=0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgument, match="batch_summed"):
+        build_gradient_model(model, ["y0"], ["x"], batch_summed=["n"])

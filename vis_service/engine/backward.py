@@ -35,16 +35,21 @@ class GradientGraph:
     cotangent_inputs: dict[str, str]  # objective tensor -> graph input carrying its cotangent
     gradient_outputs: dict[str, str]  # wrt tensor -> graph output holding d<obj,cot>/d(wrt)
     forward_outputs: dict[str, str]   # forward tensor -> graph output (objectives always included)
+    batch_summed: frozenset[str] = frozenset()  # wrt tensors whose gradient output is summed over the batch
 
 
 def build_gradient_model(model: onnx.ModelProto, objectives: Sequence[str], wrt: Sequence[str],
                          rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
-                         forward_outputs: Sequence[str] = ()) -> GradientGraph:
+                         forward_outputs: Sequence[str] = (), batch_summed: Sequence[str] = ()) -> GradientGraph:
     """Forward model plus the vector-Jacobian product of `objectives` w.r.t. `wrt`.
 
     `model` must already be normalized by `prepare_model`. The gradient output for
     each wrt tensor is d<objectives, cotangents>/d(wrt), summed over all objectives.
     `node_rules` maps node names to the rule set used for that node.
+    `batch_summed` (a subset of `wrt`): these gradients come out summed over the batch
+    axis ([1, ...]), as methods that average many rows of one image want them (integrated
+    gradients, SmoothGrad); the sum is taken before the per-sample linear layers next to
+    the wrt tensor (a stem Conv, input normalization), which then run once, not per row.
     """
     objectives = list(dict.fromkeys(objectives))
     wrt = list(dict.fromkeys(wrt))
@@ -57,6 +62,10 @@ def build_gradient_model(model: onnx.ModelProto, objectives: Sequence[str], wrt:
         if name not in RULE_SETS:
             raise InvalidArgument(field, f"unknown rule set {name!r}; known: {', '.join(RULE_SETS)}")
 
+    batch_summed = list(dict.fromkeys(batch_summed))
+    for name in batch_summed:
+        if name not in wrt:
+            raise InvalidArgument("batch_summed", f"tensor {name!r} is not among the wrt tensors")
     forward = _ForwardGraph(model)
     forward.check_names(objectives, wrt, forward_outputs, node_rules)
     path = forward.path(objectives, wrt)
@@ -69,7 +78,7 @@ def build_gradient_model(model: onnx.ModelProto, objectives: Sequence[str], wrt:
         forward.check_names(objectives, wrt, forward_outputs, node_rules)
         path = forward.path(objectives, wrt)
         rule_for = {id(node): _lookup_rule(node, node_rules.get(node.name, rule_set)) for node in path.nodes}
-    return _differentiate(forward, path, rule_for, objectives, wrt, forward_outputs)
+    return _differentiate(forward, path, rule_for, objectives, wrt, forward_outputs, batch_summed)
 
 
 def _lookup_rule(node: onnx.NodeProto, rule_set: str):
@@ -150,7 +159,33 @@ class _ForwardGraph:
         return _Path(nodes, relevant)
 
 
-def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wrt, forward_outputs) -> GradientGraph:
+def _batch_linear(forward: _ForwardGraph, node: onnx.NodeProto, relevant: set[str]) -> bool:
+    """True if the node's backward is the same linear map for every sample and its rule builds
+    nothing from the batch size, so that it may run on a batch-summed gradient."""
+    if node.domain not in STANDARD_DOMAINS:
+        return False
+    static = forward.static
+    op = node.op_type
+    if op == "Identity":
+        return True
+    if op == "Conv":
+        return node.input[1] in static and (len(node.input) < 3 or not node.input[2] or node.input[2] in static)
+    if op == "BatchNormalization":
+        training = any(a.name == "training_mode" and a.i for a in node.attribute)
+        return not training and all(i in static for i in node.input[1:5])
+    if op in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
+        variable = [i for i in node.input if i in relevant]
+        if len(variable) != 1 or (op == "Div" and node.input[0] != variable[0]):
+            return False
+        other = node.input[1] if node.input[0] == variable[0] else node.input[0]
+        x, y = forward.infos.get(variable[0]), forward.infos.get(node.output[0])
+        # the variable operand is not broadcast, so the rule returns its gradient without Shape ops
+        return other in static and x is not None and y is not None and x.shape is not None and x.shape == y.shape
+    return False
+
+
+def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wrt, forward_outputs,
+                   batch_summed: Sequence[str] = ()) -> GradientGraph:
     graph = forward.graph
     infos = forward.infos
     taken = set(forward.produced) | {n.name for n in graph.node if n.name}
@@ -175,6 +210,22 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     ctx = RuleContext(infos=infos, opset=forward.opset, constants=forward.constants, static=forward.static,
                       taken_names=taken, needs_grad=needs_grad, sole_route=sole_route,
                       rule_of=lambda node: rule_for[id(node)].fn if id(node) in rule_for else None)
+    # Batch-summed gradients: the nodes between a summed wrt tensor and the first node whose
+    # backward differs per sample (a ReLU mask, a max-pool's switches) differentiate the sum
+    # of the rows; every gradient entering that region from outside is summed over axis 0.
+    summed_tensors = set(batch_summed)
+    summed_nodes: set[int] = set()
+    for node in path.nodes:
+        inputs = [i for i in node.input if i in relevant]
+        if inputs and all(i in summed_tensors for i in inputs) and _batch_linear(forward, node, relevant):
+            summed_nodes.add(id(node))
+            summed_tensors.update(o for o in node.output if o in relevant)
+
+    def entering(name: str, g: str, consumer: onnx.NodeProto | None) -> str:
+        if name in summed_tensors and (consumer is None or id(consumer) not in summed_nodes):
+            return ctx.reduce("ReduceSum", g, [0], keepdims=True)
+        return g
+
     contributions: dict[str, list[str]] = defaultdict(list)
 
     def gradient_of(name: str) -> str | None:
@@ -184,18 +235,20 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         if len(terms) > 1:
             ctx.node_label = f"grad/{name}"
             terms[:] = [ctx.add_all(terms)]
-            gradient_shapes.setdefault(terms[0], name)
+            gradient_shapes.setdefault(terms[0], (name, name in summed_tensors))
         return terms[0]
 
-    # gradient tensor -> forward tensor whose shape it has (declared as value_info below)
-    gradient_shapes: dict[str, str] = {}
+    # gradient tensor -> (forward tensor whose shape it has, summed over the batch?), declared
+    # as value_info below
+    gradient_shapes: dict[str, tuple[str, bool]] = {}
     new_inputs = []
     cotangent_inputs = {}
     for name in objectives:
         cot = _unique(f"{name}__cotangent", taken)
         cotangent_inputs[name] = cot
         new_inputs.append(_value_info(cot, infos[name]))
-        contributions[name].append(cot)
+        ctx.node_label = f"grad/{name}"
+        contributions[name].append(entering(name, cot, None))
 
     for node in reversed(path.nodes):
         grad_outputs = [gradient_of(o) if o in relevant else None for o in node.output]
@@ -205,8 +258,10 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         grad_inputs = rule_for[id(node)].fn(ctx, node, grad_outputs)
         for index, (name, g) in enumerate(zip(node.input, grad_inputs)):
             if g is not None and name in relevant:
+                gradient_shapes.setdefault(g, (name, name in summed_tensors and id(node) in summed_nodes))
+                g = entering(name, g, node)
+                gradient_shapes.setdefault(g, (name, name in summed_tensors))
                 contributions[name].append(g)
-                gradient_shapes.setdefault(g, name)
 
     gradient_outputs = {}
     new_outputs = []
@@ -217,7 +272,7 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         out = _unique(f"{name}__grad", taken)
         ctx.nodes.append(helper.make_node("Identity", [g], [out], name=_unique(f"grad/output/{name}", taken)))
         gradient_outputs[name] = out
-        new_outputs.append(_value_info(out, infos[name]))
+        new_outputs.append(_value_info(out, infos[name], summed=name in summed_tensors))
 
     forward_map = {}
     forward_value_infos = []
@@ -241,16 +296,16 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     # (Expand/Reshape to Shape(x)), and without them its NCHWc layout pass cannot prove two
     # blocked tensors equal in shape, so it reorders both back to NCHW around every mask Mul.
     declared = {v.name for v in graph.value_info} | {v.name for v in graph.input} | set(forward.produced)
-    for g, primal in gradient_shapes.items():
+    for g, (primal, summed) in gradient_shapes.items():
         info = infos.get(primal)
         if g not in declared and info is not None and info.shape is not None:
-            graph.value_info.append(_value_info(g, info))
+            graph.value_info.append(_value_info(g, info, summed=summed))
             declared.add(g)
     graph.input.extend(new_inputs)
     del graph.output[:]
     graph.output.extend(forward_value_infos + new_outputs)
     _drop_unused(graph)
-    return GradientGraph(forward.model, cotangent_inputs, gradient_outputs, forward_map)
+    return GradientGraph(forward.model, cotangent_inputs, gradient_outputs, forward_map, frozenset(batch_summed))
 
 
 def _unique(base: str, taken: set[str]) -> str:
@@ -262,8 +317,10 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
-def _value_info(name: str, info) -> onnx.ValueInfoProto:
+def _value_info(name: str, info, summed: bool = False) -> onnx.ValueInfoProto:
     shape = None if info.shape is None else list(info.shape)
+    if summed and shape:
+        shape[0] = 1  # summed over the batch: never the batch symbol, which other tensors share
     return helper.make_tensor_value_info(name, info.elem_type, shape)
 
 

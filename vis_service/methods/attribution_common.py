@@ -152,26 +152,44 @@ def chunks(total: int, size: int) -> Iterator[slice]:
 def gradient_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, rows: np.ndarray,
                   make_inputs: Callable[[np.ndarray], np.ndarray], chunk: int, rule_set: str = "gradient",
                   progress: Progress = NO_PROGRESS, stage: str = "",
-                  consume: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> None:
+                  consume: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+                  summed_weights: np.ndarray | None = None) -> None:
     """Differentiate many input rows, `chunk` rows per run of the cached gradient graph.
 
     `rows[k]` is the image index of row k; `make_inputs(ks)` returns the image-input values
     of rows `ks`; other model inputs and the cotangent are copied from image `rows[k]`.
     `consume(ks, gradients, objective values)` receives each run's results.
+
+    `summed_weights` (one per row): the caller wants only sum_k weights[k] * gradient[k] per
+    image. Each run then holds rows of one image, their weights scale the cotangent (the
+    gradient is linear in it), and the graph returns the weighted sum ([1, ...]): the layers
+    next to the input run once per run instead of once per row, and one row comes back, not
+    `chunk`. The objective values passed to `consume` then include the weights.
     """
     ensure_target(runtime, model, ai)
     wrt_map = resolve_wrt(model, ["input"])
     total = len(rows)
     progress.update(0, total, stage)
-    for sl in chunks(total, balanced_chunk(total, chunk)):
-        ks = np.arange(sl.start, sl.stop)
+    if summed_weights is None:
+        runs = [np.arange(sl.start, sl.stop) for sl in chunks(total, balanced_chunk(total, chunk))]
+    else:  # rows are image-major: split each image's rows
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        ends = np.r_[starts[1:], total]
+        runs = [np.arange(a + sl.start, a + sl.stop) for a, b in zip(starts, ends)
+                for sl in chunks(int(b - a), balanced_chunk(int(b - a), chunk))]
+    done = 0
+    for ks in runs:
         images = rows[ks]
         feeds = {name: (make_inputs(ks) if name == ai.image_input else v[images]) for name, v in ai.feeds.items()}
         cot = np.ascontiguousarray(ai.cotangent[images])
-        res = run_gradient(runtime, model, feeds, ai.objective_tensor, cot, wrt_map, rule_set)
+        if summed_weights is not None:
+            cot = (cot * summed_weights[ks].reshape((-1,) + (1,) * (cot.ndim - 1))).astype(cot.dtype)
+        res = run_gradient(runtime, model, feeds, ai.objective_tensor, cot, wrt_map, rule_set,
+                           batch_summed=summed_weights is not None)
         if consume is not None:
             consume(ks, res.gradients["input"], res.objective)
-        progress.update(sl.stop, total, stage)
+        done += len(ks)
+        progress.update(done, total, stage)
 
 
 def objective_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, rows: np.ndarray,

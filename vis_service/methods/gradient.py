@@ -60,19 +60,24 @@ def resolve_wrt(model: LoadedModel, wrt: Sequence[str]) -> dict[str, str]:
 
 def gradient_session(runtime: Runtime, model: LoadedModel, objective_tensor: str, wrt_tensors: Sequence[str],
                      rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
-                     forward_outputs: Sequence[str] = (), top1: bool = False):
+                     forward_outputs: Sequence[str] = (), top1: bool = False, batch_summed: bool = False):
     """Cached session of the forward+backward graph; `session.meta` is the GradientGraph.
+
+    `batch_summed`: the wrt gradients come out summed over the batch ([1, ...]; see
+    build_gradient_model), for methods that add up many rows of one image.
 
     `top1`: the cotangent is not fed but made in the graph: one-hot at each sample's
     largest entry of the objective tensor, so a "top-1 class" target costs one run,
     not a forward run to find the class and then the gradient run.
     """
     rules = tuple(sorted((node_rules or {}).items()))
-    key = ("gradient", (objective_tensor,), tuple(wrt_tensors), rule_set, rules, tuple(forward_outputs), top1)
+    key = ("gradient", (objective_tensor,), tuple(wrt_tensors), rule_set, rules, tuple(forward_outputs), top1,
+           batch_summed)
 
     def build():
         gg = build_gradient_model(model.proto, [objective_tensor], list(wrt_tensors), rule_set=rule_set,
-                                  node_rules=dict(rules), forward_outputs=list(forward_outputs))
+                                  node_rules=dict(rules), forward_outputs=list(forward_outputs),
+                                  batch_summed=list(wrt_tensors) if batch_summed else ())
         if top1:
             _cotangent_from_top1(gg, objective_tensor)
         return gg.model, gg
@@ -210,15 +215,18 @@ def compute_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.n
 def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], tensor: str,
                  cotangent: np.ndarray | None, wrt_map: Mapping[str, str], rule_set: str = "gradient",
                  node_rules: Mapping[str, str] | None = None, forward_outputs: Sequence[str] = (),
-                 target_index: np.ndarray | None = None) -> GradientResult:
+                 target_index: np.ndarray | None = None, batch_summed: bool = False) -> GradientResult:
     """One run of the cached gradient graph for a given cotangent of `tensor`.
+
+    `batch_summed`: each gradient is the sum over the batch's rows, shaped [1, ...].
 
     `cotangent=None`: each sample's top-1 entry of `tensor` (one-hot, made in the graph);
     the result's `target_index` then holds those entries.
     """
     wrt_tensors = list(dict.fromkeys(wrt_map.values()))
     top1 = cotangent is None
-    session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs, top1)
+    session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs, top1,
+                               batch_summed)
     gg: GradientGraph = session.meta
     run_feeds = {k: v for k, v in feeds.items() if k in session.input_names}
     names = [gg.gradient_outputs[t] for t in wrt_tensors] + [gg.forward_outputs[tensor]]

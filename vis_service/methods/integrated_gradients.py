@@ -69,12 +69,12 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
 
     total = np.zeros(x.shape, np.float64)
 
-    def consume(ks, grads, objective):
-        common.accumulate_rows(total, rows[ks], grads, weights[ks % per_image])
+    def consume(ks, summed, _objective):  # the quadrature's weighted sum, made in the graph
+        total[rows[ks[0]]] += summed[0]
 
-    chunk = common.balanced_chunk(len(rows), rows_per_run(model, x, batch, memory_budget))
+    chunk = common.balanced_chunk(per_image, rows_per_run(model, x, batch, memory_budget))
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
-                  stage="integrated gradients", consume=consume)
+                  stage="integrated gradients", consume=consume, summed_weights=weights[np.arange(len(rows)) % per_image])
     # the ends of the path, f(b) and f(x), need no gradient: forward runs only
     ends = common.objective_rows(runtime, model, ai, np.concatenate([np.arange(n), np.arange(n)]),
                                  np.concatenate([np.ascontiguousarray(base, dtype=x.dtype), x]), chunk)

@@ -72,9 +72,14 @@ def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, sampl
         accumulate_rows(total, rows[ks], g)
         accumulate_rows(total_sq, rows[ks], g * g)
 
+    def consume_sum(ks, summed, _objective):  # the mean needs only each run's sum, made in the graph
+        total[rows[ks[0]]] += summed[0]
+
     chunk = rows_per_run(model, x, batch, 0)
+    # VarGrad needs every row's square; SmoothGrad only sums
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
-                  stage="vargrad" if vargrad else "smoothgrad", consume=consume)
+                  stage="vargrad" if vargrad else "smoothgrad", consume=consume if vargrad else consume_sum,
+                  summed_weights=None if vargrad else np.ones(len(rows)))
     mean = total / samples
     attribution = np.maximum(total_sq / samples - mean * mean, 0.0) if vargrad else mean
     heat = reduce_channels(attribution, ai.channel_axis, "max_abs")
