@@ -1,9 +1,10 @@
 """Integrated Gradients (Sundararajan et al. 2017).
 
 attribution = (x - b) * integral_0^1 grad f(b + a (x - b)) da, approximated by a
-quadrature over `steps` points; f = the target's objective (class score). The
-interpolated inputs of all images are stacked along the batch dimension and run
-in chunks that fit a memory budget. Completeness says sum(attribution) = f(x) - f(b);
+quadrature over `steps` points; f = the target's objective (class score). Each
+image's interpolated inputs are stacked along the batch dimension and run in chunks
+that fit a memory budget; the graph returns each chunk's weighted gradient sum
+(weights folded into the cotangent, see attribution_common.gradient_rows). Completeness says sum(attribution) = f(x) - f(b);
 "completeness_gap" = |sum(attribution) - (f(x) - f(b))| measures the quadrature error.
 
 Quadratures (`rule`): "riemann_trapezoid" (steps points 0..1 incl. both ends, Captum's
@@ -74,7 +75,8 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
 
     chunk = common.balanced_chunk(per_image, rows_per_run(model, x, batch, memory_budget))
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
-                  stage="integrated gradients", consume=consume, summed_weights=weights[np.arange(len(rows)) % per_image])
+                  stage="integrated gradients", consume=consume,
+                  summed_weights=weights[np.arange(len(rows)) % per_image])
     # the ends of the path, f(b) and f(x), need no gradient: forward runs only
     ends = common.objective_rows(runtime, model, ai, np.concatenate([np.arange(n), np.arange(n)]),
                                  np.concatenate([np.ascontiguousarray(base, dtype=x.dtype), x]), chunk)
