@@ -62,11 +62,23 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
     diff = x.astype(np.float64) - base.astype(np.float64)
     per_image = steps
     rows = np.repeat(np.arange(n), per_image)
+    # path points b + a (x - b) in float32 (float64 inputs: float64), in place: float64
+    # temporaries made this ~36 ms per 17-row ResNet-50 run (3 % of IG-50). Inner points may
+    # differ from correctly rounded ones by an ulp; the ends are b and x exactly, so that ties
+    # in x (flat image regions meeting a max-pool) route the gradient as at x itself.
+    work = np.promote_types(x.dtype, np.float32)
+    base_w, diff_w, alphas_w = (np.ascontiguousarray(v, dtype=work) for v in (base, diff, alphas))
 
     def make_inputs(ks: np.ndarray) -> np.ndarray:
         i, j = rows[ks], ks % per_image
-        a = alphas[j].reshape((-1,) + (1,) * (x.ndim - 1))
-        return (base[i] + a * diff[i]).astype(x.dtype)
+        out = diff_w[i]  # a copy (fancy index), scaled and shifted in place
+        out *= alphas_w[j].reshape((-1,) + (1,) * (x.ndim - 1))
+        out += base_w[i]
+        out = out.astype(x.dtype, copy=False)
+        for end, value in ((0.0, base), (1.0, x)):
+            at_end = alphas[j] == end
+            out[at_end] = value[i[at_end]]
+        return out
 
     total = np.zeros(x.shape, np.float64)
 
