@@ -221,10 +221,42 @@ def test_batch_summed_gradient_is_the_sum_of_the_rows():
         feeds = {"x": x, **{gg.cotangent_inputs[k]: v for k, v in cot.items()}}
         results[summed] = sess.run([gg.gradient_outputs["x"]], feeds)[0]
         # summed where a per-sample backward (ReLU mask, Add of a masked branch, Tanh) meets the
-        # linear part: three entries; the plain graph sums nothing over the batch
-        sums = [n for n in gg.model.graph.node if n.op_type == "ReduceSum" and n.name.startswith("grad/")]
-        assert len(sums) == (3 if summed else 0)
+        # linear part: three entries; the plain graph sums nothing over the batch. (The max-pool's
+        # scatter reaches both Add inputs, so it is not summed by scattering into one sample.)
+        grad_nodes = [n for n in gg.model.graph.node if n.name.startswith("grad/")]
+        assert sum(n.op_type == "ReduceSum" for n in grad_nodes) == (3 if summed else 0)
+        assert sum(n.op_type == "ScatterElements" for n in grad_nodes) == 1
     assert results[True].shape == (1, 3, 8, 8)
     np.testing.assert_allclose(results[True][0], results[False].sum(axis=0), rtol=1e-5, atol=1e-5)
     with pytest.raises(InvalidArgument, match="batch_summed"):
         build_gradient_model(model, ["y0"], ["x"], batch_summed=["n"])
+
+
+def test_batch_summed_max_pool_scatters_into_one_sample():
+    """Overlapping 3x3 / stride 2 windows after a ReLU (ResNet's stem), with ties: the summed
+    gradient scatters every row's switches into one sample and equals the sum of the rows."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    from vis_service.engine import build_gradient_model
+    from vis_service.graph.loading import prepare_model
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["p"], ["y"])]
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", 1, ["N", 2, 9, 9])],
+                              [helper.make_tensor_value_info("y", 1, ["N", 100])], [numpy_helper.from_array(w, "w")])
+    model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    x = rng.standard_normal((6, 2, 9, 9)).astype(np.float32)
+    x[:, :, 2:7, 2:7] = 0.5   # flat patches: equal maxima in overlapping windows
+    x[3] = x[1]               # equal rows
+    cot = rng.standard_normal((6, 100)).astype(np.float32)
+    out = {}
+    for summed in (False, True):
+        gg = build_gradient_model(model, ["y"], ["x"], batch_summed=["x"] if summed else [])
+        sess = ort.InferenceSession(gg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[summed] = sess.run([gg.gradient_outputs["x"]], {"x": x, gg.cotangent_inputs["y"]: cot})[0]
+        assert not any(n.op_type == "ReduceSum" for n in gg.model.graph.node)
+    assert out[True].shape == (1, 2, 9, 9)
+    np.testing.assert_allclose(out[True][0], out[False].sum(axis=0), rtol=1e-5, atol=1e-5)

@@ -221,9 +221,9 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
             summed_nodes.add(id(node))
             summed_tensors.update(o for o in node.output if o in relevant)
 
-    def entering(name: str, g: str, consumer: onnx.NodeProto | None) -> str:
+    def entering(name: str, g: str, consumer: onnx.NodeProto | None, shared: bool = False) -> str:
         if name in summed_tensors and (consumer is None or id(consumer) not in summed_nodes):
-            return ctx.reduce("ReduceSum", g, [0], keepdims=True)
+            return ctx.batch_sum(g, offered=not shared)
         return g
 
     contributions: dict[str, list[str]] = defaultdict(list)
@@ -259,7 +259,8 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         for index, (name, g) in enumerate(zip(node.input, grad_inputs)):
             if g is not None and name in relevant:
                 gradient_shapes.setdefault(g, (name, name in summed_tensors and id(node) in summed_nodes))
-                g = entering(name, g, node)
+                # the same tensor passed to several inputs (Add) stays in use unsummed: sum it plainly
+                g = entering(name, g, node, shared=grad_inputs.count(g) > 1)
                 gradient_shapes.setdefault(g, (name, name in summed_tensors))
                 contributions[name].append(g)
 

@@ -42,6 +42,7 @@ class RuleContext:
         self._rule_of = rule_of
         # gradient tensor -> forward node whose value mask it already carries (see `premasked`)
         self._premasked: dict[str, onnx.NodeProto] = {}
+        self._batch_sums: dict[str, Callable[[], str]] = {}
         self._counter = 0
         self._shared_consts: dict[tuple, str] = {}
         self._shape_tensors: dict[str, str] = {}
@@ -150,6 +151,21 @@ class RuleContext:
 
     def premasked(self, g: str | None, node: onnx.NodeProto) -> bool:
         return g is not None and self._premasked.get(g) is node
+
+    def offer_batch_sum(self, g: str, build: Callable[[], str]) -> None:
+        """A rule that made gradient `g` knows a cheaper way to its sum over the batch (axis 0, kept):
+        `build()` emits it. Used where `g` enters a batch-summed region (see batch_sum)."""
+        self._batch_sums[g] = build
+
+    def batch_sum(self, g: str, offered: bool = True) -> str:
+        """`g` summed over axis 0 (keepdims): the form the rule that made `g` offered (if `offered`:
+        worth it where `g` itself is used nowhere else), else ReduceSum. Whatever the offered form
+        does not use of `g`'s own nodes is pruned with the graph."""
+        build = self._batch_sums.pop(g, None) if offered else None
+        summed = build() if build is not None else self.reduce("ReduceSum", g, [0], keepdims=True)
+        if build is not None:
+            self._batch_sums[g] = lambda: summed  # asked again (another entry point): the same tensor
+        return summed
 
     def primal_output(self, node: onnx.NodeProto, index: int) -> str:
         """Name of output `index` of the primal node, adding that optional output if absent."""
