@@ -141,27 +141,6 @@ def test_integrated_gradients_the_same_at_any_rows_per_run(client, digits, image
     np.testing.assert_allclose(many.attribution, one.attribution, rtol=1e-4, atol=1e-6)
 
 
-def test_one_run_methods_run_on_the_handler_thread(client, digits, images, monkeypatch):
-    """Saliency and Grad-CAM are one onnxruntime run: no worker thread (run_streaming inline);
-    methods that report progress still get one, so their progress streams while they work."""
-    started = []
-    real_start = threading.Thread.start
-
-    def start(thread):
-        started.append(thread.name)
-        return real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
-    assert client.saliency(digits, images[:1]).map.shape == (1, 32, 32)
-    assert client.grad_cam(digits, images[:1]).cam.ndim == 3
-    with pytest.raises(Exception, match="target.output.index"):  # errors still come back as statuses
-        client.saliency(digits, images[:1], 99)
-    assert "vis-method" not in started
-    client.smoothgrad(digits, images[:1], samples=2)
-    client.score_cam(digits, images[:1])
-    assert started.count("vis-method") == 2
-
-
 @pytest.mark.parametrize("rule", ["gausslegendre", "riemann_trapezoid"])
 def test_integrated_gradients_is_the_quadrature_of_gradients_on_the_path(client, digits, images, rule):
     """IG = (x - b) * sum_k w_k grad f(b + a_k (x - b)), the path gradients taken one call each."""

@@ -21,8 +21,6 @@ from .streaming import run_streaming
 from .tensors import tensor_from_proto
 
 METHODS = ("saliency", "gradient_x_input", "smoothgrad", "integrated_gradients", "guided_backprop")
-# one gradient run each, no progress to stream: run on the handler thread (see run_streaming)
-ONE_RUN_METHODS = frozenset({"saliency", "gradient_x_input", "guided_backprop"})
 
 
 def _method(request: attribution_pb2.AttributionRequest):
@@ -84,8 +82,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             ai = attribution_common.prepare(self.s.runtime, model, feeds, obj, preprocess)
             return method(self.s.runtime, model, ai, progress)
 
-        yield from run_streaming(context, work, lambda r: self._stream_result(model, r, obj.kind == "output", region),
-                                 inline=(request.method or "saliency") in ONE_RUN_METHODS)
+        yield from run_streaming(context, work, lambda r: self._stream_result(model, r, obj.kind == "output", region))
 
     @handles_errors
     def Deconvnet(self, request, context):

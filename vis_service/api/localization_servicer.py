@@ -43,7 +43,7 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
             return cam.compute_cam(self.s.runtime, model, feeds, request.method or "gradcam", request.layer, obj,
                                    self._batch(request.batch), _preprocess(request.input), progress)
 
-        yield from run_streaming(context, method, self._to_stream(region), inline=cam.runs_once(request.method))
+        yield from run_streaming(context, method, self._to_stream(region))
 
     @handles_errors
     def Occlusion(self, request, context):

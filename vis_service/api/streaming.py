@@ -2,8 +2,7 @@
 
 The handler thread yields Progress messages as the method reports them; when the
 client cancels (or its deadline passes) the method's next `progress.update`
-raises `Cancelled` and the worker ends. Methods that are a single onnxruntime run
-(nothing to report meanwhile) run on the handler thread instead (`inline`).
+raises `Cancelled` and the worker ends.
 """
 from __future__ import annotations
 
@@ -20,33 +19,24 @@ from ..methods.progress import MethodResult, Progress
 _DONE = object()
 
 
-def _progress_chunk(done: int, total: int, stage: str, values: dict) -> vis_pb2.ResultChunk:
-    return vis_pb2.ResultChunk(progress=vis_pb2.Progress(done=done, total=total, stage=stage, values=values))
-
-
 def run_streaming(context: grpc.ServicerContext, method: Callable[[Progress], MethodResult],
-                  to_stream: Callable[[MethodResult], Iterator[vis_pb2.ResultChunk]],
-                  inline: bool = False) -> Iterator[vis_pb2.ResultChunk]:
+                  to_stream: Callable[[MethodResult], Iterator[vis_pb2.ResultChunk]]) -> Iterator[vis_pb2.ResultChunk]:
     """Progress messages as the method reports them, then `to_stream(result)`.
 
-    `inline`: run the method on the handler thread, for methods that are one onnxruntime run
-    and report no progress (saliency, Grad-CAM, ...): nothing to stream while they work, and
-    starting a worker thread and waking the handler again costs ~0.5 ms per call here (2 % of
-    a batch-1 Grad-CAM on ResNet-50). Anything such a method reports is sent before the result.
+    Every method runs in a fresh thread, also those that are one onnxruntime run: measured
+    both ways, running them on the handler thread saved ~0.7 ms per call with the server in
+    its own process but cost 5-14 ms (batch-1 Grad-CAM / saliency on ResNet-50) with the
+    client in the same process: the onnxruntime run itself was slower on the gRPC handler
+    thread there (a scheduling effect we did not pin down; not seen without gRPC).
     """
+    events: queue.Queue = queue.Queue()
     cancelled = threading.Event()
     context.add_callback(cancelled.set)  # client cancelled, deadline passed or connection lost
-    if inline:
-        reported: list = []
-        result = method(Progress(lambda *args: reported.append(_progress_chunk(*args)), cancelled))
-        if cancelled.is_set() and not context.is_active():
-            raise Cancelled("cancelled by the client")
-        yield from reported
-        yield from to_stream(result)
-        return
-    events: queue.Queue = queue.Queue()
 
-    progress = Progress(lambda *args: events.put(_progress_chunk(*args)), cancelled)
+    def report(done, total, stage, values):
+        events.put(vis_pb2.ResultChunk(progress=vis_pb2.Progress(done=done, total=total, stage=stage, values=values)))
+
+    progress = Progress(report, cancelled)
     outcome: dict = {}
 
     def work():

@@ -403,7 +403,6 @@ class CamVariant:
     """One CAM method: turns the context into a map and channel weights."""
 
     name = ""
-    many_runs = False  # True: loops over perturbed batches, reporting progress (the API streams it)
 
     def compute(self, ctx: CamContext) -> CamParts:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -499,7 +498,6 @@ class ClassCam(CamVariant):
 
 class ScoreCam(CamVariant):
     name = "scorecam"
-    many_runs = True
 
     def compute(self, ctx: CamContext) -> CamParts:
         scores_t = _class_target(ctx)
@@ -527,7 +525,6 @@ class ScoreCam(CamVariant):
 
 class AblationCam(CamVariant):
     name = "ablationcam"
-    many_runs = True
 
     def compute(self, ctx: CamContext) -> CamParts:
         scores_t = _class_target(ctx)
@@ -566,12 +563,6 @@ class AblationCam(CamVariant):
 
 VARIANTS: dict[str, Callable[[], CamVariant]] = {
     cls.name: cls for cls in (GradCam, GradCamPlusPlus, LayerCam, GuidedGradCam, ClassCam, ScoreCam, AblationCam)}
-
-
-def runs_once(method: str) -> bool:
-    """Whether CAM variant `method` (unknown names included) is a single run with no progress to report."""
-    variant = VARIANTS.get(method or "gradcam")
-    return variant is not None and not variant.many_runs
 
 
 def compute_cam(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], method: str = "gradcam",
