@@ -15,8 +15,9 @@ client moves tensors through same-host shared memory where /dev/shm exists (READ
 torch and the ORT sessions use the same number of intra-op threads (all cores).
 
 Before timing, both sides are checked to agree (logits, and each method's maps).
-Timing: each row is warmed up on both sides (our server builds its graphs and
-sessions once per method), then the two sides alternate, ``reps`` times each, each timed
+Timing: each row is warmed up on both sides with two calls (our server builds its graphs
+and sessions once per method; after a single warm-up call our first timed saliency call
+at batch 1 still took 2x the others), then the two sides alternate, ``reps`` times each, each timed
 call after ``--pause`` seconds of idle (so that neither side runs while the other's thread
 pool still spins), and the medians are compared; the ratio of each side's fastest run is printed too. On a
 shared, loaded machine torch's OpenMP pool slows down far more than onnxruntime's
@@ -154,9 +155,10 @@ class Row:
         return GOALS[self.method]
 
 
-def time_row(row: Row, pause: float = 0.0) -> None:
-    row.ours()  # warm: the server builds its gradient graph / session once per method
-    row.captum()
+def time_row(row: Row, pause: float = 0.0, show_runs: bool = False) -> None:
+    for _ in range(2):  # warm: graphs and sessions are built on the first call, buffers sized on the next
+        row.ours()
+        row.captum()
     t_ours, t_captum = [], []
     for rep in range(row.reps):
         # alternate which side goes first so slow drifts of a shared machine hit both alike
@@ -168,6 +170,8 @@ def time_row(row: Row, pause: float = 0.0) -> None:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+    if show_runs:
+        print(f"    runs, ms: ours {[round(t * 1e3) for t in t_ours]}, Captum {[round(t * 1e3) for t in t_captum]}")
     row.t_ours, row.t_captum = statistics.median(t_ours), statistics.median(t_captum)
     row.best_ours, row.best_captum = min(t_ours), min(t_captum)
 
@@ -284,6 +288,7 @@ def main() -> int:
                     help="our IG path points per onnxruntime run (0 = the server's memory-budget default)")
     ap.add_argument("--captum-ig-batch", type=int, default=CAPTUM_IG_BATCH, help="Captum IG internal_batch_size")
     ap.add_argument("--skip-check", action="store_true", help="skip the agreement check")
+    ap.add_argument("--show-runs", action="store_true", help="print every timed run, not only the medians")
     ap.add_argument("--pause", type=float, default=0.2,
                     help="seconds of idle before each timed call (no side pays for the other's spinning threads)")
     ap.add_argument("--transport", choices=("shared-memory", "stream"),
@@ -346,7 +351,7 @@ def main() -> int:
                 rows = build_rows(client, name, ours_model, net, x, targets, batches, slow_batches, args.reps,
                                   args.slow_reps, args.ig_rows, args.captum_ig_batch)
                 for row in rows:
-                    time_row(row, args.pause)
+                    time_row(row, args.pause, args.show_runs)
                     print(f"  {row.method:<21} batch {row.batch}: median ours {row.t_ours * 1e3:9.1f} ms, "
                           f"Captum {row.t_captum * 1e3:9.1f} ms, ratio {row.ratio:5.2f}; best-of ratio "
                           f"{row.best_ratio:5.2f}", flush=True)
