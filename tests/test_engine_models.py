@@ -241,3 +241,26 @@ def test_gradients_match_float64_differences(path):
     scale = float(np.sum(np.abs(grads[name] * v)))
     assert abs(directional - adjoint) < 1e-3 * scale, (directional, adjoint, scale)
     assert abs(through_hidden - adjoint) < 1e-3 * scale, (through_hidden, adjoint, scale)
+
+
+# VGG-19 and ZFNet add no op kind to AlexNet's, only 20 s
+@pytest.mark.parametrize("path", [p for p in MODELS if p.id not in ("light_vgg19", "light_zfnet512")])
+def test_batch_summed_input_gradient_is_the_row_sum(path):
+    """IG and SmoothGrad's batch-summed graphs (linear stem on the summed gradient, max-pool
+    switches scattered into one sample) give the sum of the per-row input gradients."""
+    model = load(path)
+    objective = logits(model)
+    name = model.graph.input[0].name
+    _, x = image_input(model, 2, np.random.default_rng(1))
+    out = {}
+    for summed in (False, True):
+        graph = build_gradient_model(model, [objective], [name], batch_summed=[name] if summed else [])
+        sess = session(graph.model)
+        y = sess.run([graph.forward_outputs[objective]],
+                     {name: x, graph.cotangent_inputs[objective]: zeros_cotangent(graph, objective, 2)})[0]
+        cot = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+        out[summed] = run_gradient(graph, {name: x}, {objective: cot})[name]
+    assert out[True].shape == (1,) + x.shape[1:]
+    row_sum = out[False].astype(np.float64).sum(axis=0)
+    scale = np.abs(out[False]).max()
+    np.testing.assert_allclose(out[True][0], row_sum, rtol=0, atol=1e-4 * scale)
