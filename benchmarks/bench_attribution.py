@@ -280,7 +280,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: ResNet-18 only, 2 reps")
     ap.add_argument("--models", default="resnet50,resnet18", help="comma-separated: resnet50, resnet18")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per side (saliency, guided, Grad-CAM)")
-    ap.add_argument("--slow-reps", type=int, default=3, help="timed repetitions per side (IG, occlusion)")
+    ap.add_argument("--slow-reps", type=int, default=5,
+                    help="timed repetitions per side (IG, occlusion; their ratio moves most with the machine)")
     ap.add_argument("--batches", default="1,8", help="batch sizes for saliency, guided backprop, Grad-CAM")
     ap.add_argument("--slow-batches", default="1", help="batch sizes for IG and occlusion (batch 8: minutes)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, both sides")
