@@ -87,6 +87,19 @@ def test_conv(attrs, group):
     check("Conv", {"x": (2, 4, 9, 8)}, {"w": weights(6, 4 // group, 3, 2)}, kind=LINEAR, group=group, **attrs)
 
 
+@pytest.mark.parametrize("kernel,stride,pads,size", [
+    (7, 2, [3, 3, 3, 3], (15, 14)),   # a ResNet stem, odd and even sizes
+    (11, 4, [2, 2, 2, 2], (27, 30)),  # AlexNet's first layer
+    (2, 2, [0, 0, 0, 0], (9, 8)),     # patches; the odd row is never read
+    (4, 2, [1, 2, 2, 1], (10, 11)),   # asymmetric pads
+    (5, 3, [0, 0, 0, 0], (13, 16)),
+])
+def test_conv_large_kernel_strided(kernel, stride, pads, size):
+    """The polyphase adjoint (one Conv over all output phases, then DepthToSpace)."""
+    check("Conv", {"x": (2, 3) + size}, {"w": weights(5, 3, kernel, kernel)}, kind=LINEAR,
+          strides=[stride, stride], pads=pads)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_depthwise_with_bias(stride):
     check("Conv", {"x": (2, 4, 8, 8)}, {"w": weights(4, 1, 3, 3), "b": weights(4)}, kind=LINEAR,

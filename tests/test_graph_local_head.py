@@ -137,3 +137,18 @@ def test_axis_spans_stay_on_the_grid_and_inside_the_image():
             if meets:
                 assert s.start <= max(lo, 0) and min(hi, 55) < s.start + crop
     assert axis_spans(54, 11, 4, 0.0, 14, 8, [0]) is None  # 54 is no multiple of the jump
+
+
+@pytest.mark.parametrize("constant_shape,local", [([8, 1, 1], True), ([1, 8, 1, 1], True), ([], True),
+                                                  ([1], True), ([9], False), ([1, 1, 9], False)])
+def test_constants_that_vary_over_space_end_the_head(constant_shape, local):
+    net = Net(c=3, h=36, w=36)
+    net.conv(cout=8, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1))  # 18 x 18
+    net.pool("MaxPool", k=(2, 2), s=(2, 2))  # 9 x 9
+    net.cur = net.node("Add", [net.cur, net.const(np.ones(constant_shape, np.float32))])
+    net.relu()
+    net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
+    net.cur = net.node("GlobalAveragePool", [net.cur])
+    model = prepare_model(net.model())
+    names = {c.tensor for c in local_cuts(model, "image", [net.cur], (8, 8), (4, 4))}
+    assert ("relu_6" in names) == local and "maxpool_3" in names

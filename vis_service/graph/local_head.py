@@ -96,21 +96,25 @@ def _image_dependent(graph: onnx.GraphProto, image: str) -> set[str]:
 
 def _is_local(node: onnx.NodeProto, tainted: set[str], infos) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    outputs = [o for o in node.output if o]
     if node.op_type in _WINDOWED:
         auto_pad = attrs.get("auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        return auto_pad in ("NOTSET", "VALID") and len([o for o in node.output if o]) == 1
+        return auto_pad in ("NOTSET", "VALID") and len(outputs) == 1
     if node.op_type not in _PER_POSITION:
         return False
     if node.op_type == "Concat":
         return attrs.get("axis") in (1, -3)
+    if node.op_type in ("BatchNormalization", "LRN"):
+        return len(outputs) == 1  # per-channel parameters; training mode's statistics are global
     for name in node.input:
         if not name or name in tainted:
             continue
         info = infos.get(name)
         shape = None if info is None else info.shape
-        # a constant operand must not vary over the spatial axes (rank 4: H, W are its last two)
-        if shape is None or (len(shape) >= 2 and any(d != 1 for d in shape[-2:])):
+        # a constant operand must not vary over space: broadcasting aligns trailing axes, so
+        # all but the channel axis (third from the end) must be 1 ([C] would run along W)
+        if shape is None or any(d != 1 for i, d in enumerate(reversed(shape)) if i != 2):
             return False
     return True
 
