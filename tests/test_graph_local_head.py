@@ -11,7 +11,7 @@ from _graph_helpers import Net
 
 from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import prepare_model
-from vis_service.graph.local_head import axis_spans, head_model, local_cuts, plan_local_cut
+from vis_service.graph.local_head import axis_spans, head_model, local_cuts, plan_local_cuts
 from vis_service.graph.subgraph import graph_after
 
 
@@ -70,7 +70,7 @@ def _through_cut(model, cut, x, grid, corners, patch):
     for k, ((h, w), (top, left)) in enumerate(zip(spans, corners)):
         t, l = top - h.start, left - w.start
         crops[k, :, max(t, 0):max(t + patch[0], 0), max(l, 0):max(l + patch[1], 0)] = 0
-    changed = _session(head_model(model, image, cut)).run([cut.tensor], {image: crops})[0]
+    changed = _session(head_model(model, cut)).run([cut.tensor], {image: crops})[0]
     pasted = np.repeat(clean, len(corners), axis=0)
     for k, (h, w) in enumerate(spans):
         dh, dw = h.start // cut.jump[0], w.start // cut.jump[1]
@@ -83,18 +83,23 @@ def _through_cut(model, cut, x, grid, corners, patch):
 H, W = 96, 84  # W is no multiple of 8, the deepest jump
 
 
+def _intervals(hw, patch, stride):
+    """Rows and columns a patch covers, per grid row / column."""
+    return tuple([(t, t + patch[a] - 1) for t in range(0, hw[a] - patch[a] + 1, stride[a])] for a in range(2))
+
+
 @pytest.mark.parametrize("patch,stride", [((12, 12), (9, 9)), ((17, 9), (13, 8)), ((5, 13), (11, 10))])
 def test_every_cut_replays_the_occluded_image_exactly(patch, stride):
     model = _net(H, W)
     image = model.graph.input[0].name
     outputs = [o.name for o in model.graph.output]
-    cuts = local_cuts(model, image, outputs, patch, stride)
+    cuts = local_cuts(model, image, outputs, _intervals((H, W), patch, stride))
     names = {c.tensor for c in cuts}
     # past BatchNormalization, the ceil-mode pool, the residual block and the Concat with its
     # average pool; not inside the block (the skip path bypasses it); not at jump 8 (W % 8)
     assert {"maxpool_9", "relu_16", "concat_20"} <= names
     assert not names & {"conv_11", "relu_12", "conv_14", "conv_22", "relu_23"}
-    assert plan_local_cut(model, image, outputs, patch, stride, min_saving=0.0) == cuts[0]
+    assert plan_local_cuts(model, image, outputs, patch, stride, first_saving=0.0)[0] == cuts[0]
     x = np.random.default_rng(0).normal(size=(1, 3, H, W)).astype(np.float32)
     grid = [(r, c) for r in range(len(range(0, H - patch[0] + 1, stride[0])))
             for c in range(len(range(0, W - patch[1] + 1, stride[1])))]
@@ -114,17 +119,17 @@ def test_no_cut_where_the_first_layer_is_not_local():
     net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
     net.cur = net.node("GlobalAveragePool", [net.cur])
     model = prepare_model(net.model())
-    assert plan_local_cut(model, "image", [net.cur], (8, 8), (4, 4), min_saving=0.0) is None
+    assert plan_local_cuts(model, "image", [net.cur], (8, 8), (4, 4), first_saving=0.0) == []
 
 
 def test_no_cut_when_the_crop_would_be_the_image():
     model = _net(40, 36)
-    assert plan_local_cut(model, "image", [o.name for o in model.graph.output], (30, 30), (5, 5)) is None
+    assert plan_local_cuts(model, "image", [o.name for o in model.graph.output], (30, 30), (5, 5)) == []
 
 
 def test_axis_spans_stay_on_the_grid_and_inside_the_image():
     # field 11 wide, jump 4, centre of unit 0 at input 0; 14 units over 56 pixels
-    spans, crop = axis_spans(56, 11, 4, 0.0, 14, 8, list(range(0, 49, 6)))
+    spans, crop = axis_spans(56, 11, 4, 0.0, 14, [(t, t + 7) for t in range(0, 49, 6)])
     assert crop % 4 == 0 and crop < 56
     for t, s in zip(range(0, 49, 6), spans):
         assert s.start % 4 == 0 and 0 <= s.start <= 56 - crop
@@ -136,7 +141,7 @@ def test_axis_spans_stay_on_the_grid_and_inside_the_image():
             assert meets == (s.lo <= u <= s.hi)
             if meets:
                 assert s.start <= max(lo, 0) and min(hi, 55) < s.start + crop
-    assert axis_spans(54, 11, 4, 0.0, 14, 8, [0]) is None  # 54 is no multiple of the jump
+    assert axis_spans(54, 11, 4, 0.0, 14, [(0, 7)]) is None  # 54 is no multiple of the jump
 
 
 @pytest.mark.parametrize("constant_shape,local", [([8, 1, 1], True), ([1, 8, 1, 1], True), ([], True),
@@ -150,5 +155,5 @@ def test_constants_that_vary_over_space_end_the_head(constant_shape, local):
     net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
     net.cur = net.node("GlobalAveragePool", [net.cur])
     model = prepare_model(net.model())
-    names = {c.tensor for c in local_cuts(model, "image", [net.cur], (8, 8), (4, 4))}
+    names = {c.tensor for c in local_cuts(model, "image", [net.cur], _intervals((36, 36), (8, 8), (4, 4)))}
     assert ("relu_6" in names) == local and "maxpool_3" in names

@@ -57,6 +57,7 @@ def test_occlusion_equals_brute_force(client, small, fill):
         # the digits model's residual block output is a local cut (graph.local_head): each patch
         # recomputes it from a crop and replays the rest, and must still match the loop below
         assert occ.result.text["recomputed"].startswith("block1/add from ")
+        assert "mixed/concat from " in occ.result.text["recomputed"]  # a chain: the second from the first
     scores_name = model.outputs[0].name
     base = client.activations(model, x, [scores_name, layer])
     target = base[scores_name].argmax(axis=1)
@@ -83,6 +84,34 @@ def test_occlusion_equals_brute_force(client, small, fill):
         names = dict(zip(occ.target_index.tolist(), occ.labels))
         for k, name in zip(occ.top_class.reshape(-1), np.asarray(occ.top_class_labels, dtype=object).reshape(-1)):
             assert names.get(int(k), name) == name
+
+
+def test_occlusion_through_a_chain_of_cuts_equals_brute_force(client):
+    """A net with asymmetric pads, BatchNorm, a ceil-mode pool, a residual block and a Concat
+    with an average pool: the first conv's output is recomputed from image crops, the block
+    output from crops of that, and the maps equal classifying every occluded image whole."""
+    from test_graph_local_head import H, W, _net
+
+    proto = _net(H, W)
+    model = client.load_model(proto.SerializeToString(), "local_chain")
+    x = np.random.default_rng(5).normal(size=(2, 3, H, W)).astype(np.float32)
+    patch, stride = (12, 12), (9, 9)
+    occ = client.occlusion(model, x, patch=patch, stride=stride, fill="zero", batch=16)
+    recomputed = occ.result.text["recomputed"]
+    assert recomputed.startswith("conv_2 from ") and "add_15 from " in recomputed and "crops of conv_2" in recomputed
+    scores = model.outputs[0].name
+    rows, cols = (H - patch[0]) // stride[0] + 1, (W - patch[1]) // stride[1] + 1
+    for i in range(len(x)):
+        images = np.repeat(x[i:i + 1], rows * cols, axis=0)
+        for k in range(rows * cols):
+            r, q = divmod(k, cols)
+            images[k, :, r * stride[0]:r * stride[0] + patch[0], q * stride[1]:q * stride[1] + patch[1]] = 0
+        out = client.activations(model, images, [scores, occ.layer])
+        p = _probabilities(out[scores])
+        np.testing.assert_allclose(occ.probability[i].ravel(), p[:, occ.target_index[i]], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(occ.top_class[i].ravel(), p.argmax(axis=1))
+        totals = out[occ.layer][:, occ.feature_channel[i]].reshape(rows * cols, -1).astype(np.float64).sum(axis=1)
+        np.testing.assert_allclose(occ.feature[i].ravel(), totals, rtol=1e-4, atol=1e-4)
 
 
 def test_defaults_and_render(client, small, tmp_path):

@@ -1,16 +1,18 @@
 """Local heads: recomputing only what a patch of the image changes.
 
 The first layers of a CNN are *local*: each unit of a feature tensor T depends only on
-the pixels in its receptive field. Where T also separates the image from the outputs
-(a block output of a ResNet, not a tensor inside a block), changing a patch of the image
-changes only the units of T whose field meets the patch, and the rest of the network
-depends on the image through T alone. So an occluded image's outputs are: T of the clean
-image, with those units recomputed from a crop of the occluded image (the *head*, input
-to T, run on the crop), then the *tail* (`subgraph.graph_after`) run from T.
+the units of its receptive field in the tensor before. Where T also separates its source
+S (the image, at first) from the outputs (a block output of a ResNet, not a tensor inside
+a block), changing a region of S changes only the units of T whose field meets that
+region, and the rest of the network depends on S through T alone. So an occluded image's
+outputs are: T of the clean image, with those units recomputed from a crop of the
+occluded S (the *head*, S to T, run on the crop), then the *tail* (`subgraph.graph_after`)
+run from T. The same step repeats from T as the new source (its changed units are the
+new region): a chain of cuts, each head running on a smaller share of its tensor.
 
 Why the crop gives the same values: a unit whose whole field lies inside the crop (or
-reaches past the crop only where the crop edge is the image edge, padded alike) is
-computed from the same pixels by the same windows, provided every strided layer samples
+reaches past the crop only where the crop edge is the tensor's edge, padded alike) is
+computed from the same values by the same windows, provided every strided layer samples
 the same positions, which holds when the crop starts at a multiple of T's jump (the
 product of the strides). Units near the crop's other edges come out wrong and are not used.
 
@@ -31,6 +33,7 @@ from onnx import helper
 
 from .loading import tensor_infos
 from .receptive_field import receptive_fields
+from .subgraph import graph_after
 
 _WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool"})
 _PER_POSITION = frozenset({
@@ -39,11 +42,14 @@ _PER_POSITION = frozenset({
     "Min", "Mean", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Gelu", "Concat",
 })
 
+Interval = tuple[int, int]  # first and last index (inclusive) along one axis
+
 
 @dataclass(frozen=True)
 class AxisSpan:
-    """One patch position along one axis: units lo..hi (inclusive) of T change, and the
-    crop starts at input pixel `start` (a multiple of the jump), i.e. at unit start // jump."""
+    """One changed interval of the source along one axis: units lo..hi (inclusive) of T
+    change, and the crop of the source starts at index `start` (a multiple of the jump),
+    which is T's unit start // jump."""
     lo: int
     hi: int
     start: int
@@ -51,25 +57,26 @@ class AxisSpan:
 
 @dataclass(frozen=True)
 class LocalCut:
+    source: str                     # S: the image, or the cut before
     tensor: str                     # T
-    jump: tuple[int, int]           # input pixels per unit of T, rows and columns
-    crop: tuple[int, int]           # crop size in input pixels (multiples of the jump)
-    spans: tuple[tuple[AxisSpan, ...], tuple[AxisSpan, ...]]  # per patch row / patch column
-    head_nodes: tuple[int, ...]     # indices into model.graph.node, in graph order
-    saving: float                   # estimated share of the full forward's multiply-adds avoided
+    jump: tuple[int, int]           # units of S per unit of T, rows and columns
+    crop: tuple[int, int]           # crop size in units of S (multiples of the jump)
+    spans: tuple[tuple[AxisSpan, ...], tuple[AxisSpan, ...]]  # per changed row / column interval
+    saved_macs: int                 # estimated multiply-adds per sample the crop saves
 
 
-def axis_spans(length: int, size: int, jump: int, offset: float, units: int, patch: int,
-               positions: Sequence[int]) -> tuple[list[AxisSpan], int] | None:
-    """Changed units and crop start for each patch start in `positions`, and the common crop
-    length; None where the crop would not be smaller than the image or cannot be aligned."""
+def axis_spans(length: int, size: int, jump: int, offset: float, units: int,
+               changed: Sequence[Interval]) -> tuple[list[AxisSpan], int] | None:
+    """Changed units of T and crop start for each changed interval of the source, and the
+    common crop length; None where the crop would not be smaller than the source or cannot
+    be aligned. T's unit u has its field centred at source index offset + u * jump, `size` wide."""
     if length % jump:
         return None  # a crop pushed against the far edge could not start on the jump grid
     half = (size - 1) / 2
     spans, need = [], 0
-    for t in positions:
-        lo = max(0, math.ceil((t - offset - half) / jump))
-        hi = min(units - 1, math.floor((t + patch - 1 - offset + half) / jump))
+    for first_changed, last_changed in changed:
+        lo = max(0, math.ceil((first_changed - offset - half) / jump))
+        hi = min(units - 1, math.floor((last_changed - offset + half) / jump))
         first = max(0.0, offset + lo * jump - half)
         last = min(length - 1.0, offset + hi * jump + half)
         start = int(first // jump) * jump
@@ -86,8 +93,8 @@ def _producers(graph: onnx.GraphProto) -> dict[str, int]:
     return {o: i for i, n in enumerate(graph.node) for o in n.output if o}
 
 
-def _image_dependent(graph: onnx.GraphProto, image: str) -> set[str]:
-    tainted = {image}
+def _dependent(graph: onnx.GraphProto, source: str) -> set[str]:
+    tainted = {source}
     for node in graph.node:
         if any(i in tainted for i in node.input):
             tainted.update(o for o in node.output if o)
@@ -119,31 +126,26 @@ def _is_local(node: onnx.NodeProto, tainted: set[str], infos) -> bool:
     return True
 
 
-def _head(graph: onnx.GraphProto, tensor: str, image: str, producers, tainted, infos) -> list[int] | None:
-    """Nodes computing `tensor` from the image, or None where one is not local."""
-    nodes, stack, seen = set(), [tensor], set()
+def head_nodes(graph: onnx.GraphProto, source: str, tensor: str) -> list[int]:
+    """Indices (graph order) of the nodes computing `tensor`, walking back until `source`."""
+    producers = _producers(graph)
+    nodes, stack = set(), [tensor]
     while stack:
         name = stack.pop()
-        if name in seen or name not in producers:
+        i = producers.get(name)
+        if name == source or i is None or i in nodes:
             continue
-        seen.add(name)
-        i = producers[name]
-        if i in nodes:
-            continue
-        node = graph.node[i]
-        if any(x in tainted for x in node.input) and not _is_local(node, tainted, infos):
-            return None
         nodes.add(i)
-        stack.extend(x for x in node.input if x)
+        stack.extend(x for x in graph.node[i].input if x)
     return sorted(nodes)
 
 
-def _separates(graph: onnx.GraphProto, tensor: str, image: str, outputs: Sequence[str], producers) -> bool:
-    """True when every path from the image to `outputs` passes through `tensor`."""
+def _separates(graph: onnx.GraphProto, tensor: str, source: str, outputs: Sequence[str], producers) -> bool:
+    """True when every path from `source` to `outputs` passes through `tensor`."""
     stack, seen = list(outputs), set()
     while stack:
         name = stack.pop()
-        if name == image:
+        if name == source:
             return False
         if name in seen or name == tensor:
             continue
@@ -168,66 +170,89 @@ def _conv_macs(graph: onnx.GraphProto, infos) -> dict[int, int]:
     return macs
 
 
-def local_cuts(model: onnx.ModelProto, image: str, outputs: Sequence[str], patch: tuple[int, int],
-               stride: tuple[int, int]) -> list[LocalCut]:
-    """Every tensor the outputs can be replayed from after a local head, for this patch geometry,
-    the most saving first.
+def total_macs(model: onnx.ModelProto) -> int:
+    return sum(_conv_macs(model.graph, tensor_infos(model)).values())
 
-    `model` is prepared (static image size, shapes inferred), its image input NCHW.
-    Cost model: a Conv's multiply-adds, scaled by the crop's share of the image for head
+
+def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
+               changed: tuple[Sequence[Interval], Sequence[Interval]]) -> list[LocalCut]:
+    """Every tensor the outputs can be replayed from after a local head from `source`, given
+    the changed intervals of the source along rows and columns, the most saving first.
+
+    `model` has `source` as a rank-4 NCHW tensor of static spatial size and inferred shapes
+    (a prepared model and its image input, or graph_after's model and its input).
+    Cost model: a Conv's multiply-adds, scaled by the crop's share of the source for head
     Convs; everything else is taken as free.
     """
     graph = model.graph
     infos = tensor_infos(model)
-    shape = infos[image].shape
+    shape = infos[source].shape
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
         return []
     hw = shape[2:]
     producers = _producers(graph)
-    tainted = _image_dependent(graph, image)
+    tainted = _dependent(graph, source)
     macs = _conv_macs(graph, infos)
-    total = sum(macs.values())
-    if not total:
-        return []
-    starts = [list(range(0, hw[a] - patch[a] + 1, stride[a])) for a in range(2)]
     cuts = []
     for tensor, rf in receptive_fields(model).items():
         info = infos.get(tensor)
-        if (rf.is_global or rf.approximate or tensor == image or tensor in outputs or info is None
+        if (rf.is_global or rf.approximate or tensor == source or tensor in outputs or info is None
                 or info.shape is None or not all(isinstance(d, int) for d in info.shape[2:])
                 or not all(float(j).is_integer() for j in rf.jump)):
             continue
         jump = tuple(int(j) for j in rf.jump)
-        per_axis = [axis_spans(hw[a], rf.size[a], jump[a], rf.offset[a], info.shape[2 + a], patch[a], starts[a])
+        per_axis = [axis_spans(hw[a], rf.size[a], jump[a], rf.offset[a], info.shape[2 + a], changed[a])
                     for a in range(2)]
-        if None in per_axis or not _separates(graph, tensor, image, outputs, producers):
+        if None in per_axis or not _separates(graph, tensor, source, outputs, producers):
             continue
-        head = _head(graph, tensor, image, producers, tainted, infos)
-        if head is None:
+        head = head_nodes(graph, source, tensor)
+        if not all(_is_local(graph.node[i], tainted, infos) for i in head if graph.node[i].input
+                   and any(x in tainted for x in graph.node[i].input)):
             continue
         fraction = per_axis[0][1] * per_axis[1][1] / (hw[0] * hw[1])
-        saving = sum(macs.get(i, 0) for i in head) * (1 - fraction) / total
-        cuts.append(LocalCut(tensor, jump, (per_axis[0][1], per_axis[1][1]),
-                             (tuple(per_axis[0][0]), tuple(per_axis[1][0])), tuple(head), saving))
-    return sorted(cuts, key=lambda c: -c.saving)
+        saved = int(sum(macs.get(i, 0) for i in head) * (1 - fraction))
+        cuts.append(LocalCut(source, tensor, jump, (per_axis[0][1], per_axis[1][1]),
+                             (tuple(per_axis[0][0]), tuple(per_axis[1][0])), saved))
+    return sorted(cuts, key=lambda c: -c.saved_macs)
 
 
-def plan_local_cut(model: onnx.ModelProto, image: str, outputs: Sequence[str], patch: tuple[int, int],
-                   stride: tuple[int, int], min_saving: float = 0.1) -> LocalCut | None:
-    """The cut that saves the most (see local_cuts), or None where none is estimated to save
-    at least `min_saving` of the forward pass's multiply-adds."""
-    cuts = local_cuts(model, image, outputs, patch, stride)
-    return cuts[0] if cuts and cuts[0].saving >= min_saving else None
+def plan_local_cuts(model: onnx.ModelProto, image: str, outputs: Sequence[str], patch: tuple[int, int],
+                    stride: tuple[int, int], first_saving: float = 0.1, next_saving: float = 0.02,
+                    max_cuts: int = 4) -> list[LocalCut]:
+    """A chain of cuts for occluding `patch`-sized patches at `stride` over the image: each
+    the most saving one from the cut before, the first saving at least `first_saving` of the
+    forward pass's multiply-adds, each next one at least `next_saving`; [] where none does.
+
+    `model` is prepared (static image size, shapes inferred), its image input NCHW.
+    """
+    total = total_macs(model)
+    shape = tensor_infos(model)[image].shape
+    if not total or shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+        return []
+    changed = tuple([(t, t + patch[a] - 1) for t in range(0, shape[2 + a] - patch[a] + 1, stride[a])]
+                    for a in range(2))
+    chain: list[LocalCut] = []
+    current, source = model, image
+    while len(chain) < max_cuts:
+        cuts = local_cuts(current, source, outputs, changed)
+        if not cuts or cuts[0].saved_macs < (next_saving if chain else first_saving) * total:
+            break
+        cut = cuts[0]
+        chain.append(cut)
+        current, source = graph_after(model, cut.tensor, outputs).model, cut.tensor
+        changed = tuple([(s.lo, s.hi) for s in cut.spans[a]] for a in range(2))
+    return chain
 
 
-def head_model(model: onnx.ModelProto, image: str, cut: LocalCut) -> onnx.ModelProto:
-    """The head as a model: the image input, its spatial size left open for crops, to T."""
+def head_model(model: onnx.ModelProto, cut: LocalCut) -> onnx.ModelProto:
+    """The head as a model: the source, its spatial size left open for crops, to T."""
     graph = model.graph
-    nodes = [graph.node[i] for i in cut.head_nodes]
+    nodes = [graph.node[i] for i in head_nodes(graph, cut.source, cut.tensor)]
     used = {x for n in nodes for x in n.input}
     infos = tensor_infos(model)
-    info = infos[image]
-    source = helper.make_tensor_value_info(image, info.elem_type, [info.shape[0], info.shape[1], "crop_h", "crop_w"])
+    info = infos[cut.source]
+    source = helper.make_tensor_value_info(cut.source, info.elem_type,
+                                           [info.shape[0], info.shape[1], "crop_h", "crop_w"])
     out = helper.make_tensor_value_info(cut.tensor, infos[cut.tensor].elem_type, None)
     sub = helper.make_graph(nodes, f"{graph.name or 'graph'}_head_{cut.tensor}", [source], [out],
                             initializer=[t for t in graph.initializer if t.name in used])

@@ -17,8 +17,9 @@ exposes both the class scores and the layer, never one run per patch; progress
 
 Where the network's first layers are local (graph.local_head), each occluded image
 recomputes only the units of a cut tensor that the patch reaches, from a crop of the
-image, and replays the rest of the network from that tensor (ResNet-50, 32x32 patches
-at stride 16: crops of 112x112 up to layer2.0, ~15 % less time per patch).
+image, then those of a later cut from a crop of the first, and so on, and replays the
+rest of the network from the last cut (ResNet-50, 32x32 patches at stride 16: layer2.0
+from 112x112 crops, then layer2.2 from 17x17 of its 28x28 units; ~25 % less time).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
-from ..graph.local_head import LocalCut, head_model, plan_local_cut
+from ..graph.local_head import LocalCut, head_model, plan_local_cuts
 from ..graph.names import resolve_tensor
 from ..graph.subgraph import graph_after
 from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities, default_layer, forward_tensors,
@@ -130,14 +131,15 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         layer_t = default_layer(model, objective_tensor_name(model, Objective("output", objective.layer))).layer
     values = fill_values(x, fill, layout, model, preprocess)
 
-    cut = None
+    cuts: list[LocalCut] = []
     static = model.infos[model.image_input].shape
     if layout == "NCHW" and set(feeds) == {model.image_input} and static and tuple(static[2:]) == tuple(hw):
-        cut = model.memo(("occlusion_cut", scores_t, layer_t, (ph, pw), (sh, sw)),
-                         lambda: plan_local_cut(model.proto, model.image_input, [scores_t, layer_t], (ph, pw), (sh, sw)))
-    # unoccluded images: target class, strongest feature map, reference probability
+        cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw)),
+                          lambda: plan_local_cuts(model.proto, model.image_input, [scores_t, layer_t], (ph, pw),
+                                                  (sh, sw)))
+    # unoccluded images: target class, strongest feature map, reference probability (and the cuts)
     ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
-    base = forward_tensors(ctx, feeds, [scores_t, layer_t] + ([cut.tensor] if cut else []))
+    base = forward_tensors(ctx, feeds, [scores_t, layer_t] + [cut.tensor for cut in cuts])
     n = x.shape[0]
     idx = class_indices(ctx, base[scores_t])
     probs0 = class_probabilities(ctx, scores_t, base[scores_t])
@@ -156,9 +158,8 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         items = np.arange(start, stop)
         img, pos = np.divmod(items, per_image)
         r, c = np.divmod(pos, cols)
-        if cut is not None:
-            out = _forward_through_cut(ctx, cut, base[cut.tensor], x, values, img, r, c, (ph, pw), (sh, sw),
-                                       [scores_t, layer_t])
+        if cuts:
+            out = _forward_through_cuts(ctx, cuts, base, x, values, img, r, c, (ph, pw), (sh, sw), [scores_t, layer_t])
         else:
             occluded = np.stack([occlude(x[i], values[i], rr * sh, cc * sw, (ph, pw), layout)
                                  for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
@@ -187,35 +188,57 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         labels["top_class"] = [model.label(int(i)) or "" for i in top_map]
         labels["target_index"] = [model.label(int(i)) or "" for i in idx]
     text = {"layer": layer_t, "fill": fill, "patch": f"{ph}x{pw}", "stride": f"{sh}x{sw}",
-            "recomputed": (f"{cut.tensor} from {cut.crop[0]}x{cut.crop[1]} crops, the rest of the network from it"
-                           if cut else "the whole network per patch")}
+            "recomputed": ("; ".join(f"{cut.tensor} from {cut.crop[0]}x{cut.crop[1]} crops of {cut.source}"
+                                     for cut in cuts) + "; the rest of the network from the last"
+                           if cuts else "the whole network per patch")}
     return MethodResult(tensors, {"patch_h": ph, "patch_w": pw, "stride_h": sh, "stride_w": sw}, labels, text)
 
 
-def _forward_through_cut(ctx: CamContext, cut: LocalCut, clean: np.ndarray, x: np.ndarray, values: np.ndarray,
-                         img: np.ndarray, r: np.ndarray, c: np.ndarray, patch: tuple[int, int],
-                         stride: tuple[int, int], outputs: list[str]) -> dict[str, np.ndarray]:
+def _paste(dst: np.ndarray, dst_origin: tuple[int, int], src: np.ndarray, src_origin: tuple[int, int],
+           rows: tuple[int, int], cols: tuple[int, int]) -> None:
+    """dst[..., u, v] = src[..., u, v] for the tensor units u in rows, v in cols (inclusive), where
+    index 0 of dst / src is unit dst_origin / src_origin; units outside dst are skipped."""
+    (r0, c0), (s0, t0) = dst_origin, src_origin
+    lo_r, hi_r = max(rows[0], r0), min(rows[1], r0 + dst.shape[-2] - 1)
+    lo_c, hi_c = max(cols[0], c0), min(cols[1], c0 + dst.shape[-1] - 1)
+    if lo_r <= hi_r and lo_c <= hi_c:
+        dst[..., lo_r - r0:hi_r - r0 + 1, lo_c - c0:hi_c - c0 + 1] = \
+            src[..., lo_r - s0:hi_r - s0 + 1, lo_c - t0:hi_c - t0 + 1]
+
+
+def _forward_through_cuts(ctx: CamContext, cuts: list[LocalCut], clean: dict[str, np.ndarray], x: np.ndarray,
+                          values: np.ndarray, img: np.ndarray, r: np.ndarray, c: np.ndarray,
+                          patch: tuple[int, int], stride: tuple[int, int], outputs: list[str]) -> dict[str, np.ndarray]:
     """`outputs` for the occluded images (image img[k], patch at row r[k], column c[k] of the
-    grid): the head on crops, the units it changed pasted into the clean image's cut tensor
-    `clean`, the tail from there."""
+    grid): each cut's head on crops of its source (the occluded image; then the clean source
+    with the units the cut before changed), the last cut's changed units pasted into its clean
+    tensor `clean[...]`, the tail from there."""
     model, runtime = ctx.model, ctx.runtime
-    head = runtime.session(model.graph_id, ("local_head", cut.tensor),
-                           lambda: (head_model(model.proto, model.image_input, cut), None))
-    tail = runtime.session(model.graph_id, ("after", cut.tensor, tuple(outputs)),
-                           lambda: (graph_after(model.proto, cut.tensor, outputs).model, None))
-    (crop_h, crop_w), (jump_h, jump_w) = cut.crop, cut.jump
-    crops = np.empty((len(img), x.shape[1], crop_h, crop_w), x.dtype)
-    spans = [(cut.spans[0][rr], cut.spans[1][cc]) for rr, cc in zip(r, c)]
-    for k, (i, (along_h, along_w)) in enumerate(zip(img, spans)):
-        crops[k] = x[i, :, along_h.start:along_h.start + crop_h, along_w.start:along_w.start + crop_w]
-        # the patch in crop coordinates; its part outside the crop reaches no changed unit
-        top, left = r[k] * stride[0] - along_h.start, c[k] * stride[1] - along_w.start
-        crops[k, :, max(top, 0):max(top + patch[0], 0), max(left, 0):max(left + patch[1], 0)] = \
-            values[i][:, None, None]
-    changed = head.run([cut.tensor], {model.image_input: crops})[0]
-    pasted = clean[img]  # a copy per row
+    changed = None  # the previous head's output, and the crop origins (in its units) per row
+    for level, cut in enumerate(cuts):
+        head = runtime.session(model.graph_id, ("local_head", cut.source, cut.tensor),
+                               lambda cut=cut: (head_model(model.proto, cut), None))
+        source = x if level == 0 else clean[cut.source]
+        (crop_h, crop_w), spans = cut.crop, [(cut.spans[0][rr], cut.spans[1][cc]) for rr, cc in zip(r, c)]
+        crops = np.empty((len(img), source.shape[1], crop_h, crop_w), source.dtype)
+        for k, (i, (along_h, along_w)) in enumerate(zip(img, spans)):
+            crops[k] = source[i, :, along_h.start:along_h.start + crop_h, along_w.start:along_w.start + crop_w]
+            if changed is None:
+                # the patch in crop coordinates; its part outside the crop reaches no changed unit
+                top, left = r[k] * stride[0] - along_h.start, c[k] * stride[1] - along_w.start
+                crops[k, :, max(top, 0):max(top + patch[0], 0), max(left, 0):max(left + patch[1], 0)] = \
+                    values[i][:, None, None]
+            else:
+                prev, origins, prev_spans = changed
+                _paste(crops[k], (along_h.start, along_w.start), prev[k], origins[k],
+                       (prev_spans[k][0].lo, prev_spans[k][0].hi), (prev_spans[k][1].lo, prev_spans[k][1].hi))
+        origins = [(h.start // cut.jump[0], w.start // cut.jump[1]) for h, w in spans]
+        changed = (head.run([cut.tensor], {cut.source: crops})[0], origins, spans)
+    last = cuts[-1]
+    tail = runtime.session(model.graph_id, ("after", last.tensor, tuple(outputs)),
+                           lambda: (graph_after(model.proto, last.tensor, outputs).model, None))
+    prev, origins, spans = changed
+    pasted = clean[last.tensor][img]  # a copy per row
     for k, (along_h, along_w) in enumerate(spans):
-        dh, dw = along_h.start // jump_h, along_w.start // jump_w
-        pasted[k, :, along_h.lo:along_h.hi + 1, along_w.lo:along_w.hi + 1] = \
-            changed[k, :, along_h.lo - dh:along_h.hi - dh + 1, along_w.lo - dw:along_w.hi - dw + 1]
-    return tail.run_dict(outputs, {cut.tensor: pasted})
+        _paste(pasted[k], (0, 0), prev[k], origins[k], (along_h.lo, along_h.hi), (along_w.lo, along_w.hi))
+    return tail.run_dict(outputs, {last.tensor: pasted})
