@@ -94,9 +94,11 @@ def test_conv(attrs, group):
     (4, 2, [1, 2, 2, 1], (10, 11)),   # asymmetric pads
     (5, 3, [0, 0, 0, 0], (13, 16)),
 ])
-def test_conv_large_kernel_strided(kernel, stride, pads, size):
-    """The polyphase adjoint (one Conv over all output phases, then DepthToSpace)."""
-    check("Conv", {"x": (2, 3) + size}, {"w": weights(5, 3, kernel, kernel)}, kind=LINEAR,
+@pytest.mark.parametrize("opset", [17, 9])
+def test_conv_large_kernel_strided(kernel, stride, pads, size, opset):
+    """The polyphase adjoint (one Conv over all output phases, then DepthToSpace); opset 9:
+    the light_* graphs' form (Slice and Pad as attributes)."""
+    check("Conv", {"x": (2, 3) + size}, {"w": weights(5, 3, kernel, kernel)}, kind=LINEAR, opset=opset,
           strides=[stride, stride], pads=pads)
 
 
