@@ -32,7 +32,7 @@ import onnx
 from onnx import helper
 
 from .loading import tensor_infos
-from .receptive_field import receptive_fields
+from .receptive_field import image_input, receptive_fields
 from .subgraph import graph_after
 
 _WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool"})
@@ -189,6 +189,8 @@ def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
     shape = infos[source].shape
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
         return []
+    if image_input(model) != (source, (2, 3)):
+        return []  # fields are traced from the first rank-4 input, which must be the source, as NCHW
     hw = shape[2:]
     producers = _producers(graph)
     tainted = _dependent(graph, source)
