@@ -114,6 +114,29 @@ def test_occlusion_through_a_chain_of_cuts_equals_brute_force(client):
         np.testing.assert_allclose(occ.feature[i].ravel(), totals, rtol=1e-4, atol=1e-4)
 
 
+def test_failed_planning_falls_back_to_the_whole_network(client, monkeypatch):
+    from test_graph_local_head import H, W, _net
+
+    import vis_service.methods.occlusion as occlusion
+
+    proto = _net(H, W)
+    x = np.random.default_rng(6).normal(size=(1, 3, H, W)).astype(np.float32)
+    kw = dict(patch=(16, 16), stride=(8, 8), fill="zero", batch=32)
+    through_cuts = client.occlusion(client.load_model(proto.SerializeToString(), "local_planned"), x, **kw)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no plan")
+
+    monkeypatch.setattr(occlusion, "plan_local_cuts", broken)
+    proto.producer_name = "another id"  # a model whose plan is not memoized yet
+    whole = client.occlusion(client.load_model(proto.SerializeToString(), "local_unplanned"), x, **kw)
+    assert whole.result.text["recomputed"] == "the whole network per patch"
+    assert "crops" in through_cuts.result.text["recomputed"]
+    np.testing.assert_allclose(whole.probability, through_cuts.probability, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(whole.feature, through_cuts.feature, rtol=1e-5)
+    np.testing.assert_array_equal(whole.top_class, through_cuts.top_class)
+
+
 def test_defaults_and_render(client, small, tmp_path):
     pytest.importorskip("matplotlib")
     model, x = small

@@ -19,10 +19,13 @@ Where the network's first layers are local (graph.local_head), each occluded ima
 recomputes only the units of a cut tensor that the patch reaches, from a crop of the
 image, then those of a later cut from a crop of the first, and so on, and replays the
 rest of the network from the last cut (ResNet-50, 32x32 patches at stride 16: layer2.0
-from 112x112 crops, then layer2.2 from 17x17 of its 28x28 units; ~25 % less time).
+from 112x112 image crops, layer2.3 from 21x21 of layer2.0's 28x28 units, layer3.0 from
+20x20 of layer2.3's; 5.1 -> 4.0-4.2 s per image). The cut's sessions are built on the
+first call for a patch geometry and cached like every other.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -37,6 +40,8 @@ from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities,
                   image_layout, input_spec, spatial_size)
 from .gradient import Objective, objective_tensor_name
 from .progress import NO_PROGRESS, MethodResult, Progress
+
+log = logging.getLogger(__name__)
 
 FILLS = ("grey", "zero", "mean")
 MID_GREY = 127.5  # pixel value (0..255) of the grey patch
@@ -135,8 +140,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     static = model.infos[model.image_input].shape
     if layout == "NCHW" and set(feeds) == {model.image_input} and static and tuple(static[2:]) == tuple(hw):
         cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw)),
-                          lambda: plan_local_cuts(model.proto, model.image_input, [scores_t, layer_t], (ph, pw),
-                                                  (sh, sw)))
+                          lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw)))
     # unoccluded images: target class, strongest feature map, reference probability (and the cuts)
     ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
     base = forward_tensors(ctx, feeds, [scores_t, layer_t] + [cut.tensor for cut in cuts])
@@ -192,6 +196,17 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
                                      for cut in cuts) + "; the rest of the network from the last"
                            if cuts else "the whole network per patch")}
     return MethodResult(tensors, {"patch_h": ph, "patch_w": pw, "stride_h": sh, "stride_w": sw}, labels, text)
+
+
+def _plan_cuts(model: LoadedModel, outputs: list[str], patch: tuple[int, int], stride: tuple[int, int]) -> list[LocalCut]:
+    """The chain of local cuts, or none where planning fails: the cuts only save time, the
+    whole network per patch gives the same maps."""
+    try:
+        return plan_local_cuts(model.proto, model.image_input, outputs, patch, stride)
+    except Exception as exc:  # noqa: BLE001 - an unforeseen graph shape must not fail the method
+        log.warning("occlusion of %s runs the whole network per patch: planning local cuts failed (%s: %s)",
+                    model.id, type(exc).__name__, exc)
+        return []
 
 
 def _paste(dst: np.ndarray, dst_origin: tuple[int, int], src: np.ndarray, src_origin: tuple[int, int],
