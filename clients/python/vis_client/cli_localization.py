@@ -83,6 +83,8 @@ def cmd_occlusion(client, args) -> None:
     rows, cols = occ.probability.shape[1:]
     print(f"occlusion: {occ.fill} patch {occ.patch[0]}x{occ.patch[1]}, stride {occ.stride[0]}x{occ.stride[1]}, "
           f"{rows}x{cols} positions; feature maps of {occ.layer}")
+    if occ.result.text.get("recomputed"):
+        print(f"  recomputed per patch: {occ.result.text['recomputed']}")
     for i, (path_in, stem) in enumerate(zip(args.images, cli._stems(args.images))):
         paths = occ.render(i, out, stem=f"{stem}_occlusion")
         top, left, bottom, right = occ.most_sensitive(i)
