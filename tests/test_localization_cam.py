@@ -246,3 +246,17 @@ def test_render(client, tiny, x, tmp_path):
     cam = client.grad_cam(tiny, x)
     img = cam.render(0, tmp_path / "cam.png")
     assert (tmp_path / "cam.png").is_file() and img.ndim == 3 and img.shape[1] > img.shape[0]
+
+
+def test_default_layer_is_computed_from_the_input_not_a_weight_made_in_the_graph(client):
+    """light_inception_v1 keeps its classifier weight as a 4-D ConstantOfShape output reshaped
+    before the Gemm; the default layer is the last feature map before the pooling instead."""
+    from _graph_helpers import load
+
+    proto = load("light:inception_v1")
+    model = client.load_model(proto.SerializeToString(), "inception_v1_cam")
+    x = np.random.default_rng(4).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)
+    cam = client.grad_cam(model, x)
+    assert cam.cam.shape == (2, 6, 6)
+    maps = client.activations(model, x, [cam.layer])[cam.layer]
+    assert maps.shape == (2, 1024, 6, 6)  # per image, unlike the weight's [1, 1, 1000, 1024]

@@ -137,6 +137,30 @@ def test_failed_planning_falls_back_to_the_whole_network(client, monkeypatch):
     np.testing.assert_array_equal(whole.top_class, through_cuts.top_class)
 
 
+@pytest.mark.parametrize("model_id", ["shared:squeezenet1.0", "shared:mobilenet_v1", "light:inception_v1"])
+def test_cuts_on_real_graphs_give_the_whole_network_maps(client, monkeypatch, model_id):
+    """Fire modules (Concat), ReLU6 as Clip with depthwise convs, LRN and Inception's branches:
+    the maps through the planned cuts equal those of the whole network per patch."""
+    from _graph_helpers import load
+
+    import vis_service.methods.occlusion as occlusion
+
+    proto = load(model_id)  # skips where ../shared is missing
+    dims = [2] + [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = np.random.default_rng(7).uniform(-1, 1, dims).astype(np.float32)
+    kw = dict(patch=64, stride=48, fill="zero", batch=16)
+    name = model_id.replace(":", "_")
+    cut = client.occlusion(client.load_model(proto.SerializeToString(), name + "_cut"), x, **kw)
+    assert " crops of " in cut.result.text["recomputed"]
+    monkeypatch.setattr(occlusion, "plan_local_cuts", lambda *args, **kwargs: [])
+    proto.producer_name = "whole network"
+    whole = client.occlusion(client.load_model(proto.SerializeToString(), name + "_whole"), x, **kw)
+    assert whole.result.text["recomputed"] == "the whole network per patch"
+    np.testing.assert_allclose(cut.probability, whole.probability, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cut.feature, whole.feature, rtol=1e-4, atol=1e-4 * np.abs(whole.feature).max())
+    np.testing.assert_array_equal(cut.top_class, whole.top_class)
+
+
 def test_defaults_and_render(client, small, tmp_path):
     pytest.importorskip("matplotlib")
     model, x = small

@@ -158,6 +158,12 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
         g = model.proto.graph
         producers = _producers(g)
         inits = {t.name for t in g.initializer}
+        # feature maps are computed from the inputs; weights made in the graph (ConstantOfShape,
+        # a Reshape of a stored weight) may be 4-D too, e.g. light_inception_v1's classifier
+        dependent = {i.name for i in g.input if i.name not in inits}
+        for n in g.node:
+            if any(x in dependent for x in n.input):
+                dependent.update(o for o in n.output if o)
         queue, seen, fallback = deque([scores]), {scores}, None
         while queue:
             name = queue.popleft()
@@ -165,7 +171,7 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
             if node is None:
                 continue
             for x in node.input:
-                if not x or x in seen or x in inits:
+                if not x or x in seen or x not in dependent:
                     continue
                 seen.add(x)
                 if _is_feature_map(model, x) and tuple(model.infos[x].shape[2:]) != (1, 1):  # [N, C, 1, 1] is pooled
