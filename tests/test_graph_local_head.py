@@ -22,7 +22,7 @@ def _session(model):
 def _net(h, w):
     """Asymmetric-padded strided conv, BatchNormalization, ceil-mode max-pool, a residual block,
     a channel Concat with a count_include_pad=0 average pool, another strided conv, then a
-    global pool and a linear layer. Jumps: 2, 4, 8; w = 36 is no multiple of 8."""
+    global pool and a linear layer. Jumps: 2, 4, 8."""
     net = Net(c=3, h=h, w=w, seed=1)
     net.conv(cout=8, k=(5, 5), s=(2, 2), pads=(2, 1, 1, 2))
     c = net.c
@@ -31,7 +31,7 @@ def _net(h, w):
     net.cur = net.node("BatchNormalization", [net.cur, scale, bias, mean, var])
     net.relu()
     net.pool("MaxPool", k=(3, 3), s=(2, 2), pads=(1, 1, 0, 0), ceil=1)
-    block_in = net.cur
+    block_in = net.cur  # maxpool_9; the block: conv_11, relu_12, conv_14, add_15, relu_16
     net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
     net.relu()
     net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
