@@ -11,7 +11,7 @@ from _graph_helpers import Net
 
 from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import prepare_model
-from vis_service.graph.local_head import axis_spans, head_model, local_cuts, plan_local_cuts
+from vis_service.graph.local_head import axis_spans, head_model, local_cuts, nchw_source, plan_local_cuts
 from vis_service.graph.subgraph import graph_after
 
 
@@ -19,11 +19,12 @@ def _session(model):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _net(h, w):
+def _net(h, w, nhwc=False):
     """Asymmetric-padded strided conv, BatchNormalization, ceil-mode max-pool, a residual block,
     a channel Concat with a count_include_pad=0 average pool, another strided conv, then a
-    global pool and a linear layer. Jumps: 2, 4, 8."""
-    net = Net(c=3, h=h, w=w, seed=1)
+    global pool and a linear layer. Jumps: 2, 4, 8. `nhwc`: an [N, H, W, C] input transposed
+    to NCHW first, as tf2onnx writes it (tensor names then shift by one)."""
+    net = Net(c=3, h=h, w=w, seed=1, nhwc=nhwc)
     net.conv(cout=8, k=(5, 5), s=(2, 2), pads=(2, 1, 1, 2))
     c = net.c
     scale, bias = net.const(net.rng.uniform(0.5, 1.5, c).astype(np.float32)), net.const(np.zeros(c, np.float32) + 0.1)
@@ -157,3 +158,15 @@ def test_constants_that_vary_over_space_end_the_head(constant_shape, local):
     model = prepare_model(net.model())
     names = {c.tensor for c in local_cuts(model, "image", [net.cur], _intervals((36, 36), (8, 8), (4, 4)))}
     assert ("relu_6" in names) == local and "maxpool_3" in names
+
+
+def test_nhwc_images_start_from_their_transpose_to_nchw_when_it_is_the_only_reader():
+    net = Net(c=3, h=16, w=16, nhwc=True)  # image [N, H, W, C] -> Transpose -> NCHW
+    view = net.cur
+    net.conv(cout=16, k=(3, 3), pads=(1, 1, 1, 1))
+    net.cur = net.node("GlobalAveragePool", [net.cur])
+    model = prepare_model(net.model())
+    assert nchw_source(model, "image", "NHWC") == view
+    assert nchw_source(model, "image", "NCHW") == "image"
+    around = net.node("Identity", ["image"])  # a second reader: a path around the transpose
+    assert nchw_source(prepare_model(net.model([net.cur, around])), "image", "NHWC") is None

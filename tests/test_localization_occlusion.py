@@ -86,26 +86,32 @@ def test_occlusion_equals_brute_force(client, small, fill):
             assert names.get(int(k), name) == name
 
 
-def test_occlusion_through_a_chain_of_cuts_equals_brute_force(client):
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_occlusion_through_a_chain_of_cuts_equals_brute_force(client, nhwc):
     """A net with asymmetric pads, BatchNorm, a ceil-mode pool, a residual block and a Concat
     with an average pool: the first conv's output is recomputed from image crops, the block
-    output from crops of that, and the maps equal classifying every occluded image whole."""
+    output from crops of that, and the maps equal classifying every occluded image whole.
+    NHWC: the input transposed to NCHW first (tf2onnx); the crops go to the head transposed."""
     from test_graph_local_head import H, W, _net
 
-    proto = _net(H, W)
-    model = client.load_model(proto.SerializeToString(), "local_chain")
-    x = np.random.default_rng(5).normal(size=(2, 3, H, W)).astype(np.float32)
+    proto = _net(H, W, nhwc=nhwc)
+    model = client.load_model(proto.SerializeToString(), f"local_chain_{'nhwc' if nhwc else 'nchw'}")
+    shape = (2, H, W, 3) if nhwc else (2, 3, H, W)
+    x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
     patch, stride = (12, 12), (9, 9)
     occ = client.occlusion(model, x, patch=patch, stride=stride, fill="zero", batch=16)
+    first, second = ("conv_3", "add_16") if nhwc else ("conv_2", "add_15")
     recomputed = occ.result.text["recomputed"]
-    assert recomputed.startswith("conv_2 from ") and "add_15 from " in recomputed and "crops of conv_2" in recomputed
+    assert recomputed.startswith(f"{first} from ") and f"{second} from " in recomputed, recomputed
+    assert f"crops of {first}" in recomputed and ("crops of transpose_1" in recomputed) == nhwc
     scores = model.outputs[0].name
     rows, cols = (H - patch[0]) // stride[0] + 1, (W - patch[1]) // stride[1] + 1
     for i in range(len(x)):
         images = np.repeat(x[i:i + 1], rows * cols, axis=0)
         for k in range(rows * cols):
             r, q = divmod(k, cols)
-            images[k, :, r * stride[0]:r * stride[0] + patch[0], q * stride[1]:q * stride[1] + patch[1]] = 0
+            window = (slice(r * stride[0], r * stride[0] + patch[0]), slice(q * stride[1], q * stride[1] + patch[1]))
+            images[(k, ...) + window + (slice(None),) if nhwc else (k, slice(None)) + window] = 0
         out = client.activations(model, images, [scores, occ.layer])
         p = _probabilities(out[scores])
         np.testing.assert_allclose(occ.probability[i].ravel(), p[:, occ.target_index[i]], rtol=1e-4, atol=1e-6)

@@ -20,6 +20,7 @@ Only heads of windowed ops with explicit pads (Conv, MaxPool, AveragePool) and o
 act per position (activations, BatchNormalization, LRN, channel Concat, and arithmetic
 whose constant operands do not vary over space) qualify; anything else (Resize, Pad,
 Reshape, auto_pad SAME, whose pads depend on the input size) ends the head before it.
+An NHWC image (tf2onnx) starts the chain from its Transpose to NCHW.
 """
 from __future__ import annotations
 
@@ -189,8 +190,9 @@ def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
     shape = infos[source].shape
     if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
         return []
-    if image_input(model) != (source, (2, 3)):
-        return []  # fields are traced from the first rank-4 input, which must be the source, as NCHW
+    traced = image_input(model)
+    if traced is None or nchw_source(model, traced[0], "NHWC" if traced[1] == (1, 2) else "NCHW") != source:
+        return []  # fields are traced from the first rank-4 input, which must be the source (or its NCHW view)
     hw = shape[2:]
     producers = _producers(graph)
     tainted = _dependent(graph, source)
@@ -218,23 +220,37 @@ def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
     return sorted(cuts, key=lambda c: -c.saved_macs)
 
 
+def nchw_source(model: onnx.ModelProto, image: str, layout: str) -> str | None:
+    """The NCHW tensor the cuts start from: the image input itself, or for an NHWC input the
+    output of the Transpose to NCHW that is its only consumer (tf2onnx); None otherwise."""
+    if layout == "NCHW":
+        return image
+    consumers = [n for n in model.graph.node if image in n.input]
+    if layout != "NHWC" or len(consumers) != 1 or consumers[0].op_type != "Transpose":
+        return None
+    perm = [a.ints for a in consumers[0].attribute if a.name == "perm"]
+    return consumers[0].output[0] if perm and list(perm[0]) == [0, 3, 1, 2] else None
+
+
 def plan_local_cuts(model: onnx.ModelProto, image: str, outputs: Sequence[str], patch: tuple[int, int],
-                    stride: tuple[int, int], first_saving: float = 0.1, next_saving: float = 0.02,
-                    max_cuts: int = 4) -> list[LocalCut]:
+                    stride: tuple[int, int], layout: str = "NCHW", first_saving: float = 0.1,
+                    next_saving: float = 0.02, max_cuts: int = 4) -> list[LocalCut]:
     """A chain of cuts for occluding `patch`-sized patches at `stride` over the image: each
     the most saving one from the cut before, the first saving at least `first_saving` of the
     forward pass's multiply-adds, each next one at least `next_saving`; [] where none does.
 
-    `model` is prepared (static image size, shapes inferred), its image input NCHW.
+    `model` is prepared (static image size, shapes inferred). For an NHWC image the first
+    cut's source is its NCHW view (see nchw_source): crops are fed to the head transposed.
     """
     total = total_macs(model)
-    shape = tensor_infos(model)[image].shape
+    source = nchw_source(model, image, layout)
+    shape = None if source is None else tensor_infos(model)[source].shape
     if not total or shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
         return []
     changed = tuple([(t, t + patch[a] - 1) for t in range(0, shape[2 + a] - patch[a] + 1, stride[a])]
                     for a in range(2))
     chain: list[LocalCut] = []
-    current, source = model, image
+    current = model
     while len(chain) < max_cuts:
         cuts = local_cuts(current, source, outputs, changed)
         if not cuts or cuts[0].saved_macs < (next_saving if chain else first_saving) * total:

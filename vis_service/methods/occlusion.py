@@ -138,9 +138,10 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
 
     cuts: list[LocalCut] = []
     static = model.infos[model.image_input].shape
-    if layout == "NCHW" and set(feeds) == {model.image_input} and static and tuple(static[2:]) == tuple(hw):
-        cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw)),
-                          lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw)))
+    if static and len(static) == 4 and set(feeds) == {model.image_input} and \
+            tuple(static[1:3] if layout == "NHWC" else static[2:]) == tuple(hw):
+        cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw), layout),
+                          lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw), layout))
     # unoccluded images: target class, strongest feature map, reference probability (and the cuts)
     ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
     base = forward_tensors(ctx, feeds, [scores_t, layer_t] + [cut.tensor for cut in cuts])
@@ -198,11 +199,12 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     return MethodResult(tensors, {"patch_h": ph, "patch_w": pw, "stride_h": sh, "stride_w": sw}, labels, text)
 
 
-def _plan_cuts(model: LoadedModel, outputs: list[str], patch: tuple[int, int], stride: tuple[int, int]) -> list[LocalCut]:
+def _plan_cuts(model: LoadedModel, outputs: list[str], patch: tuple[int, int], stride: tuple[int, int],
+               layout: str) -> list[LocalCut]:
     """The chain of local cuts, or none where planning fails: the cuts only save time, the
     whole network per patch gives the same maps."""
     try:
-        return plan_local_cuts(model.proto, model.image_input, outputs, patch, stride)
+        return plan_local_cuts(model.proto, model.image_input, outputs, patch, stride, layout)
     except Exception as exc:  # noqa: BLE001 - an unforeseen graph shape must not fail the method
         log.warning("occlusion of %s runs the whole network per patch: planning local cuts failed (%s: %s)",
                     model.id, type(exc).__name__, exc)
@@ -233,7 +235,8 @@ def _forward_through_cuts(ctx: CamContext, cuts: list[LocalCut], clean: dict[str
     for level, cut in enumerate(cuts):
         head = runtime.session(model.graph_id, ("local_head", cut.source, cut.tensor),
                                lambda cut=cut: (head_model(model.proto, cut), None))
-        source = x if level == 0 else clean[cut.source]
+        nhwc = level == 0 and cut.source != model.image_input  # the head reads the NCHW view of x
+        source = (x.transpose(0, 3, 1, 2) if nhwc else x) if level == 0 else clean[cut.source]
         (crop_h, crop_w), spans = cut.crop, [(cut.spans[0][rr], cut.spans[1][cc]) for rr, cc in zip(r, c)]
         crops = np.empty((len(img), source.shape[1], crop_h, crop_w), source.dtype)
         for k, (i, (along_h, along_w)) in enumerate(zip(img, spans)):
