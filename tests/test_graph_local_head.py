@@ -19,13 +19,14 @@ def _session(model):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _net(h, w, nhwc=False):
+def _net(h, w, nhwc=False, auto_pad=None):
     """Asymmetric-padded strided conv, BatchNormalization, ceil-mode max-pool, a residual block,
     a channel Concat with a count_include_pad=0 average pool, another strided conv, then a
     global pool and a linear layer. Jumps: 2, 4, 8. `nhwc`: an [N, H, W, C] input transposed
-    to NCHW first, as tf2onnx writes it (tensor names then shift by one)."""
+    to NCHW first, as tf2onnx writes it (tensor names then shift by one). `auto_pad`: the
+    strided convs pad by auto_pad (SAME_UPPER / SAME_LOWER) instead of explicit pads."""
     net = Net(c=3, h=h, w=w, seed=1, nhwc=nhwc)
-    net.conv(cout=8, k=(5, 5), s=(2, 2), pads=(2, 1, 1, 2))
+    net.conv(cout=8, k=(5, 5), s=(2, 2), pads=(2, 1, 1, 2), auto_pad=auto_pad)
     c = net.c
     scale, bias = net.const(net.rng.uniform(0.5, 1.5, c).astype(np.float32)), net.const(np.zeros(c, np.float32) + 0.1)
     mean, var = net.const(net.rng.uniform(-0.2, 0.2, c).astype(np.float32)), net.const(np.ones(c, np.float32))
@@ -43,7 +44,7 @@ def _net(h, w, nhwc=False):
     b = net.node("AveragePool", [mixed_in], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
                  count_include_pad=0)
     net.cur, net.c, net.h, net.w = net.node("Concat", [a, b], axis=1), 16, h_in, w_in
-    net.conv(cout=8, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1))
+    net.conv(cout=8, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1), auto_pad=auto_pad)
     net.relu()
     feature = net.cur
     net.cur = net.node("GlobalAveragePool", [net.cur])
@@ -89,9 +90,10 @@ def _intervals(hw, patch, stride):
     return tuple([(t, t + patch[a] - 1) for t in range(0, hw[a] - patch[a] + 1, stride[a])] for a in range(2))
 
 
+@pytest.mark.parametrize("auto_pad", [None, "SAME_UPPER", "SAME_LOWER"])
 @pytest.mark.parametrize("patch,stride", [((12, 12), (9, 9)), ((17, 9), (13, 8)), ((5, 13), (11, 10))])
-def test_every_cut_replays_the_occluded_image_exactly(patch, stride):
-    model = _net(H, W)
+def test_every_cut_replays_the_occluded_image_exactly(patch, stride, auto_pad):
+    model = _net(H, W, auto_pad=auto_pad)
     image = model.graph.input[0].name
     outputs = [o.name for o in model.graph.output]
     cuts = local_cuts(model, image, outputs, _intervals((H, W), patch, stride))
@@ -115,7 +117,9 @@ def test_every_cut_replays_the_occluded_image_exactly(patch, stride):
 
 def test_no_cut_where_the_first_layer_is_not_local():
     net = Net(c=3, h=32, w=32)
-    net.conv(cout=8, k=(3, 3), s=(2, 2), auto_pad="SAME_UPPER")  # pads follow the input size
+    net.cur = net.node("Pad", [net.cur, net.const(np.array([0, 0, 2, 2, 0, 0, 2, 2], np.int64))], mode="reflect")
+    net.h, net.w = 36, 36  # reflect padding mirrors the image's edges: not a window of fixed pads
+    net.conv(cout=8, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1))
     net.relu()
     net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
     net.cur = net.node("GlobalAveragePool", [net.cur])

@@ -16,10 +16,10 @@ computed from the same values by the same windows, provided every strided layer 
 the same positions, which holds when the crop starts at a multiple of T's jump (the
 product of the strides). Units near the crop's other edges come out wrong and are not used.
 
-Only heads of windowed ops with explicit pads (Conv, MaxPool, AveragePool) and ops that
-act per position (activations, BatchNormalization, LRN, channel Concat, and arithmetic
-whose constant operands do not vary over space) qualify; anything else (Resize, Pad,
-Reshape, auto_pad SAME, whose pads depend on the input size) ends the head before it.
+Only heads of windowed ops (Conv, MaxPool, AveragePool; auto_pad SAME too, see _is_local)
+and ops that act per position (activations, BatchNormalization, LRN, channel Concat, and
+arithmetic whose constant operands do not vary over space) qualify; anything else (Resize,
+Pad, Reshape, global pooling) ends the head before it.
 An NHWC image (tf2onnx) starts the chain from its Transpose to NCHW.
 """
 from __future__ import annotations
@@ -106,9 +106,9 @@ def _is_local(node: onnx.NodeProto, tainted: set[str], infos) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     outputs = [o for o in node.output if o]
     if node.op_type in _WINDOWED:
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        return auto_pad in ("NOTSET", "VALID") and len(outputs) == 1
+        # auto_pad SAME too: its pads depend on the input size only modulo the stride, and a
+        # crop on the cut's jump grid has the image's size modulo every stride before the cut
+        return len(outputs) == 1
     if node.op_type not in _PER_POSITION:
         return False
     if node.op_type == "Concat":
