@@ -253,8 +253,12 @@ def _forward_through_cuts(ctx: CamContext, cuts: list[LocalCut], clean: dict[str
         origins = [(h.start // cut.jump[0], w.start // cut.jump[1]) for h, w in spans]
         changed = (head.run([cut.tensor], {cut.source: crops})[0], origins, spans)
     last = cuts[-1]
-    tail = runtime.session(model.graph_id, ("after", last.tensor, tuple(outputs)),
-                           lambda: (graph_after(model.proto, last.tensor, outputs).model, None))
+
+    def build_tail():  # the same key and meta as Ablation-CAM's replays (cam.py)
+        sub = graph_after(model.proto, last.tensor, outputs)
+        return sub.model, sub
+
+    tail = runtime.session(model.graph_id, ("after", last.tensor, tuple(outputs)), build_tail)
     prev, origins, spans = changed
     pasted = clean[last.tensor][img]  # a copy per row
     for k, (along_h, along_w) in enumerate(spans):
