@@ -147,6 +147,10 @@ def test_axis_spans_stay_on_the_grid_and_inside_the_image():
             if meets:
                 assert s.start <= max(lo, 0) and min(hi, 55) < s.start + crop
     assert axis_spans(54, 11, 4, 0.0, 14, [(0, 7)]) is None  # 54 is no multiple of the jump
+    # a 1-wide field at jump 2 (a 1x1 conv, stride 2) never sees odd indices: nothing changes
+    spans, crop = axis_spans(16, 1, 2, 0.0, 8, [(3, 3), (4, 4)])
+    assert (spans[0].lo > spans[0].hi) and (spans[1].lo, spans[1].hi) == (2, 2) and crop == 2
+    assert axis_spans(16, 1, 2, 0.0, 8, [(3, 3), (5, 5)]) is None
 
 
 @pytest.mark.parametrize("constant_shape,local", [([8, 1, 1], True), ([1, 8, 1, 1], True), ([], True),

@@ -84,7 +84,7 @@ def axis_spans(length: int, size: int, jump: int, offset: float, units: int,
         spans.append((lo, hi, start))
         need = max(need, int(math.floor(last)) + 1 - start)
     crop = -(-need // jump) * jump
-    if crop >= length:
+    if not 0 < crop < length:  # 0: no unit sees any changed index (holes of a stride > kernel)
         return None
     # a crop that would run past the far edge is pushed back against it (still on the grid)
     return [AxisSpan(lo, hi, min(start, length - crop)) for lo, hi, start in spans], crop
