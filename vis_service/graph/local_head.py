@@ -33,6 +33,7 @@ import onnx
 from onnx import helper
 
 from .loading import tensor_infos
+from .paths import dependents
 from .receptive_field import image_input, receptive_fields
 from .subgraph import graph_after
 
@@ -92,14 +93,6 @@ def axis_spans(length: int, size: int, jump: int, offset: float, units: int,
 
 def _producers(graph: onnx.GraphProto) -> dict[str, int]:
     return {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-
-
-def _dependent(graph: onnx.GraphProto, source: str) -> set[str]:
-    tainted = {source}
-    for node in graph.node:
-        if any(i in tainted for i in node.input):
-            tainted.update(o for o in node.output if o)
-    return tainted
 
 
 def _is_local(node: onnx.NodeProto, tainted: set[str], infos) -> bool:
@@ -195,7 +188,7 @@ def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
         return []  # fields are traced from the first rank-4 input, which must be the source (or its NCHW view)
     hw = shape[2:]
     producers = _producers(graph)
-    tainted = _dependent(graph, source)
+    tainted = dependents(graph, [source])
     macs = _conv_macs(graph, infos)
     cuts = []
     for tensor, rf in receptive_fields(model).items():

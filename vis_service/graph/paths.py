@@ -27,3 +27,12 @@ def float_path(graph: onnx.GraphProto, sources: Iterable[str], targets: Iterable
                 relevant.update(inputs)
     nodes.reverse()
     return nodes, relevant, active
+
+
+def dependents(graph: onnx.GraphProto, sources: Iterable[str]) -> set[str]:
+    """`sources` and every tensor computed from them, of any type. `graph.node` in graph order."""
+    reached = set(sources)
+    for node in graph.node:
+        if any(i in reached for i in node.input if i):
+            reached.update(o for o in node.output if o)
+    return reached

@@ -57,6 +57,7 @@ import onnx
 from ..errors import InvalidArgument
 from ..graph.constants import constant_value
 from ..graph.names import resolve_tensor
+from ..graph.paths import dependents
 from ..graph.subgraph import graph_after
 from ..models.config import ImageSpec, resolve_image_spec
 from ..models.store import LoadedModel
@@ -160,10 +161,7 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
         inits = {t.name for t in g.initializer}
         # feature maps are computed from the inputs; weights made in the graph (ConstantOfShape,
         # a Reshape of a stored weight) may be 4-D too, e.g. light_inception_v1's classifier
-        dependent = {i.name for i in g.input if i.name not in inits}
-        for n in g.node:
-            if any(x in dependent for x in n.input):
-                dependent.update(o for o in n.output if o)
+        dependent = dependents(g, [i.name for i in g.input if i.name not in inits])
         queue, seen, fallback = deque([scores]), {scores}, None
         while queue:
             name = queue.popleft()

@@ -144,7 +144,10 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
                           lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw), layout))
     # unoccluded images: target class, strongest feature map, reference probability (and the cuts)
     ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
-    base = (_clean_through_cuts(ctx, cuts, x, [scores_t, layer_t]) if cuts
+    # an NHWC image starts the cuts from its NCHW view (nchw_source): made once per call
+    x_cut = (x if cuts[0].source == model.image_input else np.ascontiguousarray(x.transpose(0, 3, 1, 2))) \
+        if cuts else None
+    base = (_clean_through_cuts(ctx, cuts, x_cut, [scores_t, layer_t]) if cuts
             else forward_tensors(ctx, feeds, [scores_t, layer_t]))
     n = x.shape[0]
     idx = class_indices(ctx, base[scores_t])
@@ -165,7 +168,8 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         img, pos = np.divmod(items, per_image)
         r, c = np.divmod(pos, cols)
         if cuts:
-            out = _forward_through_cuts(ctx, cuts, base, x, values, img, r, c, (ph, pw), (sh, sw), [scores_t, layer_t])
+            out = _forward_through_cuts(ctx, cuts, base, x_cut, values, img, r, c, (ph, pw), (sh, sw),
+                                        [scores_t, layer_t])
         else:
             occluded = np.stack([occlude(x[i], values[i], rr * sh, cc * sw, (ph, pw), layout)
                                  for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
@@ -228,14 +232,13 @@ def _forward_through_cuts(ctx: CamContext, cuts: list[LocalCut], clean: dict[str
                           values: np.ndarray, img: np.ndarray, r: np.ndarray, c: np.ndarray,
                           patch: tuple[int, int], stride: tuple[int, int], outputs: list[str]) -> dict[str, np.ndarray]:
     """`outputs` for the occluded images (image img[k], patch at row r[k], column c[k] of the
-    grid): each cut's head on crops of its source (the occluded image; then the clean source
-    with the units the cut before changed), the last cut's changed units pasted into its clean
-    tensor `clean[...]`, the tail from there."""
-    model = ctx.model
+    grid): each cut's head on crops of its source (the occluded image `x`, NCHW; then the clean
+    source with the units the cut before changed), the last cut's changed units pasted into its
+    clean tensor `clean[...]`, the tail from there."""
     changed = None  # the previous head's output, and the crop origins (in its units) per row
     for level, cut in enumerate(cuts):
         head = _head_session(ctx, cut)
-        source = _nchw(model, cut, x) if level == 0 else clean[cut.source]
+        source = x if level == 0 else clean[cut.source]
         (crop_h, crop_w), spans = cut.crop, [(cut.spans[0][rr], cut.spans[1][cc]) for rr, cc in zip(r, c)]
         crops = np.empty((len(img), source.shape[1], crop_h, crop_w), source.dtype)
         for k, (i, (along_h, along_w)) in enumerate(zip(img, spans)):
@@ -259,21 +262,17 @@ def _forward_through_cuts(ctx: CamContext, cuts: list[LocalCut], clean: dict[str
     return _tail_session(ctx, last, outputs).run_dict(outputs, {last.tensor: pasted})
 
 
-def _clean_through_cuts(ctx: CamContext, cuts: list[LocalCut], x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-    """`outputs` and every cut tensor of the unoccluded images, from the heads run on the whole
+def _clean_through_cuts(ctx: CamContext, cuts: list[LocalCut], x: np.ndarray,
+                        outputs: list[str]) -> dict[str, np.ndarray]:
+    """`outputs` and every cut tensor of the unoccluded images `x` (NCHW), from the heads run on the whole
     tensors and the tail: the sessions the patches use, so no session of the whole network is
     built (on a first call that halves the sessions to build) and the clean cut tensors come
     from the very kernels their crops do."""
-    values, current = {}, _nchw(ctx.model, cuts[0], x)
+    values, current = {}, x
     for cut in cuts:
         current = values[cut.tensor] = _head_session(ctx, cut).run([cut.tensor], {cut.source: current})[0]
     values.update(_tail_session(ctx, cuts[-1], outputs).run_dict(outputs, {cuts[-1].tensor: current}))
     return values
-
-
-def _nchw(model: LoadedModel, first: LocalCut, x: np.ndarray) -> np.ndarray:
-    """x as the first cut's source reads it: an NHWC image starts from its NCHW view (nchw_source)."""
-    return x if first.source == model.image_input else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _head_session(ctx: CamContext, cut: LocalCut):
