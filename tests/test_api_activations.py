@@ -95,7 +95,9 @@ def test_unknown_layer_lists_close_matches(client, digits):
     (np.zeros((1, 1, 32, 32), np.int64), "dtype"),
     (np.full((1, 1, 32, 32), np.nan, np.float32), "NaN"),
     (np.full((2, 1, 32, 32), np.inf, np.float32), "Inf"),
-], ids=["spatial", "channels", "float64", "int64", "nan", "inf"])
+    (np.where(np.arange(2 * 32 * 32).reshape(2, 1, 32, 32) == 1500, np.nan, 1).astype(np.float32), "NaN"),
+    (np.where(np.arange(2 * 32 * 32).reshape(2, 1, 32, 32) == 7, -np.inf, 1e20).astype(np.float32), "Inf"),
+], ids=["spatial", "channels", "float64", "int64", "nan", "inf", "one-nan", "one-inf-among-large"])
 def test_bad_input_tensors(stubs, client, digits, x, fragment):
     # raw stub: the Python client would cast float64 itself
     _, vis = stubs
@@ -106,6 +108,13 @@ def test_bad_input_tensors(stubs, client, digits, x, fragment):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in e.value.details() and "input.tensors[input]" in e.value.details()
     assert client.activations(digits, np.zeros((1, 1, 32, 32), np.float32), ["logits"])["logits"].shape == (1, 10)
+
+
+def test_large_finite_input_is_accepted(client, digits):
+    # the finiteness check's fast path (a sum of squares) overflows here; the values are still valid
+    x = np.full((2, 1, 32, 32), 3e38, np.float32)
+    x[1] = -1e25
+    assert client.activations(digits, x, ["logits"])["logits"].shape == (2, 10)
 
 
 def test_undecodable_image(stubs, client, digits):

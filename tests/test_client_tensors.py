@@ -162,3 +162,29 @@ def test_corrupt_streams(corrupt, match):
             c.datatype = "FP8"
     with pytest.raises((CorruptStream, ValueError), match=match):
         list(ChunkAssembler().feed(ch))
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "INT64", "BOOL", "UINT8"])
+def test_request_with_spliced_payloads_parses_as_the_message(datatype):
+    """A request written with its raw inputs spliced into the wire bytes (wire.request_with_payloads)
+    reads back as the same message with those bytes in raw_contents: every other field (of the
+    request, of the batch, of each tensor) and the tensors' order kept."""
+    from vis_client.gen import attribution_pb2
+    from vis_client.wire import request_with_payloads
+
+    big = np.ascontiguousarray(_sample(DATATYPES[datatype], (3, 5, 7, 11)))
+    small = _sample(np.float32, (3, 2))
+    req = attribution_pb2.AttributionRequest(model="m-1", method="integrated_gradients", batch=17,
+                                             target=vis_pb2.Target(output=vis_pb2.OutputTarget(index=[3, 1, 4])))
+    req.integrated_gradients.steps = 50
+    req.input.preprocess.preset = "imagenet"
+    req.input.tensors.add(name="first", datatype=datatype, shape=list(big.shape))
+    req.input.tensors.append(to_proto("second", small))
+    req.input.tensors.add(name="third", datatype="FP32", shape=[3, 2])
+    expected = attribution_pb2.AttributionRequest()
+    expected.CopyFrom(req)
+    expected.input.tensors[0].raw_contents = big.tobytes()
+    expected.input.tensors[2].raw_contents = (small + 1).tobytes()
+    wire = request_with_payloads(req, {0: big, 2: small + 1})
+    assert attribution_pb2.AttributionRequest.FromString(wire) == expected
+    assert not req.input.tensors[0].raw_contents  # the request itself is left as it was

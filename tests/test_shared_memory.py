@@ -50,9 +50,10 @@ def sent(monkeypatch):
     calls = []
     real = client_module._send_inputs
 
-    def spy(batch, deferred, lease):
-        real(batch, deferred, lease)
+    def spy(batch, deferred, lease, **kw):
+        unplaced = real(batch, deferred, lease, **kw)
         calls.append([(batch.tensors[i].in_shared_memory, batch.tensors[i].shm_offset) for i, _ in deferred])
+        return unplaced
 
     monkeypatch.setattr(client_module, "_send_inputs", spy)
     return calls

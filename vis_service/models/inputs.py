@@ -58,9 +58,21 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
         if batch is not None and arr.shape[0] != batch:
             raise InvalidArgument(where, f"batch size {arr.shape[0]} differs from the other inputs' {batch}")
         batch = arr.shape[0]
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and not _all_finite(arr):
             raise InvalidArgument(where, "contains NaN or Inf; only finite values are allowed")
     return feeds
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """No NaN or Inf in `arr`. A float32/float64 array is first checked through its sum of squares
+    (one BLAS pass, NaN or Inf whenever an element is): a batch of images is checked in about half
+    the time of isfinite().all(), which builds a mask as large as the batch. Only when that sum is
+    not finite (a NaN or Inf, or finite values large enough to overflow it) are the elements looked at."""
+    if arr.dtype in (np.float32, np.float64) and arr.flags.c_contiguous:
+        flat = arr.reshape(-1)
+        if np.isfinite(np.dot(flat, flat)):
+            return True
+    return bool(np.isfinite(arr).all())
 
 
 def _dt(dtype) -> str:

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from .gen import attribution_pb2, attribution_pb2_grpc
+from .gen import attribution_pb2
 from .display import display_image
 from .stream import Result
 from .tensors import to_proto
+from .wire import make_stub
 
 __all__ = ["AttributionMixin", "Attribution", "DeconvnetProjections", "display_image"]
 
@@ -142,7 +143,7 @@ class AttributionMixin:
     def _attribution_stub(self):
         stub = getattr(self, "_attribution", None)
         if stub is None:
-            stub = self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
+            stub = self._attribution = make_stub(self._channel, attribution_pb2.DESCRIPTOR.services_by_name["AttributionService"])
         return stub
 
     def _attribute(self, method: str, model, x, target, preprocess, on_progress=None, cancel=None,

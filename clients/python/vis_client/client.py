@@ -21,13 +21,14 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from .errors import from_rpc_error
-from .gen import vis_pb2, vis_pb2_grpc
+from .gen import vis_pb2
 from .attribution import AttributionMixin
 from .localization import LocalizationMixin
 from .optimization import OptimizationMixin
 from .shared_memory import INPUT_MIN_BYTES, RegionLease, SharedResultMemory
 from .stream import Result, Unfinished, collect
 from .tensors import DATATYPES, datatype_of, encode, to_proto
+from .wire import make_stub, request_with_payloads
 
 __all__ = ["Client", "Model", "TensorSpec", "NodeInfo", "ReceptiveField", "Inspection",
            "GradientResult", "Target", "PRESETS", "build_input_batch", "build_preprocessing",
@@ -452,17 +453,23 @@ def _add_raw_tensor(batch: vis_pb2.InputBatch, name: str, arr, model, deferred: 
     batch.tensors.add(name=name, datatype=datatype, shape=shape, raw_contents=data)
 
 
-def _send_inputs(batch: vis_pb2.InputBatch, deferred: DeferredInputs, lease: RegionLease | None) -> None:
+def _send_inputs(batch: vis_pb2.InputBatch, deferred: DeferredInputs, lease: RegionLease | None,
+                 inline: bool = True) -> dict[int, np.ndarray]:
     """Give the deferred inputs their bytes: in the call's shared memory region where they fit
-    (``in_shared_memory`` / ``shm_offset``), else in the message."""
+    (``in_shared_memory`` / ``shm_offset``), else in the message; with ``inline=False`` those are
+    returned instead (tensor index -> array), for ``wire.request_with_payloads`` to write."""
+    unplaced = {}
     for index, arr in deferred:
         t = batch.tensors[index]
         offset = lease.put(arr) if lease is not None else None
-        if offset is None:
-            t.raw_contents = arr.tobytes()
-        else:
+        if offset is not None:
             t.in_shared_memory = True
             t.shm_offset = offset
+        elif inline:
+            t.raw_contents = arr.tobytes()
+        else:
+            unplaced[index] = arr
+    return unplaced
 
 
 def build_input_batch(x, preprocess=None, model=None) -> vis_pb2.InputBatch:
@@ -578,8 +585,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
             (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ])
         self._unfinished = Unfinished()
-        self._models = vis_pb2_grpc.ModelServiceStub(self._channel)
-        self._vis = vis_pb2_grpc.VisServiceStub(self._channel)
+        self._models = make_stub(self._channel, vis_pb2.DESCRIPTOR.services_by_name["ModelService"])
+        self._vis = make_stub(self._channel, vis_pb2.DESCRIPTOR.services_by_name["VisService"])
 
     def shared_input(self, shape, dtype=np.float32) -> np.ndarray:
         """An array to fill with a call's input, living in one of this client's shared memory regions.
@@ -645,7 +652,9 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         iterable over the call's messages to collect from instead (e.g. one that keeps snapshots)."""
         with self._transport(inputs[0][1] if inputs else None) as lease:
             if inputs:
-                _send_inputs(request.input, inputs, lease)
+                unplaced = _send_inputs(request.input, inputs, lease, inline=False)
+                if unplaced:
+                    request = request_with_payloads(request, unplaced)  # the payloads copied once
             try:
                 call = method(request, timeout=self.timeout, metadata=lease.metadata if lease else None)
             except grpc.RpcError as e:

@@ -16,9 +16,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .gen import attribution_pb2, attribution_pb2_grpc
+from .gen import attribution_pb2
 from .display import display_image, model_color
 from .stream import Result
+from .wire import make_stub
 
 __all__ = ["LocalizationMixin", "Cam", "Occlusion", "CAM_METHODS", "OCCLUSION_FILLS"]
 
@@ -198,10 +199,10 @@ def _flatten(labels) -> list[str]:
 class LocalizationMixin:
     """Client methods for ``LocalizationService`` (proto/vis/v1/attribution.proto)."""
 
-    def _localization(self) -> attribution_pb2_grpc.LocalizationServiceStub:
+    def _localization(self):
         stub = getattr(self, "_localization_stub", None)
         if stub is None:
-            stub = self._localization_stub = attribution_pb2_grpc.LocalizationServiceStub(self._channel)
+            stub = self._localization_stub = make_stub(self._channel, attribution_pb2.DESCRIPTOR.services_by_name["LocalizationService"])
         return stub
 
     def grad_cam(self, model, x, target=None, *, layer: str | None = None, method: str = "gradcam", batch: int = 0,

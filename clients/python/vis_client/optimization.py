@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .gen import optimization_pb2, optimization_pb2_grpc, vis_pb2
+from .gen import optimization_pb2, vis_pb2
 from .stream import Result
 from .tensors import ChunkAssembler
+from .wire import make_stub
 
 __all__ = ["Objective", "Snapshot", "OptimizationResult", "LayerInversion", "InversionResult", "OptimizationMixin"]
 
@@ -239,7 +240,7 @@ class OptimizationMixin:
     def _optimization_stub(self):
         stub = getattr(self, "_optimization_stub_", None)
         if stub is None:
-            stub = optimization_pb2_grpc.OptimizationServiceStub(self._channel)
+            stub = make_stub(self._channel, optimization_pb2.DESCRIPTOR.services_by_name["OptimizationService"])
             self._optimization_stub_ = stub
         return stub
 
