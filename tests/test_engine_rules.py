@@ -209,6 +209,7 @@ def test_average_pool_tiling_windows_before_opset_13():
 
 def test_global_pools():
     check("GlobalAveragePool", {"x": (2, 3, 5, 4)}, kind=LINEAR)
+    check("GlobalAveragePool", {"x": (2, 16, 5, 4)}, kind=LINEAR)  # channels in whole blocks: the depthwise Conv spread
     check("GlobalMaxPool", {"x": (2, 3, 5, 4)}, kind=LINEAR, values="separated")
 
 
