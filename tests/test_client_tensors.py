@@ -188,3 +188,57 @@ def test_request_with_spliced_payloads_parses_as_the_message(datatype):
     wire = request_with_payloads(req, {0: big, 2: small + 1})
     assert attribution_pb2.AttributionRequest.FromString(wire) == expected
     assert not req.input.tensors[0].raw_contents  # the request itself is left as it was
+
+
+def test_large_result_chunks_are_read_in_place():
+    """wire.read_result_chunk: a chunk of a large tensor (as the server encodes it, and with its fields
+    in another order) gives the fields the parser gives and its data as a view of the received bytes;
+    small chunks, other messages and encodings it does not read are parsed as usual."""
+    from vis_client.wire import TensorResultChunk, read_result_chunk
+
+    payload = RNG.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    chunk = vis_pb2.TensorChunk(name="conv1", datatype="FP32", shape=[1, 3, 250, 100], total_bytes=300_000,
+                                offset=0, data=payload)
+    reordered = (vis_pb2.TensorChunk(data=payload).SerializeToString()
+                 + vis_pb2.TensorChunk(name="conv1", datatype="FP32", shape=[1, 3, 250, 100],
+                                       total_bytes=300_000).SerializeToString())
+    for body in (chunk.SerializeToString(), reordered):
+        wire = bytes([0x12]) + _varint(len(body)) + body
+        expected = vis_pb2.ResultChunk.FromString(wire)
+        got = read_result_chunk(wire)
+        assert isinstance(got, TensorResultChunk) and got.WhichOneof("kind") == "tensor"
+        t = got.tensor
+        assert isinstance(t.data, memoryview) and t.data.obj is wire  # no copy
+        assert bytes(t.data) == expected.tensor.data == payload
+        for field in ("name", "datatype", "total_bytes", "offset", "shm_offset", "in_shared_memory"):
+            assert getattr(t, field) == getattr(expected.tensor, field), field
+        assert list(t.shape) == list(expected.tensor.shape)
+    # data twice (the parser keeps the last), a small chunk, a closing ResultInfo: parsed as usual
+    twice = chunk.SerializeToString() + vis_pb2.TensorChunk(data=payload[::-1]).SerializeToString()
+    small = vis_pb2.ResultChunk(tensor=vis_pb2.TensorChunk(name="x", data=b"abc"))
+    info = vis_pb2.ResultChunk(info=vis_pb2.ResultInfo(text={"k": "v" * 100_000}))
+    for wire in (bytes([0x12]) + _varint(len(twice)) + twice, small.SerializeToString(), info.SerializeToString()):
+        got = read_result_chunk(wire)
+        assert isinstance(got, vis_pb2.ResultChunk) and got == vis_pb2.ResultChunk.FromString(wire)
+    assert read_result_chunk(bytes([0x12]) + _varint(len(twice)) + twice).tensor.data == payload[::-1]
+
+
+def test_assembler_takes_chunks_read_in_place():
+    from vis_client.wire import read_result_chunk
+    from vis_service.api.tensors import chunk_tensor
+
+    a = RNG.standard_normal((4, 3, 100, 90)).astype(np.float32)
+    assembler = ChunkAssembler()
+    done = [assembler.add(read_result_chunk(b).tensor) for b in chunk_tensor("a", a, chunk_bytes=100_000)]
+    assert all(d is None for d in done[:-1]) and len(done) == -(-a.nbytes // 100_000)
+    name, b = done[-1]
+    assert name == "a" and b.dtype == a.dtype and b.flags.writeable
+    np.testing.assert_array_equal(a, b)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))

@@ -96,7 +96,8 @@ class _Pending:
         self.datatype = chunk.datatype
         self.shape = tuple(chunk.shape)
         self.total = chunk.total_bytes
-        self.buf = bytearray(chunk.total_bytes)
+        # not zero-filled (a bytearray would be): every byte is written before the tensor is handed out
+        self.buf = np.empty(chunk.total_bytes, np.uint8)
         self.filled = 0
 
 
@@ -160,7 +161,7 @@ class ChunkAssembler:
         n = len(chunk.data)
         if p.filled + n > p.total:
             raise CorruptStream(f"tensor {name!r}: {p.filled + n} bytes received, more than total_bytes {p.total}")
-        p.buf[p.filled:p.filled + n] = chunk.data
+        p.buf[p.filled:p.filled + n] = np.frombuffer(chunk.data, np.uint8)
         p.filled += n
         if p.filled == p.total:
             del self._pending[name]
