@@ -3,7 +3,8 @@ inputs are spliced into the wire bytes, and result chunks whose tensor bytes are
 
 A raw input of a few MiB would otherwise be copied four times before gRPC sees it (``tobytes``,
 into the message, ``SerializeToString``, into gRPC's buffers): about 7 ms of client time for a
-batch of eight 224x224 images here, a fifth of what a ResNet-50 forward pass costs the server.
+batch of eight 224x224 images here, a quarter of what SqueezeNet's forward pass at that batch
+costs the server.
 Protobuf's encoding is simple enough to write such a request ourselves with the payload copied
 once, straight from the array (the server does the same for result chunks,
 ``vis_service/api/tensors.py``). Likewise a received chunk of a large tensor is not parsed into a
