@@ -194,7 +194,7 @@ def test_large_result_chunks_are_read_in_place():
     """wire.read_result_chunk: a chunk of a large tensor (as the server encodes it, and with its fields
     in another order) gives the fields the parser gives and its data as a view of the received bytes;
     small chunks, other messages and encodings it does not read are parsed as usual."""
-    from vis_client.wire import TensorResultChunk, read_result_chunk
+    from vis_client.wire import TensorResultChunk, _varint, read_result_chunk
 
     payload = RNG.integers(0, 256, 300_000, dtype=np.uint8).tobytes()
     chunk = vis_pb2.TensorChunk(name="conv1", datatype="FP32", shape=[1, 3, 250, 100], total_bytes=300_000,
@@ -234,11 +234,3 @@ def test_assembler_takes_chunks_read_in_place():
     name, b = done[-1]
     assert name == "a" and b.dtype == a.dtype and b.flags.writeable
     np.testing.assert_array_equal(a, b)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    return bytes(out + bytes([n]))

@@ -128,6 +128,7 @@ class TensorResultChunk:
 
 
 def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+    # (the server's api/requests.py has its own: the client never imports the server)
     value = shift = 0
     while True:
         byte = b[i]
