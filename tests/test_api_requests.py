@@ -80,3 +80,30 @@ def test_small_and_unusual_requests_are_parsed_by_protobuf():
     # garbage: the parser's error, as before
     with pytest.raises(DecodeError):
         read(b"\x12\xff\xff\xff\x0f" + bytes(IN_PLACE_MIN_BYTES))
+
+
+def test_large_tensors_travel_in_place_through_the_server(server, client, digits, monkeypatch):
+    """End to end, without shared memory: the client splices a 256 KiB input into its request, the
+    server reads it in place (its registered reader is `request_reader`), the client reads the
+    large result chunks in place; the activations equal those of calls whose inputs are small
+    enough to travel inside protobuf messages."""
+    import vis_client.wire as wire
+    from vis_client import Client
+
+    in_place = []
+    real_read = wire.read_result_chunk
+
+    def counting_read(b):
+        got = real_read(b)
+        in_place.append(isinstance(got, wire.TensorResultChunk))
+        return got
+    monkeypatch.setattr(wire, "read_result_chunk", counting_read)  # taken by stubs made from now on
+    x = np.random.default_rng(1).standard_normal((64, 1, 32, 32)).astype(np.float32)
+    layers = [n.outputs[0] for n in client.inspect(digits).nodes if n.op_type == "Conv"][:1]
+    with Client(server.address) as c:
+        big = c.activations(digits.id, x, layers)
+    assert any(in_place)
+    small = {k: np.concatenate([client.activations(digits, x[i:i + 4], layers)[k] for i in range(0, 64, 4)])
+             for k in big}
+    for k in big:
+        assert np.array_equal(big[k], small[k]), k

@@ -82,16 +82,6 @@ def _fields(b: bytes, start: int, end: int):
         yield key >> 3, wire_type, key_start, value_start, i
 
 
-def _without(b: bytes, start: int, end: int, cuts: list[tuple[int, int]]) -> list:
-    """b[start:end] minus the spans in `cuts` (sorted, inside), as a list of byte strings."""
-    parts, at = [], start
-    for a, z in cuts:
-        parts.append(b[at:a])
-        at = z
-    parts.append(b[at:end])
-    return parts
-
-
 def _split(b: bytes, input_field: int):
     """(wire bytes of the request without the large raw_contents fields, {tensor index: memoryview
     of its raw bytes}); None when there is nothing to take out or the layout is not the plain one."""
@@ -113,8 +103,8 @@ def _split(b: bytes, input_field: int):
         if raw and raw[0][1] == 2 and raw[0][4] - raw[0][3] >= IN_PLACE_MIN_BYTES:
             _, _, cut_start, data_start, data_end = raw[0]
             payloads[index] = view[data_start:data_end]
-            body = _without(b, start, end, [(cut_start, data_end)])
-            body_length = sum(len(p) for p in body)
+            body = [b[start:cut_start], b[data_end:end]]  # the tensor's other fields
+            body_length = len(body[0]) + len(body[1])
             key_end = _read_varint(b, key_start)[1]
             batch_parts += [b[at:key_start], b[key_start:key_end], _varint(body_length)] + body
             at = end

@@ -32,7 +32,8 @@ def serialize_request(request) -> bytes:
 
 def make_stub(channel, service: ServiceDescriptor) -> SimpleNamespace:
     """What the generated ``*Stub(channel)`` gives (one callable per method of `service`), with a
-    request serializer that lets pre-serialized bytes through."""
+    request serializer that lets pre-serialized bytes through and result streams read by
+    ``read_result_chunk``."""
     methods = {}
     for method in service.methods:
         output = GetMessageClass(method.output_type)
