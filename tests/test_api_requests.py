@@ -82,6 +82,17 @@ def test_small_and_unusual_requests_are_parsed_by_protobuf():
         read(b"\x12\xff\xff\xff\x0f" + bytes(IN_PLACE_MIN_BYTES))
 
 
+def test_requests_with_very_many_fields_go_to_protobuf():
+    # a Python walk over millions of tiny fields would hold a worker: past 4096 the C parser reads it
+    big = np.zeros((1, 3, 128, 128), np.float32)
+    for count in (100, 5000):
+        req = vis_pb2.ActivationsRequest(model="m", layers=["x"] * count)
+        req.input.tensors.add(datatype="FP32", shape=list(big.shape), raw_contents=big.tobytes())
+        got = request_reader(vis_pb2.ActivationsRequest)(req.SerializeToString())
+        assert isinstance(got, RequestView) == (count == 100)
+        assert list(got.layers) == list(req.layers) and bytes(got.input.tensors[0].raw_contents) == big.tobytes()
+
+
 def test_large_tensors_travel_in_place_through_the_server(server, client, digits, monkeypatch):
     """End to end, without shared memory: the client splices a 256 KiB input into its request, the
     server reads it in place (its registered reader is `request_reader`), the client reads the

@@ -217,7 +217,9 @@ def test_large_result_chunks_are_read_in_place():
     twice = chunk.SerializeToString() + vis_pb2.TensorChunk(data=payload[::-1]).SerializeToString()
     small = vis_pb2.ResultChunk(tensor=vis_pb2.TensorChunk(name="x", data=b"abc"))
     info = vis_pb2.ResultChunk(info=vis_pb2.ResultInfo(text={"k": "v" * 100_000}))
-    for wire in (bytes([0x12]) + _varint(len(twice)) + twice, small.SerializeToString(), info.SerializeToString()):
+    many = chunk.SerializeToString() + b"\x18\x01" * 70  # 70 more (unpacked) shape entries
+    for wire in (bytes([0x12]) + _varint(len(twice)) + twice, small.SerializeToString(), info.SerializeToString(),
+                 bytes([0x12]) + _varint(len(many)) + many):
         got = read_result_chunk(wire)
         assert isinstance(got, vis_pb2.ResultChunk) and got == vis_pb2.ResultChunk.FromString(wire)
     assert read_result_chunk(bytes([0x12]) + _varint(len(twice)) + twice).tensor.data == payload[::-1]

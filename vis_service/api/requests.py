@@ -57,11 +57,21 @@ def _read_varint(b: bytes, i: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+# Most fields a message may have for this reader to walk it (a real request has a handful per
+# level; an InputBatch one per image or tensor): past that, protobuf's C parser takes the request
+# rather than a Python loop over, say, millions of one-byte fields.
+_MAX_FIELDS = 4096
+
+
 def _fields(b: bytes, start: int, end: int):
     """(field number, wire type, key start, value start, value end) of each field in b[start:end];
-    ValueError on an encoding this reader does not walk."""
+    ValueError on an encoding this reader does not walk (or more than `_MAX_FIELDS` fields)."""
     i = start
+    count = 0
     while i < end:
+        count += 1
+        if count > _MAX_FIELDS:
+            raise ValueError("too many fields")
         key_start = i
         key, i = _read_varint(b, i)
         wire_type = key & 7

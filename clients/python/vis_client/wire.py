@@ -147,7 +147,9 @@ def _data_span(b: bytes, start: int, end: int) -> tuple[int, int, int] | None:
     b[start:end]; None if it has none or several, or an encoding this does not read."""
     found = None
     i = start
-    while i < end:
+    for _ in range(64):  # a TensorChunk has eight fields; a stranger one goes to the parser
+        if i >= end:
+            break
         key_start = i
         key, i = _read_varint(b, i)
         wire_type = key & 7
@@ -166,7 +168,7 @@ def _data_span(b: bytes, start: int, end: int) -> tuple[int, int, int] | None:
             i += length
         else:
             return None
-    return found if i == end else None
+    return found if i == end else None  # (also None when 64 fields did not reach the end)
 
 
 def read_result_chunk(b: bytes):
