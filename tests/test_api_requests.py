@@ -83,7 +83,8 @@ def test_small_and_unusual_requests_are_parsed_by_protobuf():
 
 
 def test_requests_with_very_many_fields_go_to_protobuf():
-    # a Python walk over millions of tiny fields would hold a worker: past 4096 the C parser reads it
+    # a Python walk over millions of tiny fields would hold a worker: past 4096 fields in all (any
+    # level) the C parser reads the request
     big = np.zeros((1, 3, 128, 128), np.float32)
     for count in (100, 5000):
         req = vis_pb2.ActivationsRequest(model="m", layers=["x"] * count)
@@ -91,6 +92,13 @@ def test_requests_with_very_many_fields_go_to_protobuf():
         got = request_reader(vis_pb2.ActivationsRequest)(req.SerializeToString())
         assert isinstance(got, RequestView) == (count == 100)
         assert list(got.layers) == list(req.layers) and bytes(got.input.tensors[0].raw_contents) == big.tobytes()
+    # spread over many tensors: the budget counts every level
+    req = vis_pb2.ActivationsRequest(model="m")
+    req.input.tensors.add(datatype="FP32", shape=list(big.shape), raw_contents=big.tobytes())
+    for _ in range(1500):
+        req.input.tensors.add(name="t", datatype="FP32", shape=[1])
+    got = request_reader(vis_pb2.ActivationsRequest)(req.SerializeToString())
+    assert type(got) is vis_pb2.ActivationsRequest and len(got.input.tensors) == 1501
 
 
 def test_large_tensors_travel_in_place_through_the_server(server, client, digits, monkeypatch):

@@ -57,20 +57,20 @@ def _read_varint(b: bytes, i: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-# Most fields a message may have for this reader to walk it (a real request has a handful per
-# level; an InputBatch one per image or tensor): past that, protobuf's C parser takes the request
-# rather than a Python loop over, say, millions of one-byte fields.
+# Most fields this reader walks in one request, all levels together (a real request has a few
+# per level, an InputBatch one per image or tensor): past that, protobuf's C parser takes the
+# request rather than a Python loop over, say, millions of one-byte fields.
 _MAX_FIELDS = 4096
 
 
-def _fields(b: bytes, start: int, end: int):
+def _fields(b: bytes, start: int, end: int, budget: list[int]):
     """(field number, wire type, key start, value start, value end) of each field in b[start:end];
-    ValueError on an encoding this reader does not walk (or more than `_MAX_FIELDS` fields)."""
+    ValueError on an encoding this reader does not walk, or once the request's field `budget` (a
+    one-element counter shared by all levels) is spent."""
     i = start
-    count = 0
     while i < end:
-        count += 1
-        if count > _MAX_FIELDS:
+        budget[0] -= 1
+        if budget[0] < 0:
             raise ValueError("too many fields")
         key_start = i
         key, i = _read_varint(b, i)
@@ -95,7 +95,8 @@ def _fields(b: bytes, start: int, end: int):
 def _split(b: bytes, input_field: int):
     """(wire bytes of the request without the large raw_contents fields, {tensor index: memoryview
     of its raw bytes}); None when there is nothing to take out or the layout is not the plain one."""
-    inputs = [f for f in _fields(b, 0, len(b)) if f[0] == input_field]
+    budget = [_MAX_FIELDS]
+    inputs = [f for f in _fields(b, 0, len(b), budget) if f[0] == input_field]
     if len(inputs) != 1 or inputs[0][1] != 2:
         return None  # no input, or one in several pieces that protobuf would merge
     _, _, input_key, batch_start, batch_end = inputs[0]
@@ -104,10 +105,10 @@ def _split(b: bytes, input_field: int):
     batch_parts: list = []
     at = batch_start
     index = 0
-    for number, wire_type, key_start, start, end in _fields(b, batch_start, batch_end):
+    for number, wire_type, key_start, start, end in _fields(b, batch_start, batch_end, budget):
         if number != _INPUT_TENSORS or wire_type != 2:
             continue
-        raw = [f for f in _fields(b, start, end) if f[0] == _RAW_CONTENTS]
+        raw = [f for f in _fields(b, start, end, budget) if f[0] == _RAW_CONTENTS]
         if len(raw) > 1:
             return None  # protobuf keeps the last one: leave it to the parser
         if raw and raw[0][1] == 2 and raw[0][4] - raw[0][3] >= IN_PLACE_MIN_BYTES:
