@@ -6,7 +6,8 @@ forward + input gradient divided by the median forward time (goal <= 2.2; also t
 ratio of the fastest runs, less sensitive to a noisy machine), and the
 time build_gradient_model takes on light_resnet50 (goal < 2 s).
 
-Both sessions use ORT_ENABLE_ALL with thread spinning off, as the service does.
+Both sessions are made by the service's own Runtime (CPU provider), with its options and
+the hints the built graph carries (e.g. forward-first node order for residual graphs).
 Runs alternate between the two sessions so that noisy neighbours hit both alike.
 
     python benchmarks/bench_gradient.py [--repeats 9]
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from vis_service.engine import build_gradient_model  # noqa: E402
 from vis_service.graph.expose import expose_tensors  # noqa: E402
 from vis_service.graph.loading import prepare_model  # noqa: E402
+from vis_service.runtime.sessions import Runtime  # noqa: E402
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 SHARED = REPO / ".." / "shared" / "models"
@@ -60,12 +62,14 @@ def randomize_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+_RUNTIME: Runtime | None = None
+
+
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = Runtime(provider="cpu")
+    return _RUNTIME.create_session(model)
 
 
 def logits_of(model: onnx.ModelProto) -> str:

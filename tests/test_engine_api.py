@@ -260,3 +260,37 @@ def test_batch_summed_max_pool_scatters_into_one_sample():
         assert not any(n.op_type == "ReduceSum" for n in gg.model.graph.node)
     assert out[True].shape == (1, 2, 9, 9)
     np.testing.assert_allclose(out[True][0], out[False].sum(axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_graphs_ask_for_forward_first_node_order():
+    """A backward that masks by a ReLU output which is also a residual Add operand carries the
+    forward-first hint; the runtime then creates the session with onnxruntime's priority-based
+    order, and the gradient is the same in both orders. A chain carries no hint."""
+    import onnxruntime as ort
+    from vis_service.graph.hints import EXECUTION_ORDER, FORWARD_FIRST, get_hint
+    from vis_service.runtime.sessions import Runtime
+    rng = np.random.default_rng(5)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, "w2")
+    residual = make_model([helper.make_node("Relu", ["x"], ["r0"]),
+                           helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c1"], ["r1"]),
+                           helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Add", ["c2", "r0"], ["s"]),
+                           helper.make_node("Relu", ["s"], ["y"])],
+                          [("x", ["N", 16, 6, 6])], ["y"], [w1, w2])
+    gg = build_gradient_model(residual, ["y"], ["x"])
+    assert get_hint(gg.model, EXECUTION_ORDER) == FORWARD_FIRST
+    assert get_hint(build_gradient_model(relu_chain(), ["y"], ["x"]).model, EXECUTION_ORDER) is None
+    assert get_hint(residual, EXECUTION_ORDER) is None   # the caller's model is left as it was
+
+    runtime = Runtime(provider="cpu")
+    hinted = runtime.create_session(gg.model)
+    assert hinted.get_session_options().execution_order == ort.ExecutionOrder.PRIORITY_BASED
+    plain = runtime.create_session(residual)
+    assert plain.get_session_options().execution_order == ort.ExecutionOrder.DEFAULT
+    x = rng.standard_normal((2, 16, 6, 6)).astype(np.float32)
+    g = rng.standard_normal((2, 16, 6, 6)).astype(np.float32)
+    feeds = {"x": x, gg.cotangent_inputs["y"]: g}
+    fetch = [gg.gradient_outputs["x"]]
+    np.testing.assert_allclose(hinted.run(fetch, feeds)[0], session(gg.model).run(fetch, feeds)[0], rtol=1e-5, atol=1e-6)

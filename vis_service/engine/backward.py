@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from ..errors import InvalidArgument, NotFound, Unimplemented
+from ..graph.hints import EXECUTION_ORDER, FORWARD_FIRST, set_hint
 from ..graph.loading import opset_version, prepare_model, tensor_infos
 from ..graph.paths import float_path
 from . import rules as _rules  # noqa: F401  (registers the rules)
@@ -291,6 +292,7 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         forward_value_infos.append(_value_info(out, info) if info is not None
                                    else helper.make_empty_tensor_value_info(out))
 
+    reads_residual = _reads_residual_operand(graph.node, ctx.nodes, forward.static)
     graph.node.extend(ctx.nodes)
     graph.initializer.extend(ctx.initializers)
     # Shapes of the gradient tensors: onnxruntime cannot infer them past shape-computed ops
@@ -306,7 +308,28 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     del graph.output[:]
     graph.output.extend(forward_value_infos + new_outputs)
     _drop_unused(graph)
+    set_hint(forward.model, EXECUTION_ORDER, FORWARD_FIRST if reads_residual else None)
     return GradientGraph(forward.model, cotangent_inputs, gradient_outputs, forward_map, frozenset(batch_summed))
+
+
+def _reads_residual_operand(forward_nodes, backward_nodes, static: set[str]) -> bool:
+    """True if the backward reads a forward tensor that is an operand of an Add/Sum joining two data
+    paths (a residual connection, whose ReLU output the backward masks by).
+
+    onnxruntime accumulates such an Add into the Conv on the other operand, in place of the
+    residual tensor; in its default node order the backward's masks run late, so the residual
+    is still needed and the Conv first copies it (torchvision ResNet-50, 17 rows: 458 ms of
+    forward became 520 ms). Run forward-first, each mask is taken before the Conv overwrites
+    its tensor (integrated gradients ~3% faster end to end). Graphs without such joins
+    (DenseNet, MobileNet) ran 2-4% slower that way, so they keep the default order.
+    """
+    residual = set()
+    for node in forward_nodes:
+        if node.op_type in ("Add", "Sum") and node.domain in STANDARD_DOMAINS:
+            operands = [i for i in node.input if i and i not in static]
+            if len(operands) >= 2:
+                residual.update(operands)
+    return any(i in residual for node in backward_nodes for i in node.input)
 
 
 def _unique(base: str, taken: set[str]) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..graph.hints import EXECUTION_ORDER, FORWARD_FIRST, get_hint
 from .providers import ProviderChoice, select_provider
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,16 @@ class Runtime:
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return opts
 
+    def session_options_for(self, model: onnx.ModelProto) -> ort.SessionOptions:
+        """The session options, with what the model's graph hints ask for (see graph.hints)."""
+        opts = self.session_options()
+        if get_hint(model, EXECUTION_ORDER) == FORWARD_FIRST and hasattr(ort, "ExecutionOrder"):
+            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        return opts
+
     def create_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return ort.InferenceSession(model.SerializeToString(), self.session_options(), providers=self.choice.providers)
+        return ort.InferenceSession(model.SerializeToString(), self.session_options_for(model),
+                                    providers=self.choice.providers)
 
     def session(self, model_id: str, key: Hashable, build: Builder) -> Session:
         """The cached session for (model_id, key), building it with `build()` on a miss.
