@@ -164,6 +164,28 @@ def test_optimizers_minimize_a_quadratic(name):
     assert float((a * p ** 2).sum()) < 0.05 * start
 
 
+def test_adam_step_is_the_textbook_update():
+    """The in-place Adam equals Kingma & Ba's update written out, step after step, and leaves
+    the caller's arrays alone."""
+    rng = np.random.default_rng(3)
+    s = OptimizerSettings(name="adam", lr=0.05, beta1=0.8, beta2=0.95)
+    opt = Optimizer(s)
+    p = rng.standard_normal((2, 3, 4))
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t in range(1, 6):
+        g = rng.standard_normal(p.shape)
+        g_before, p_before = g.copy(), p.copy()
+        m = s.beta1 * m + (1 - s.beta1) * g
+        v = s.beta2 * v + (1 - s.beta2) * g * g
+        expected = p - 0.05 * (m / (1 - s.beta1 ** t)) / (np.sqrt(v / (1 - s.beta2 ** t)) + 1e-8)
+        p_in = p
+        p = opt.step(p_in, g, 0.05)
+        np.testing.assert_allclose(p, expected, rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(g, g_before)
+        np.testing.assert_array_equal(p_in, p_before)
+
+
 def test_learning_rate_schedules():
     s = OptimizerSettings(lr=1.0, schedule="step")
     assert [learning_rate(s, t, 10) for t in (0, 5, 6, 9)] == pytest.approx([1, 1, 0.1, 0.01])

@@ -83,9 +83,19 @@ class Optimizer:
                 self.grad_scale = scale.reshape((-1,) + (1,) * (grad.ndim - 1))
             self.m = self.s.momentum * self.m + grad * self.grad_scale
             return params - lr * self.m
+        # params - lr * mhat / (sqrt(vhat) + eps), mhat = m / (1 - b1^t), vhat = v / (1 - b2^t), with
+        # the moments updated in place and the bias corrections as scalars: a step on a 224x224
+        # Fourier image took 2.3 ms with a temporary per operation, ~15% of a loop step outside
+        # onnxruntime
         b1, b2 = self.s.beta1, self.s.beta2
-        self.m = b1 * self.m + (1 - b1) * grad
-        self.v = b2 * self.v + (1 - b2) * grad * grad
-        mhat = self.m / (1 - b1 ** self.t)
-        vhat = self.v / (1 - b2 ** self.t)
-        return params - lr * mhat / (np.sqrt(vhat) + 1e-8)
+        m, v = self.m, self.v
+        m *= b1
+        m += (1 - b1) * grad
+        v *= b2
+        v += (1 - b2) * np.square(grad)
+        denom = np.sqrt(v)
+        denom *= 1.0 / math.sqrt(1 - b2 ** self.t)
+        denom += 1e-8
+        update = np.divide(m, denom, out=denom)
+        update *= lr / (1 - b1 ** self.t)
+        return params - update

@@ -78,6 +78,13 @@ class PixelMap:
         return np.ascontiguousarray(px)
 
 
+def _as_complex(p: np.ndarray) -> np.ndarray:
+    """[..., 2] (re, im) -> complex [...], a view where the memory allows it."""
+    if p.dtype == np.float64 and p.flags.c_contiguous:
+        return p.view(np.complex128)[..., 0]
+    return p[..., 0] + 1j * p[..., 1]
+
+
 def sigmoid(t: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * t))  # overflow-free
 
@@ -134,18 +141,21 @@ class FourierImage(_Squashed):
         self.spectrum_scale = (1.0 / np.maximum(freqs, 1.0 / max(h, w)) ** decay) * np.sqrt(h * w)
         self.params = rng.normal(0.0, std, size=(batch, channels, h, w // 2 + 1, 2))
         # irfft2's adjoint counts the columns that stand for a conjugate pair twice
-        self._pair = np.full(w // 2 + 1, 2.0)
-        self._pair[0] = 1.0
+        pair = np.full(w // 2 + 1, 2.0)
+        pair[0] = 1.0
         if w % 2 == 0:
-            self._pair[-1] = 1.0
+            pair[-1] = 1.0
+        # both directions' constant factors, made once (the /4 is exact: a power of two)
+        self._forward_scale = self.spectrum_scale / 4.0
+        self._adjoint_scale = pair / (h * w) / 4.0 * self.spectrum_scale
 
     def pre_sigmoid_linear(self, p: np.ndarray) -> np.ndarray:
-        spec = (p[..., 0] + 1j * p[..., 1]) * self.spectrum_scale
-        return np.fft.irfft2(spec, s=(self.h, self.w)) / 4.0
+        return np.fft.irfft2(_as_complex(p) * self._forward_scale, s=(self.h, self.w))
 
     def pre_sigmoid_linear_adjoint(self, g: np.ndarray) -> np.ndarray:
-        z = np.fft.rfft2(g) * (self._pair / (self.h * self.w)) / 4.0 * self.spectrum_scale
-        return np.stack([z.real, z.imag], axis=-1)
+        z = np.fft.rfft2(g)
+        z *= self._adjoint_scale
+        return z.view(z.real.dtype).reshape(z.shape + (2,))  # (re, im) pairs, no copy
 
     def image(self) -> np.ndarray:
         return self._finish(self.pre_sigmoid_linear(self.params))
