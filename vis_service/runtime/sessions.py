@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from ..graph.hints import EXECUTION_ORDER, FORWARD_FIRST, get_hint
-from .providers import ProviderChoice, select_provider
+from .providers import CPU, ProviderChoice, select_provider
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,10 @@ class Runtime:
     def session_options_for(self, model: onnx.ModelProto) -> ort.SessionOptions:
         """The session options, with what the model's graph hints ask for (see graph.hints)."""
         opts = self.session_options()
-        if get_hint(model, EXECUTION_ORDER) == FORWARD_FIRST and hasattr(ort, "ExecutionOrder"):
+        # forward-first was measured on the CPU provider only (its in-place NCHWc residual Conv);
+        # on CUDA, where memory is scarcer and that fusion differs, the default order stays
+        if (get_hint(model, EXECUTION_ORDER) == FORWARD_FIRST and self.choice.name == CPU
+                and hasattr(ort, "ExecutionOrder")):
             opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         return opts
 
