@@ -11,6 +11,11 @@ README "Same-host shared memory"), where the client writes the input into its re
 (inside the timed call) and the server reads it there and has onnxruntime write the
 results straight into the region, which the client hands out as views; and the same with
 the input built in a region beforehand (`Client.shared_input`: no copy in the call).
+
+Also printed: what loopback gRPC in Python takes to move the same bytes with no work at all
+(a bare handler in another process that receives the input as one message and streams back
+as many bytes in the service's 1 MiB chunks): the floor of the streamed transport, and
+so of its ratio, on this machine.
 """
 from __future__ import annotations
 
@@ -42,7 +47,51 @@ LAYER_SETS = {
 }
 
 
+CHUNK = 1 << 20  # the service's default result chunk
+BARE_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def serve_bare() -> int:
+    """A gRPC server whose one method answers a request with N bytes in CHUNK-sized messages,
+    N given by the request's first 8 bytes: transport and nothing else."""
+    from concurrent import futures
+
+    import grpc
+
+    def send(request: bytes, context):
+        total = int.from_bytes(request[:8], "little")
+        block = bytes(CHUNK)
+        for start in range(0, total, CHUNK):
+            yield block[:min(CHUNK, total - start)]
+
+    handler = grpc.method_handlers_generic_handler("bare.Bare", {"Send": grpc.unary_stream_rpc_method_handler(
+        send, request_deserializer=lambda b: b, response_serializer=lambda b: b)})
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=BARE_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+def bare_transfer(address: str):
+    """A call moving in_bytes up in one message and out_bytes down in chunks, through the bare server."""
+    import grpc
+
+    channel = grpc.insecure_channel(address, options=BARE_OPTIONS + [
+        (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)])
+    send = channel.unary_stream("/bare.Bare/Send", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+    def transfer(x: np.ndarray, out_bytes: int) -> int:
+        request = out_bytes.to_bytes(8, "little") + x.tobytes()
+        return sum(len(chunk) for chunk in send(request))
+    return channel, transfer
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--serve-bare"]:
+        return serve_bare()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=30)
@@ -60,6 +109,8 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING",
                                "--preload"], stdout=subprocess.PIPE, text=True)
     address = re.search(r"listening on (\S+)", server.stdout.readline()).group(1)
+    bare = subprocess.Popen([sys.executable, __file__, "--serve-bare"], stdout=subprocess.PIPE, text=True)
+    bare_channel, transfer = bare_transfer(re.search(r"listening on (\S+)", bare.stdout.readline()).group(1))
     try:
         with Client(address) as client, Client(address, shared_memory_bytes=args.shm_mib << 20) as shm_client:
             model = client.load_model(MODEL, name="squeezenet")
@@ -67,6 +118,7 @@ def main() -> int:
             x_shared[:] = x
             for title, layers in LAYER_SETS.items():
                 local = runtime.create_session(expose_tensors(proto, layers))
+                out_bytes = sum(a.nbytes for a in local.run(layers, {"data_0": x}))
                 contestants = {
                     "in-process": lambda: dict(zip(layers, local.run(layers, {"data_0": x}))),
                     "streamed": lambda: client.activations(model, x, layers),
@@ -75,6 +127,8 @@ def main() -> int:
                     # x built in a region beforehand (Client.shared_input), as a caller decoding
                     # its batch straight into shared memory would: no copy in the call
                     "shm, input in place": lambda: shm_client.activations(model, x_shared, layers),
+                    # no model, no service: the same bytes through loopback gRPC (the streamed floor)
+                    "bare transfer": lambda: transfer(x, out_bytes),
                 }
                 for run in contestants.values():  # warm: the server builds its session once
                     run()
@@ -91,6 +145,7 @@ def main() -> int:
                         if rep == args.reps - 1:  # kept to check that every transport returns the same bytes
                             outs[kind] = out
                         del out
+                assert outs.pop("bare transfer") == out_bytes
                 for kind in ("streamed", "shared memory", "shm, input in place"):
                     for name in layers:
                         assert np.array_equal(outs[kind][name], outs["in-process"][name]), (kind, name)
@@ -100,6 +155,7 @@ def main() -> int:
                 l = statistics.median(local_times)
                 print(f"squeezenet activations, batch {args.batch}, {title} {layers} ({mb:.1f} MiB returned)")
                 print(f"  in-process onnxruntime:     {l * 1e3:8.1f} ms (median of {args.reps}, interleaved)")
+                bare_times = times.pop("bare transfer")
                 for kind, t in times.items():
                     g = statistics.median(t)
                     # paired: each repetition's gRPC time over the in-process time of the same repetition
@@ -107,9 +163,14 @@ def main() -> int:
                     paired = statistics.median(a / b for a, b in zip(t, local_times))
                     print(f"  gRPC, {kind + ':':22}{g * 1e3:8.1f} ms   overhead ratio {g / l:6.3f}, "
                           f"paired {paired:6.3f}   (goal <= 1.10)")
+                b = statistics.median(bare_times)
+                print(f"  bare gRPC moving the same bytes (no work): {b * 1e3:.1f} ms: the streamed transport's floor "
+                      f"is a ratio of {(l + b) / l:.3f} here")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        bare_channel.close()
+        for process in (server, bare):
+            process.terminate()
+            process.wait(timeout=30)
     return 0
 
 
