@@ -263,10 +263,14 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # the server restarts itself with glibc's huge-page tunable (vis_service.runtime.huge_pages);
-    # so does this benchmark, so that every side it times runs with it (torch's buffers included)
+    # Both sides run in this process, so with the same allocator: by default with the huge-page
+    # tunable the served process restarts itself with (vis_service.runtime.huge_pages), torch's
+    # buffers included; --no-huge-pages runs both without it.
     from vis_service.runtime.huge_pages import huge_pages_in_use, restart_with_huge_pages
 
-    restart_with_huge_pages([__file__, *sys.argv[1:]])
-    print(f"huge pages for tensor buffers (as the server runs): {'on' if huge_pages_in_use() else 'off'}")
+    if "--no-huge-pages" in sys.argv:
+        sys.argv.remove("--no-huge-pages")
+    else:
+        restart_with_huge_pages([__file__, *sys.argv[1:]])
+    print(f"huge pages for tensor buffers, both sides: {'on' if huge_pages_in_use() else 'off'}")
     sys.exit(main())
