@@ -72,7 +72,7 @@ def restart_with_huge_pages(argv: Sequence[str]) -> None:
     """Replace this process by `argv` run with huge pages on (same pid, same stdio); returns
     only where that is not needed (see environment_with_huge_pages)."""
     env = environment_with_huge_pages(os.environ)
-    if env is None:
+    if env is None or not sys.executable:
         return
     sys.stdout.flush()
     sys.stderr.flush()
