@@ -104,14 +104,22 @@ def main() -> int:
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
     runtime = Runtime()
     proto = prepare_model(onnx.load(MODEL))
-    # the server in its own process, as deployed: sharing one interpreter (and its GIL)
-    # with the client would charge the client's work to the service
-    server = subprocess.Popen([sys.executable, "-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING",
-                               "--preload"], stdout=subprocess.PIPE, text=True)
-    address = re.search(r"listening on (\S+)", server.stdout.readline()).group(1)
-    bare = subprocess.Popen([sys.executable, __file__, "--serve-bare"], stdout=subprocess.PIPE, text=True)
-    bare_channel, transfer = bare_transfer(re.search(r"listening on (\S+)", bare.stdout.readline()).group(1))
+    processes: list[subprocess.Popen] = []
+
+    def start(argv: list[str]) -> str:
+        """Start a server process; its address (from the line that says where it listens)."""
+        processes.append(subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True))
+        for line in processes[-1].stdout:
+            if match := re.search(r"listening on (\S+)", line):
+                return match.group(1)
+        raise RuntimeError(f"{argv} ended without saying where it listens")
+
+    bare_channel = None
     try:
+        # the server in its own process, as deployed: sharing one interpreter (and its GIL)
+        # with the client would charge the client's work to the service
+        address = start(["-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING", "--preload"])
+        bare_channel, transfer = bare_transfer(start([__file__, "--serve-bare"]))
         with Client(address) as client, Client(address, shared_memory_bytes=args.shm_mib << 20) as shm_client:
             model = client.load_model(MODEL, name="squeezenet")
             x_shared = shm_client.shared_input(x.shape, x.dtype)
@@ -167,8 +175,9 @@ def main() -> int:
                 print(f"  bare gRPC moving the same bytes (no work): {b * 1e3:.1f} ms: the streamed transport's floor "
                       f"is a ratio of {(l + b) / l:.3f} here")
     finally:
-        bare_channel.close()
-        for process in (server, bare):
+        if bare_channel is not None:
+            bare_channel.close()
+        for process in processes:
             process.terminate()
             process.wait(timeout=30)
     return 0
@@ -180,5 +189,6 @@ if __name__ == "__main__":
     from vis_service.runtime.huge_pages import huge_pages_in_use, restart_with_huge_pages
 
     restart_with_huge_pages([__file__, *sys.argv[1:]])
-    print(f"huge pages for tensor buffers (as the server runs): {'on' if huge_pages_in_use() else 'off'}")
+    if sys.argv[1:] != ["--serve-bare"]:
+        print(f"huge pages for tensor buffers (as the server runs): {'on' if huge_pages_in_use() else 'off'}")
     sys.exit(main())
