@@ -147,6 +147,35 @@ def test_conv_weights_computed_in_graph():
     assert check_model(model, {"x": x}, ["y0"], ["x"], eps=1.0).relative_error < 1e-4
 
 
+def test_strided_stem_scaled_by_batchnorm_takes_the_polyphase_adjoint():
+    """A 7x7/2 stem whose BatchNorm the model did not fold (the light_* graphs): the rule scales the
+    weights by the BatchNorm factor in emitted nodes, and folded_value evaluates them at build time
+    so that the polyphase adjoint (Conv + DepthToSpace) applies instead of a ConvTranspose."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from _engine_helpers import adjoint_check as check_model
+    from vis_service.engine import build_gradient_model
+    from vis_service.graph.loading import prepare_model
+    r = np.random.default_rng(3)
+    c = 16
+    params = {"w": r.standard_normal((c, 3, 7, 7)), "scale": r.uniform(0.5, 2, c), "bias": r.standard_normal(c),
+              "mean": r.standard_normal(c), "var": r.uniform(0.5, 2, c)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], strides=[2, 2], pads=[3, 3, 3, 3], kernel_shape=[7, 7]),
+         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], epsilon=1e-3),
+         helper.make_node("Relu", ["y"], ["r"])],
+        "stem", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 15, 14])],
+        [helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model = prepare_model(model)
+    ops = {n.op_type for n in build_gradient_model(model, ["r"], ["x"]).model.graph.node}
+    assert "DepthToSpace" in ops and "ConvTranspose" not in ops
+    x = r.standard_normal((2, 3, 15, 14)).astype(np.float32)
+    assert check_model(model, {"x": x}, ["r"], ["x"], eps=1e-2).relative_error < 1e-3
+
+
 @pytest.mark.parametrize("attrs", [
     dict(),
     dict(strides=[2, 2]),

@@ -209,7 +209,9 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         return producer[name]
 
     ctx = RuleContext(infos=infos, opset=forward.opset, constants=forward.constants, static=forward.static,
-                      taken_names=taken, needs_grad=needs_grad, sole_route=sole_route,
+                      taken_names=taken, needs_grad=needs_grad,
+                      forward_producers={o: n for n in graph.node for o in n.output if o in forward.static},
+                      sole_route=sole_route,
                       rule_of=lambda node: rule_for[id(node)].fn if id(node) in rule_for else None)
     # Batch-summed gradients: the nodes between a summed wrt tensor and the first node whose
     # backward differs per sample (a ReLU mask, a max-pool's switches) differentiate the sum

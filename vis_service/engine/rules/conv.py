@@ -178,12 +178,12 @@ def _polyphase_applies(ctx: RuleContext, weight, window: Window, group: int, wei
     multiply-adds), and one Conv runs blocked where onnxruntime's ConvTranspose runs an
     im2col GEMM per image (ResNet-50's stem at batch 8: ~22 -> ~18 ms with the reorder and
     DepthToSpace). Equal strides (one DepthToSpace block), no dilation or groups, a weight
-    known at build time."""
+    known at build time (folded_value)."""
     strides = window.strides
     if (len(strides) != 2 or group != 1 or strides[0] != strides[1] or strides[0] < 2
             or any(d != 1 for d in window.dilations)):
         return False
-    if not isinstance(weight, np.ndarray) and ctx.constant_value(weight) is None:
+    if not isinstance(weight, np.ndarray) and ctx.folded_value(weight) is None:
         return False
     taps = [_phase_taps(k, s, p)[1] for k, s, p in zip(window.kernel, strides, window.pads_begin)]
     waste = strides[0] * strides[1] * taps[0] * taps[1] / (window.kernel[0] * window.kernel[1])
@@ -199,7 +199,7 @@ def _polyphase_conv(ctx: RuleContext, g: str, weight, window: Window, weight_sha
     channel (ph_h*s + ph_w)*C + c holds channel c's phase (ph_h, ph_w): DepthToSpace's DCR
     order, the only one before opset 11.
     """
-    w = weight if isinstance(weight, np.ndarray) else ctx.constant_value(weight)
+    w = weight if isinstance(weight, np.ndarray) else ctx.folded_value(weight)
     m, c = weight_shape[0], weight_shape[1]
     s = window.strides[0]
     geometry = [_phase_taps(k, s, p) for k, s, p in zip(window.kernel, window.strides, window.pads_begin)]
