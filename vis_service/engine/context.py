@@ -55,7 +55,7 @@ def _fold_unsqueeze(node, args):
     return data
 
 
-# ops constant_value evaluates in numpy: what a BatchNorm factor and a weight scaled by it are made of
+# ops folded_value evaluates in numpy: what a BatchNorm factor and a weight scaled by it are made of
 _FOLDABLE_OPS = {
     "Mul": _fold_arithmetic(np.multiply), "Div": _fold_arithmetic(np.divide),
     "Add": _fold_arithmetic(np.add), "Sub": _fold_arithmetic(np.subtract),
@@ -79,7 +79,7 @@ class RuleContext:
         self._constants = constants
         self._static = static
         self._forward_producers = forward_producers or {}
-        self._folded: dict[str, np.ndarray | None] = {}  # see constant_value
+        self._folded: dict[str, np.ndarray | None] = {}  # see folded_value
         # gradient tensor -> (unscaled gradient, per-channel factor [C]) for the fold in `scale_channels`
         self._channel_scales: dict[str, tuple[str, str]] = {}
         self._taken = taken_names

@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 TUNABLE = "glibc.malloc.hugetlb"
 SWITCH = "VIS_SERVICE_HUGE_PAGES"
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+DETECT = "detect"  # environment_with_huge_pages: look at this machine
 
 
 def _glibc_version() -> tuple[int, ...] | None:
@@ -42,9 +43,6 @@ def _kernel_allows_thp() -> bool:
         return "[never]" not in THP_MODE.read_text()
     except OSError:
         return False
-
-
-DETECT = "detect"
 
 
 def environment_with_huge_pages(environ: Mapping[str, str], *, glibc: tuple[int, ...] | None | str = DETECT,
