@@ -139,6 +139,6 @@ if __name__ == "__main__":
     # so does this benchmark, so that every side it times runs with it (torch's buffers included)
     from vis_service.runtime.huge_pages import huge_pages_in_use, restart_with_huge_pages
 
-    restart_with_huge_pages([__file__, *sys.argv[1:]])
+    restart_with_huge_pages()
     print(f"huge pages for tensor buffers (as the server runs): {'on' if huge_pages_in_use() else 'off'}")
     main()

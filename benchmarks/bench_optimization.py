@@ -271,6 +271,6 @@ if __name__ == "__main__":
     if "--no-huge-pages" in sys.argv:
         sys.argv.remove("--no-huge-pages")
     else:
-        restart_with_huge_pages([__file__, *sys.argv[1:]])
+        restart_with_huge_pages()
     print(f"huge pages for tensor buffers, both sides: {'on' if huge_pages_in_use() else 'off'}")
     sys.exit(main())

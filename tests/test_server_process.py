@@ -18,7 +18,7 @@ LINUX = sys.platform.startswith("linux")
 
 def serve(environ: dict[str, str]) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING",
+        [sys.executable, "-X", "utf8", "-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING",
          "--model-repository", str(DEFAULT_REPOSITORY)],
         stdout=subprocess.PIPE, text=True, env=environ)
     line = process.stdout.readline()
@@ -53,6 +53,9 @@ def test_served_process_prints_its_port_and_restarts_with_huge_pages(switch):
             assert out.shape[0] == 1 and np.isfinite(out).all()  # the restarted process serves
         # same pid: the restart replaced the process, the port printed is the one serving
         assert huge_pages_in_use(started_environment(process.pid)) == expect_huge
+        # the command line ran again as it was, the interpreter's own options included
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:6] == [b"-X", b"utf8", b"-m", b"vis_service", b"serve"]
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "health":
         return health_check(args.address, args.timeout)
     if argv is None:  # started as a program: the process is ours to restart
-        restart_with_huge_pages(["-m", "vis_service", *sys.argv[1:]])
+        restart_with_huge_pages()
     # imported after the restart, which would otherwise pay for them twice (~0.8 s)
     from .api.servicers import Limits
     from .server import ServerConfig, start_server

@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 SWITCH = "VIS_SERVICE_HUGE_PAGES"
@@ -66,15 +66,16 @@ def environment_with_huge_pages(environ: Mapping[str, str], *, glibc: tuple[int,
     return env
 
 
-def restart_with_huge_pages(argv: Sequence[str]) -> None:
-    """Replace this process by `argv` run with huge pages on (same pid, same stdio); returns
-    only where that is not needed (see environment_with_huge_pages)."""
+def restart_with_huge_pages() -> None:
+    """Run this process's command line again, with huge pages on, in place of this process (same
+    pid, same stdio, the interpreter's own options kept: sys.orig_argv); returns only where that
+    is not needed (see environment_with_huge_pages)."""
     env = environment_with_huge_pages(os.environ)
-    if env is None or not sys.executable:
+    if env is None or not sys.executable or not sys.orig_argv:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv], env)
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 def huge_pages_in_use(environ: Mapping[str, str] = os.environ) -> bool:
