@@ -184,11 +184,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # the server restarts itself with glibc's huge-page tunable (vis_service.runtime.huge_pages);
-    # so does this benchmark, so that every side it times runs with it (torch's buffers included)
-    from vis_service.runtime.huge_pages import huge_pages_in_use, restart_with_huge_pages
-
-    restart_with_huge_pages()
-    if sys.argv[1:] != ["--serve-bare"]:
-        print(f"huge pages for tensor buffers (as the server runs): {'on' if huge_pages_in_use() else 'off'}")
     sys.exit(main())

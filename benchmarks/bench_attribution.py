@@ -373,14 +373,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # Both sides run in this process, so with the same allocator: by default with the huge-page
-    # tunable the served process restarts itself with (vis_service.runtime.huge_pages), torch's
-    # buffers included; --no-huge-pages runs both without it.
-    from vis_service.runtime.huge_pages import huge_pages_in_use, restart_with_huge_pages
-
-    if "--no-huge-pages" in sys.argv:
-        sys.argv.remove("--no-huge-pages")
-    else:
-        restart_with_huge_pages()
-    print(f"huge pages for tensor buffers, both sides: {'on' if huge_pages_in_use() else 'off'}")
     sys.exit(main())

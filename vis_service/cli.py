@@ -8,8 +8,9 @@ import sys
 import threading
 from pathlib import Path
 
+from .api.servicers import Limits
 from .default_models import DEFAULT_REPOSITORY
-from .runtime.huge_pages import huge_pages_in_use, restart_with_huge_pages
+from .server import ServerConfig, start_server
 
 MB = 1 << 20
 
@@ -58,12 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":
         return health_check(args.address, args.timeout)
-    if argv is None:  # started as a program: the process is ours to restart
-        restart_with_huge_pages()
-    # imported after the restart, which would otherwise pay for them twice (~0.8 s)
-    from .api.servicers import Limits
-    from .server import ServerConfig, start_server
-
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = Limits(chunk_bytes=int(args.chunk_mb * MB), max_upload_bytes=int(args.max_upload_mb * MB),
@@ -71,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ServerConfig(args.host, args.port, args.model_repository, args.provider, args.workers,
                        args.session_cache, args.threads, limits)
     running = start_server(cfg)
-    logging.getLogger("vis_service").info(
-        "huge pages for tensor buffers: %s", "on" if huge_pages_in_use() else
-        "off (needs Linux with glibc >= 2.35 and THP not 'never'; VIS_SERVICE_HUGE_PAGES=0 turns it off)")
     names = running.state.store.repository_names() if args.preload is None else args.preload
     for name in names:
         try:
