@@ -76,7 +76,7 @@ def serve_bare() -> int:
 
 
 def bare_transfer(address: str):
-    """A call moving in_bytes up in one message and out_bytes down in chunks, through the bare server."""
+    """A call moving x up in one message and out_bytes back in chunks, through the bare server."""
     import grpc
 
     channel = grpc.insecure_channel(address, options=BARE_OPTIONS + [
