@@ -193,9 +193,8 @@ class RuleContext:
         return self._folded[name]
 
     def _fold(self, name: str) -> np.ndarray | None:
-        node = self._producers.get(name)
-        if node is None and name in self._static:
-            node = self._forward_producers.get(name)
+        # emitted nodes, or forward nodes computing weights (forward_producers holds static tensors only)
+        node = self._producers.get(name) or self._forward_producers.get(name)
         if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE_OPS:
             return None
         args = [self.folded_value(i) if i else None for i in node.input]
