@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Attribution throughput through our gRPC service vs Captum on the same network (CPU).
+"""Attribution throughput through our gRPC service vs Captum on the same network (CPU;
+``--device cuda`` puts torch and our server on the GPU).
 
 Goals (images per second, ours / Captum's): >= 1.5x for saliency, guided backprop,
 Grad-CAM and Integrated Gradients (50 steps); >= 3x for occlusion (32x32 window, stride 16).
@@ -186,14 +187,17 @@ def build_rows(client, model_name: str, ours_model, net, x: np.ndarray, targets:
     import torch
     from captum.attr import GuidedBackprop, IntegratedGradients, LayerGradCam, Occlusion, Saliency
 
+    device = next(net.parameters()).device
     probs = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
     saliency, guided = Saliency(net), GuidedBackprop(net)
     gradcam, ig, occl = LayerGradCam(net, net.layer4), IntegratedGradients(net), Occlusion(probs)
 
     def rows_for(method, batch, n_reps, ours, captum):
         xb, tb = x[:batch], [int(t) for t in targets[:batch]]
-        xt = torch.from_numpy(xb)
-        return Row(model_name, method, batch, lambda: ours(xb, tb), lambda: captum(xt, tb), n_reps)
+        # Captum's call includes the input's trip to the network's device and the result's
+        # back to the host (no-ops on CPU), as ours includes moving tensors to and from the server
+        return Row(model_name, method, batch, lambda: ours(xb, tb),
+                   lambda: captum(torch.from_numpy(xb).to(device), tb).detach().cpu(), n_reps)
 
     specs = [
         ("saliency", batches, reps,
@@ -227,7 +231,7 @@ def check_agreement(client, ours_model, net, x: np.ndarray, targets: np.ndarray,
 
     n = min(2, len(x))
     xb, tb = x[:n], [int(t) for t in targets[:n]]
-    xt = torch.from_numpy(xb)
+    xt = torch.from_numpy(xb).to(next(net.parameters()).device)
     failures = []
 
     def report(what: str, ok: bool, detail: str):
@@ -236,7 +240,7 @@ def check_agreement(client, ours_model, net, x: np.ndarray, targets: np.ndarray,
             failures.append(what)
 
     with torch.no_grad():
-        logits_ref = net(xt).numpy()
+        logits_ref = net(xt).cpu().numpy()
     logits = client.activations(ours_model, xb, ["logits"])["logits"]
     err = relative_error(logits, logits_ref)
     report("logits", err < 1e-4, f"max |diff| / max |logit| = {err:.1e} (< 1e-4)")
@@ -246,21 +250,23 @@ def check_agreement(client, ours_model, net, x: np.ndarray, targets: np.ndarray,
         report(name, c > threshold, f"min correlation {c:.5f}, rel. max diff {relative_error(ours, ref):.1e}")
 
     maps("saliency", np.abs(client.saliency(ours_model, xb, tb).attribution),
-         Saliency(net).attribute(xt, target=tb, abs=True).detach().numpy())
+         Saliency(net).attribute(xt, target=tb, abs=True).detach().cpu().numpy())
     maps("guided_backprop", client.guided_backprop(ours_model, xb, tb).attribution,
-         GuidedBackprop(net).attribute(xt, target=tb).detach().numpy())
+         GuidedBackprop(net).attribute(xt, target=tb).detach().cpu().numpy())
     cam = client.grad_cam(ours_model, xb, tb)
     maps(f"grad_cam ({cam.layer})", cam.cam,
-         LayerGradCam(net, net.layer4).attribute(xt, target=tb, relu_attributions=True).detach().numpy()[:, 0])
+         LayerGradCam(net, net.layer4).attribute(xt, target=tb, relu_attributions=True)
+         .detach().cpu().numpy()[:, 0])
     ig = client.integrated_gradients(ours_model, xb, tb, steps=IG_STEPS, baseline="zero", rule=IG_RULE,
                                      **ig_options(ig_rows))
     maps("integrated_gradients", ig.attribution,
          IntegratedGradients(net).attribute(xt, baselines=0.0, target=tb, n_steps=IG_STEPS, method=IG_RULE,
-                                            internal_batch_size=captum_ig_batch).detach().numpy())
+                                            internal_batch_size=captum_ig_batch).detach().cpu().numpy())
     occ = client.occlusion(ours_model, xb, tb, patch=PATCH, stride=STRIDE, fill="zero", batch=PER_EVAL)
     probs = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
     ref = Occlusion(probs).attribute(xt, sliding_window_shapes=(3, PATCH, PATCH), strides=(3, STRIDE, STRIDE),
-                                     baselines=0.0, target=tb, perturbations_per_eval=PER_EVAL).detach().numpy()
+                                     baselines=0.0, target=tb, perturbations_per_eval=PER_EVAL)
+    ref = ref.detach().cpu().numpy()
     maps("occlusion", occlusion_pixels(occ.probability, occ.probability_unoccluded, x.shape[2:]), ref[:, 0])
     return failures
 
@@ -292,6 +298,8 @@ def main() -> int:
     ap.add_argument("--show-runs", action="store_true", help="print every timed run, not only the medians")
     ap.add_argument("--pause", type=float, default=0.2,
                     help="seconds of idle before each timed call (no side pays for the other's spinning threads)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both sides compute: torch on that device, our server with that provider")
     ap.add_argument("--transport", choices=("shared-memory", "stream"),
                     default="shared-memory" if os.path.isdir("/dev/shm") else "stream",
                     help="how our client moves tensors: same-host shared memory (README) or gRPC messages")
@@ -327,20 +335,28 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((max(batches + slow_batches), 3, 224, 224)).astype(np.float32)
-    running = start_server(ServerConfig(port=0, provider="cpu", intra_op_threads=args.threads))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device")
+        return 2
+    running = start_server(ServerConfig(port=0, provider=args.device, intra_op_threads=args.threads))
     all_rows: list[Row] = []
     disagreements: list[str] = []
     try:
         shm_bytes = 256 << 20 if args.transport == "shared-memory" else 0
         with Client(running.address, shared_memory_bytes=shm_bytes) as client, \
                 tempfile.TemporaryDirectory() as tmp:
+            info = client.server_info()
+            if args.device == "cuda" and info["provider"] != "CUDAExecutionProvider":
+                print(f"--device cuda: the server runs on {info['provider']} ({info['provider_note']})")
+                return 2
             for name in models:
                 net = torch_models.seeded_resnet(name, seed=0)
                 path = Path(tmp) / f"{name}.onnx"
                 how = export_onnx(net, path)
+                net = net.to(args.device)
                 ours_model = client.load_model(path, name=name)
                 with torch.no_grad():
-                    targets = net(torch.from_numpy(x)).argmax(dim=1).numpy()
+                    targets = net(torch.from_numpy(x).to(args.device)).argmax(dim=1).cpu().numpy()
                 print(f"\n{name}: exported with the {how}; targets (top-1) {targets.tolist()}; IG: ours "
                       f"{ours_ig_rows(client, ours_model, x, args.ig_rows)} "
                       f"({'as asked' if args.ig_rows else 'server default'}), "

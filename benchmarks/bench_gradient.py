@@ -6,11 +6,13 @@ forward + input gradient divided by the median forward time (goal <= 2.2; also t
 ratio of the fastest runs, less sensitive to a noisy machine), and the
 time build_gradient_model takes on light_resnet50 (goal < 2 s).
 
-Both sessions are made by the service's own Runtime (CPU provider), with its options and
-the hints the built graph carries (e.g. forward-first node order for residual graphs).
-Runs alternate between the two sessions so that noisy neighbours hit both alike.
+Both sessions are made by the service's own Runtime (CPU provider unless --provider cuda),
+with its options and the hints the built graph carries (e.g. forward-first node order for
+residual graphs). Runs alternate between the two sessions so that noisy neighbours hit both
+alike. On CUDA both runs take numpy inputs and return numpy outputs, so each includes its
+host <-> device copies (the forward returns the logits, the gradient run the input gradient).
 
-    python benchmarks/bench_gradient.py [--repeats 9]
+    python benchmarks/bench_gradient.py [--repeats 9] [--provider cuda]
 """
 from __future__ import annotations
 
@@ -65,11 +67,16 @@ def randomize_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 _RUNTIME: Runtime | None = None
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
+def runtime(provider: str = "cpu") -> Runtime:
+    """The one Runtime of this process, made on first use with `provider`."""
     global _RUNTIME
     if _RUNTIME is None:
-        _RUNTIME = Runtime(provider="cpu")
-    return _RUNTIME.create_session(model)
+        _RUNTIME = Runtime(provider=provider)
+    return _RUNTIME
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return runtime().create_session(model)
 
 
 def logits_of(model: onnx.ModelProto) -> str:
@@ -127,8 +134,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                        help="execution provider of both sessions (cuda: fails where CUDA cannot run)")
     args = parser.parse_args()
-    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs")
+    choice = runtime(args.provider).choice
+    if args.provider == "cuda" and choice.name != "CUDAExecutionProvider":
+        print(f"CUDA requested but not usable: {choice.note}")
+        sys.exit(2)
+    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, provider {choice.name}")
     bench_build_time(args.repeats)
     for label, path in MODELS.items():
         bench_model(label, path, args.batches, args.repeats)
