@@ -4,7 +4,10 @@ Prints, for ResNet-style (light_resnet50), MobileNet-style (shared mobilenet) an
 DenseNet-style (light_densenet121) networks at batch 1 and 8, the median time of
 forward + input gradient divided by the median forward time (goal <= 2.2; also the
 ratio of the fastest runs, less sensitive to a noisy machine), and the
-time build_gradient_model takes on light_resnet50 (goal < 2 s).
+time build_gradient_model takes on light_resnet50 (goal < 2 s). Where torch is installed
+(the bench extra), also the same ratio for PyTorch autograd on a torchvision-style
+ResNet-50 and ours on that network exported to ONNX: what a mature framework's backward
+costs on this machine, for scale.
 
 Both sessions are made by the service's own Runtime (CPU provider unless --provider cuda),
 with its options and the hints the built graph carries (e.g. forward-first node order for
@@ -20,6 +23,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,7 +92,10 @@ def bench_model(label: str, path: Path, batches: list[int], repeats: int) -> Non
     if not path.is_file():
         print(f"{label:44s} skipped: {path} not found")
         return
-    model = prepare_model(randomize_constant_weights(onnx.load(str(path))))
+    bench_loaded(label, prepare_model(randomize_constant_weights(onnx.load(str(path)))), batches, repeats)
+
+
+def bench_loaded(label: str, model: onnx.ModelProto, batches: list[int], repeats: int) -> None:
     objective = logits_of(model)
     image = model.graph.input[0].name
     forward = session(expose_tensors(model, [objective]))
@@ -117,6 +124,62 @@ def bench_model(label: str, path: Path, batches: list[int], repeats: int) -> Non
               f"ratio {b / f:5.2f} (best-of {best:4.2f})  (goal <= 2.2)")
 
 
+def bench_torch_reference(batches: list[int], repeats: int) -> None:
+    """The same ratio for PyTorch autograd on this machine, and ours on the same network.
+
+    A torchvision-style ResNet-50 (benchmarks/torch_models.py, seeded) runs in torch
+    (forward under inference_mode; forward + input gradient with the weights frozen, so
+    autograd computes only the data path, as our graph does) and, exported to ONNX by
+    bench_attribution.export_onnx, through our engine. Needs the bench extra (torch).
+    """
+    try:
+        import torch
+    except ImportError:
+        print("PyTorch reference skipped: install the bench extra (pip install -e '.[bench]')")
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch_models
+    from bench_attribution import export_onnx
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    net = torch_models.seeded_resnet("resnet50", seed=0).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "resnet50.onnx"
+        how = export_onnx(net, path)
+        model = prepare_model(onnx.load(str(path)))
+    label = "torchvision-style ResNet-50, ours"
+    print(f"{label:44s} (exported with the {how})")
+    bench_loaded(label, model, batches, repeats)
+    for batch in batches:
+        x = torch.from_numpy(np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32))
+
+        def forward():
+            with torch.inference_mode():
+                net(x)
+
+        def gradient():
+            xg = x.clone().requires_grad_(True)
+            out = net(xg)
+            out.backward(torch.ones_like(out))
+            return xg.grad
+
+        gradient()  # warm-up
+        forward_times, backward_times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward()
+            forward_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            gradient()
+            backward_times.append(time.perf_counter() - start)
+        f, b = statistics.median(forward_times), statistics.median(backward_times)
+        print(f"{'torchvision-style ResNet-50, PyTorch ' + torch.__version__:44s} batch {batch}: forward "
+              f"{f * 1e3:8.1f} ms, forward+gradient {b * 1e3:8.1f} ms, ratio {b / f:5.2f} "
+              f"(best-of {min(backward_times) / min(forward_times):4.2f})  (reference)")
+
+
 def bench_build_time(repeats: int) -> None:
     # with its ~100 MB of weights as initializers, as a real ResNet-50 would carry them
     model = prepare_model(randomize_constant_weights(onnx.load(str(LIGHT / "light_resnet50.onnx"))))
@@ -136,6 +199,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                         help="execution provider of both sessions (cuda: fails where CUDA cannot run)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the PyTorch reference (run where the bench extra is installed)")
     args = parser.parse_args()
     choice = runtime(args.provider).choice
     if args.provider == "cuda" and choice.name != "CUDAExecutionProvider":
@@ -145,6 +210,8 @@ def main() -> None:
     bench_build_time(args.repeats)
     for label, path in MODELS.items():
         bench_model(label, path, args.batches, args.repeats)
+    if args.provider == "cpu" and not args.no_torch:
+        bench_torch_reference(args.batches, args.repeats)
 
 
 if __name__ == "__main__":
