@@ -6,8 +6,8 @@ forward + input gradient divided by the median forward time (goal <= 2.2; also t
 ratio of the fastest runs, less sensitive to a noisy machine), and the
 time build_gradient_model takes on light_resnet50 (goal < 2 s). Where torch is installed
 (the bench extra), also the same ratio for PyTorch autograd on a torchvision-style
-ResNet-50 and ours on that network exported to ONNX: what a mature framework's backward
-costs on this machine, for scale.
+ResNet-50, a MobileNetV1 and a torchvision-style DenseNet-121, and ours on those networks
+exported to ONNX: what a mature framework's backward costs on this machine, for scale.
 
 Both sessions are made by the service's own Runtime (CPU provider unless --provider cuda),
 with its options and the hints the built graph carries (e.g. forward-first node order for
@@ -124,13 +124,21 @@ def bench_loaded(label: str, model: onnx.ModelProto, batches: list[int], repeats
               f"ratio {b / f:5.2f} (best-of {best:4.2f})  (goal <= 2.2)")
 
 
-def bench_torch_reference(batches: list[int], repeats: int) -> None:
-    """The same ratio for PyTorch autograd on this machine, and ours on the same network.
+REFERENCE_MODELS = {  # torch_models name -> label
+    "resnet50": "torchvision-style ResNet-50",
+    "mobilenet_v1_0.75": "MobileNetV1 0.75 (224)",
+    "densenet121": "torchvision-style DenseNet-121",
+}
 
-    A torchvision-style ResNet-50 (benchmarks/torch_models.py, seeded) runs in torch
-    (forward under inference_mode; forward + input gradient with the weights frozen, so
-    autograd computes only the data path, as our graph does) and, exported to ONNX by
-    bench_attribution.export_onnx, through our engine. Needs the bench extra (torch).
+
+def bench_torch_reference(batches: list[int], repeats: int) -> None:
+    """The same ratio for PyTorch autograd on this machine, and ours on the same networks.
+
+    Each network of REFERENCE_MODELS (benchmarks/torch_models.py, seeded, BatchNorm
+    calibrated) runs in torch (forward under inference_mode; forward + input gradient with
+    the weights frozen, so autograd differentiates only the data path, as our graph does) and,
+    exported to ONNX by bench_attribution.export_onnx, through our engine. Needs the bench
+    extra (torch).
     """
     try:
         import torch
@@ -142,42 +150,42 @@ def bench_torch_reference(batches: list[int], repeats: int) -> None:
     from bench_attribution import export_onnx
 
     torch.set_num_threads(os.cpu_count() or 1)
-    net = torch_models.seeded_resnet("resnet50", seed=0).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "resnet50.onnx"
-        how = export_onnx(net, path)
-        model = prepare_model(onnx.load(str(path)))
-    label = "torchvision-style ResNet-50, ours"
-    print(f"{label:44s} (exported with the {how})")
-    bench_loaded(label, model, batches, repeats)
-    for batch in batches:
-        x = torch.from_numpy(np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32))
+    for name, label in REFERENCE_MODELS.items():
+        net = torch_models.seeded_model(name, seed=0)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.onnx"
+            how = export_onnx(net, path)
+            model = prepare_model(onnx.load(str(path)))
+        print(f"{label + ', ours':44s} (exported with the {how})")
+        bench_loaded(f"{label}, ours", model, batches, repeats)
+        for batch in batches:
+            x = torch.from_numpy(np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32))
 
-        def forward():
-            with torch.inference_mode():
-                net(x)
+            def forward():
+                with torch.inference_mode():
+                    net(x)
 
-        def gradient():
-            xg = x.clone().requires_grad_(True)
-            out = net(xg)
-            out.backward(torch.ones_like(out))
-            return xg.grad
+            def gradient():
+                xg = x.clone().requires_grad_(True)
+                out = net(xg)
+                out.backward(torch.ones_like(out))
+                return xg.grad
 
-        gradient()  # warm-up
-        forward_times, backward_times = [], []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward()
-            forward_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            gradient()
-            backward_times.append(time.perf_counter() - start)
-        f, b = statistics.median(forward_times), statistics.median(backward_times)
-        print(f"{'torchvision-style ResNet-50, PyTorch ' + torch.__version__:44s} batch {batch}: forward "
-              f"{f * 1e3:8.1f} ms, forward+gradient {b * 1e3:8.1f} ms, ratio {b / f:5.2f} "
-              f"(best-of {min(backward_times) / min(forward_times):4.2f})  (reference)")
+            gradient()  # warm-up
+            forward_times, backward_times = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                forward()
+                forward_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                gradient()
+                backward_times.append(time.perf_counter() - start)
+            f, b = statistics.median(forward_times), statistics.median(backward_times)
+            print(f"{label + ', PyTorch ' + torch.__version__:44s} batch {batch}: forward {f * 1e3:8.1f} ms, "
+                  f"forward+gradient {b * 1e3:8.1f} ms, ratio {b / f:5.2f} "
+                  f"(best-of {min(backward_times) / min(forward_times):4.2f})  (reference)")
 
 
 def bench_build_time(repeats: int) -> None:
