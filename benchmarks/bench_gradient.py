@@ -131,14 +131,14 @@ REFERENCE_MODELS = {  # torch_models name -> label
 }
 
 
-def bench_torch_reference(batches: list[int], repeats: int) -> None:
+def bench_torch_reference(batches: list[int], repeats: int, device: str = "cpu") -> None:
     """The same ratio for PyTorch autograd on this machine, and ours on the same networks.
 
     Each network of REFERENCE_MODELS (benchmarks/torch_models.py, seeded, BatchNorm
     calibrated) runs in torch (forward under inference_mode; forward + input gradient with
     the weights frozen, so autograd differentiates only the data path, as our graph does) and,
     exported to ONNX by bench_attribution.export_onnx, through our engine. Needs the bench
-    extra (torch).
+    extra (torch). `device` "cuda": torch on the GPU (each timed call ends with a synchronize).
     """
     try:
         import torch
@@ -149,7 +149,15 @@ def bench_torch_reference(batches: list[int], repeats: int) -> None:
     import torch_models
     from bench_attribution import export_onnx
 
+    if device == "cuda" and not torch.cuda.is_available():
+        print("PyTorch reference skipped: torch sees no CUDA device")
+        return
     torch.set_num_threads(os.cpu_count() or 1)
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     for name, label in REFERENCE_MODELS.items():
         net = torch_models.seeded_model(name, seed=0)
         for p in net.parameters():
@@ -160,17 +168,20 @@ def bench_torch_reference(batches: list[int], repeats: int) -> None:
             model = prepare_model(onnx.load(str(path)))
         print(f"{label + ', ours':44s} (exported with the {how})")
         bench_loaded(f"{label}, ours", model, batches, repeats)
+        net = net.to(device)
         for batch in batches:
-            x = torch.from_numpy(np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32))
+            x = torch.from_numpy(np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32)).to(device)
 
             def forward():
                 with torch.inference_mode():
                     net(x)
+                synchronize()
 
             def gradient():
                 xg = x.clone().requires_grad_(True)
                 out = net(xg)
                 out.backward(torch.ones_like(out))
+                synchronize()
                 return xg.grad
 
             gradient()  # warm-up
@@ -218,8 +229,8 @@ def main() -> None:
     bench_build_time(args.repeats)
     for label, path in MODELS.items():
         bench_model(label, path, args.batches, args.repeats)
-    if args.provider == "cpu" and not args.no_torch:
-        bench_torch_reference(args.batches, args.repeats)
+    if not args.no_torch:
+        bench_torch_reference(args.batches, args.repeats, args.provider)
 
 
 if __name__ == "__main__":
