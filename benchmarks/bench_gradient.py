@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                         help="execution provider of both sessions (cuda: fails where CUDA cannot run)")
     parser.add_argument("--no-torch", action="store_true",
-                        help="skip the PyTorch reference (run where the bench extra is installed)")
+                        help="skip the PyTorch reference (it runs where torch, the bench extra, is installed)")
     args = parser.parse_args()
     choice = runtime(args.provider).choice
     if args.provider == "cuda" and choice.name != "CUDAExecutionProvider":
