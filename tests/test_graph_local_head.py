@@ -7,11 +7,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from _graph_helpers import Net
+from _graph_helpers import Net, load
 
 from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import prepare_model
-from vis_service.graph.local_head import axis_spans, head_model, local_cuts, nchw_source, plan_local_cuts
+from vis_service.graph.local_head import (CUT_COST_MACS, axis_spans, head_model, local_cuts, nchw_source,
+                                          plan_local_cuts, total_macs)
 from vis_service.graph.subgraph import graph_after
 
 
@@ -102,7 +103,10 @@ def test_every_cut_replays_the_occluded_image_exactly(patch, stride, auto_pad):
     # average pool; not inside the block (the skip path bypasses it); not at jump 8 (W % 8)
     assert {"maxpool_9", "relu_16", "concat_20"} <= names
     assert not names & {"conv_11", "relu_12", "conv_14", "conv_22", "relu_23"}
-    assert plan_local_cuts(model, image, outputs, patch, stride, first_saving=0.0)[0] == cuts[0]
+    chain = plan_local_cuts(model, image, outputs, patch, stride, min_saving=0.0, cut_cost=0)
+    assert chain and chain[0] in cuts
+    # a net this small never pays for a cut's overhead (numpy crops and pastes per image)
+    assert plan_local_cuts(model, image, outputs, patch, stride) == []
     x = np.random.default_rng(0).normal(size=(1, 3, H, W)).astype(np.float32)
     grid = [(r, c) for r in range(len(range(0, H - patch[0] + 1, stride[0])))
             for c in range(len(range(0, W - patch[1] + 1, stride[1])))]
@@ -124,12 +128,12 @@ def test_no_cut_where_the_first_layer_is_not_local():
     net.conv(cout=8, k=(3, 3), pads=(1, 1, 1, 1))
     net.cur = net.node("GlobalAveragePool", [net.cur])
     model = prepare_model(net.model())
-    assert plan_local_cuts(model, "image", [net.cur], (8, 8), (4, 4), first_saving=0.0) == []
+    assert plan_local_cuts(model, "image", [net.cur], (8, 8), (4, 4), min_saving=0.0, cut_cost=0) == []
 
 
 def test_no_cut_when_the_crop_would_be_the_image():
     model = _net(40, 36)
-    assert plan_local_cuts(model, "image", [o.name for o in model.graph.output], (30, 30), (5, 5)) == []
+    assert plan_local_cuts(model, "image", [o.name for o in model.graph.output], (30, 30), (5, 5), cut_cost=0) == []
 
 
 def test_axis_spans_stay_on_the_grid_and_inside_the_image():
@@ -178,3 +182,31 @@ def test_nhwc_images_start_from_their_transpose_to_nchw_when_it_is_the_only_read
     assert nchw_source(model, "image", "NCHW") == "image"
     around = net.node("Identity", ["image"])  # a second reader: a path around the transpose
     assert nchw_source(prepare_model(net.model([net.cur, around])), "image", "NHWC") is None
+
+
+def _chain_cost(model, chain, outputs) -> int:
+    """The planner's estimate for a chain: heads on their crops, one cut's overhead per cut,
+    the network after the last cut in full."""
+    rest = graph_after(model, chain[-1].tensor, outputs).model if chain else model
+    return sum(c.cost_macs + CUT_COST_MACS for c in chain) + total_macs(rest)
+
+
+def test_the_searched_chain_costs_less_than_the_greedy_one():
+    """ResNet-50 (the onnx wheel's graph), 32x32 patches at stride 16: taking from each source
+    the cut that saves most (a long head on a large crop) gave layer2.0 / layer2.3 / layer3.0;
+    the search finds a chain of shorter heads on crops growing block by block that the
+    estimate puts well below it, and below every single cut."""
+    model = load("light:resnet50")
+    image, outputs = model.graph.input[0].name, [model.graph.output[0].name]
+    chain = plan_local_cuts(model, image, outputs, (32, 32), (16, 16))
+    assert [c.source for c in chain] == [image] + [c.tensor for c in chain[:-1]]
+    greedy, current, source = [], model, image
+    changed = _intervals((224, 224), (32, 32), (16, 16))
+    while (cuts := local_cuts(current, source, outputs, changed)) and len(greedy) < 3:
+        greedy.append(cuts[0])
+        current, source = graph_after(model, cuts[0].tensor, outputs).model, cuts[0].tensor
+        changed = tuple([(s.lo, s.hi) for s in cuts[0].spans[a]] for a in range(2))
+    total = total_macs(model)
+    assert _chain_cost(model, chain, outputs) < _chain_cost(model, greedy, outputs) - 0.02 * total
+    for cut in local_cuts(model, image, outputs, _intervals((224, 224), (32, 32), (16, 16))):
+        assert _chain_cost(model, chain, outputs) <= _chain_cost(model, [cut], outputs)

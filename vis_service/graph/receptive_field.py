@@ -92,9 +92,10 @@ def _mk(size, jump, offset, is_global=False, approximate=False) -> ReceptiveFiel
     )
 
 
-def image_input(model: onnx.ModelProto) -> tuple[str, tuple[int, int]] | None:
-    """(name, spatial axes) of the first rank-4 float graph input, or None."""
-    infos = tensor_infos(model)
+def image_input(model: onnx.ModelProto, infos: dict | None = None) -> tuple[str, tuple[int, int]] | None:
+    """(name, spatial axes) of the first rank-4 float graph input, or None. `infos`:
+    the model's tensor_infos where the caller has them."""
+    infos = tensor_infos(model) if infos is None else infos
     for vi in model.graph.input:
         info = infos.get(vi.name)
         if info is None or info.shape is None or len(info.shape) != 4 or info.elem_type not in _FLOAT_TYPES:
@@ -106,18 +107,18 @@ def image_input(model: onnx.ModelProto) -> tuple[str, tuple[int, int]] | None:
     return None
 
 
-def receptive_fields(model: onnx.ModelProto) -> dict[str, ReceptiveField]:
+def receptive_fields(model: onnx.ModelProto, infos: dict | None = None) -> dict[str, ReceptiveField]:
     """tensor name -> field, for every rank-4 float tensor computed from the image input.
 
     The model should have gone through `loading.prepare_model` (inferred shapes
     are needed for auto_pad, Slice and Reshape). Nodes are visited in graph
     order, which ONNX requires to be topological.
     """
-    found = image_input(model)
+    infos = tensor_infos(model) if infos is None else infos
+    found = image_input(model, infos)
     if found is None:
         return {}
     name, axes = found
-    infos = tensor_infos(model)
 
     def shape(t: str):
         info = infos.get(t)

@@ -53,15 +53,17 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def graph_after(model: onnx.ModelProto, tensor: str, outputs: Sequence[str] | None = None) -> Subgraph:
+def graph_after(model: onnx.ModelProto, tensor: str, outputs: Sequence[str] | None = None,
+                infos: dict | None = None) -> Subgraph:
     """The model from `tensor` to `outputs` (default: the graph outputs).
 
-    `model` must be prepared (shapes inferred) so the new input can be typed.
+    `model` must be prepared (shapes inferred) so the new input can be typed; `infos`: its
+    tensor_infos, where the caller has them.
     Raises InvalidArgument("layer", ...) when no output depends on `tensor`.
     """
     g = model.graph
     outputs = tuple(outputs or [o.name for o in g.output])
-    infos = tensor_infos(model)
+    infos = tensor_infos(model) if infos is None else infos
     if tensor not in infos:
         raise InvalidArgument("layer", f"tensor {tensor!r} has no inferred type; cannot cut the graph there")
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
