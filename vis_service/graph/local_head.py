@@ -269,16 +269,17 @@ def plan_local_cuts(model: onnx.ModelProto, image: str, outputs: Sequence[str], 
                     cut_cost: float | None = None, max_sources: int = 48) -> list[LocalCut]:
     """The chain of cuts for occluding `patch`-sized patches at `stride` over the image that
     costs the fewest estimated multiply-adds per occluded image: every head's Convs on its
-    crop's share of its source, the network after the last cut in full, plus `cut_cost` of the
-    forward pass's multiply-adds per cut (its crops, pastes and one more session run per
-    batch: ~1% on ResNet-50); [] unless the chain saves at least `min_saving` of the forward.
+    crop's share of its source, the network after the last cut in full, plus `cut_cost`
+    multiply-adds per cut (default CUT_COST_MACS: its crops, pastes and one more session run
+    per batch); [] unless the chain saves at least `min_saving` of the forward pass.
 
     Found by a search over chains (each cut's changed units are the next source's changed
-    region), not greedily: the cut that saves most from a source is often a long head on a
-    large crop, where several short heads on crops growing block by block cost less
-    (ResNet-50, 32x32 patches at stride 16: greedy layer2.0 / layer2.3 / layer3.0 with crops
-    112 / 21 / 20, estimated 0.70 of the forward; searched layer1.1 / layer2.0 / 2.1 / 2.2 / 2.3
-    / layer3.0 with crops 88 / 22 / 13 / 15 / 17 / 20, 0.66; a whole occlusion call 3.67 -> 3.21 s).
+    region; at most `max_sources` sources explored), not greedily: the cut that saves most
+    from a source is often a long head on a large crop, where several short heads on crops
+    growing block by block cost less (ResNet-50, 32x32 patches at stride 16: greedy
+    layer2.0 / layer2.3 / layer3.0 on crops 112 / 21 / 20, estimated 0.70 of the forward;
+    searched layer1.0 / 1.2 / 2.0 / 2.1 / 2.2 / 2.3 / 3.0 / 3.1 on crops 72 / 21 / 20 / 13 /
+    15 / 17 / 20 / 13, 0.66; a whole occlusion call, warm, 3.47 -> 3.21 s).
 
     `model` is prepared (static image size, shapes inferred). For an NHWC image the first
     cut's source is its NCHW view (see nchw_source): crops are fed to the head transposed.
@@ -302,7 +303,7 @@ def plan_local_cuts(model: onnx.ModelProto, image: str, outputs: Sequence[str], 
         if key not in best:
             result: tuple[float, list[LocalCut]] = (float(total_macs(current, infos)), [])
             explore = len(best) < max_sources  # bounds the search: each source costs a local_cuts pass
-            best[key] = result  # placeholder while exploring (no cycles: cuts move forward)
+            best[key] = result  # while exploring; never read back (each cut moves forward)
             for cut in local_cuts(current, source, outputs, changed, infos) if explore else []:
                 cost = cut.cost_macs + cut_cost
                 if cost >= result[0]:
