@@ -237,6 +237,16 @@ def test_unknown_model_suggests_close_names(client):
     with pytest.raises(VisError) as e:
         client.inspect("sha256:0000000000000000")
     assert_status(e, grpc.StatusCode.NOT_FOUND)
+    # a name that is not loaded goes to ModelService.Load, whose suggestions include uploaded models
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])])
+    model = client.load_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+                              .SerializeToString(), name="uploaded-relu")
+    with pytest.raises(VisError) as e:
+        client.model("uploaded-rel")
+    assert_status(e, grpc.StatusCode.NOT_FOUND, "did you mean 'uploaded-relu'")
+    assert client.unload(model)
     still_serving(client)
 
 

@@ -132,6 +132,10 @@ class ModelStore:
         with self._lock:
             return list(self._models.values())
 
+    def _loaded_names(self) -> list[str]:
+        with self._lock:
+            return [n for m in self._models.values() for n in m.names]
+
     def repository_names(self) -> list[str]:
         if self.repository is None or not self.repository.is_dir():
             return []
@@ -143,13 +147,13 @@ class ModelStore:
         """Load DIR/<name>/model.onnx; never reads outside the repository."""
         check_name(name)
         if self.repository is None:
-            raise NotFound("model", name, [])
+            raise NotFound("model", name, self._loaded_names())
         model_dir = (self.repository / name).resolve()
         path = model_dir / MODEL_FILE
         if model_dir.parent != self.repository:
             raise InvalidArgument("name", f"{name!r} resolves outside the model repository; refused")
-        if not path.is_file():
-            raise NotFound("model", name, self.repository_names())
+        if not path.is_file():  # a typo of an uploaded model's name is suggested too
+            raise NotFound("model", name, self.repository_names() + self._loaded_names())
         real = path.resolve()
         if real.parent != model_dir:
             raise InvalidArgument("name", f"{name}/{MODEL_FILE} is a link out of the model directory; refused")
