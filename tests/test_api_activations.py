@@ -122,6 +122,7 @@ def test_undecodable_image(stubs, client, digits):
         client.activations(digits, [b"\x89PNG\r\n\x1a\n garbage"], ["logits"])
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input.images[0]" in e.value.details and "decode" in e.value.details
+    assert "BytesIO" not in e.value.details and "PNG or JPEG" in e.value.details
     _, vis = stubs
     req = vis_pb2.ActivationsRequest(model=digits.id, layers=["logits"], input=vis_pb2.InputBatch(
         images=[digits_png()], preprocess=vis_pb2.Preprocessing(preset="nonsense")))

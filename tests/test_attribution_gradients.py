@@ -87,6 +87,17 @@ def test_bad_requests_name_the_field(client, digits):
     e = _raw_call(client, method="integrated_gradients",
                   integrated_gradients=attribution_pb2.IntegratedGradientsOptions(steps=-1))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "integrated_gradients.steps" in e.details()
+    # counts past the limits are refused up front, naming the allowed range (100 000 SmoothGrad samples
+    # of this input would be fine: the noise is drawn run by run; one more is refused)
+    e = _raw_call(client, method="smoothgrad", smoothgrad=attribution_pb2.SmoothGradOptions(samples=100_001))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "smoothgrad.samples" in e.details()
+    assert "[1, 100000]" in e.details()
+    e = _raw_call(client, method="integrated_gradients",
+                  integrated_gradients=attribution_pb2.IntegratedGradientsOptions(steps=2000, rule="gausslegendre"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "[1, 1024] for rule gausslegendre" in e.details()
+    e = _raw_call(client, method="integrated_gradients",
+                  integrated_gradients=attribution_pb2.IntegratedGradientsOptions(steps=10**9))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "[1, 100000]" in e.details()
     e = _raw_call(client, method="integrated_gradients",
                   integrated_gradients=attribution_pb2.IntegratedGradientsOptions(baseline="grey"))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "baseline" in e.details() and "blurred" in e.details()

@@ -24,6 +24,7 @@ from .progress import NO_PROGRESS, MethodResult, Progress
 
 DEFAULT_SAMPLES = 25
 DEFAULT_NOISE = 0.15
+MAX_SAMPLES = 100_000  # per image; the noise is drawn run by run, so memory does not grow with it
 
 
 def noise_sigma(x: np.ndarray, noise: float) -> np.ndarray:
@@ -37,31 +38,52 @@ def noise_for(x_i: np.ndarray, i: int, samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(i)]).standard_normal((samples,) + x_i.shape, dtype=np.float32)
 
 
+class _NoiseStream:
+    """noise_for's rows, drawn run by run in row order instead of [samples, ...] at once (100 000
+    samples of a 224x224 image would be 60 GB). numpy's generators give the same numbers drawn
+    in consecutive pieces as in one call, so the noise is still exactly noise_for's."""
+
+    def __init__(self, x: np.ndarray, samples: int, seed: int):
+        self.x, self.samples, self.seed = x, samples, seed
+        self.image, self.next_sample, self.rng = -1, 0, None
+
+    def rows(self, ks: np.ndarray):
+        """(image, eps) of rows ks: consecutive rows, continuing where the last call stopped."""
+        ks = np.asarray(ks)
+        start = 0
+        while start < len(ks):
+            i, s = divmod(int(ks[start]), self.samples)
+            count = min(len(ks) - start, self.samples - s)
+            if i != self.image:
+                self.image, self.next_sample = i, 0
+                self.rng = np.random.default_rng([int(self.seed), int(i)])
+            if s != self.next_sample:
+                raise AssertionError(f"noise rows drawn out of order: sample {s} of image {i}, "
+                                     f"expected {self.next_sample}")
+            eps = self.rng.standard_normal((count,) + self.x.shape[1:], dtype=np.float32)
+            self.next_sample += count
+            for e in eps:
+                yield i, e
+            start += count
+
+
 def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, samples: int = DEFAULT_SAMPLES,
                noise: float = DEFAULT_NOISE, vargrad: bool = False, seed: int = 0, batch: int = 0,
                progress: Progress = NO_PROGRESS) -> MethodResult:
-    if samples <= 0:
-        raise InvalidArgument("smoothgrad.samples", f"must be > 0, got {samples}")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise InvalidArgument("smoothgrad.samples", f"must be in [1, {MAX_SAMPLES}], got {samples}")
     if not np.isfinite(noise) or noise < 0:
         raise InvalidArgument("smoothgrad.noise", f"must be >= 0 (a fraction of the input range), got {noise}")
     x = ai.x
     n = ai.batch
     sigma = noise_sigma(x, noise)
-    eps_cache: dict[int, np.ndarray] = {}
-
-    def eps(i: int) -> np.ndarray:
-        if i not in eps_cache:
-            eps_cache.clear()  # rows are image-major: one image's noise is enough at a time
-            eps_cache[i] = noise_for(x[i], i, samples, seed)
-        return eps_cache[i]
-
     rows = np.repeat(np.arange(n), samples)   # row k = image k // samples, sample k % samples
+    stream = _NoiseStream(x, samples, seed)
 
     def make_inputs(ks: np.ndarray) -> np.ndarray:
         out = np.empty((len(ks),) + x.shape[1:], x.dtype)
-        for j, k in enumerate(ks):
-            i, s = divmod(int(k), samples)
-            out[j] = x[i] + np.float32(sigma[i]) * eps(i)[s]
+        for j, (i, eps) in enumerate(stream.rows(ks)):
+            out[j] = x[i] + np.float32(sigma[i]) * eps
         return out
 
     total = np.zeros(x.shape, np.float64)

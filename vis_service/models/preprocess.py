@@ -22,7 +22,10 @@ def decode_image(data: bytes, field: str) -> Image.Image:
         img.load()
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its message names our in-memory buffer, nothing of use
+        raise InvalidArgument(field, f"cannot decode image: not a format Pillow reads ({len(data)} bytes, "
+                                     f"starting {data[:8]!r}); send PNG or JPEG bytes") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidArgument(field, f"cannot decode image ({exc}); send PNG or JPEG bytes") from None
     return img
 
