@@ -125,6 +125,13 @@ def test_light_graphs_upload_inspect(client, path):
     ins = client.inspect(model)
     assert len(ins.nodes) > 10 and ins.model.inputs[0].shape[0] == "N"  # batch kept symbolic
     assert any(n.receptive_fields for n in ins.nodes)
+    # the weights are ConstantOfShape nodes: flagged constant, left out of the table unless asked
+    built = [n for n in ins.nodes if n.op_type == "ConstantOfShape"]
+    assert built and all(n.constant for n in built) and not any(n.constant for n in ins.nodes if n.op_type == "Conv")
+    table, full = ins.summary(), ins.summary(constants=True)
+    assert f"({sum(n.constant for n in ins.nodes)} constant nodes not shown" in table
+    assert built[0].name not in table.split() and built[0].name in full.split()
+    assert len(full.splitlines()) == len(table.splitlines()) - 1 + sum(n.constant for n in ins.nodes)
     client.unload(model)
 
 

@@ -59,6 +59,31 @@ def test_local_onnx_file_is_uploaded(server, tmp_path, capsys):
     assert "head/gemm" in capsys.readouterr().out
 
 
+def test_inspect_leaves_out_constant_nodes_unless_asked(server, client, tmp_path, capsys):
+    """A weight built in the graph (here a ConstantOfShape, as in the onnx wheel's light_* graphs)
+    is not a layer: the table leaves it out and says so; --constants lists it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["wshape"], ["w"], "make_w",
+                          value=numpy_helper.from_array(np.array([0.5], np.float32))),
+         helper.make_node("Conv", ["x", "w"], ["y"], "conv"), helper.make_node("Relu", ["y"], ["z"], "relu")],
+        "built", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [numpy_helper.from_array(np.array([2, 1, 3, 3], np.int64), "wshape")])
+    path = tmp_path / "built_weights.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    assert run(server, "inspect", str(path)) == 0
+    out = capsys.readouterr().out
+    assert "conv" in out.split() and "make_w" not in out.split() and "(1 constant node not shown" in out
+    assert "parameters: 18" in out
+    assert run(server, "inspect", "built_weights", "--constants") == 0
+    out = capsys.readouterr().out
+    assert "make_w" in out.split() and "not shown" not in out
+    client.unload("built_weights")
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["inspect", "no-such-model"], "NOT_FOUND"),
     (["activations", "digits", "--images", "missing.png", "--layers", "conv1", "--out", "x"], "missing.png"),

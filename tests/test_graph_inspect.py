@@ -54,6 +54,9 @@ def test_every_model(model_id):
     if model_id.startswith("light:"):
         cos = [n for n in s.nodes if n.op_type == "ConstantOfShape"]
         assert cos and all(n.parameter_count == 0 and not n.receptive_fields for n in cos)
+    # constant = depends on no graph input: the light graphs' weight builders, never a Conv
+    assert all(n.constant for n in s.nodes if n.op_type in ("ConstantOfShape", "Constant"))
+    assert not any(n.constant for n in convs)
 
 
 def test_parameter_counting_rules():

@@ -77,7 +77,7 @@ def inspect_response(model: LoadedModel, summary, info: vis_pb2.ModelInfo) -> vi
                                    producer=f"{summary.producer_name} {summary.producer_version}".strip())
     for n in summary.nodes:
         node = resp.nodes.add(name=n.name, op_type=n.op_type, inputs=n.inputs, outputs=n.outputs,
-                              parameter_count=n.parameter_count)
+                              parameter_count=n.parameter_count, constant=n.constant)
         for out in n.outputs:
             known = model.infos.get(out)
             node.output_specs.append(tensor_spec(known) if known else vis_pb2.TensorSpec(name=out))

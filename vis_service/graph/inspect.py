@@ -56,6 +56,7 @@ class NodeSummary:
     output_shapes: tuple           # one shape (or None) per output
     parameter_count: int
     receptive_fields: dict[str, ReceptiveField] = field(default_factory=dict)  # rank-4 float outputs
+    constant: bool = False        # depends on no graph input (builds a weight or a shape)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ def inspect_model(model: onnx.ModelProto) -> ModelSummary:
             output_shapes=tuple(infos[o].shape if o in infos else None for o in outs),
             parameter_count=count,
             receptive_fields={o: rfs[o] for o in outs if o in rfs},
+            constant=is_const_node,
         ))
     # constants used directly as graph outputs count too
     for o in g.output:

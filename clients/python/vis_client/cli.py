@@ -161,7 +161,7 @@ def cmd_models(client: Client, args) -> None:
 
 def cmd_inspect(client: Client, args) -> None:
     model = _resolve_model(client, args.model)
-    print(client.inspect(model).summary())
+    print(client.inspect(model).summary(constants=args.constants))
 
 
 def cmd_activations(client: Client, args) -> None:
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print the layer table of a model")
     p.add_argument("model", metavar="MODEL")
+    p.add_argument("--constants", action="store_true",
+                   help="also list the nodes that depend on no input (they build weights or shapes)")
     p.set_defaults(func=cmd_inspect)
 
     def add_input(p):

@@ -185,12 +185,13 @@ class NodeInfo:
     output_specs: list[TensorSpec]
     parameter_count: int
     receptive_fields: dict[str, ReceptiveField]
+    constant: bool = False   # depends on no graph input: builds a weight or a shape
 
     @classmethod
     def from_proto(cls, n: vis_pb2.NodeInfo) -> "NodeInfo":
         return cls(n.name, n.op_type, list(n.inputs), list(n.outputs),
                    [TensorSpec.from_proto(s) for s in n.output_specs], int(n.parameter_count),
-                   {k: ReceptiveField.from_proto(v) for k, v in n.receptive_fields.items()})
+                   {k: ReceptiveField.from_proto(v) for k, v in n.receptive_fields.items()}, bool(n.constant))
 
     @property
     def output_shapes(self) -> list[tuple[int | str | None, ...]]:
@@ -218,9 +219,10 @@ class Inspection:
                 return n
         raise KeyError(name)
 
-    def summary(self) -> str:
+    def summary(self, constants: bool = False) -> str:
         """A readable table: node name, op, output tensor(s), output shape, parameters,
-        receptive field size / jump (in input pixels)."""
+        receptive field size / jump (in input pixels). Nodes that depend on no input (they
+        build weights or shapes) are left out unless ``constants``; a line says how many."""
         m = self.model
         head = [f"model {m.name}  id {m.id}  opset {self.opset}  IR {self.ir_version}"
                 + (f"  producer {self.producer}" if self.producer else ""),
@@ -230,7 +232,10 @@ class Inspection:
                 + ("yes" if m.gradients_supported else f"no ({m.gradients_unsupported_reason or 'unsupported'})"),
                 ""]
         rows = [("name", "op", "output", "output shape", "params", "RF size", "RF jump")]
+        hidden = 0 if constants else sum(n.constant for n in self.nodes)
         for n in self.nodes:
+            if n.constant and not constants:
+                continue
             shapes = "; ".join(s.shape_str() for s in n.output_specs) or "-"
             rf = next((n.receptive_fields[o] for o in n.outputs if o in n.receptive_fields), None)
             rows.append((n.name or "(unnamed)", n.op_type, ", ".join(n.outputs) or "-", shapes,
@@ -244,6 +249,9 @@ class Inspection:
             lines.append("  ".join(cells).rstrip())
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        if hidden:
+            lines.append(f"({hidden} constant node{'s' if hidden > 1 else ''} not shown: they depend on no input "
+                         "and build weights or shapes; summary(constants=True) / `vis inspect --constants` lists them)")
         return "\n".join(head + lines)
 
     def __str__(self) -> str:

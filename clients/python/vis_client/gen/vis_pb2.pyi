@@ -275,7 +275,7 @@ class ReceptiveField(_message.Message):
     def __init__(self, size_h: _Optional[int] = ..., size_w: _Optional[int] = ..., jump_h: _Optional[float] = ..., jump_w: _Optional[float] = ..., offset_h: _Optional[float] = ..., offset_w: _Optional[float] = ..., approximate: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "op_type", "inputs", "outputs", "output_specs", "parameter_count", "receptive_fields")
+    __slots__ = ("name", "op_type", "inputs", "outputs", "output_specs", "parameter_count", "receptive_fields", "constant")
     class ReceptiveFieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +290,7 @@ class NodeInfo(_message.Message):
     OUTPUT_SPECS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     RECEPTIVE_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    CONSTANT_FIELD_NUMBER: _ClassVar[int]
     name: str
     op_type: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
@@ -297,7 +298,8 @@ class NodeInfo(_message.Message):
     output_specs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     parameter_count: int
     receptive_fields: _containers.MessageMap[str, ReceptiveField]
-    def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_specs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., receptive_fields: _Optional[_Mapping[str, ReceptiveField]] = ...) -> None: ...
+    constant: bool
+    def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_specs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., receptive_fields: _Optional[_Mapping[str, ReceptiveField]] = ..., constant: _Optional[bool] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
     __slots__ = ("model", "nodes", "parameter_count", "opset", "ir_version", "producer")
