@@ -497,20 +497,33 @@ def test_relu_mask_ramp_is_exact(opset, channels):
         np.testing.assert_array_equal(got, g * (x > 0))
 
 
-@pytest.mark.parametrize("high", [6.0, 1.0, 0.3, 4.0])
-def test_clip_mask_ramps_are_exact(high):
-    """Clip(0, high) in float32 takes the two-ramp HardSigmoid mask: exact at and one float from the bounds."""
+@pytest.mark.parametrize("shape", [(2, 32, 8, 10), (2, 32, 80)], ids=["4d_fused_conv", "3d_two_ramps"])
+@pytest.mark.parametrize("high", [6.0, 1.0, 0.3, 4.0, 20.0])
+def test_clip_mask_ramps_are_exact(high, shape):
+    """Clip(0, high) in float32 takes HardSigmoid ramps: two ramps and their product, or on 4-D tensors
+    one ramp and a depthwise 1x1 Conv + Add + ramp that onnxruntime fuses. Exact at the bounds and
+    on every float within 100 ulps of them."""
     from _engine_helpers import run_gradient
     from vis_service.engine import build_gradient_model
-    model = one_node_model("Clip", {"x": (2, 32, 4, 5)}, {"lo": np.array(0.0, np.float32), "hi": np.array(high, np.float32)}, opset=17)
-    x = (np.random.default_rng(3).standard_normal((2, 32, 4, 5)) * high).astype(np.float32)
+    model = one_node_model("Clip", {"x": shape}, {"lo": np.array(0.0, np.float32), "hi": np.array(high, np.float32)}, opset=17)
+    x = (np.random.default_rng(3).standard_normal(shape) * high).astype(np.float32)
     high32 = np.float32(high)
     x.flat[:12] = [0.0, -0.0, 2.0 ** -126, -(2.0 ** -126), high32, np.nextafter(high32, np.float32(0)),
                    np.nextafter(high32, np.float32(np.inf)), high32 / 2, np.nextafter(high32 / 2, np.float32(0)),
                    3e38, -3e38, 2.0 ** -149]
+    sweep = []
+    for bound in (np.float32(2.0 ** -126), high32):  # 100 floats each side of the bounds
+        for direction in (np.float32(np.inf), np.float32(-np.inf)):
+            v = bound
+            for _ in range(100):
+                v = np.nextafter(v, direction)
+                sweep.append(v)
+    x.flat[12:12 + len(sweep)] = sweep
     g = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
     graph = build_gradient_model(model, ["y0"], ["x"])
-    assert "HardSigmoid" in {n.op_type for n in graph.model.graph.node}
+    ops = [n.op_type for n in graph.model.graph.node]
+    assert "HardSigmoid" in ops
+    assert ("Conv" in ops) == (len(shape) == 4), ops
     expected = g * ((x > 0) & (x < high32))
     for optimize in (True, False):
         got = run_gradient(graph, {"x": x}, {"y0": g}, optimize=optimize)["x"]
