@@ -275,6 +275,51 @@ def test_unary(op, attrs, opset, values):
     check(op, {"x": (2, 3, 4, 5)}, opset=opset, kind=kind, values=values, **attrs)
 
 
+@pytest.mark.parametrize("op,attrs", [("HardSwish", {}), ("Clip", {"min": 0.0, "max": 6.0}),
+                                      ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5})])
+def test_blocked_activation_slopes(op, attrs):
+    """Channels in whole NCHWc blocks: HardSwish's slope and ReLU6's mask take the ramps and fused
+    depthwise Convs (no comparison or Cast in the graph); adjoint and finite-difference checks as above."""
+    from vis_service.engine import build_gradient_model
+    opset = 9 if op == "Clip" else 17
+    check(op, {"x": (2, 16, 4, 5)}, opset=opset, kind=LINEAR, values="separated", **attrs)
+    ops = {n.op_type for n in build_gradient_model(one_node_model(op, {"x": (2, 16, 4, 5)}, opset=opset, **attrs),
+                                                   ["y0"], ["x"]).model.graph.node}
+    assert "Conv" in ops and not ops & {"Cast", "Greater", "Less"}, ops
+
+
+def test_hard_swish_slope_near_the_kinks():
+    """The blocked HardSwish slope against numpy's, on values within 100 ulps of -3 and 3 and at random.
+    It judges the kinks on clip(x/6 + 1/2, 0, 1) in float32: within 2 ulps of them either side's slope."""
+    from _engine_helpers import run_gradient
+    from vis_service.engine import build_gradient_model
+    shape = (2, 16, 8, 10)
+    x = (np.random.default_rng(5).standard_normal(shape) * 4).astype(np.float32)
+    near = []
+    for kink in (np.float32(-3.0), np.float32(3.0)):
+        for direction in (np.float32(np.inf), np.float32(-np.inf)):
+            v = kink
+            for _ in range(100):
+                v = np.nextafter(v, direction)
+                near.append(v)
+    x.flat[:2] = [-3.0, 3.0]
+    x.flat[2:2 + len(near)] = near
+    g = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    graph = build_gradient_model(one_node_model("HardSwish", {"x": shape}, opset=17), ["y0"], ["x"])
+    x64 = x.astype(np.float64)
+    slope = np.where(x64 <= -3, 0.0, np.where(x64 >= 3, 1.0, x64 / 3 + 0.5))
+    kink = np.where(x64 < 0, -3.0, 3.0)
+    close = np.abs(x64 - kink) <= 2 * np.spacing(np.float32(3.0))
+    assert close.sum() == 2 * 5, close.sum()   # each kink and two floats either side
+    # the slope the other side of the nearest kink has
+    other = np.where(x64 < 0, np.where(x64 <= -3, x64 / 3 + 0.5, 0.0), np.where(x64 >= 3, x64 / 3 + 0.5, 1.0))
+    for optimize in (True, False):
+        got = run_gradient(graph, {"x": x}, {"y0": g}, optimize=optimize)["x"]
+        np.testing.assert_allclose(got[~close], (g * slope)[~close], rtol=1e-6, atol=1e-6)
+        either = np.isclose(got, g * slope, rtol=1e-6, atol=1e-6) | np.isclose(got, g * other, rtol=1e-6, atol=1e-6)
+        assert either[close].all()
+
+
 def test_clip_with_inputs():
     check("Clip", {"x": (2, 3, 4, 5)}, {"lo": np.array(-0.5), "hi": np.array(0.7)}, kind=LINEAR, values="separated")
     check("Clip", {"x": (2, 3, 4, 5)}, {"hi": np.array(6.0)}, kind=LINEAR, values="separated", input_order=["x", "", "hi"])
