@@ -276,16 +276,20 @@ def test_unary(op, attrs, opset, values):
 
 
 @pytest.mark.parametrize("op,attrs", [("HardSwish", {}), ("Clip", {"min": 0.0, "max": 6.0}),
-                                      ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5})])
+                                      ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}), ("LeakyRelu", {"alpha": 0.1}),
+                                      ("Sigmoid", {}), ("Tanh", {})])
 def test_blocked_activation_slopes(op, attrs):
-    """Channels in whole NCHWc blocks: HardSwish's slope and ReLU6's mask take the ramps and fused
-    depthwise Convs (no comparison or Cast in the graph); adjoint and finite-difference checks as above."""
+    """Channels in whole NCHWc blocks: the slopes take ramps and depthwise 1x1 Convs that stay in
+    onnxruntime's blocked layout (no comparison, Cast or scalar Sub in the graph); adjoint and
+    finite-difference checks as above."""
     from vis_service.engine import build_gradient_model
     opset = 9 if op == "Clip" else 17
-    check(op, {"x": (2, 16, 4, 5)}, opset=opset, kind=LINEAR, values="separated", **attrs)
+    smooth = op in ("Sigmoid", "Tanh")
+    check(op, {"x": (2, 16, 4, 5)}, opset=opset, kind=SMOOTH if smooth else LINEAR,
+          values="normal" if smooth else "separated", **attrs)
     ops = {n.op_type for n in build_gradient_model(one_node_model(op, {"x": (2, 16, 4, 5)}, opset=opset, **attrs),
                                                    ["y0"], ["x"]).model.graph.node}
-    assert "Conv" in ops and not ops & {"Cast", "Greater", "Less"}, ops
+    assert "Conv" in ops and not ops & {"Cast", "Greater", "Less", "Sub"}, ops
 
 
 def test_hard_swish_slope_near_the_kinks():

@@ -84,6 +84,10 @@ def leaky_relu_backward(ctx: RuleContext, node, grad_outputs):
     alpha = attr(node, "alpha", 0.01)
     # sign(y) == sign(x) for alpha >= 0; read the output then (fusion), else the input
     probe = node.output[0] if alpha >= 0 else node.input[0]
+    channels = _blocked_channels(ctx, probe)
+    if channels:  # on the blocked tensor: a ramp, then alpha + (1 - alpha) * ramp as one depthwise Conv
+        slope = _affine_blocked(ctx, _ramp(ctx, probe, 2.0 ** 127), 1.0 - alpha, alpha, channels)
+        return [ctx.make_node("Mul", [grad_outputs[0], slope])]
     positive = _positive_mask(ctx, probe)
     slope = ctx.make_node("Add", [ctx.make_node("Mul", [positive, ctx.scalar(1.0 - alpha, probe)]),
                                   ctx.scalar(alpha, probe)])
@@ -157,6 +161,14 @@ def _blocked_channels(ctx: RuleContext, y: str) -> int | None:
     return shape[1]
 
 
+def _affine_blocked(ctx: RuleContext, t: str, scale: float, shift: float, channels: int) -> str:
+    """scale * t + shift as a depthwise 1x1 Conv: one pass that stays in onnxruntime's blocked
+    NCHWc layout, where a Mul / Sub with a scalar would run in NCHW with reorders around it."""
+    weight = ctx.const(np.full([channels, 1, 1, 1], scale, np.float32), "affine_weight")
+    bias = ctx.const(np.full([channels], shift, np.float32), "affine_bias")
+    return ctx.make_node("Conv", [t, weight, bias], group=channels)
+
+
 def _inside_mask_fused(ctx: RuleContext, y: str, high: float, channels: int) -> str:
     """(0 < y < high) of y = clip(x, 0, high) in two passes over the tensor instead of three.
 
@@ -197,14 +209,18 @@ VALUE_MASK_RULES = (relu_backward, clip_backward)
 @rule("Sigmoid")
 def sigmoid_backward(ctx: RuleContext, node, grad_outputs):
     y = node.output[0]
-    slope = ctx.make_node("Mul", [y, ctx.make_node("Sub", [ctx.scalar(1.0, y), y])])
+    channels = _blocked_channels(ctx, y)
+    one_minus_y = _affine_blocked(ctx, y, -1.0, 1.0, channels) if channels else ctx.make_node("Sub", [ctx.scalar(1.0, y), y])
+    slope = ctx.make_node("Mul", [y, one_minus_y])
     return [ctx.make_node("Mul", [grad_outputs[0], slope])]
 
 
 @rule("Tanh")
 def tanh_backward(ctx: RuleContext, node, grad_outputs):
     y = node.output[0]
-    slope = ctx.make_node("Sub", [ctx.scalar(1.0, y), ctx.make_node("Mul", [y, y])])
+    square = ctx.make_node("Mul", [y, y])
+    channels = _blocked_channels(ctx, y)
+    slope = _affine_blocked(ctx, square, -1.0, 1.0, channels) if channels else ctx.make_node("Sub", [ctx.scalar(1.0, y), square])
     return [ctx.make_node("Mul", [grad_outputs[0], slope])]
 
 
