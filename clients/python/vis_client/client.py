@@ -250,8 +250,8 @@ class Inspection:
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
         if hidden:
-            lines.append(f"({hidden} constant node{'s' if hidden > 1 else ''} not shown: they depend on no input "
-                         "and build weights or shapes; summary(constants=True) / `vis inspect --constants` lists them)")
+            lines.append(f"({hidden} constant node{'s' if hidden > 1 else ''} not shown: nodes that depend on no input "
+                         "build weights or shapes; summary(constants=True) / `vis inspect --constants` lists them)")
         return "\n".join(head + lines)
 
     def __str__(self) -> str:

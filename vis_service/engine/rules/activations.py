@@ -178,9 +178,9 @@ def _inside_mask_fused(ctx: RuleContext, y: str, high: float, channels: int) -> 
     masks: two ramps and their product were three passes). With 2^k >= high > 2^(k-1),
     high * 2^-k is in (1/2, 1]: v is 0 at y = 0 (high * 2^-k - 1 <= 0: the ramp gives 0), at least
     2^-24 for 0 < y < high, and exactly 0 at y = high: every term is a multiple of 2^-24 of
-    magnitude <= 1 there, so the sums are exact in any order. Checked equal to the two-ramp mask
-    on every normal float within 200 ulps of 0 and of high, and on random values, for several
-    bounds. 4-D tensors only (the NCHWc layout); a positive denormal y gets a factor in [0, 1).
+    magnitude <= 1 there, so the sums are exact in any order. Checked equal to (0 < y < high) on
+    every normal float within 100 ulps of 0 and of high, and on random values, for several bounds
+    (test_clip_mask_ramps_are_exact). 4-D tensors only (the NCHWc layout); a positive denormal y gets a factor in [0, 1).
     """
     mantissa, exponent = math.frexp(high)
     k = exponent - 1 if mantissa == 0.5 else exponent
