@@ -292,6 +292,34 @@ def test_blocked_activation_slopes(op, attrs):
     assert "Conv" in ops and not ops & {"Cast", "Greater", "Less", "Sub"}, ops
 
 
+def _prelu_slope():
+    return np.random.default_rng(8).uniform(-0.5, 0.9, (16, 1, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("op,attrs,consts,slope", [
+    ("LeakyRelu", {"alpha": 0.1}, {}, lambda x: np.where(x > 0, 1.0, 0.1)),
+    ("Sigmoid", {}, {}, lambda x: (1 / (1 + np.exp(-x))) * (1 - 1 / (1 + np.exp(-x)))),
+    ("Tanh", {}, {}, lambda x: 1 - np.tanh(x) ** 2),
+    ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, {}, lambda x: np.where((0.2 * x + 0.5 > 0) & (0.2 * x + 0.5 < 1), 0.2, 0.0)),
+    ("PRelu", {}, {"slope": _prelu_slope()}, lambda x: np.where(x > 0, 1.0, _prelu_slope())),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_blocked_slopes_in_float32(op, attrs, consts, slope):
+    """The blocked forms run only in float32 (the adjoint checks above settle in float64 where
+    onnxruntime has the op): their gradient against numpy's slope, away from the kinks."""
+    from _engine_helpers import run_gradient
+    from vis_service.engine import build_gradient_model
+    shape = (2, 16, 6, 7)
+    x = (np.random.default_rng(9).standard_normal(shape) * 3).astype(np.float32)
+    x[np.abs(x) < 1e-3] = 0.5                           # no value at ReLU-like kinks
+    if op == "HardSigmoid":
+        x[np.abs(np.abs(x) - 2.5) < 1e-3] = 0.5        # nor at 0.2 x + 0.5 in {0, 1}
+    g = np.random.default_rng(10).standard_normal(shape).astype(np.float32)
+    graph = build_gradient_model(one_node_model(op, {"x": shape}, consts, opset=17, **attrs), ["y0"], ["x"])
+    assert "Conv" in {n.op_type for n in graph.model.graph.node}
+    got = run_gradient(graph, {"x": x}, {"y0": g})["x"]
+    np.testing.assert_allclose(got, g * slope(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
 def test_hard_swish_slope_near_the_kinks():
     """The blocked HardSwish slope against numpy's, on values within 100 ulps of -3 and 3 and at random.
     It judges the kinks on clip(x/6 + 1/2, 0, 1) in float32: within 2 ulps of them either side's slope."""
@@ -331,6 +359,18 @@ def test_clip_with_inputs():
 
 def test_prelu():
     check("PRelu", {"x": (2, 3, 4, 5), "slope": (3, 1, 1)}, kind=LINEAR, values="separated")
+
+
+@pytest.mark.parametrize("slope_shape", [(16, 1, 1), (1, 16, 1, 1), (1,), (5,)])
+def test_prelu_constant_slope(slope_shape):
+    """A constant slope on a blocked tensor: per-channel ones take a ramp and a depthwise Conv; a
+    slope along W ([5] for W = 5) keeps the general rule. Adjoint and finite-difference checks."""
+    from vis_service.engine import build_gradient_model
+    slope = np.random.default_rng(8).uniform(-0.5, 0.9, slope_shape).astype(np.float32)
+    check("PRelu", {"x": (2, 16, 4, 5)}, {"slope": slope}, kind=LINEAR, values="separated")
+    ops = {n.op_type for n in build_gradient_model(one_node_model("PRelu", {"x": (2, 16, 4, 5)}, {"slope": slope}, opset=17),
+                                                   ["y0"], ["x"]).model.graph.node}
+    assert ("Greater" in ops) == (slope_shape == (5,)), ops
 
 
 # ---- linear algebra ---------------------------------------------------------------------------------

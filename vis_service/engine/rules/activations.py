@@ -98,6 +98,17 @@ def leaky_relu_backward(ctx: RuleContext, node, grad_outputs):
 def prelu_backward(ctx: RuleContext, node, grad_outputs):
     x, slope = node.input[0], node.input[1]
     g = grad_outputs[0]
+    channels = _blocked_channels(ctx, x)
+    slopes = ctx.folded_value(slope) if channels and not ctx.needs_grad(node, 1) else None
+    # per-channel slopes broadcast as [C, 1, 1] or [1, C, 1, 1] (a [C] slope would run along W)
+    if slopes is not None and (slopes.size == 1 or tuple(slopes.shape) in ((channels, 1, 1), (1, channels, 1, 1))):
+        # a constant per-channel slope on a blocked tensor: (x > 0) as a ramp, then
+        # slope_c + (1 - slope_c) * ramp as one depthwise Conv with per-channel weights
+        a = np.broadcast_to(np.asarray(slopes, np.float64).reshape(-1), [channels])
+        weight = ctx.const((1.0 - a).astype(np.float32).reshape(channels, 1, 1, 1), "prelu_slope_weight")
+        bias = ctx.const(a.astype(np.float32), "prelu_slope_bias")
+        factor = ctx.make_node("Conv", [_ramp(ctx, x, 2.0 ** 127), weight, bias], group=channels)
+        return [ctx.make_node("Mul", [g, factor]), None]
     positive = ctx.mask("Greater", x, ctx.scalar(0.0, x), x)
     negative = ctx.make_node("Sub", [ctx.scalar(1.0, x), positive])
     grads = [None, None]
