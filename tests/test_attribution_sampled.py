@@ -26,6 +26,20 @@ def _noisy_inputs(x, samples, noise, seed):
     return np.stack(out)                                  # [N, S, ...]
 
 
+def test_noise_stream_is_noise_for_in_any_chunking():
+    """SmoothGrad draws its noise run by run; in whatever runs, the rows are noise_for's."""
+    from vis_service.methods.smoothgrad import _NoiseStream, noise_for
+    x = np.random.default_rng(0).standard_normal((3, 2, 5, 4)).astype(np.float32)
+    samples, seed = 7, 11
+    expected = np.concatenate([noise_for(x[i], i, samples, seed) for i in range(3)])
+    for sizes in ([21], [1] * 21, [5, 5, 5, 6], [7, 7, 7], [3, 10, 8]):
+        stream, got, start = _NoiseStream(x, samples, seed), [], 0
+        for size in sizes:
+            got += [e for _, e in stream.rows(np.arange(start, start + size))]
+            start += size
+        np.testing.assert_array_equal(np.stack(got), expected)
+
+
 def test_smoothgrad_without_noise_is_the_gradient(client, digits, images):
     a = client.smoothgrad(digits, images, samples=3, noise=0.0, batch=2)
     g = client.gradient(digits, images).gradient
