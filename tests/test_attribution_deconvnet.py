@@ -59,6 +59,11 @@ def test_digits_projections_match_numpy_and_crops_match_receptive_field(client, 
             inside[:, top:bottom, left:right] = True
             assert not proj[~inside].any()
             assert np.isclose(np.abs(d.crops[i, j]).sum(), np.abs(proj).sum(), rtol=1e-5)
+    # rendered: small crops enlarged to tiles of >= 128 pixels (at most 8x), 2x2 grid of 4
+    k = min(8, -(-128 // min(rf.size)))
+    grid = d.render_grid(0)
+    assert grid.shape[0] >= 2 * rf.size[0] * k and grid.shape[1] >= 2 * rf.size[1] * k
+    assert d.render_grid(0, crops=False).shape[0] >= 2 * 32 * 4   # 32-pixel projections: 4x
 
 
 def test_channel_and_neuron_targets(client, digits, digit_images):

@@ -103,7 +103,9 @@ class DeconvnetProjections:
     def render_grid(self, i: int, path: str | os.PathLike | None = None, *, crops: bool | None = None,
                     upscale: int = 0) -> np.ndarray:
         """Grid of image ``i``'s projections (or crops, when present and ``crops`` is not False),
-        each min-max scaled on its own as in Zeiler & Fergus."""
+        each min-max scaled on its own as in Zeiler & Fergus. ``upscale``: pixels per input pixel
+        (0: enough for tiles of at least 128 pixels, at most 8; receptive-field crops of early
+        layers are a few pixels wide)."""
         from . import render
 
         use_crops = self.crops is not None if crops is None else crops
@@ -113,7 +115,7 @@ class DeconvnetProjections:
             hw = t.shape[1:] if t.shape[0] in (1, 3) else t.shape[:2]
             tiles.append(display_image(_image_of(t, hw), self.text.get("input_color", "")))
         h, w = tiles[0].shape[:2]
-        k = upscale or max(1, min(8, 64 // max(1, min(h, w))))
+        k = upscale or max(1, min(8, -(-128 // max(1, min(h, w)))))
         arr = render._upscale(np.stack(tiles), k)
         rows, cols = render.grid_shape(len(tiles))
         return render._finish(render._tile(arr, rows, cols), path)
