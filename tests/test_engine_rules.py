@@ -320,6 +320,36 @@ def test_blocked_slopes_in_float32(op, attrs, consts, slope):
     np.testing.assert_allclose(got, g * slope(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("op", ["Sigmoid", "Tanh", "LeakyRelu", "HardSwish", "Relu"])
+def test_activation_rules_need_no_rank(op):
+    """After a Reshape to a shape known only at run time the rank is unknown: the rules take their
+    general forms (the blocked ones ask for 4-D) and the gradient is still right."""
+    from onnx import TensorProto, helper
+    from _engine_helpers import run_gradient
+    from vis_service.engine import build_gradient_model
+    from vis_service.graph.loading import prepare_model
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node(op, ["r"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                           helper.make_tensor_value_info("s", TensorProto.INT64, [None])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = prepare_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    graph = build_gradient_model(model, ["y"], ["x"])
+    x = np.random.default_rng(11).standard_normal((2, 16)).astype(np.float32)
+    cot = np.random.default_rng(12).standard_normal((2, 2, 8)).astype(np.float32)
+    got = run_gradient(graph, {"x": x, "s": np.array([2, 2, 8], np.int64)}, {"y": cot})["x"]
+    eps = 1e-3
+    for k in range(5):  # directional differences
+        v = np.random.default_rng(20 + k).standard_normal(x.shape).astype(np.float32)
+        s = _onnx_eval(model, x + eps * v) - _onnx_eval(model, x - eps * v)
+        assert np.isclose((s * cot.reshape(2, 16)).sum() / (2 * eps), (got * v).sum(), rtol=2e-2, atol=2e-3)
+
+
+def _onnx_eval(model, x):
+    import onnxruntime as ort
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "s": np.array([2, 2, 8], np.int64)})[0].reshape(2, 16)
+
+
 def test_hard_swish_slope_near_the_kinks():
     """The blocked HardSwish slope against numpy's, on values within 100 ulps of -3 and 3 and at random.
     It judges the kinks on clip(x/6 + 1/2, 0, 1) in float32: within 2 ulps of them either side's slope."""

@@ -166,8 +166,8 @@ def _blocked_channels(ctx: RuleContext, y: str) -> int | None:
     """The channel count of a 4-D float32 tensor whose channels fill onnxruntime's NCHWc blocks
     (multiples of 8), else None: where a depthwise 1x1 Conv with an Add and an activation after it
     runs as one fused blocked Conv (see _inside_mask_fused); elsewhere they would be three ops."""
-    shape = ctx.shape(y)
-    if ctx.dtype(y) != np.float32 or len(shape) != 4 or not isinstance(shape[1], int) or shape[1] % 8:
+    shape = ctx.info(y).shape  # None where the rank is unknown: the general forms need no shape
+    if ctx.dtype(y) != np.float32 or shape is None or len(shape) != 4 or not isinstance(shape[1], int) or shape[1] % 8:
         return None
     return shape[1]
 
