@@ -4,6 +4,8 @@
 
 Goals (images per second, ours / Captum's): >= 1.5x for saliency, guided backprop,
 Grad-CAM and Integrated Gradients (50 steps); >= 3x for occlusion (32x32 window, stride 16).
+Each side computes what our call returns: for IG that includes the completeness gap (f(x) and
+f(baseline)), so Captum's IG is asked for its convergence delta, the same gap.
 
 Both sides compute on the same architecture and weights: a torchvision-style ResNet-50
 (and ResNet-18) from ``torch_models.py``, random-initialised with a fixed seed, its
@@ -212,8 +214,10 @@ def build_rows(client, model_name: str, ours_model, net, x: np.ndarray, targets:
         ("integrated_gradients", slow_batches, slow_reps,
          lambda xb, tb: client.integrated_gradients(ours_model, xb, tb, steps=IG_STEPS, baseline="zero",
                                                     rule=IG_RULE, **ig_options(ig_rows)),
+         # with its convergence delta: our call always returns the completeness gap, which needs
+         # f(x) and f(baseline); Captum's delta is that same gap, at the same two forward rows
          lambda xt, tb: ig.attribute(xt, baselines=0.0, target=tb, n_steps=IG_STEPS, method=IG_RULE,
-                                     internal_batch_size=captum_ig_batch)),
+                                     internal_batch_size=captum_ig_batch, return_convergence_delta=True)[0]),
         ("occlusion", slow_batches, slow_reps,
          lambda xb, tb: client.occlusion(ours_model, xb, tb, patch=PATCH, stride=STRIDE, fill="zero",
                                          batch=PER_EVAL),
@@ -259,9 +263,15 @@ def check_agreement(client, ours_model, net, x: np.ndarray, targets: np.ndarray,
          .detach().cpu().numpy()[:, 0])
     ig = client.integrated_gradients(ours_model, xb, tb, steps=IG_STEPS, baseline="zero", rule=IG_RULE,
                                      **ig_options(ig_rows))
-    maps("integrated_gradients", ig.attribution,
-         IntegratedGradients(net).attribute(xt, baselines=0.0, target=tb, n_steps=IG_STEPS, method=IG_RULE,
-                                            internal_batch_size=captum_ig_batch).detach().cpu().numpy())
+    ref_ig, ref_delta = IntegratedGradients(net).attribute(xt, baselines=0.0, target=tb, n_steps=IG_STEPS,
+                                                           method=IG_RULE, internal_batch_size=captum_ig_batch,
+                                                           return_convergence_delta=True)
+    maps("integrated_gradients", ig.attribution, ref_ig.detach().cpu().numpy())
+    # the completeness gap both sides report: |sum(attribution) - (f(x) - f(baseline))|
+    ours_gap, ref_gap = np.asarray(ig.extra["completeness_gap"]), np.abs(ref_delta.detach().cpu().numpy())
+    scale = max(1.0, float(np.abs(ig.extra["delta"]).max()))
+    report("IG completeness gap", np.allclose(ours_gap, ref_gap, rtol=0.05, atol=1e-3 * scale),
+           f"ours {np.array2string(ours_gap, precision=3)}, Captum {np.array2string(ref_gap, precision=3)}")
     occ = client.occlusion(ours_model, xb, tb, patch=PATCH, stride=STRIDE, fill="zero", batch=PER_EVAL)
     probs = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
     ref = Occlusion(probs).attribute(xt, sliding_window_shapes=(3, PATCH, PATCH), strides=(3, STRIDE, STRIDE),
