@@ -88,14 +88,15 @@ def logits_of(model: onnx.ModelProto) -> str:
     return last.input[0] if last.op_type == "Softmax" else model.graph.output[0].name
 
 
-def bench_model(label: str, path: Path, batches: list[int], repeats: int) -> None:
+def bench_model(label: str, path: Path, batches: list[int], repeats: int, breakdown: bool = False) -> None:
     if not path.is_file():
         print(f"{label:44s} skipped: {path} not found")
         return
-    bench_loaded(label, prepare_model(randomize_constant_weights(onnx.load(str(path)))), batches, repeats)
+    bench_loaded(label, prepare_model(randomize_constant_weights(onnx.load(str(path)))), batches, repeats, breakdown)
 
 
-def bench_loaded(label: str, model: onnx.ModelProto, batches: list[int], repeats: int) -> None:
+def bench_loaded(label: str, model: onnx.ModelProto, batches: list[int], repeats: int,
+                 breakdown: bool = False) -> None:
     objective = logits_of(model)
     image = model.graph.input[0].name
     forward = session(expose_tensors(model, [objective]))
@@ -122,6 +123,77 @@ def bench_loaded(label: str, model: onnx.ModelProto, batches: list[int], repeats
         best = min(backward_times) / min(forward_times)
         print(f"{label:44s} batch {batch}: forward {f * 1e3:8.1f} ms, forward+gradient {b * 1e3:8.1f} ms, "
               f"ratio {b / f:5.2f} (best-of {best:4.2f})  (goal <= 2.2)")
+        if breakdown and batch == max(batches):
+            print_breakdown(expose_tensors(model, [objective]), {image: x}, graph.model, feeds, fetch)
+
+
+GRADIENT_PREFIX = "grad/"  # the backward builder names what it adds grad/<forward node or tensor>/<op>_<k>;
+# onnxruntime names the nodes it rewrites after their output (grad/n3/Conv_12_nchwc)
+
+
+def kernel_times(model: onnx.ModelProto, feeds: dict, fetch: list[str] | None, runs: int) -> dict[tuple[str, str], float]:
+    """Mean kernel time per run (seconds) of each node in onnxruntime's profile: (node name, op type) -> s."""
+    import json
+    options = runtime().session_options_for(model)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=runtime().choice.providers)
+        sess.run(fetch, feeds)  # warm-up, profiled too: averaged over runs + 1
+        for _ in range(runs):
+            sess.run(fetch, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: dict[tuple[str, str], float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            key = (e["name"][:-len("_kernel_time")], e["args"].get("op_name", "?"))
+            times[key] = times.get(key, 0.0) + e["dur"] * 1e-6 / (runs + 1)
+    return times
+
+
+def kernel_kind(name: str, op: str) -> str:
+    """What a profiled node of the forward+gradient graph is: forward part, layout reorder or backward op."""
+    if op.startswith("Reorder"):
+        return "layout reorders NCHW <-> NCHWc"
+    if not name.startswith(GRADIENT_PREFIX):
+        return "forward part"
+    if op in ("Conv", "ConvTranspose"):
+        return "backward Conv / ConvTranspose"
+    if op in ("Sum", "Add"):
+        return "backward Sum / Add"
+    return f"backward {op}"
+
+
+def print_breakdown(forward: onnx.ModelProto, forward_feeds: dict, gradient: onnx.ModelProto, feeds: dict,
+                    fetch: list[str], runs: int = 5) -> None:
+    """Where the gradient's time goes, from onnxruntime's per-node profile (kernel times only).
+
+    Groups the forward+gradient graph's kernels into its forward part, onnxruntime's layout
+    reorders and the backward nodes by op type: Conv / ConvTranspose (the adjoint convolutions,
+    the work no backward pass can skip, about the forward's multiply-adds again, and the
+    depthwise 1x1 Convs that some activation masks fuse into), HardSigmoid (activation masks),
+    Mul (masks times gradients, scales), Sum / Add (gradient contributions), MaxPool /
+    ScatterElements / ConstantOfShape (max-pool switches and routing), Split (concat
+    gradients), ... Then the ratio there would be if only the forward session and the
+    backward convolutions cost anything.
+    """
+    forward_total = sum(kernel_times(forward, forward_feeds, None, runs).values())
+    by_kind: dict[str, float] = {}
+    for (name, op), t in kernel_times(gradient, feeds, fetch, runs).items():
+        kind = kernel_kind(name, op)
+        by_kind[kind] = by_kind.get(kind, 0.0) + t
+    total = sum(by_kind.values())
+    print(f"    kernel time per run: forward session {forward_total * 1e3:.1f} ms, forward+gradient {total * 1e3:.1f} ms "
+          f"(ratio {total / forward_total:.2f}); in units of the forward session:")
+    shown = 0.0
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        if t >= 0.01 * total:
+            shown += t
+            print(f"      {kind:40s} {t * 1e3:8.1f} ms  {t / forward_total:5.2f}")
+    print(f"      {'other':40s} {(total - shown) * 1e3:8.1f} ms  {(total - shown) / forward_total:5.2f}")
+    convolutions = by_kind.get("backward Conv / ConvTranspose", 0.0)
+    print(f"    ratio if only the forward session and the backward convolutions cost anything: "
+          f"{(forward_total + convolutions) / forward_total:.2f}")
 
 
 REFERENCE_MODELS = {  # torch_models name -> label
@@ -131,7 +203,7 @@ REFERENCE_MODELS = {  # torch_models name -> label
 }
 
 
-def bench_torch_reference(batches: list[int], repeats: int, device: str = "cpu") -> None:
+def bench_torch_reference(batches: list[int], repeats: int, device: str = "cpu", breakdown: bool = False) -> None:
     """The same ratio for PyTorch autograd on this machine, and ours on the same networks.
 
     Each network of REFERENCE_MODELS (benchmarks/torch_models.py, seeded, BatchNorm
@@ -167,7 +239,7 @@ def bench_torch_reference(batches: list[int], repeats: int, device: str = "cpu")
             how = export_onnx(net, path)
             model = prepare_model(onnx.load(str(path)))
         print(f"{label + ', ours':44s} (exported with the {how})")
-        bench_loaded(f"{label}, ours", model, batches, repeats)
+        bench_loaded(f"{label}, ours", model, batches, repeats, breakdown)
         net = net.to(device)
         for batch in batches:
             x = torch.from_numpy(np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32)).to(device)
@@ -218,6 +290,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                         help="execution provider of both sessions (cuda: fails where CUDA cannot run)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after each network's largest batch, where the gradient's kernel time goes "
+                             "(onnxruntime's profile: backward convolutions, masks, pooling, reorders)")
     parser.add_argument("--no-torch", action="store_true",
                         help="skip the PyTorch reference (it runs where torch, the bench extra, is installed)")
     args = parser.parse_args()
@@ -228,9 +303,9 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, provider {choice.name}")
     bench_build_time(args.repeats)
     for label, path in MODELS.items():
-        bench_model(label, path, args.batches, args.repeats)
+        bench_model(label, path, args.batches, args.repeats, args.breakdown)
     if not args.no_torch:
-        bench_torch_reference(args.batches, args.repeats, args.provider)
+        bench_torch_reference(args.batches, args.repeats, args.provider, args.breakdown)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return health_check(args.address, args.timeout)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limits = Limits(chunk_bytes=int(args.chunk_mb * MB), max_upload_bytes=int(args.max_upload_mb * MB),
-                    max_request_bytes=int(args.max_request_mb * MB), max_batch=args.max_batch)
+    try:
+        limits = Limits(chunk_bytes=int(args.chunk_mb * MB), max_upload_bytes=int(args.max_upload_mb * MB),
+                        max_request_bytes=int(args.max_request_mb * MB), max_batch=args.max_batch)
+    except ValueError as exc:
+        build_parser().error(f"--max-request-mb: {exc}")
     cfg = ServerConfig(args.host, args.port, args.model_repository, args.provider, args.workers,
                        args.session_cache, args.threads, limits)
     running = start_server(cfg)

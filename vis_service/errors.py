@@ -59,6 +59,12 @@ class ResourceExhausted(VisError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class AlreadyExists(VisError):
+    """A name is taken by something that must keep it (e.g. a model repository entry)."""
+
+    code = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(VisError):
     """The request is valid but the model/server state does not allow it."""
 

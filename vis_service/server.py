@@ -64,7 +64,7 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
     runtime = Runtime(config.provider, config.session_cache_size, config.intra_op_threads)
     store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes)
     state = ServiceState(runtime, store, config.limits)
-    max_msg = max(config.limits.max_request_bytes, 4 << 20)
+    max_msg = config.limits.max_request_bytes  # what GetServerInfo reports is what is enforced
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="vis-rpc"),
                          options=[("grpc.max_receive_message_length", max_msg),
                                   ("grpc.max_send_message_length", 8 << 20),

@@ -21,12 +21,21 @@ from .tensors import DEFAULT_CHUNK_BYTES, result_stream
 log = logging.getLogger(__name__)
 
 
+# Uploads stream 1 MiB chunks (the Python client's): a smaller request limit would refuse them.
+MIN_REQUEST_BYTES = 2 << 20
+
+
 @dataclass
 class Limits:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_upload_bytes: int = 1 << 30
     max_request_bytes: int = 64 << 20
     max_batch: int = 256
+
+    def __post_init__(self):
+        if self.max_request_bytes < MIN_REQUEST_BYTES:
+            raise ValueError(f"max_request_bytes must be at least {MIN_REQUEST_BYTES} (2 MiB: uploads stream "
+                             f"1 MiB chunks), got {self.max_request_bytes}")
 
 
 class ServiceState:
@@ -66,24 +75,24 @@ class ModelServicer(vis_pb2_grpc.ModelServiceServicer):
     @handles_errors
     def Upload(self, request_iterator, context):
         header = vis_pb2.UploadHeader()
-        parts, size = [], 0
+        data = bytearray()  # one growing buffer, parsed as it is (not chunks joined into a second copy)
         limit = self.s.limits.max_upload_bytes
         for i, req in enumerate(request_iterator):
             kind = req.WhichOneof("part")
             if kind == "header":
                 if i != 0:
-                    raise InvalidArgument("header", "must be the first message of the upload")
+                    what = "a header after chunks" if data else "a second header"
+                    raise InvalidArgument("header", f"{what} (message {i}); send one header, as the first message")
                 header = req.header
                 if header.total_bytes > limit:
                     raise ResourceExhausted(f"upload of {header.total_bytes} bytes exceeds the limit of {limit} bytes")
             elif kind == "chunk":
-                size += len(req.chunk)
-                if size > limit:
+                if len(data) + len(req.chunk) > limit:
                     raise ResourceExhausted(f"upload exceeds the limit of {limit} bytes")
-                parts.append(req.chunk)
-        if header.total_bytes and header.total_bytes != size:
-            raise InvalidArgument("header.total_bytes", f"announced {header.total_bytes} bytes but received {size}")
-        model = self.s.store.upload(b"".join(parts), header.name, header.config if header.HasField("config") else None,
+                data += req.chunk
+        if header.total_bytes and header.total_bytes != len(data):
+            raise InvalidArgument("header.total_bytes", f"announced {header.total_bytes} bytes but received {len(data)}")
+        model = self.s.store.upload(data, header.name, header.config if header.HasField("config") else None,
                                     list(header.labels))
         return self._info(model)
 

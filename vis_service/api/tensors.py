@@ -11,6 +11,8 @@ from ..gen import vis_pb2
 from .shared_memory import SharedRegion
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_TENSOR_BYTES = 1 << 40  # no request tensor (in a message or in shared memory) is near this: a shape
+# claiming more is a mistake, said as such rather than as a byte-count mismatch
 
 
 def tensor_from_proto(t: vis_pb2.Tensor, field: str, region: SharedRegion | None = None) -> np.ndarray:
@@ -22,7 +24,12 @@ def tensor_from_proto(t: vis_pb2.Tensor, field: str, region: SharedRegion | None
     shape = tuple(int(d) for d in t.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape", f"negative dimension in {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = 1
+    for d in shape:  # Python ints: numpy's int64 product wraps around for huge shapes
+        count *= d
+    if count * dtype.itemsize > MAX_TENSOR_BYTES:
+        raise InvalidArgument(f"{field}.shape", f"{list(shape)} holds {count} elements ({count * dtype.itemsize} bytes); "
+                                                f"at most {MAX_TENSOR_BYTES} bytes per tensor")
     if t.in_shared_memory:
         if region is None:
             raise InvalidArgument(f"{field}.in_shared_memory",

@@ -8,6 +8,7 @@ inferred so that every intermediate tensor has a type and shape.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,25 @@ from ..errors import InvalidArgument
 BATCH_DIM = "N"
 
 
+@dataclass(frozen=True)
+class ExternalData:
+    """What a model read from files beside it."""
+    size_bytes: int
+    digest: bytes   # sha256 over the tensors' names and bytes; b"" when there were none
+
+
 def parse_model(data: bytes, *, base_dir: Path | None = None, field: str = "model") -> onnx.ModelProto:
-    """Deserialize model bytes; resolve external data only inside `base_dir`.
+    """Deserialize model bytes; resolve external data only inside `base_dir`."""
+    return parse_model_files(data, base_dir=base_dir, field=field)[0]
+
+
+def parse_model_files(data: bytes, *, base_dir: Path | None = None,
+                      field: str = "model") -> tuple[onnx.ModelProto, ExternalData]:
+    """Deserialize model bytes and read their external data, only inside `base_dir`.
 
     External data that points outside `base_dir` (absolute paths, `..`, symlinks
-    escaping it) is refused before any byte of it is read.
+    escaping it) is refused before any byte of it is read; so is any external data
+    when `base_dir` is None (uploads). Subgraphs and sparse tensors are searched too.
     """
     if not data:
         raise InvalidArgument(field, "empty model bytes")
@@ -38,27 +53,51 @@ def parse_model(data: bytes, *, base_dir: Path | None = None, field: str = "mode
         raise InvalidArgument(field, "not an ONNX model: no graph or an empty graph")
     if len(model.graph.output) == 0:
         raise InvalidArgument(field, "ONNX graph has no outputs")
-    _load_external_data(model, base_dir, field)
-    return model
+    return model, _load_external_data(model, base_dir, field)
+
+
+def _graph_tensors(graph: onnx.GraphProto):
+    """Every TensorProto a graph holds, subgraphs (If / Loop / Scan bodies) and sparse tensors included."""
+    for t in graph.initializer:
+        yield t
+    for st in graph.sparse_initializer:
+        yield st.values
+        yield st.indices
+    for node in graph.node:
+        for a in node.attribute:
+            yield from _attribute_tensors(a)
+
+
+def _attribute_tensors(a: onnx.AttributeProto):
+    tensors = [a.t] if a.HasField("t") else []
+    tensors += list(a.tensors)
+    for st in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+        tensors += [st.values, st.indices]
+    yield from tensors
+    for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+        yield from _graph_tensors(g)
 
 
 def _external_tensors(model: onnx.ModelProto):
-    for t in model.graph.initializer:
+    for t in _graph_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             yield t
-    for node in model.graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
-                yield a.t
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: str) -> None:
+def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: str) -> ExternalData:
+    """Read every external tensor into the model.
+
+    Done here, not by onnxruntime: loaded from bytes, it would resolve relative locations
+    against the server's working directory.
+    """
     tensors = list(_external_tensors(model))
     if not tensors:
-        return
+        return ExternalData(0, b"")
     if base_dir is None:
         raise InvalidArgument(field, "model uses external data, which is only allowed for models in the repository")
     root = Path(base_dir).resolve()
+    total = 0
+    digest = hashlib.sha256()
     for t in tensors:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
@@ -69,14 +108,25 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: st
             raise InvalidArgument(field, f"external data location {loc!r} of tensor {t.name!r} points outside the model directory; refused")
         if not path.is_file():
             raise InvalidArgument(field, f"external data file {loc!r} of tensor {t.name!r} does not exist")
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
+        try:
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise InvalidArgument(field, f"external data of tensor {t.name!r}: offset {info.get('offset')!r} and "
+                                         f"length {info.get('length')!r} must be integers") from None
+        size = path.stat().st_size
+        end = size if length is None else offset + length
+        if offset < 0 or (length is not None and length < 0) or end > size:
+            raise InvalidArgument(field, f"external data of tensor {t.name!r}: bytes {offset}..{end} do not lie "
+                                         f"inside {loc!r} ({size} bytes)")
         with open(path, "rb") as fh:
             fh.seek(offset)
-            raw = fh.read(int(length)) if length else fh.read()
-        t.raw_data = raw
+            t.raw_data = fh.read(end - offset)
+        total += end - offset
+        digest.update(f"{t.name}\0{end - offset}\0".encode() + t.raw_data)
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT
+    return ExternalData(total, digest.digest())
 
 
 def prepare_model(model: onnx.ModelProto, *, symbolic_batch: bool = True, field: str = "model") -> onnx.ModelProto:

@@ -29,25 +29,38 @@ PRESETS: dict[str, dict] = {
 }
 
 LAYOUTS = ("NCHW", "NHWC")
+# Largest image side a config or request may ask for: a preprocessed float32 image of
+# 8192 x 8192 x 3 is already 805 MB (without a bound, one request could exhaust memory).
+MAX_IMAGE_SIDE = 8192
 COLORS = ("RGB", "BGR", "GRAY")
 RESIZES = ("center_crop", "stretch")
 
 
 def read_config_file(model_dir: Path) -> vis_pb2.ModelConfig:
-    """The config in `model_dir` (JSON or pbtxt), or an empty config if there is none."""
+    """The config in `model_dir` (JSON or pbtxt), or an empty config if there is none.
+
+    Never follows a link out of `model_dir` (nor echoes such a file's content in an error).
+    """
     cfg = vis_pb2.ModelConfig()
-    for fname in CONFIG_FILES:
+    present = [fname for fname in CONFIG_FILES if (model_dir / fname).is_file()]
+    if len(present) > 1:
+        raise InvalidArgument("config", f"both {' and '.join(present)} exist in the model directory; keep one")
+    for fname in present:
         path = model_dir / fname
-        if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            try:
-                if fname.endswith(".json"):
-                    json_format.Parse(text, cfg)
-                else:
-                    text_format.Parse(text, cfg)
-            except Exception as exc:  # noqa: BLE001 - both parsers raise their own ParseError
-                raise InvalidArgument(f"config ({path.name})", f"cannot parse: {exc}") from None
-            break
+        real = path.resolve()
+        if real.parent != model_dir.resolve():
+            raise InvalidArgument(f"config ({fname})", "is a link out of the model directory; refused")
+        try:
+            text = real.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"config ({fname})", f"is not UTF-8 text (byte {exc.start})") from None
+        try:
+            if fname.endswith(".json"):
+                json_format.Parse(text, cfg)
+            else:
+                text_format.Parse(text, cfg)
+        except Exception as exc:  # noqa: BLE001 - both parsers raise their own ParseError
+            raise InvalidArgument(f"config ({fname})", f"cannot parse: {exc}") from None
     validate_config(cfg, field="config")
     return cfg
 
@@ -65,8 +78,11 @@ def validate_input_config(ic: vis_pb2.InputConfig, field: str) -> None:
         raise InvalidArgument(f"{field}.color", f"{ic.color!r} not allowed; use one of {', '.join(COLORS)}")
     if ic.resize and ic.resize not in RESIZES:
         raise InvalidArgument(f"{field}.resize", f"{ic.resize!r} not allowed; use one of {', '.join(RESIZES)}")
-    if len(ic.size) not in (0, 2) or any(s <= 0 for s in ic.size):
-        raise InvalidArgument(f"{field}.size", "must be [H, W] with positive values")
+    if len(ic.size) not in (0, 2) or any(not 0 < s <= MAX_IMAGE_SIDE for s in ic.size):
+        raise InvalidArgument(f"{field}.size", f"must be [H, W] with values in 1..{MAX_IMAGE_SIDE}")
+    if not 0 <= ic.resize_short_side <= MAX_IMAGE_SIDE:
+        raise InvalidArgument(f"{field}.resize_short_side",
+                              f"must be in 1..{MAX_IMAGE_SIDE} (0 or absent: the size's short side x 256/224)")
     if len(ic.value_range) not in (0, 2) or (len(ic.value_range) == 2 and ic.value_range[0] == ic.value_range[1]):
         raise InvalidArgument(f"{field}.value_range", "must be [lo, hi] with lo != hi")
     if any(s == 0 for s in ic.std):
@@ -117,15 +133,15 @@ def resolve_image_spec(cfg: vis_pb2.ModelConfig, request: vis_pb2.Preprocessing 
     if request is not None:
         validate_input_config(request.config, f"{field}.config")
         merged = _merge(merged, request.config)
-    layout = merged.get("layout") or _guess_layout(input_shape)
-    color = merged.get("color") or ("GRAY" if _channels(input_shape, layout) == 1 else "RGB")
-    size = tuple(merged.get("size") or _spatial(input_shape, layout) or ())
+    layout, color, have_c = _layout_and_color(merged, input_name, input_shape, f"{field}.config")
+    static = _spatial(input_shape, layout)
+    size = tuple(merged.get("size") or static or ())
     if len(size) != 2:
         raise InvalidArgument(f"{field}.config.size", f"model input {input_name!r} has no static spatial size; give size [H, W]")
-    want_c = _channels(input_shape, layout)
-    have_c = 1 if color == "GRAY" else 3
-    if isinstance(want_c, int) and want_c != have_c:
-        raise InvalidArgument(f"{field}.config.color", f"color {color} gives {have_c} channels but input {input_name!r} takes {want_c}")
+    if static and tuple(size) != tuple(static):
+        # checked before any image is decoded or resized
+        raise InvalidArgument(f"{field}.config.size", f"{list(size)} differs from the {list(static)} that input "
+                                                      f"{input_name!r} takes; give that size or none")
     mean = tuple(float(v) for v in merged.get("mean", ()))
     std = tuple(float(v) for v in merged.get("std", ()))
     for name, vals in (("mean", mean), ("std", std)):
@@ -135,6 +151,35 @@ def resolve_image_spec(cfg: vis_pb2.ModelConfig, request: vis_pb2.Preprocessing 
     short = int(merged.get("resize_short_side") or round(min(size) * 256 / 224))
     return ImageSpec(input_name, layout, color, (int(size[0]), int(size[1])), merged.get("resize") or "center_crop",
                      short, (vr[0], vr[1]), mean, std, bool(merged.get("invert", False)))
+
+
+def _layout_and_color(merged: dict, input_name: str, input_shape: tuple, field: str) -> tuple[str, str, int]:
+    """(layout, color, channels the color gives), checked against the input's channel axis."""
+    layout = merged.get("layout") or _guess_layout(input_shape)
+    want_c = _channels(input_shape, layout)
+    if merged.get("layout") and isinstance(want_c, int) and want_c not in (1, 3):
+        other = "NHWC" if layout == "NCHW" else "NCHW"
+        raise InvalidArgument(f"{field}.layout", f"{layout} reads the channels of input {input_name!r} "
+                                                 f"{_shape_text(input_shape)} from a dim of {want_c}; is it {other}?")
+    color = merged.get("color") or ("GRAY" if want_c == 1 else "RGB")
+    have_c = 1 if color == "GRAY" else 3
+    if isinstance(want_c, int) and want_c != have_c:
+        raise InvalidArgument(f"{field}.color", f"color {color} gives {have_c} channels but input {input_name!r} "
+                                                f"{_shape_text(input_shape)} takes {want_c}")
+    return layout, color, have_c
+
+
+def check_config_input(cfg: vis_pb2.ModelConfig, input_name: str, input_shape: tuple | None, field: str = "config") -> None:
+    """At load / upload: the config's layout and color fit the image input (a wrong preset fails
+    here, not at every request). Image inputs only (rank 4); sizes may still come per request."""
+    if input_shape is None or len(input_shape) != 4 or not (cfg.preset or cfg.input.layout or cfg.input.color):
+        return
+    merged = _merge(dict(PRESETS.get(cfg.preset, {})), cfg.input)
+    _layout_and_color(merged, input_name, input_shape, f"{field}.input")
+
+
+def _shape_text(shape: tuple) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
 
 
 def _guess_layout(shape: tuple) -> str:

@@ -2,8 +2,10 @@
 
 Repository layout (like Triton's): ``DIR/<name>/model.onnx`` plus an optional
 ``config.json`` / ``config.pbtxt`` (see `config.py`) and a labels file. A model is
-identified by the hash of its bytes, so the same bytes uploaded twice (or loaded
-under two names) are one model with several names.
+identified by the hash of its bytes (and of its external data), so the same bytes
+uploaded twice (or loaded under two names) are one model with several names. A name
+denotes one model: the last one loaded or uploaded under it, except that an upload
+cannot take the name of a repository entry.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import InvalidArgument, NotFound, ResourceExhausted
+from ..errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from ..gen import vis_pb2
-from ..graph.loading import TensorInfo, parse_model, prepare_model, tensor_infos
+from ..graph.loading import TensorInfo, parse_model_files, prepare_model, tensor_infos
 from ..runtime.sessions import Runtime
-from .config import read_config_file, validate_config
+from ..runtime.type_probe import complete_types
+from .config import check_config_input, read_config_file, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +80,20 @@ class LoadedModel:
         return self.labels[i] if 0 <= i < len(self.labels) else None
 
 
-def model_ids(data: bytes, config: vis_pb2.ModelConfig | None, labels: list[str] | None) -> tuple[str, str]:
+def model_ids(data: bytes, config: vis_pb2.ModelConfig | None, labels: list[str] | None,
+              external_digest: bytes = b"") -> tuple[str, str]:
     """(graph id, model id): the hash of the bytes, and of the bytes with their serving config.
 
     The same bytes uploaded twice are one model. The same bytes served with another
     config or labels (a second repository entry, an upload with a header) are another
     model, since images are preprocessed and classes named differently, but they share
-    one parsed graph and its onnxruntime sessions (keyed by the graph id).
+    one parsed graph and its onnxruntime sessions (keyed by the graph id). A model's
+    external data (`external_digest`, see graph.loading.ExternalData) is part of its graph:
+    the same model.onnx beside other weight files is another graph.
     """
     h = hashlib.sha256(data)
+    if external_digest:
+        h.update(b"\0external\0" + external_digest)
     graph_id = "sha256:" + h.hexdigest()[:16]
     cfg = config.SerializeToString(deterministic=True) if config is not None else b""
     if not cfg and not labels:
@@ -109,6 +117,10 @@ class ModelStore:
         self.max_model_bytes = int(max_model_bytes)
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.RLock()
+        # One model is parsed, prepared and given its first session at a time: each holds several
+        # copies of its bytes on the way (protobuf, shape inference, onnxruntime), so concurrent
+        # uploads of large models would multiply the peak (a 327 MB model peaks at ~2.7 GB).
+        self._build_lock = threading.Lock()
 
     # -- lookup -------------------------------------------------------------
     def get(self, ref: str, field: str = "model") -> LoadedModel:
@@ -162,18 +174,29 @@ class ModelStore:
         data = real.read_bytes()
         config = read_config_file(model_dir)
         labels = self._read_labels(model_dir, config)
-        return self._add(data, name, config, labels, source="repository", base_dir=model_dir)
+        # parsed before the id is known: the id covers the external data, which is read (and
+        # confined to the model directory) on every load, whatever is loaded already
+        with self._build_lock:
+            parsed, external = parse_model_files(data, base_dir=model_dir)
+            self._check_size(size + external.size_bytes)
+            return self._add(data, name, config, labels, source="repository", parsed=parsed,
+                             external_digest=external.digest)
 
-    def upload(self, data: bytes, name: str = "", config: vis_pb2.ModelConfig | None = None,
+    def upload(self, data: bytes | bytearray, name: str = "", config: vis_pb2.ModelConfig | None = None,
                labels: list[str] | None = None) -> LoadedModel:
         self._check_size(len(data))
         if name:
             check_name(name, "header.name")
+            if name in self.repository_names():
+                raise AlreadyExists(f"header.name: {name!r} is the name of a model repository entry; "
+                                    "upload under another name")
         cfg = vis_pb2.ModelConfig()
         if config is not None:
             cfg.CopyFrom(config)
         validate_config(cfg, "header.config")
-        return self._add(data, name, cfg, list(labels) if labels else None, source="upload", base_dir=None)
+        with self._build_lock:
+            return self._add(data, name, cfg, list(labels) if labels else None, source="upload",
+                             config_field="header.config")
 
     def unload(self, ref: str) -> bool:
         model = self.get(ref)
@@ -198,26 +221,31 @@ class ModelStore:
             raise InvalidArgument("config.labels", f"labels file {fname!r} is outside the model directory; refused")
         if not path.is_file():
             raise InvalidArgument("config.labels", f"labels file {fname!r} does not exist")
-        return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument("config.labels", f"labels file {fname!r} is not UTF-8 text (byte {exc.start})") from None
+        return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
 
-    def _add(self, data: bytes, name: str, config, labels, *, source: str, base_dir: Path | None) -> LoadedModel:
-        graph_id, mid = model_ids(data, config, labels)
+    def _add(self, data: bytes | bytearray, name: str, config, labels, *, source: str, parsed: onnx.ModelProto | None = None,
+             external_digest: bytes = b"", config_field: str = "config") -> LoadedModel:
+        graph_id, mid = model_ids(data, config, labels, external_digest)
         with self._lock:
             existing = self._models.get(mid)
             if existing is not None:
-                if name and name not in existing.names:
-                    existing.names.append(name)
+                self._bind_name(existing, name)
                 return existing
             twin = next((m for m in self._models.values() if m.graph_id == graph_id), None)
         if twin is not None:  # same graph under another config: share the parsed graph and its sessions
             proto, infos = twin.proto, twin.infos
         else:
-            proto = prepare_model(parse_model(data, base_dir=base_dir))
+            proto = complete_types(prepare_model(parsed if parsed is not None else parse_model_files(data)[0]))
             infos = tensor_infos(proto)
-        model = LoadedModel(mid, [name] if name else [], source, len(data), proto, config, labels, infos,
-                            graph_id=graph_id)
+        model = LoadedModel(mid, [], source, len(data), proto, config, labels, infos, graph_id=graph_id)
         if model.config.input.name and model.config.input.name not in model.input_names:
-            raise InvalidArgument("config.input.name", f"{model.config.input.name!r} is not an input of the model; inputs: {model.input_names}")
+            raise InvalidArgument(f"{config_field}.input.name", f"{model.config.input.name!r} is not an input of the model; inputs: {model.input_names}")
+        image_input = model.infos.get(model.image_input)
+        check_config_input(model.config, model.image_input, image_input.shape if image_input else None, config_field)
         # Validation by onnxruntime itself, and the forward session every request needs anyway.
         try:
             self.runtime.session(graph_id, ("forward",), lambda: (proto, None))
@@ -225,7 +253,19 @@ class ModelStore:
             raise InvalidArgument("model", f"onnxruntime cannot load the model: {str(exc).strip()[:500]}") from None
         with self._lock:
             existing = self._models.setdefault(mid, model)
-            if existing is not model and name and name not in existing.names:
-                existing.names.append(name)
-        log.info("loaded model %s (%s) from %s", mid, ", ".join(model.names) or "unnamed", source)
+            self._bind_name(existing, name)
+        log.info("loaded model %s (%s) from %s", mid, ", ".join(existing.names) or "unnamed", source)
         return existing
+
+    def _bind_name(self, model: LoadedModel, name: str) -> None:
+        """`name` denotes `model` from now on; another model holding it loses it (a re-upload
+        under the same name, e.g. after retraining, takes the name; the old model keeps its id)."""
+        if not name:
+            return
+        with self._lock:
+            for other in self._models.values():
+                if other is not model and name in other.names:
+                    other.names.remove(name)
+                    log.info("name %r moved from model %s to %s", name, other.id, model.id)
+            if name not in model.names:
+                model.names.append(name)

@@ -311,15 +311,16 @@ class Target:
 
     @classmethod
     def channel(cls, layer: str, channel: int | Sequence[int] | None = None) -> vis_pb2.Target:
-        """Sum of one channel of ``layer`` over all positions (``None`` = per-sample top channel
-        as the service defines it)."""
+        """Sum of one channel of ``layer`` over all positions (``None`` = each sample's top channel:
+        the one with the largest sum over all positions, ties to the lowest index)."""
         _check_name(layer, "layer")
         return vis_pb2.Target(channel=vis_pb2.ChannelTarget(layer=layer,
                                                             channel=cls._indices(channel, "channel")))
 
     @classmethod
     def neuron(cls, layer: str, channel: int, y: int, x: int) -> vis_pb2.Target:
-        """One unit ``layer[:, channel, y, x]``."""
+        """One unit ``layer[:, channel, y, x]``; on a 2-D ``[N, C]`` layer ``y`` and ``x`` must be 0
+        (on ``[N, C, H]``, ``x``)."""
         _check_name(layer, "layer")
         for v, what in ((channel, "channel"), (y, "y"), (x, "x")):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -691,8 +692,10 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
                    labels: Sequence[str] | None = None) -> Model:
         """Upload an ONNX model (a file path or its bytes) and return it.
 
-        ``name`` defaults to the file name without ``.onnx`` (none for bytes; the id always
-        works). ``config``: a dict of ModelConfig fields (e.g. ``{"preset": "imagenet"}``),
+        ``name`` defaults to the file name without ``.onnx`` (none for bytes, or where the
+        server's repository has an entry of that name; the id always works). A name given
+        to another upload moves to this one; a repository entry's name cannot be taken
+        (ALREADY_EXISTS). ``config``: a dict of ModelConfig fields (e.g. ``{"preset": "imagenet"}``),
         ``labels``: class names. The file is streamed in 1 MiB chunks.
         """
         if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
@@ -709,6 +712,10 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
             data = None
             if name is None:
                 name = path.name[:-5] if path.name.endswith(".onnx") else path.stem
+                if name in self.list_models()[1]:
+                    # the server keeps repository names for repository models: a file that happens
+                    # to share one is uploaded unnamed (reachable by its id) rather than refused
+                    name = None
         else:
             raise TypeError(f"load_model expects a file path or bytes, got {type(path_or_bytes).__name__}")
         if name is not None and not isinstance(name, str):

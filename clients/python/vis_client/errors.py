@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-__all__ = ["VisError", "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
+__all__ = ["VisError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition", "ResourceExhausted",
            "Unimplemented", "Unavailable", "DeadlineExceeded", "Cancelled", "from_rpc_error"]
 
 
@@ -23,6 +23,10 @@ class InvalidArgument(VisError):
 
 class NotFound(VisError):
     """NOT_FOUND (unknown model)."""
+
+
+class AlreadyExists(VisError):
+    """ALREADY_EXISTS (an upload named after a model repository entry)."""
 
 
 class FailedPrecondition(VisError):
@@ -55,6 +59,7 @@ class Cancelled(VisError):
 _BY_CODE: dict[grpc.StatusCode, type[VisError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
