@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from vis_client import Cancelled, InvalidArgument, NotFound
+from vis_client import Cancelled, InvalidArgument, NotFound, ResourceExhausted
 from vis_service.default_models import DEFAULT_MODEL_DIR
 
 from test_localization_cam import CLASSES, tiny_model_bytes
@@ -212,7 +212,7 @@ def test_bad_requests(client, small):
     assert "stride" in e.value.details
     with pytest.raises(NotFound):
         client.occlusion(model, x, layer="no_such_layer")
-    with pytest.raises(InvalidArgument) as e:
+    with pytest.raises(ResourceExhausted) as e:  # a server limit, not a malformed request
         client.occlusion(model, x, batch=10 ** 6)
-    assert "batch" in e.value.details
+    assert "batch" in e.value.details and "limit of 256" in e.value.details
     assert client.occlusion(model, x[:1], patch=8).probability.ndim == 3

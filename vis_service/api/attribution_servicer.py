@@ -5,7 +5,7 @@ import grpc
 
 from ..errors import InvalidArgument
 from ..gen import attribution_pb2, attribution_pb2_grpc
-from ..methods import attribution_common
+from ..methods import attribution_common, limits
 from ..methods.deconvnet import deconvnet
 from ..methods.gradient_x_input import gradient_x_input
 from ..methods.guided_backprop import guided_backprop
@@ -23,8 +23,10 @@ from .tensors import tensor_from_proto
 METHODS = ("saliency", "gradient_x_input", "smoothgrad", "integrated_gradients", "guided_backprop")
 
 
-def _method(request: attribution_pb2.AttributionRequest):
-    """The method as a function of (runtime, model, attribution input, progress); options validated here."""
+def _method(request: attribution_pb2.AttributionRequest, max_batch: int):
+    """The method as a function of (runtime, model, attribution input, progress); options validated here.
+
+    `max_batch`: the server's limit, which also bounds the rows of one onnxruntime run."""
     name = request.method or "saliency"
     if name == "saliency":
         signed = request.saliency.signed
@@ -35,13 +37,15 @@ def _method(request: attribution_pb2.AttributionRequest):
         return lambda rt, m, ai, p: guided_backprop(rt, m, ai)
     if request.batch < 0:
         raise InvalidArgument("batch", f"must be >= 0 (0 = server default), got {request.batch}")
+    limits.check_batch("batch", request.batch, max_batch, "rows per run")
     if name == "smoothgrad":
         o = request.smoothgrad
         samples = DEFAULT_SAMPLES if not o.HasField("samples") else o.samples
         noise = DEFAULT_NOISE if not o.HasField("noise") else o.noise
         if samples <= 0:
             raise InvalidArgument("smoothgrad.samples", f"must be > 0, got {samples}")
-        return lambda rt, m, ai, p: smoothgrad(rt, m, ai, samples, noise, o.vargrad, o.seed, request.batch, p)
+        return lambda rt, m, ai, p: smoothgrad(rt, m, ai, samples, noise, o.vargrad, o.seed, request.batch, p,
+                                               max_batch)
     if name == "integrated_gradients":
         o = request.integrated_gradients
         steps = 50 if not o.HasField("steps") else o.steps
@@ -53,7 +57,7 @@ def _method(request: attribution_pb2.AttributionRequest):
             raise InvalidArgument("integrated_gradients.baseline",
                                   f"unknown baseline {o.baseline!r}; allowed: {', '.join(attribution_common.BASELINES)}")
         return lambda rt, m, ai, p: integrated_gradients(rt, m, ai, steps, o.baseline, custom, o.blur_sigma, o.rule,
-                                                         o.memory_budget_bytes, request.batch, p)
+                                                         o.memory_budget_bytes, request.batch, p, max_batch)
     raise InvalidArgument("method", f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
 
 
@@ -71,7 +75,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
 
     @handles_errors
     def Attribute(self, request, context):
-        method = _method(request)  # validate options before any work
+        method = _method(request, self.s.limits.max_batch)  # validate options before any work
         region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input, region=region)
@@ -93,7 +97,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
 
         def work(progress):
             return deconvnet(self.s.runtime, model, feeds, request.layer, request.top_k, target, request.crop,
-                             request.rule_set or "deconvnet", progress)
+                             request.rule_set or "deconvnet", progress, self.s.limits.max_batch)
 
         yield from run_streaming(context, work, lambda r: self._stream_result(model, r, False, region))
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import grpc
 
-from ..errors import InvalidArgument
 from ..gen import attribution_pb2, attribution_pb2_grpc
-from ..methods import cam, occlusion
+from ..methods import cam, limits, occlusion
 from . import convert
 from .errors import handles_errors
 from .registration import add_servicer
@@ -22,11 +21,10 @@ class LocalizationServicer(attribution_pb2_grpc.LocalizationServiceServicer):
         self.s = state
 
     def _batch(self, value: int) -> int:
-        # the perturbed copies of one run live in memory at once: bounded like request batches
+        # the perturbed copies of one run live in memory at once: bounded like request batches (the
+        # default too, on a server started with a --max-batch below it)
         limit = self.s.limits.max_batch
-        if value > limit:
-            raise InvalidArgument("batch", f"{value} copies per run exceeds the server's limit of {limit}")
-        return value
+        return limits.check_batch("batch", value, limit, "copies per run") or min(cam.DEFAULT_BATCH, limit)
 
     def _to_stream(self, region):
         return lambda result: self.s.stream(result.tensors, region, scalars=result.scalars, labels=result.labels,

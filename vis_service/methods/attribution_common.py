@@ -20,8 +20,10 @@ from ..models.config import ImageSpec, resolve_image_spec
 from ..models.preprocess import image_to_array
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from . import limits
 from .activations import compute_activations
-from .gradient import Objective, make_cotangent, objective_tensor_name, resolve_wrt, run_gradient
+from .gradient import (Objective, make_cotangent, objective_tensor_name, require_finite, resolve_wrt,
+                       run_gradient)
 from .progress import NO_PROGRESS, MethodResult, Progress
 
 MiB = 1 << 20
@@ -128,11 +130,14 @@ def per_sample_bytes(model: LoadedModel, x: np.ndarray) -> int:
     return max(total, sample * UNKNOWN_SHAPE_FACTOR if unknown or total == 0 else 0, sample)
 
 
-def rows_per_run(model: LoadedModel, x: np.ndarray, batch: int, memory_budget: int) -> int:
-    """Rows per onnxruntime run: the memory budget's share, capped by `batch` (0 = default)."""
+def rows_per_run(model: LoadedModel, x: np.ndarray, batch: int, memory_budget: int,
+                 max_batch: int = limits.DEFAULT_SERVER_MAX_BATCH) -> int:
+    """Rows per onnxruntime run: the memory budget's share, capped by `batch` (0 = default) and
+    by the server's `max_batch`, which bounds the rows of a run like the images of a request
+    (callers refuse a larger `batch` with limits.check_batch)."""
     budget = memory_budget if memory_budget > 0 else DEFAULT_MEMORY_BUDGET
     rows = max(1, budget // per_sample_bytes(model, x))
-    return int(max(1, min(rows, batch if batch > 0 else DEFAULT_MAX_BATCH)))
+    return int(max(1, min(rows, batch if batch > 0 else DEFAULT_MAX_BATCH, max_batch)))
 
 
 def balanced_chunk(total: int, chunk: int) -> int:
@@ -206,6 +211,7 @@ def objective_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, r
         images = rows[sl]
         feeds = {name: (inputs[sl] if name == ai.image_input else v[images]) for name, v in ai.feeds.items()}
         values = compute_activations(runtime, model, feeds, [ai.objective_tensor])[ai.objective_tensor]
+        require_finite(f"tensor {ai.objective_tensor!r}", values)
         flat = values.reshape(len(images), -1).astype(np.float64)
         out[sl] = (flat * ai.cotangent[images].reshape(len(images), -1)).sum(axis=1)
     return out
@@ -277,23 +283,32 @@ def black_value(ai: AttributionInput) -> tuple[np.ndarray, str]:
     return value, f"black image in model space (per channel: {vals})"
 
 
+def max_blur_sigma(h: int, w: int) -> float:
+    """The largest blur_sigma: the image's larger side. A wider Gaussian blurs the (mirrored) image
+    into about its mean already, and the kernel's length (6 sigma + 1 taps) stays bounded."""
+    return float(max(h, w))
+
+
 def gaussian_matrix(n: int, sigma: float) -> np.ndarray:
-    """[n, n] Gaussian blur along one axis with mirrored ('reflect') edges."""
+    """[n, n] Gaussian blur along one axis with mirrored ('reflect') edges: d c b a | a b c d | d c b a.
+
+    The mirrored signal repeats with period 2n, so the kernel is first folded onto 2n taps
+    (tap r gathers the weights of all offsets = r mod 2n); the matrix then has 2 n^2
+    contributions, made at once with np.bincount, whatever sigma is.
+    """
     if sigma <= 0:
         return np.eye(n)
     radius = max(1, int(np.ceil(3 * sigma)))
     offsets = np.arange(-radius, radius + 1)
     w = np.exp(-0.5 * (offsets / sigma) ** 2)
     w /= w.sum()
-    m = np.zeros((n, n))
-    for i in range(n):
-        j = i + offsets
-        # reflect about the edges (d c b a | a b c d | d c b a), repeatedly for tiny images
-        period = 2 * n
-        j = np.mod(j, period)
-        j = np.where(j >= n, period - 1 - j, j)
-        np.add.at(m[i], j, w)
-    return m
+    period = 2 * n
+    folded = np.bincount(np.mod(offsets, period), weights=w, minlength=period)
+    rows = np.repeat(np.arange(n), period)
+    taps = np.tile(np.arange(period), n)
+    j = np.mod(rows + taps, period)
+    j = np.where(j >= n, period - 1 - j, j)  # reflect about the edges
+    return np.bincount(rows * n + j, weights=folded[taps], minlength=n * n).reshape(n, n)
 
 
 def blurred(ai: AttributionInput, sigma: float) -> tuple[np.ndarray, str]:
@@ -303,16 +318,22 @@ def blurred(ai: AttributionInput, sigma: float) -> tuple[np.ndarray, str]:
         raise InvalidArgument("integrated_gradients.baseline", "'blurred' needs a 4-D image input")
     h_axis, w_axis = (2, 3) if axis == 1 else (1, 2)
     h, w = x.shape[h_axis], x.shape[w_axis]
-    if sigma < 0 or not np.isfinite(sigma):
-        raise InvalidArgument("integrated_gradients.blur_sigma", f"must be >= 0 (pixels), got {sigma}")
+    limit = max_blur_sigma(h, w)
+    if not 0 <= sigma <= limit:  # NaN fails too
+        raise InvalidArgument("integrated_gradients.blur_sigma",
+                              f"must be in [0, {limit:g}] pixels (at most the image's larger side; 0 = default, "
+                              f"10% of the smaller side), got {sigma}")
     sigma = float(sigma) if sigma > 0 else 0.1 * min(h, w)
     mh, mw = gaussian_matrix(h, sigma), gaussian_matrix(w, sigma)
     xf = x.astype(np.float64)
-    if axis == 1:
-        out = np.einsum("ij,ncjk,lk->ncil", mh, xf, mw)
-    else:
-        out = np.einsum("ij,njkc,lk->nilc", mh, xf, mw)
-    return out.astype(x.dtype), f"Gaussian blur of the input, sigma {sigma:.3g} px"
+    if axis == 3:
+        xf = np.moveaxis(xf, 3, 1)
+    # two matrix products over [N, C] stacks (a three-operand einsum without optimize loops over
+    # every (i, j, k, l) term: 7.7 s for one 224x224 RGB image, against ~20 ms)
+    out = mh @ xf @ mw.T
+    if axis == 3:
+        out = np.moveaxis(out, 1, 3)
+    return np.ascontiguousarray(out, dtype=x.dtype), f"Gaussian blur of the input, sigma {sigma:.3g} px"
 
 
 def custom(ai: AttributionInput, value: np.ndarray | None) -> tuple[np.ndarray, str]:

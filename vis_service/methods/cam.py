@@ -5,7 +5,7 @@ says how the channel weights (or the per-position combination) are made:
 
 1. the layer: a named tensor, or by default the last 4-D feature map before the
    global pooling / flatten, found by walking back from the class scores
-   (`default_layer`);
+   (`default_layer`); an activation the target is computed from (`require_before`);
 2. the target: a class index per image (default: top-1 of the pre-softmax class
    scores, see `targets.py`); gradient variants accept any `Objective`;
 3. the variant's weights and map ``cam = ReLU(sum_c w_c A_c)`` at the layer's
@@ -63,9 +63,9 @@ from ..models.config import ImageSpec, resolve_image_spec
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from .activations import exposed_session
-from .gradient import Objective, make_cotangent, objective_tensor_name, run_gradient
+from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import output_is_probability, softmax
+from .targets import output_is_probability, require_activation, softmax
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -192,12 +192,34 @@ def resolve_cam_layer(model: LoadedModel, layer: str, scores: str, field: str = 
     if not layer:
         return default_layer(model, scores).layer
     tensor = resolve_tensor(model.proto, layer, kind="layer")
+    require_activation(model, tensor, field, layer)
     info = model.infos.get(tensor)
     if info is None or info.shape is None or len(info.shape) != 4 or info.elem_type not in FLOAT_TYPES:
         shape = "unknown" if info is None or info.shape is None else list(info.shape)
         raise InvalidArgument(field, f"{layer!r} (tensor {tensor!r}, shape {shape}) is not a 4-D float feature map "
                                      f"[N, C, H, W]; try the default {default_layer(model, scores).layer!r}")
     return tensor
+
+
+def require_before(model: LoadedModel, layer: str, tensor: str, target: str, scores: str,
+                   field: str = "layer") -> None:
+    """INVALID_ARGUMENT naming `field` unless the target's tensor is computed from the layer's
+    `tensor`: a map of a layer the target does not depend on (after the target, e.g. a Softmax
+    output, or on a side branch) explains nothing; the gradient engine would blame `wrt`."""
+    def reaches(t: str) -> bool:
+        return target in model.memo(("cam_computed_from", t), lambda: dependents(model.proto.graph, [t]))
+
+    if reaches(tensor):
+        return
+    try:
+        default = default_layer(model, scores).layer
+        hint = f", e.g. the default {default!r}" if default != tensor and reaches(default) else ""
+    except InvalidArgument:
+        hint = ""
+    named = repr(layer or tensor) + (f" (tensor {tensor!r})" if layer and layer != tensor else "")
+    raise InvalidArgument(field, f"{named} does not lie before the target's tensor "
+                                 f"{target!r} (it is computed after it or on another branch), so the target does not "
+                                 f"depend on it; name a feature map the target is computed from{hint}")
 
 
 def _linear_head_weights(model: LoadedModel, scores: str) -> np.ndarray:
@@ -379,7 +401,10 @@ def forward_tensors(ctx: CamContext, feeds: dict[str, np.ndarray], tensors: list
 
     wanted = [exposed_name(ctx.model.proto, t) for t in dict.fromkeys(tensors)]
     values = session.run_dict(wanted, {k: v for k, v in feeds.items() if k in session.input_names})
-    return {t: values[exposed_name(ctx.model.proto, t)] for t in tensors}
+    out = {t: values[exposed_name(ctx.model.proto, t)] for t in tensors}
+    for t, v in out.items():
+        require_finite(f"tensor {t!r}", v)
+    return out
 
 
 def class_probabilities(ctx: CamContext, tensor: str, values: np.ndarray) -> np.ndarray:
@@ -421,8 +446,16 @@ class GradientCam(CamVariant):
             cot, target_index = None, None  # top-1: found inside the same run
         else:
             cot, target_index = make_cotangent(ctx.runtime, ctx.model, ctx.feeds, ctx.objective, tensor)
-        res = run_gradient(ctx.runtime, ctx.model, ctx.feeds, tensor, cot, {ctx.layer: ctx.layer},
-                           forward_outputs=[ctx.layer], target_index=target_index)
+        try:
+            res = run_gradient(ctx.runtime, ctx.model, ctx.feeds, tensor, cot, {ctx.layer: ctx.layer},
+                               forward_outputs=[ctx.layer], target_index=target_index)
+        except InvalidArgument as exc:
+            if exc.field != "wrt":
+                raise
+            # the layer reaches the target only through non-float tensors (e.g. its Shape): CamRequest
+            # has no `wrt`, the layer is what the request named
+            raise InvalidArgument("layer", f"the target's tensor {tensor!r} does not depend on the values of "
+                                           f"{ctx.layer!r} ({exc})") from None
         a = res.outputs[ctx.layer].astype(np.float64)
         g = res.gradients[ctx.layer].astype(np.float64)
         return a, g, res, (tensor, cot)
@@ -585,6 +618,10 @@ def compute_cam(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarra
     scores = objective_tensor_name(model, Objective("output", objective.layer)) \
         if objective.kind == "output" else objective_tensor_name(model, Objective())
     tensor = resolve_cam_layer(model, layer, scores)
+    if objective.kind == "output":
+        require_before(model, layer, tensor, scores, scores)
+    elif issubclass(VARIANTS[method], GradientCam):  # forward variants refuse other targets themselves
+        require_before(model, layer, tensor, objective_tensor_name(model, objective), scores)
     ctx = CamContext(runtime, model, feeds, tensor, objective, layout, batch or DEFAULT_BATCH, progress)
     progress.check()
     parts = VARIANTS[method]().compute(ctx)

@@ -3,7 +3,8 @@
 Selection (like the paper's "top activations"): the `top_k` channels whose maximum
 activation over all positions is largest, each at its argmax position (ties: lower
 channel / first position in row-major order). A channel target takes that channel at
-its strongest position; a neuron target takes that unit.
+its strongest position (no channel given: each image's top channel, the one with the largest
+sum over positions, as for gradient targets); a neuron target takes that unit.
 
 Each unit is projected to pixels alone: the image is stacked K times along the batch
 dimension with a one-hot cotangent per copy, and the cached forward+backward graph of
@@ -25,8 +26,10 @@ from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from .activations import compute_activations
 from .attribution_common import chunks, rows_per_run
-from .gradient import Objective, resolve_wrt, run_gradient
+from .gradient import Objective, require_finite, resolve_wrt, run_gradient
+from .limits import DEFAULT_SERVER_MAX_BATCH
 from .progress import NO_PROGRESS, MethodResult, Progress
+from .targets import require_activation, top_channels
 
 DEFAULT_TOP_K = 9
 
@@ -35,6 +38,7 @@ def layer_tensor(model: LoadedModel, layer: str) -> str:
     if not layer:
         raise InvalidArgument("layer", "required: a 4-D feature tensor or its node")
     tensor = resolve_tensor(model.proto, layer, kind="layer")
+    require_activation(model, tensor, "layer", layer)
     info = model.infos.get(tensor)
     if info is not None and info.shape is not None and len(info.shape) != 4:
         raise InvalidArgument("layer", f"{layer!r} ({tensor!r}) has shape {list(info.shape)}; "
@@ -52,13 +56,15 @@ def select_units(act: np.ndarray, top_k: int, target: Objective | None) -> tuple
         channels = np.argsort(-strength, axis=1, kind="stable")[:, :k]
     else:
         ch = np.asarray(target.channel, dtype=np.int64).reshape(-1)
+        if ch.size == 0 and target.kind == "channel":
+            ch = top_channels(act)
         if ch.size == 0:
             raise InvalidArgument(f"target.{target.kind}.channel", "required")
         if ch.size not in (1, n):
             raise InvalidArgument(f"target.{target.kind}.channel", f"give one value or one per sample ({n})")
         if (ch < 0).any() or (ch >= c).any():
             raise InvalidArgument(f"target.{target.kind}.channel", f"must be in [0, {c})")
-        channels = np.broadcast_to(ch, (n,))[:, None].copy()
+        channels = np.broadcast_to(ch, (n,))[:, None].astype(np.int64)
     idx = np.take_along_axis(flat, channels[:, :, None], axis=1).argmax(axis=2)   # [N, K]
     positions = np.stack([idx // w, idx % w], axis=-1)
     if target is not None and target.kind == "neuron":
@@ -82,7 +88,9 @@ def unclipped_box(rf: ReceptiveField, y: int, x: int) -> tuple[int, int, int, in
 
 def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], layer: str,
               top_k: int = DEFAULT_TOP_K, target: Objective | None = None, crop: bool = False,
-              rule_set: str = "deconvnet", progress: Progress = NO_PROGRESS) -> MethodResult:
+              rule_set: str = "deconvnet", progress: Progress = NO_PROGRESS,
+              max_batch: int = DEFAULT_SERVER_MAX_BATCH) -> MethodResult:
+    """`max_batch`: the server's limit on rows per onnxruntime run (--max-batch)."""
     if top_k < 0:
         raise InvalidArgument("top_k", f"must be >= 0 (0 = default {DEFAULT_TOP_K}), got {top_k}")
     top_k = top_k or DEFAULT_TOP_K
@@ -98,6 +106,7 @@ def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray]
     if act.ndim != 4:
         raise InvalidArgument("layer", f"{layer!r} has shape {list(act.shape)}; deconvnet projections need a "
                                        "4-D feature tensor [N, C, H, W]")
+    require_finite(f"tensor {tensor!r}", act)
     n, c, h, w = act.shape
     channels, positions = select_units(act, top_k, target)
     k = channels.shape[1]
@@ -109,7 +118,7 @@ def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray]
     cot[np.arange(n * k), channels.reshape(-1), positions[..., 0].reshape(-1), positions[..., 1].reshape(-1)] = 1
     wrt_map = resolve_wrt(model, ["input"])
     projections = np.empty((n * k,) + x.shape[1:], x.dtype)
-    chunk = rows_per_run(model, x, 0, 0)
+    chunk = rows_per_run(model, x, 0, 0, max_batch)
     progress.update(0, n * k, "deconvnet")
     for sl in chunks(n * k, chunk):
         run_feeds = {name: v[rows[sl]] for name, v in feeds.items()}

@@ -4,6 +4,10 @@ The objective is <tensor, cotangent> for one tensor of the model; `Objective`
 says how the cotangent is made (class index, channel, neuron, or given). The
 engine builds the backward graph once per (model, objective tensor, wrt, rule
 set); the runtime caches its session.
+
+Every run's results are checked for inf / NaN (`require_finite`): the server only takes
+finite inputs, so a non-finite value means the network overflowed float32 on the input
+(e.g. pixels of 3e38), and a map made of NaN would answer nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from ..graph.names import resolve_tensor
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from .activations import compute_activations
-from .targets import class_scores_tensor
+from .targets import class_scores_tensor, require_activation, top_channels
 
 INPUT_ALIAS = "input"
 
@@ -32,7 +36,7 @@ class Objective:
     kind: str = "output"
     layer: str = ""                       # output name / layer; "" = first graph output
     index: Sequence[int] = ()             # output: flat class index per sample (empty = top-1)
-    channel: Sequence[int] = ()           # channel: per-sample rule as index; neuron: [c]
+    channel: Sequence[int] = ()           # channel: per-sample rule as index (empty: top channel); neuron: [c]
     position: tuple[int, int] = (0, 0)    # neuron: (y, x)
     cotangent: np.ndarray | None = None   # tensor: given cotangent
 
@@ -140,10 +144,28 @@ def objective_tensor_name(model: LoadedModel, obj: Objective) -> str:
     if obj.kind == "output":
         if not obj.layer:
             return class_scores_tensor(model)
-        return resolve_tensor(model.proto, obj.layer, kind="output")
+        tensor = resolve_tensor(model.proto, obj.layer, kind="output")
+        require_activation(model, tensor, "target.output.output", obj.layer)
+        return tensor
     if not obj.layer:
         raise InvalidArgument("target.layer", "required for channel, neuron and tensor targets")
-    return resolve_tensor(model.proto, obj.layer, kind="layer")
+    tensor = resolve_tensor(model.proto, obj.layer, kind="layer")
+    require_activation(model, tensor, f"target.{obj.kind}.layer", obj.layer)
+    return tensor
+
+
+def positions_phrase(spatial_dims: int) -> str:
+    """How a layer with `spatial_dims` spatial dims takes (y, x), for errors on unused coordinates."""
+    return "is 2-D [N, C]: no spatial positions" if spatial_dims == 0 else "has one spatial dim (y)"
+
+
+def require_finite(what: str, values: np.ndarray) -> None:
+    """INVALID_ARGUMENT on `input` when a result computed from (finite) inputs holds inf or NaN.
+
+    Only results are checked (one pass over each, no extra run): `what` names the tensor."""
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        raise InvalidArgument("input", f"the network overflowed float32 on this input: non-finite values (inf or "
+                                       f"NaN) in {what}; scale the input into the model's value range")
 
 
 def _objective_shape(runtime, model, feeds, tensor: str, batch: int) -> tuple[int, ...]:
@@ -174,6 +196,10 @@ def make_cotangent(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.nda
         if len(shape) < 2:
             raise InvalidArgument("target.layer", f"tensor {tensor!r} of shape {list(shape)} has no channel axis")
         ch = _per_sample(obj.channel, batch, f"target.{obj.kind}.channel")
+        if ch is None and obj.kind == "channel":  # each sample's top channel, as for a top-1 output target
+            values = compute_activations(runtime, model, feeds, [tensor])[tensor]
+            require_finite(f"tensor {tensor!r}", values)
+            ch = top_channels(values)
         if ch is None:
             raise InvalidArgument(f"target.{obj.kind}.channel", "required")
         if (ch < 0).any() or (ch >= shape[1]).any():
@@ -182,9 +208,21 @@ def make_cotangent(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.nda
             cot[np.arange(batch), ch] = 1
             return cot, ch
         spatial = shape[2:]
-        pos = tuple(int(p) for p in obj.position)[: len(spatial)]
-        if len(spatial) != len(pos) or any(not 0 <= p < s for p, s in zip(pos, spatial)):
-            raise InvalidArgument("target.neuron", f"position {tuple(obj.position)} outside the spatial shape {list(spatial)} of {tensor!r}")
+        given = tuple(int(p) for p in obj.position)
+        if len(spatial) > len(given):
+            raise InvalidArgument("target.neuron.layer", f"{tensor!r} of shape {list(shape)} has {len(spatial)} "
+                                                         "spatial dims; neuron targets take a layer [N, C], [N, C, H] "
+                                                         "or [N, C, H, W]")
+        for name, p, s in zip(("y", "x"), given, spatial):
+            if not 0 <= p < s:
+                raise InvalidArgument(f"target.neuron.{name}", f"must be in [0, {s}) for {tensor!r} of shape "
+                                                               f"{list(shape)}, got {p}")
+        for name, p in list(zip(("y", "x"), given))[len(spatial):]:
+            # a 2-D [N, C] layer has one unit per channel: a position there would be silently ignored
+            if p != 0:
+                raise InvalidArgument(f"target.neuron.{name}", f"must be 0: {tensor!r} of shape {list(shape)} "
+                                                               f"{positions_phrase(len(spatial))}, got {p}")
+        pos = given[: len(spatial)]
         cot[(np.arange(batch), ch) + tuple(np.full(batch, p) for p in pos)] = 1
         return cot, ch
     if obj.kind == "tensor":
@@ -238,6 +276,11 @@ def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarr
     values = session.run_dict(list(dict.fromkeys(names)), run_feeds)
     grads = {req: values[gg.gradient_outputs[t]] for req, t in wrt_map.items()}
     obj_values = values[gg.forward_outputs[tensor]]
+    # the forward tensors first: where they overflow, the gradients follow
+    for t in dict.fromkeys([tensor, *forward_outputs]):
+        require_finite(f"tensor {t!r}", values[gg.forward_outputs[t]])
+    for req, g in grads.items():
+        require_finite(f"the gradient w.r.t. {req!r}", g)
     batch = obj_values.shape[0]
     flat = obj_values.reshape(batch, -1).astype(np.float64)
     if top1:

@@ -19,6 +19,7 @@ from ..errors import InvalidArgument
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from . import attribution_common as common
+from . import limits
 from .attribution_common import AttributionInput, attribution_result, gradient_rows, reduce_channels, rows_per_run
 from .progress import NO_PROGRESS, MethodResult, Progress
 
@@ -52,7 +53,11 @@ def quadrature(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
 def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionInput, steps: int = DEFAULT_STEPS,
                          baseline: str = "black", baseline_tensor: np.ndarray | None = None,
                          blur_sigma: float = 0.0, rule: str = "", memory_budget: int = 0, batch: int = 0,
-                         progress: Progress = NO_PROGRESS) -> MethodResult:
+                         progress: Progress = NO_PROGRESS,
+                         max_batch: int = limits.DEFAULT_SERVER_MAX_BATCH) -> MethodResult:
+    """`batch`: rows per onnxruntime run (0 = default); runs never take more than the server's
+    `max_batch` rows (the API refuses a larger `batch`). `memory_budget`: bytes per run (0 = default
+    2 GiB), at most the machine's physical memory (RESOURCE_EXHAUSTED)."""
     rule = rule or DEFAULT_RULE
     limit = MAX_GAUSS_LEGENDRE_STEPS if rule == "gausslegendre" else MAX_STEPS
     if not 1 <= steps <= limit:
@@ -61,6 +66,7 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
                               f"got {steps}")
     if memory_budget < 0:
         raise InvalidArgument("integrated_gradients.memory_budget_bytes", f"must be >= 0, got {memory_budget}")
+    limits.check_memory_budget("integrated_gradients.memory_budget_bytes", memory_budget)
     alphas, weights = quadrature(steps, rule)
     x = ai.x
     n = ai.batch
@@ -92,7 +98,7 @@ def integrated_gradients(runtime: Runtime, model: LoadedModel, ai: AttributionIn
     def consume(ks, summed, _objective):  # the quadrature's weighted sum, made in the graph
         total[rows[ks[0]]] += summed[0]
 
-    chunk = common.balanced_chunk(per_image, rows_per_run(model, x, batch, memory_budget))
+    chunk = common.balanced_chunk(per_image, rows_per_run(model, x, batch, memory_budget, max_batch))
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
                   stage="integrated gradients", consume=consume,
                   summed_weights=weights[np.arange(len(rows)) % per_image])

@@ -41,7 +41,7 @@ from ..graph.names import resolve_tensor
 from ..graph.subgraph import graph_after
 from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities, default_layer, forward_tensors,
                   image_layout, input_spec, spatial_size)
-from .gradient import Objective, objective_tensor_name
+from .gradient import Objective, objective_tensor_name, require_finite
 from .progress import NO_PROGRESS, MethodResult, Progress
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         if cuts else None
     base = (_clean_through_cuts(ctx, cuts, x_cut, [scores_t, layer_t]) if cuts
             else forward_tensors(ctx, feeds, [scores_t, layer_t]))
+    for t in (scores_t, layer_t):  # (forward_tensors checks its own; the cuts' runs are checked here)
+        require_finite(f"tensor {t!r}", base[t])
     n = x.shape[0]
     idx = class_indices(ctx, base[scores_t])
     probs0 = class_probabilities(ctx, scores_t, base[scores_t])
@@ -186,6 +188,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         feat_map[start:stop] = act[np.arange(len(items)), channel[img]].reshape(len(items), -1).astype(np.float64).sum(axis=1)
         progress.update(stop, total, "patches")
 
+    require_finite(f"tensor {scores_t!r} or {layer_t!r} of an occluded image", np.stack([prob_map, feat_map]))
     shape = (n, rows, cols)
     tensors = {
         "probability": prob_map.reshape(shape).astype(np.float32),

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from . import limits
 from .attribution_common import (AttributionInput, accumulate_rows, attribution_result, gradient_rows, reduce_channels,
                                  rows_per_run)
 from .progress import NO_PROGRESS, MethodResult, Progress
@@ -69,7 +70,9 @@ class _NoiseStream:
 
 def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, samples: int = DEFAULT_SAMPLES,
                noise: float = DEFAULT_NOISE, vargrad: bool = False, seed: int = 0, batch: int = 0,
-               progress: Progress = NO_PROGRESS) -> MethodResult:
+               progress: Progress = NO_PROGRESS, max_batch: int = limits.DEFAULT_SERVER_MAX_BATCH) -> MethodResult:
+    """`batch`: rows per onnxruntime run (0 = default); runs never take more than the server's
+    `max_batch` rows (the API refuses a larger `batch`)."""
     if not 1 <= samples <= MAX_SAMPLES:
         raise InvalidArgument("smoothgrad.samples", f"must be in [1, {MAX_SAMPLES}], got {samples}")
     if not np.isfinite(noise) or noise < 0:
@@ -97,7 +100,7 @@ def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, sampl
     def consume_sum(ks, summed, _objective):  # the mean needs only each run's sum, made in the graph
         total[rows[ks[0]]] += summed[0]
 
-    chunk = rows_per_run(model, x, batch, 0)
+    chunk = rows_per_run(model, x, batch, 0, max_batch)
     # VarGrad needs every row's square; SmoothGrad only sums
     gradient_rows(runtime, model, ai, rows, make_inputs, chunk, progress=progress,
                   stage="vargrad" if vargrad else "smoothgrad", consume=consume if vargrad else consume_sum,

@@ -184,7 +184,8 @@ class AttributionMixin:
                    seed: int = 0, batch: int = 0, preprocess=None, on_progress=None, cancel=None) -> Attribution:
         """SmoothGrad: the mean gradient over ``samples`` noisy copies (sigma = ``noise`` x the
         image's value range), or with ``vargrad`` their variance; map = max over channels of
-        |attribution|. ``seed`` fixes the noise; ``batch`` caps copies per onnxruntime run.
+        |attribution|. ``seed`` fixes the noise; ``batch`` caps copies per onnxruntime run (at most
+        the server's --max-batch: ResourceExhausted above).
         Streams progress to ``on_progress``; set ``cancel`` (an Event) to stop."""
         opts = attribution_pb2.SmoothGradOptions(samples=_check_int(samples, "samples"), noise=float(noise),
                                                  vargrad=_check_bool(vargrad, "vargrad"),
@@ -200,7 +201,10 @@ class AttributionMixin:
         space, "zero", "blurred" (Gaussian, ``blur_sigma`` px), "custom" (``baseline_tensor``)).
         ``extra["completeness_gap"]`` = |sum(attribution) - (f(x) - f(baseline))| per image,
         ``extra["delta"]`` = f(x) - f(baseline); map = sum over channels. ``rule``: quadrature
-        ("riemann_middle" default, "riemann_trapezoid", "gausslegendre")."""
+        ("riemann_middle" default, "riemann_trapezoid", "gausslegendre"). ``blur_sigma``: 0 = 10% of
+        the image's smaller side, at most its larger side. ``batch`` (rows per onnxruntime run) is at
+        most the server's --max-batch, ``memory_budget_bytes`` (default 2 GiB) at most its physical
+        memory (ResourceExhausted above)."""
         if not isinstance(baseline, str):
             raise TypeError("baseline must be a string")
         if baseline_tensor is not None and baseline in ("black", ""):

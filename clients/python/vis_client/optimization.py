@@ -275,7 +275,9 @@ class OptimizationMixin:
         regularizers (None = server default). ``optimizer``: "adam" or "sgd"; ``schedule``:
         "constant", "cosine", "step", "linear". ``on_step(progress)`` gets each step's
         Progress (``progress.values``: loss terms); ``on_snapshot(Snapshot)`` the images every
-        ``snapshot_every`` steps. Same ``seed`` -> identical result.
+        ``snapshot_every`` steps. Same ``seed`` -> identical result. ``batch`` is at most the
+        server's --max-batch (ResourceExhausted above); a loop that diverges (inf / NaN loss,
+        gradient or image) raises InvalidArgument naming ``optimizer.lr``.
         """
         from .client import _model_ref, build_preprocessing
 
@@ -328,9 +330,10 @@ class OptimizationMixin:
         """Feature inversion (Mahendran & Vedaldi 2015): reconstruct ``reference`` (one image: a
         path / PIL image / bytes, or a model-space array [1, ...]) from its features at each of
         ``layers`` (a name or a list: a layer sweep; None = class scores). ``starts`` random starts
-        per layer run in one batch. ``alpha``/``beta``/``lambda_alpha``/``lambda_tv``: the
-        regularizers (None = server default). Returns per layer the reconstructions and their
-        relative feature and pixel errors."""
+        per layer run in one batch (at most the server's --max-batch: ResourceExhausted above).
+        ``alpha``/``beta``/``lambda_alpha``/``lambda_tv``: the regularizers (None = server default;
+        finite). Returns per layer the reconstructions and their relative feature and pixel errors;
+        a loop that diverges raises InvalidArgument naming ``optimizer.lr``."""
         from .client import _input_batch, _model_ref, _names
 
         layer_names = _names(layers, "layers")

@@ -8,6 +8,9 @@ where T is a fresh random jitter / scale / rotation per step and image. One step
   g_d = T^T(to_model^T(g_x))                 exact adjoints in numpy
   g_loss = -g_d + penalty gradients          L2, TV (diversity is in the graph)
   params <- optimizer(params, param.backward(g_loss))
+A step whose values, gradient or parameters are not finite stops the loop with an error:
+`optimizer.lr` once an update was made (it diverged), the objective weights on the starting
+image.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ from ...errors import InvalidArgument
 from ...models.config import ImageSpec
 from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
+from .. import limits
 from ..progress import MethodResult, Progress
 from . import regularizers
 from .objectives import Term, compile_objective
-from .optimizers import Optimizer, OptimizerSettings, learning_rate
+from .optimizers import Optimizer, OptimizerSettings, all_finite, diverged, learning_rate
 from .parameterization import PARAMETERIZATIONS, PixelMap, make_parameterization
 from .transforms import TransformSettings
 
@@ -54,7 +58,8 @@ class MaximizeSettings:
     seed: int = 0
     snapshot_every: int = 0
 
-    def validate(self, max_batch: int = 256) -> None:
+    def validate(self, max_batch: int | None = None) -> None:
+        """`max_batch`: the server's limit on `batch` (RESOURCE_EXHAUSTED above it); None = no limit."""
         if not self.terms:
             raise InvalidArgument("objectives", "give at least one objective term")
         for t in self.terms:
@@ -62,8 +67,10 @@ class MaximizeSettings:
                 raise InvalidArgument(f"{t.field}.weight", f"must be a finite number >= 0, got {t.weight}")
         if not 1 <= self.steps <= MAX_STEPS:
             raise InvalidArgument("steps", f"must be in [1, {MAX_STEPS}], got {self.steps}")
-        if not 1 <= self.batch <= max_batch:
-            raise InvalidArgument("batch", f"must be in [1, {max_batch}], got {self.batch}")
+        if self.batch < 1:
+            raise InvalidArgument("batch", f"must be >= 1, got {self.batch}")
+        if max_batch is not None:
+            limits.check_batch("batch", self.batch, max_batch, "images")
         if self.parameterization not in PARAMETERIZATIONS:
             raise InvalidArgument("parameterization", f"unknown {self.parameterization!r}; allowed: {', '.join(PARAMETERIZATIONS)}")
         checks = [("fourier_decay", self.fourier_decay, 0, 4), ("init_std", self.init_std, 0, 10),
@@ -73,8 +80,9 @@ class MaximizeSettings:
                   ("blur_every", self.blur_every, 0, MAX_STEPS), ("blur_sigma", self.blur_sigma, 0, 100),
                   ("diversity", self.diversity, 0, math.inf), ("snapshot_every", self.snapshot_every, 0, MAX_STEPS)]
         for name, v, lo, hi in checks:
-            if not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v) and hi != math.inf):
-                raise InvalidArgument(name, f"must be in [{lo}, {hi}], got {v}")
+            if not (lo <= v <= hi and math.isfinite(v)):  # an infinite weight makes every value NaN
+                allowed = f"a finite number >= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+                raise InvalidArgument(name, f"must be {allowed}, got {v}")
         self.optimizer.validate("optimizer")
 
 
@@ -98,6 +106,12 @@ def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeS
         draw = s.transforms.draw(rng, s.batch, h, w) if s.transforms.active else None
         x = pmap.to_model(draw.apply(d) if draw else d)
         grad_x, values, div = compiled.evaluate(x)
+        if not all_finite(grad_x, values[compiled.term_masks], div):
+            if step:
+                raise diverged(step)
+            raise InvalidArgument("objectives", "the objective or its gradient is not finite on the starting image "
+                                                "(float32 overflow in the network); use smaller term weights or "
+                                                "diversity")
         gd = pmap.to_model_adjoint(grad_x)
         if draw:
             gd = draw.adjoint(gd)
@@ -119,13 +133,18 @@ def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeS
         pen_div = s.diversity * div
         obj_mean = float(objective.mean())
         row = [-obj_mean + pen_l2 + pen_tv + pen_div / s.batch, obj_mean, pen_l2, pen_tv, pen_div, lr]
-        losses[step] = row
+        with np.errstate(over="ignore"):  # a diverging loss overflows float32 here; the check stops the loop
+            losses[step] = row
+        if not all_finite(losses[step], param.params):
+            raise diverged(step)
         if on_snapshot is not None and s.snapshot_every and (step + 1) % s.snapshot_every == 0:
             on_snapshot(f"snapshot/{step + 1}", PixelMap.to_uint8(param.image()), step + 1)
         progress.update(step + 1, s.steps, "maximize", **dict(zip(columns, row)))
     d = param.image()
     x = pmap.to_model(d)
     _, values, _ = compiled.evaluate(x)
+    if not all_finite(values[compiled.term_masks]):
+        raise diverged(s.steps - 1)
     shown = np.clip(d, 0.0, 1.0) if s.parameterization == "raw" else d
     tensors = {
         "images": PixelMap.to_uint8(shown),

@@ -9,7 +9,8 @@ x = to_model(P / 255). Loss per start:
 The feature term is a graph head ((Phi - phi0)^2, phi0 fed as an input), so a step is
 one run of a cached forward+backward graph on a DAG of any shape; several random
 starts run as one batch. A layer sweep inverts each layer in turn (its own cached
-graph, which only goes as deep as that layer).
+graph, which only goes as deep as that layer). A step whose loss, gradient or image is not
+finite stops the loop with an error naming `optimizer.lr` (it diverged).
 """
 from __future__ import annotations
 
@@ -24,12 +25,14 @@ from ...graph.names import resolve_tensor
 from ...models.config import ImageSpec
 from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
+from .. import limits
 from ..activations import compute_activations
+from ..gradient import require_finite
 from ..progress import MethodResult, Progress
-from ..targets import class_scores_tensor
+from ..targets import class_scores_tensor, require_activation
 from . import regularizers
 from .objectives import GradientRun, Head
-from .optimizers import Optimizer, OptimizerSettings, learning_rate
+from .optimizers import Optimizer, OptimizerSettings, all_finite, diverged, learning_rate
 from .parameterization import PixelMap
 
 MAX_STEPS = 100_000
@@ -53,18 +56,22 @@ class InvertSettings:
     seed: int = 0
     snapshot_every: int = 0
 
-    def validate(self, max_batch: int = 256) -> None:
+    def validate(self, max_batch: int | None = None) -> None:
+        """`max_batch`: the server's limit on `starts` (RESOURCE_EXHAUSTED above it); None = no limit."""
         if not 1 <= self.steps <= MAX_STEPS:
             raise InvalidArgument("steps", f"must be in [1, {MAX_STEPS}], got {self.steps}")
-        if not 1 <= self.starts <= max_batch:
-            raise InvalidArgument("starts", f"must be in [1, {max_batch}], got {self.starts}")
+        if self.starts < 1:
+            raise InvalidArgument("starts", f"must be >= 1, got {self.starts}")
+        if max_batch is not None:
+            limits.check_batch("starts", self.starts, max_batch, "starts (one batch)")
         checks = [("alpha", self.alpha, 1, 16), ("beta", self.beta, 1, 4), ("lambda_alpha", self.lambda_alpha, 0, math.inf),
                   ("lambda_tv", self.lambda_tv, 0, math.inf), ("pixel_norm", self.pixel_norm, 1e-3, 1e4),
                   ("tv_norm", self.tv_norm, 0, 1e4), ("init_std", self.init_std, 0, 10),
                   ("snapshot_every", self.snapshot_every, 0, MAX_STEPS)]
         for name, v, lo, hi in checks:
-            if not (lo <= v <= hi) or (isinstance(v, float) and math.isnan(v)):
-                raise InvalidArgument(name, f"must be in [{lo}, {hi}], got {v}")
+            if not (lo <= v <= hi and math.isfinite(v)):  # an infinite weight makes every value NaN
+                allowed = f"a finite number >= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+                raise InvalidArgument(name, f"must be {allowed}, got {v}")
         self.optimizer.validate("optimizer")
 
 
@@ -75,6 +82,8 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
     if reference.shape[0] != 1:
         raise InvalidArgument("input", f"send exactly one reference image, got a batch of {reference.shape[0]}")
     layers = [resolve_tensor(model.proto, name, kind="layer") for name in s.layers] or [class_scores_tensor(model)]
+    for i, (name, layer) in enumerate(zip(s.layers, layers)):
+        require_activation(model, layer, f"layers[{i}]", name)
     pmap = PixelMap(spec)
     h, w = spec.size
     c = pmap.channels
@@ -82,6 +91,8 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
     v_norm = s.tv_norm or b_norm / 6.5
     p0 = pmap.from_model(reference) * 255.0                      # reference pixels [1, C, H, W]
     phi0 = compute_activations(runtime, model, {model.image_input: reference}, layers)
+    for layer in layers:
+        require_finite(f"tensor {layer!r}", phi0[layer])
     columns = ["loss", "feature", "alpha", "tv", "lr"]
     n_layers, S = len(layers), s.starts
     recon = np.zeros((n_layers, S) + tuple(reference.shape[1:]), np.float32)
@@ -117,10 +128,18 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
                 v, gt = regularizers.total_variation(z, s.beta, norm=v_norm / b_norm)
                 g = g + s.lambda_tv * gt
                 pen_t = s.lambda_tv * float(v.mean())
+            if not all_finite(feature, g):
+                if step:
+                    raise diverged(step, f" of layer {layer!r}")
+                raise InvalidArgument("input", f"the feature loss at {layer!r} or its gradient is not finite on the "
+                                               "starting image (float32 overflow in the network)")
             lr = learning_rate(s.optimizer, step, s.steps)
             z = opt.step(z, g, lr)
             row = [float(feature.mean()) + pen_a + pen_t, float(feature.mean()), pen_a, pen_t, lr]
-            losses[li, step] = row
+            with np.errstate(over="ignore"):  # a diverging loss overflows float32 here; the check stops the loop
+                losses[li, step] = row
+            if not all_finite(losses[li, step], z):
+                raise diverged(step, f" of layer {layer!r}")
             if on_snapshot is not None and s.snapshot_every and (step + 1) % s.snapshot_every == 0:
                 on_snapshot(f"snapshot/{layer}/{step + 1}", PixelMap.to_uint8((GREY + b_norm * z) / 255.0),
                             li * s.steps + step + 1)

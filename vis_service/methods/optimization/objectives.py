@@ -29,7 +29,8 @@ from ...graph.names import resolve_tensor
 from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
 from ..activations import compute_activations
-from ..targets import class_scores_tensor, softmax_node
+from ..gradient import positions_phrase
+from ..targets import class_scores_tensor, require_activation, softmax_node
 
 KINDS = ("neuron", "channel", "layer", "class_score", "direction")
 
@@ -243,6 +244,7 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
             if not term.layer:
                 raise InvalidArgument(f"{f}.{term.kind}.layer", "required")
             layer = resolve_tensor(model.proto, term.layer, kind="layer")
+            require_activation(model, layer, f"{f}.{term.kind}.layer", term.layer)
             shape = shape_of(layer)
             tensor = layer
             if term.kind == "layer":
@@ -274,6 +276,12 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
                             if not 0 <= p < size:
                                 raise InvalidArgument(f"{f}.neuron.{name}", f"must be in [0, {size}) for {layer!r} of shape {list(shape)}")
                             pos.append(p)
+                        for name, given in list(zip(("y", "x"), (term.y, term.x)))[len(spatial):]:
+                            # a 2-D [N, C] layer has one unit per channel: a position there would be ignored
+                            if given not in (None, 0):
+                                raise InvalidArgument(f"{f}.neuron.{name}",
+                                                      f"must be unset or 0: {layer!r} of shape {list(shape)} "
+                                                      f"{positions_phrase(len(spatial))}, got {given}")
                         base[(term.channel,) + tuple(pos) + (0,) * (len(spatial) - len(pos))] = 1.0
         cot = np.where(mask.reshape((batch,) + (1,) * base.ndim), base[None], 0.0)
         term_tensors.append(tensor)

@@ -40,6 +40,19 @@ class OptimizerSettings:
             raise InvalidArgument(f"{field}.decay_every", f"must be >= 0, got {self.decay_every}")
 
 
+def all_finite(*arrays) -> bool:
+    """Whether every value is finite (the loops check their loss, gradient and parameters each step)."""
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
+def diverged(step: int, where: str = "", field: str = "optimizer") -> InvalidArgument:
+    """The error for a loop whose loss, gradient or parameters became inf / NaN at 0-based `step`
+    (`where`: e.g. " of layer 'conv4'"), after at least one update: the steps were too large, and
+    results of NaN would answer nothing."""
+    return InvalidArgument(f"{field}.lr", f"the optimization diverged at step {step + 1}{where} (non-finite "
+                                          "loss, gradient or image); use a smaller lr")
+
+
 def learning_rate(s: OptimizerSettings, step: int, total: int) -> float:
     """Learning rate of step `step` (0-based) of `total`."""
     if s.schedule == "cosine":
