@@ -131,33 +131,49 @@ GRADIENT_PREFIX = "grad/"  # the backward builder names what it adds grad/<forwa
 # onnxruntime names the nodes it rewrites after their output (grad/n3/Conv_12_nchwc)
 
 
-def kernel_times(model: onnx.ModelProto, feeds: dict, fetch: list[str] | None, runs: int) -> dict[tuple[str, str], float]:
-    """Mean kernel time per run (seconds) of each node in onnxruntime's profile: (node name, op type) -> s."""
+def kernel_times(model: onnx.ModelProto, feeds: dict, fetch: list[str] | None, runs: int,
+                 warmup: int = 2) -> dict[tuple[str, str], float]:
+    """Mean kernel time per run (seconds) of each node in onnxruntime's profile: (node name, op type) -> s.
+
+    The first `warmup` runs are left out (the first two runs of a large graph are slower: its
+    memory arena and allocation plan settle); the profile cannot be switched on later, so the
+    node events are kept by the time window of the runs that count.
+    """
     import json
     options = runtime().session_options_for(model)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "profile")
         sess = ort.InferenceSession(model.SerializeToString(), options, providers=runtime().choice.providers)
-        sess.run(fetch, feeds)  # warm-up, profiled too: averaged over runs + 1
-        for _ in range(runs):
+        for _ in range(warmup + runs):
             sess.run(fetch, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
     times: dict[tuple[str, str], float] = {}
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                and any(start <= e["ts"] <= end for start, end in windows)):
             key = (e["name"][:-len("_kernel_time")], e["args"].get("op_name", "?"))
-            times[key] = times.get(key, 0.0) + e["dur"] * 1e-6 / (runs + 1)
+            times[key] = times.get(key, 0.0) + e["dur"] * 1e-6 / len(windows)
     return times
 
 
-def kernel_kind(name: str, op: str) -> str:
-    """What a profiled node of the forward+gradient graph is: forward part, layout reorder or backward op."""
+# forward ops whose backward rules build 0/1 or slope masks, some as depthwise 1x1 Convs fused
+# with a HardSigmoid ramp (engine/rules/activations.py): those Convs are mask work, not adjoints
+MASKED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh"}
+
+
+def kernel_kind(name: str, op: str, forward_ops: dict[str, str]) -> str:
+    """What a profiled node of the forward+gradient graph is: forward part, layout reorder or
+    backward op (`forward_ops`: forward node name -> op type, to tell mask Convs from adjoints)."""
     if op.startswith("Reorder"):
         return "layout reorders NCHW <-> NCHWc"
     if not name.startswith(GRADIENT_PREFIX):
         return "forward part"
     if op in ("Conv", "ConvTranspose"):
+        label = name[len(GRADIENT_PREFIX):].rsplit("/", 1)[0]   # the forward node (its op type if unnamed)
+        if forward_ops.get(label, label) in MASKED_ACTIVATIONS:
+            return "backward mask Conv (fused ramps)"
         return "backward Conv / ConvTranspose"
     if op in ("Sum", "Add"):
         return "backward Sum / Add"
@@ -170,7 +186,7 @@ def print_breakdown(forward: onnx.ModelProto, forward_feeds: dict, gradient: onn
 
     Groups the forward+gradient graph's kernels into its forward part, onnxruntime's layout
     reorders and the backward nodes by op type: Conv / ConvTranspose (the adjoint convolutions,
-    the work no backward pass can skip, about the forward's multiply-adds again, and the
+    the work no backward pass can skip, about the forward's multiply-adds again; apart, the
     depthwise 1x1 Convs that some activation masks fuse into), HardSigmoid (activation masks),
     Mul (masks times gradients, scales), Sum / Add (gradient contributions), MaxPool /
     ScatterElements / ConstantOfShape (max-pool switches and routing), Split (concat
@@ -178,9 +194,10 @@ def print_breakdown(forward: onnx.ModelProto, forward_feeds: dict, gradient: onn
     backward convolutions cost anything.
     """
     forward_total = sum(kernel_times(forward, forward_feeds, None, runs).values())
+    forward_ops = {node.name: node.op_type for node in gradient.graph.node if node.name}
     by_kind: dict[str, float] = {}
     for (name, op), t in kernel_times(gradient, feeds, fetch, runs).items():
-        kind = kernel_kind(name, op)
+        kind = kernel_kind(name, op, forward_ops)
         by_kind[kind] = by_kind.get(kind, 0.0) + t
     total = sum(by_kind.values())
     print(f"    kernel time per run: forward session {forward_total * 1e3:.1f} ms, forward+gradient {total * 1e3:.1f} ms "
