@@ -106,3 +106,17 @@ def every_cut(monkeypatch):
     from vis_service.graph import local_head
 
     monkeypatch.setattr(local_head, "CUT_COST_MACS", 0)
+
+
+def assert_status(exc_info, code, *fragments: str):
+    """The VisError in `exc_info` has gRPC status `code` and each fragment in its details."""
+    err = exc_info.value
+    assert err.code == code, f"expected {code}, got {err.code}: {err.details}"
+    for frag in fragments:
+        assert frag in err.details, f"{frag!r} not in {err.details!r}"
+
+
+def still_serving(client):
+    """The server answers after an error (its info, and the embedded model)."""
+    assert client.server_info()["provider"]
+    assert client.model("digits").id

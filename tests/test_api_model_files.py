@@ -16,6 +16,7 @@ import pytest
 from onnx import helper, numpy_helper
 from PIL import Image
 
+from conftest import assert_status, still_serving
 from vis_client import VisError
 from vis_service.api.servicers import Limits
 from vis_service.default_models import DEFAULT_MODEL_DIR
@@ -23,18 +24,6 @@ from vis_service.gen import vis_pb2
 from vis_service.server import ServerConfig, start_server
 
 FLOAT = onnx.TensorProto.FLOAT
-
-
-def assert_status(exc_info, code: grpc.StatusCode, *fragments: str):
-    err = exc_info.value
-    assert err.code == code, f"expected {code}, got {err.code}: {err.details}"
-    for frag in fragments:
-        assert frag in err.details, f"{frag!r} not in {err.details!r}"
-
-
-def still_serving(client):
-    assert client.server_info()["provider"]
-    assert client.model("digits").id
 
 
 def _external(t: onnx.TensorProto, location: str, offset: str = "0", length: str | None = None) -> onnx.TensorProto:

@@ -12,19 +12,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import helper, numpy_helper
 
-from conftest import light_model_paths, requires_shared
+from conftest import assert_status, light_model_paths, requires_shared, still_serving
 from vis_client import VisError
 from vis_service.gen import vis_pb2
 from vis_service.api.servicers import Limits
 from vis_service.default_models import DEFAULT_MODEL_DIR
 from vis_service.server import ServerConfig, start_server
-
-
-def assert_status(exc_info, code: grpc.StatusCode, *fragments: str):
-    err = exc_info.value
-    assert err.code == code, f"expected {code}, got {err.code}: {err.details}"
-    for frag in fragments:
-        assert frag in err.details, f"{frag!r} not in {err.details!r}"
 
 
 def test_server_info_reports_provider_and_rule_sets(client):
@@ -136,11 +129,6 @@ def test_light_graphs_upload_inspect(client, path):
 
 
 # ---------------------------------------------------------------- bad input
-
-
-def still_serving(client):
-    assert client.server_info()["provider"]
-    assert client.model("digits").id
 
 
 def test_empty_upload(stubs, client):
