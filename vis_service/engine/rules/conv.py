@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from ...errors import Unimplemented
 from ..context import INT64_MIN, RuleContext, attr
@@ -58,6 +60,39 @@ def window_of(ctx: RuleContext, node, x: str, y: str, kernel: Sequence[int]) -> 
         pads = list(attr(node, "pads", None) or [0] * (2 * n))
         begin, end = pads[:n], pads[n:]
     return Window(in_sizes, out_sizes, list(kernel), strides, dilations, begin, end)
+
+
+def check_runtime_output_size(ctx: RuleContext, node, why: str, weight_shape: Sequence[int] | None = None) -> None:
+    """Unimplemented if onnxruntime gives `node` (a pool, or a ConvTranspose with `weight_shape`)
+    another output size than ONNX shape inference, from which the backward graph is built; `why`
+    names the attributes that make them disagree. Measured by running the node itself on a
+    one-image input of the static spatial sizes (skipped where they are not static)."""
+    import onnxruntime as ort
+
+    x, y = node.input[0], node.output[0]
+    spatial = list(range(2, ctx.rank(x)))
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    in_sizes, inferred = [in_shape[a] for a in spatial], [out_shape[a] for a in spatial]
+    channels = weight_shape[0] if weight_shape is not None else 1
+    if not all(isinstance(d, int) for d in in_sizes + inferred):
+        return
+    inputs, initializers = ["x"], []
+    if weight_shape is not None:
+        initializers.append(numpy_helper.from_array(np.zeros(weight_shape, np.float32), "w"))
+        inputs.append("w")
+    probe = helper.make_node(node.op_type, inputs, ["y"], **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+    graph = helper.make_graph([probe], "output_size",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, channels] + in_sizes)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ctx.opset)])
+    model.ir_version = min(model.ir_version, 8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    actual = list(session.run(None, {"x": np.zeros([1, channels] + in_sizes, np.float32)})[0].shape[2:])
+    if actual != inferred:
+        raise Unimplemented(f"{node.op_type} node {node.name!r}: onnxruntime computes a {actual} output where ONNX "
+                            f"shape inference says {inferred} ({why}); gradients through this geometry are not supported")
 
 
 def conv_input_adjoint(ctx: RuleContext, g: str, weight: str | np.ndarray, window: Window, group: int,
@@ -305,6 +340,8 @@ def conv_transpose_backward(ctx: RuleContext, node, grad_outputs):
         in_sizes = ctx.static_dims(x, spatial, "ConvTranspose backward")
         out_sizes = ctx.static_dims(y, spatial, "ConvTranspose backward")
         w_shape = ctx.static_dims(w, range(ctx.rank(w)), "ConvTranspose backward")
+        if attr(node, "auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") and attr(node, "output_padding", None):
+            check_runtime_output_size(ctx, node, "auto_pad SAME with output_padding", w_shape)
         kernel = attr(node, "kernel_shape", None) or w_shape[2:]
         strides = list(attr(node, "strides", None) or [1] * n)
         dilations = list(attr(node, "dilations", None) or [1] * n)

@@ -98,17 +98,16 @@ def pow_backward(ctx: RuleContext, node, grad_outputs):
 
 
 def _extremum_backward(ctx: RuleContext, node, grad_outputs, losing_comparison: str):
-    """Max/Min: the gradient goes to every input equal to the result."""
+    """Max/Min: the inputs equal to the result share the gradient equally (k tied inputs get 1/k
+    each, as torch.maximum does)."""
     y, g = node.output[0], grad_outputs[0]
     shape = _out_shape(ctx, node)
+    # x is a winner where not (x < y) for Max, not (x > y) for Min
+    hits = [ctx.not_mask(losing_comparison, x, y, y) for x in node.input]
+    share = g if len(hits) == 1 else ctx.make_node("Div", [g, ctx.make_node("Sum", hits)])
     grads = []
-    for i, x in enumerate(node.input):
-        if not ctx.needs_grad(node, i):
-            grads.append(None)
-            continue
-        # x is a winner where not (x < y) for Max, not (x > y) for Min
-        hit = ctx.not_mask(losing_comparison, x, y, y)
-        grads.append(ctx.sum_to(ctx.make_node("Mul", [g, hit]), x, shape))
+    for i, (x, hit) in enumerate(zip(node.input, hits)):
+        grads.append(ctx.sum_to(ctx.make_node("Mul", [share, hit]), x, shape) if ctx.needs_grad(node, i) else None)
     return grads
 
 

@@ -8,7 +8,23 @@ from ...errors import Unimplemented
 from ..context import RuleContext, attr
 from ..registry import rule
 from .activations import VALUE_MASK_RULES, value_mask
-from .conv import Window, conv_input_adjoint, window_of
+from .conv import Window, check_runtime_output_size, conv_input_adjoint, window_of
+
+
+def check_pool_geometry(ctx: RuleContext, node) -> None:
+    """Refuse geometries where onnxruntime's pool output differs from ONNX shape inference's.
+
+    With ceil_mode and pads, onnxruntime (like PyTorch) drops a last window that would start in
+    the end padding, which ONNX inference keeps; with dilations and auto_pad SAME its size differs
+    too. The backward graph is built from the inferred shapes, so it would fail at run time with
+    a shape error naming none of this.
+    """
+    dilated_same = (attr(node, "auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")
+                    and any(d != 1 for d in attr(node, "dilations", None) or []))
+    if attr(node, "ceil_mode", 0) or dilated_same:
+        why = "ceil_mode with pads: its last window starts in the padding" if attr(node, "ceil_mode", 0) \
+            else "dilations with auto_pad SAME"
+        check_runtime_output_size(ctx, node, why)
 
 
 @rule("MaxPool", min_opset=16)
@@ -24,6 +40,7 @@ def max_pool_backward(ctx: RuleContext, node, grad_outputs):
     x = node.input[0]
     if attr(node, "storage_order", 0):
         raise Unimplemented(f"MaxPool node {node.name!r} uses storage_order=1 (column-major indices); no backward rule")
+    check_pool_geometry(ctx, node)
     g = grad_outputs[0]
     # A ReLU (or ReLU6) before the pool: its mask is a function of the value, and each window's
     # gradient lands on an element equal to the window's maximum, so masking with the pooled
@@ -77,6 +94,7 @@ def average_pool_backward(ctx: RuleContext, node, grad_outputs):
     (real input elements in the window) is plain geometry computed here.
     """
     x, y = node.input[0], node.output[0]
+    check_pool_geometry(ctx, node)
     window = window_of(ctx, node, x, y, attr(node, "kernel_shape"))
     channels = ctx.static_dims(x, [1], "AveragePool backward")[0]
     if _is_tiling(window) and ctx.opset >= 13:  # Resize with its roi input optional
@@ -174,6 +192,9 @@ def global_average_pool_backward(ctx: RuleContext, node, grad_outputs):
 
 @rule("GlobalMaxPool")
 def global_max_pool_backward(ctx: RuleContext, node, grad_outputs):
-    # every element equal to the maximum receives the gradient (ties are measure-zero)
+    # the elements equal to the maximum share the gradient equally (a flat map, e.g. a dead
+    # channel in the deconvnet rule set, which ignores ReLU masks, would otherwise get it k times)
     x, y = node.input[0], node.output[0]
-    return [ctx.make_node("Mul", [grad_outputs[0], ctx.not_mask("Less", x, y, x)])]
+    hit = ctx.not_mask("Less", x, y, x)
+    share = ctx.make_node("Div", [grad_outputs[0], ctx.reduce("ReduceSum", hit, list(range(2, ctx.rank(x))), keepdims=True)])
+    return [ctx.make_node("Mul", [share, hit])]

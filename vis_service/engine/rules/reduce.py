@@ -54,7 +54,8 @@ def reduce_sum_square_backward(ctx: RuleContext, node, grad_outputs):
 
 @rule("ReduceMax", "ReduceMin")
 def reduce_extremum_backward(ctx: RuleContext, node, grad_outputs):
-    """Every element equal to the extremum receives the gradient."""
+    """The elements equal to the extremum share the gradient equally (a subgradient: each of k
+    tied elements gets 1/k, as torch.amax does; giving each the whole would count it k times)."""
     x, y, g = node.input[0], node.output[0], grad_outputs[0]
     axes = _reduced_axes(ctx, node)
     if axes is None:
@@ -62,4 +63,5 @@ def reduce_extremum_backward(ctx: RuleContext, node, grad_outputs):
     g = _broadcastable(ctx, node, g, axes)
     y = _broadcastable(ctx, node, y, axes)
     hit = ctx.not_mask("Less" if node.op_type == "ReduceMax" else "Greater", x, y, x)
-    return [ctx.make_node("Mul", [g, hit])] + [None] * (len(node.input) - 1)
+    share = ctx.make_node("Div", [hit, ctx.reduce("ReduceSum", hit, axes, keepdims=True)])
+    return [ctx.make_node("Mul", [g, share])] + [None] * (len(node.input) - 1)

@@ -57,12 +57,20 @@ def _axis_matrix(node, opset: int, in_size: int, out_size: int, scale: float | N
             initializers.append(helper.make_tensor("scales", onnx.TensorProto.FLOAT, [4], scales))
             inputs.append("scales")
         else:
-            inputs.append("")
+            if opset < 13:  # roi is a required input at opsets 11 and 12 (empty: not used by these modes)
+                initializers.append(helper.make_tensor("roi", onnx.TensorProto.FLOAT, [0], []))
+                inputs.append("roi")
+            else:
+                inputs.append("")
             if scale is not None:
                 initializers.append(helper.make_tensor("scales", onnx.TensorProto.FLOAT, [4], scales))
                 inputs.append("scales")
             else:
-                inputs += ["", "sizes"]
+                if opset < 13:  # scales is required too there: empty when sizes are given
+                    initializers.append(helper.make_tensor("no_scales", onnx.TensorProto.FLOAT, [0], []))
+                    inputs += ["no_scales", "sizes"]
+                else:
+                    inputs += ["", "sizes"]
                 initializers.append(helper.make_tensor("sizes", onnx.TensorProto.INT64, [4], [1, in_size, 1, out_size]))
         op = helper.make_node(node.op_type, inputs, ["resized"])
         op.attribute.extend(node_attrs)
@@ -97,11 +105,13 @@ def resize_backward(ctx: RuleContext, node, grad_outputs):
     x, g = node.input[0], grad_outputs[0]
     rank = ctx.rank(x)
     scales, in_sizes, out_sizes = _scales_and_sizes(ctx, node)
-    for axis in range(rank):
-        if axis == 0:
-            if scales is not None and scales[0] != 1:
-                raise Unimplemented(f"{node.op_type} node {node.name!r} resizes the batch axis")
-            continue
+    if (scales is not None and scales[0] != 1) or _resizes_batch(ctx, node):
+        raise Unimplemented(f"{node.op_type} node {node.name!r} resizes the batch axis")
+    if 0 in out_sizes:
+        # an empty output: the objective cannot depend on x (a MatMul over an empty axis is not
+        # guaranteed to give zeros)
+        return [ctx.make_node("Mul", [x, ctx.scalar(0.0, x)])] + [None] * (len(node.input) - 1)
+    for axis in range(1, rank):
         scale = None if scales is None else scales[axis]
         i, o = in_sizes[axis], out_sizes[axis]
         if i == o and (scale is None or scale == 1):
@@ -109,6 +119,14 @@ def resize_backward(ctx: RuleContext, node, grad_outputs):
         matrix = _axis_matrix(node, ctx.opset, i, o, scale, ctx.dtype(x))
         g = _apply_transpose(ctx, g, matrix, axis, rank)
     return [g] + [None] * (len(node.input) - 1)
+
+
+def _resizes_batch(ctx: RuleContext, node) -> bool:
+    """True if the output's batch dim is a number other than the input's (constant `sizes` with a
+    fixed first value on a symbolic batch). A symbolic output batch (inference names it afresh
+    for scales) says nothing."""
+    given, result = ctx.shape(node.input[0])[0], ctx.shape(node.output[0])[0]
+    return isinstance(result, int) and given != result
 
 
 def _apply_transpose(ctx: RuleContext, g: str, matrix: np.ndarray, axis: int, rank: int) -> str:
