@@ -170,6 +170,18 @@ def test_clip_and_leaky_relu_rectify_too():
     np.testing.assert_allclose(got, [[2.0, 0.0, 3.0, 0.0]])
 
 
+def test_global_max_pool_ties_share_in_both_implementations():
+    """A flat (dead) channel ties all its positions: each gets 1/k of the gradient, in the graph
+    rule set and in the numpy deconvnet alike (deconvnet ignores the ReLU mask that would hide it)."""
+    model = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                        helper.make_node("GlobalMaxPool", ["r"], ["y"], name="gmp")], [("x", [1, 2, 2, 2])], ["y"])
+    x = np.array([[[[-1.0, -2.0], [-3.0, -4.0]], [[1.0, 3.0], [2.0, 0.5]]]], dtype=np.float32)
+    cot = np.array([[[[2.0]], [[1.0]]]], dtype=np.float32)
+    expected = np.array([[[[0.5, 0.5], [0.5, 0.5]], [[0.0, 1.0], [0.0, 0.0]]]], dtype=np.float32)
+    np.testing.assert_allclose(deconvnet_projection(model, {"x": x}, "y", cot), expected)
+    np.testing.assert_allclose(engine_projection(model, {"x": x}, "y", cot, "x"), expected)
+
+
 def test_overlapping_max_pool_accumulates():
     """3x3 stride 2 on 5x5: the centre is the max of all four windows and receives 4.0."""
     model = make_model([helper.make_node("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[3, 3], strides=[2, 2])],

@@ -444,7 +444,9 @@ def _global_average_pool(w, node, outs, values):
 
 def _global_max_pool(w, node, outs, values):
     x, y = values[node.input[0]], values[node.output[0]]
-    return _first(node, np.where(x == y, outs[0], 0.0))
+    hit = (x == y).astype(np.float64)
+    # tied maxima share the gradient, as the graph rule does
+    return _first(node, hit * outs[0] / hit.sum(axis=tuple(range(2, x.ndim)), keepdims=True))
 
 
 def _batch_norm(w, node, outs, values):
