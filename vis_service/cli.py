@@ -26,14 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
                    help="execution provider; auto = CUDA when a CUDA session really works")
     s.add_argument("--workers", type=int, default=8, help="concurrent RPCs")
+    s.add_argument("--max-concurrent-runs", type=int, default=2,
+                   help="onnxruntime runs at once, the others wait (each holds its graph's tensors; 0 = no bound)")
     s.add_argument("--session-cache", type=int, default=32, help="onnxruntime sessions kept (LRU)")
     s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
     s.add_argument("--chunk-mb", type=float, default=1.0, help="largest tensor payload per streamed message")
-    s.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest model accepted")
-    s.add_argument("--max-request-mb", type=float, default=64.0, help="largest request message")
-    s.add_argument("--max-batch", type=int, default=256)
+    s.add_argument("--max-upload-mb", type=float, default=1024.0,
+                   help="largest model accepted, uploaded or from the repository, external data included")
+    s.add_argument("--max-request-mb", type=float, default=64.0, help="largest request message (at least 2)")
+    s.add_argument("--max-batch", type=int, default=256, help="images per request and rows per onnxruntime run")
     s.add_argument("--preload", nargs="*", default=None, help="repository models to load at start (default: all)")
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     h = sub.add_parser("health", help="ask a running server's gRPC health service; exit 0 when SERVING")
     h.add_argument("--address", default="127.0.0.1:50051")
     h.add_argument("--timeout", type=float, default=3.0)
@@ -59,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":
         return health_check(args.address, args.timeout)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    try:   # every value is checked before anything starts: a bad one is a usage error, not a traceback
         limits = Limits(chunk_bytes=int(args.chunk_mb * MB), max_upload_bytes=int(args.max_upload_mb * MB),
                         max_request_bytes=int(args.max_request_mb * MB), max_batch=args.max_batch)
-    except ValueError as exc:
-        build_parser().error(f"--max-request-mb: {exc}")
-    cfg = ServerConfig(args.host, args.port, args.model_repository, args.provider, args.workers,
-                       args.session_cache, args.threads, limits)
-    running = start_server(cfg)
+        cfg = ServerConfig(args.host, args.port, args.model_repository, args.provider, args.workers,
+                           args.session_cache, args.threads, limits, args.max_concurrent_runs)
+        running = start_server(cfg)
+    except (ValueError, OSError, RuntimeError) as exc:
+        build_parser().error(str(exc))
     names = running.state.store.repository_names() if args.preload is None else args.preload
     for name in names:
         try:

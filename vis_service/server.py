@@ -15,6 +15,7 @@ from .api.registration import add_servicer
 from .api.servicers import Limits, ModelServicer, ServiceState, VisServicer
 from .gen import vis_pb2
 from .models.store import ModelStore
+from .runtime.providers import CUDA
 from .runtime.sessions import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,21 @@ class ServerConfig:
     session_cache_size: int = 32
     intra_op_threads: int = 0
     limits: Limits = None  # type: ignore[assignment]
+    max_concurrent_runs: int = 2   # onnxruntime runs at once (runtime.sessions.Runtime); 0 = no bound
 
     def __post_init__(self):
         if self.limits is None:
             self.limits = Limits()
+        checks = [("port", self.port, 0, 65535), ("workers", self.workers, 1, None),
+                  ("session cache size", self.session_cache_size, 1, None),
+                  ("intra-op threads", self.intra_op_threads, 0, None),
+                  ("max concurrent runs", self.max_concurrent_runs, 0, None)]
+        for name, value, low, high in checks:
+            if value < low or (high is not None and value > high):
+                allowed = f"{low}..{high}" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be {allowed}, got {value}")
+        if self.model_repository is not None and not Path(self.model_repository).is_dir():
+            raise ValueError(f"model repository {str(self.model_repository)!r} is not a directory")
 
 
 @dataclass
@@ -61,13 +73,17 @@ class RunningServer:
 def start_server(config: ServerConfig | None = None, **overrides) -> RunningServer:
     """Start serving in background threads; `port=0` picks a free port (see `.port`)."""
     config = config or ServerConfig(**overrides)
-    runtime = Runtime(config.provider, config.session_cache_size, config.intra_op_threads)
+    runtime = Runtime(config.provider, config.session_cache_size, config.intra_op_threads,
+                      config.max_concurrent_runs)
+    if config.provider == "cuda" and runtime.provider != CUDA:   # asked for by name: no silent CPU
+        raise RuntimeError(f"--provider cuda: {runtime.choice.note}")
     store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes)
     state = ServiceState(runtime, store, config.limits)
     max_msg = config.limits.max_request_bytes  # what GetServerInfo reports is what is enforced
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="vis-rpc"),
                          options=[("grpc.max_receive_message_length", max_msg),
-                                  ("grpc.max_send_message_length", 8 << 20),
+                                  # a result chunk carries up to chunk_bytes of tensor data plus its header
+                                  ("grpc.max_send_message_length", max(8 << 20, config.limits.chunk_bytes + (1 << 20))),
                                   ("grpc.so_reuseport", 0)])
     add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelServicer(state))
     add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["VisService"], VisServicer(state))

@@ -16,6 +16,7 @@ from ..runtime.sessions import Runtime
 from . import convert
 from .errors import handles_errors
 from .shared_memory import RegionMappings, SharedRegion, region_from_metadata
+from .streaming import cancellable
 from .tensors import DEFAULT_CHUNK_BYTES, result_stream
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Uploads stream 1 MiB chunks (the Python client's): a smaller request limit would refuse them.
 MIN_REQUEST_BYTES = 2 << 20
+# A result message carries at most this much tensor data (a chunk of 0 bytes would never end).
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 10, 64 << 20
 
 
 @dataclass
@@ -36,6 +39,13 @@ class Limits:
         if self.max_request_bytes < MIN_REQUEST_BYTES:
             raise ValueError(f"max_request_bytes must be at least {MIN_REQUEST_BYTES} (2 MiB: uploads stream "
                              f"1 MiB chunks), got {self.max_request_bytes}")
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES} (1 KiB .. 64 MiB), "
+                             f"got {self.chunk_bytes}")
+        if self.max_upload_bytes <= 0:
+            raise ValueError(f"max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
 
 class ServiceState:
@@ -134,8 +144,9 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
         region = self.s.shared_region(context)
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input, region=region)
-        values = activations.compute_activations(self.s.runtime, model, feeds, list(request.layers),
-                                                 allocate=region.allocate if region is not None else None)
+        with cancellable(context):
+            values = activations.compute_activations(self.s.runtime, model, feeds, list(request.layers),
+                                                     allocate=region.allocate if region is not None else None)
         yield from self.s.stream(values, region)
 
     @handles_errors
@@ -152,8 +163,9 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input, region=region)
         obj = convert.objective(request.target)
-        res = gradient.compute_gradient(self.s.runtime, model, feeds, obj, list(request.wrt) or ["input"],
-                                        request.rule_set or "gradient", dict(request.node_rules))
+        with cancellable(context):
+            res = gradient.compute_gradient(self.s.runtime, model, feeds, obj, list(request.wrt) or ["input"],
+                                            request.rule_set or "gradient", dict(request.node_rules))
         tensors = {f"grad/{k}": v for k, v in res.gradients.items()}
         tensors["objective"] = res.objective
         labels = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import grpc
@@ -15,6 +16,7 @@ import grpc
 from ..errors import Cancelled
 from ..gen import vis_pb2
 from ..methods.progress import MethodResult, Progress
+from ..runtime.sessions import RunControl
 
 _DONE = object()
 
@@ -31,20 +33,32 @@ def run_streaming(context: grpc.ServicerContext, method: Callable[[Progress], Me
     """
     events: queue.Queue = queue.Queue()
     cancelled = threading.Event()
-    context.add_callback(cancelled.set)  # client cancelled, deadline passed or connection lost
+    control = RunControl()   # also ends the onnxruntime run in flight, not only the loop
+
+    def cancel():
+        cancelled.set()
+        control.cancel()
+
+    context.add_callback(cancel)  # client cancelled, deadline passed or connection lost
 
     def report(done, total, stage, values):
         events.put(vis_pb2.ResultChunk(progress=vis_pb2.Progress(done=done, total=total, stage=stage, values=values)))
 
     progress = Progress(report, cancelled)
     outcome: dict = {}
+    abandoned = threading.Event()
 
     def work():
         try:
-            outcome["result"] = method(progress)
+            with control.bound():
+                outcome["result"] = method(progress)
         except BaseException as exc:  # noqa: BLE001 - handed to the handler thread
             outcome["error"] = exc
         finally:
+            if abandoned.is_set():
+                # nobody reads it: drop the result, or the exception whose traceback holds the
+                # method's frames (and their arrays) in a cycle through `outcome`, now
+                outcome.clear()
             events.put(_DONE)
 
     worker = threading.Thread(target=work, name="vis-method", daemon=True)
@@ -58,9 +72,23 @@ def run_streaming(context: grpc.ServicerContext, method: Callable[[Progress], Me
                 yield item
     finally:
         if worker.is_alive():  # the generator was closed early (client gone): stop the method
-            cancelled.set()
-    if "error" in outcome:
-        raise outcome["error"]
+            abandoned.set()
+            cancel()
+            if not worker.is_alive():   # it ended in between: clear here
+                outcome.clear()
+    error = outcome.pop("error", None)   # popped: no cycle keeps the traceback's frames alive
+    if error is not None:
+        raise error
     if cancelled.is_set() and not context.is_active():
         raise Cancelled("cancelled by the client")
-    yield from to_stream(outcome["result"])
+    yield from to_stream(outcome.pop("result"))
+
+
+@contextmanager
+def cancellable(context: grpc.ServicerContext):
+    """Onnxruntime runs of a handler that runs its method on the handler thread itself end when
+    the client cancels (see RunControl)."""
+    control = RunControl()
+    context.add_callback(control.cancel)
+    with control.bound():
+        yield control

@@ -1,0 +1,141 @@
+"""Cancellation ends the onnxruntime run in flight, runs in flight are bounded, and the server's
+flags are checked before it starts (what an exploratory session found: cancelled calls kept
+running and their runs piled up until the server was killed for memory)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from vis_client import Cancelled, Client, Target
+from vis_service.api.servicers import Limits
+from vis_service.server import ServerConfig, start_server
+
+
+def heavy_model(size: int = 128, channels: int = 32, layers: int = 4) -> bytes:
+    """A conv stack whose 64-row forward+gradient run takes seconds on two cores (each kernel a
+    fraction of that): long enough to be cancelled in the middle."""
+    rng = np.random.default_rng(0)
+    inits, nodes, prev, cin = [], [], "x", 3
+    for i in range(layers):
+        w = (rng.standard_normal((channels, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        prev, cin = f"r{i}", channels
+    inits.append(numpy_helper.from_array(rng.standard_normal((channels, 10)).astype(np.float32), "fc"))
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="fc")]
+    g = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, size, size])],
+                          [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def heavy(client):
+    model = client.load_model(heavy_model(), name="heavy-convs")
+    yield model
+    client.unload(model.id)
+
+
+def _cancel_once_in_flight(server, call) -> tuple[BaseException | None, float]:
+    """Run `call(cancel_event)` in a thread, cancel as soon as one of its runs is in flight;
+    returns (what the call raised, seconds until no run was in flight any more)."""
+    gate = server.state.runtime.gate
+    cancel, outcome = threading.Event(), {}
+
+    def target():
+        try:
+            call(cancel)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while gate.in_flight == 0 and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert gate.in_flight >= 1, "the call never had a run in flight"
+    cancel.set()
+    cancelled_at = time.monotonic()
+    worker.join(60)
+    while gate.in_flight and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return outcome.get("error"), time.monotonic() - cancelled_at
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "activations", "gradient"])
+def test_cancel_ends_the_run_in_flight(server, client, heavy, method):
+    """The cancelled request's onnxruntime run is terminated (RunOptions.terminate), not waited for;
+    SmoothGrad's loop runs in a worker thread, activations and gradient on the handler's."""
+    x = np.random.default_rng(1).standard_normal((64, 3, 128, 128)).astype(np.float32)
+    calls = {
+        "smoothgrad": lambda ev: client.smoothgrad(heavy, x[:1], Target.output(0), samples=64, batch=64, cancel=ev),
+        "activations": lambda ev: client.activations(heavy, x, ["logits"], cancel=ev),
+        "gradient": lambda ev: client.gradient(heavy, x, Target.output(0), cancel=ev),
+    }
+    gate = server.state.runtime.gate
+    terminated = gate.terminated
+    error, _ = _cancel_once_in_flight(server, calls[method])
+    assert isinstance(error, Cancelled), error
+    assert gate.in_flight == 0
+    assert gate.terminated == terminated + 1     # ended by the cancellation, not run to its end
+    assert client.activations(heavy, x[:2], ["logits"])["logits"].shape == (2, 10)   # still serving
+
+
+def test_runs_in_flight_are_bounded(heavy):
+    """With --max-concurrent-runs 1, four concurrent gradient calls run one at a time and give
+    the same results as one after another."""
+    running = start_server(ServerConfig(port=0, model_repository=None, max_concurrent_runs=1))
+    try:
+        with Client(running.address) as c:
+            m = c.load_model(heavy_model(size=48), name="heavy-small")
+            xs = [np.random.default_rng(k).standard_normal((4, 3, 48, 48)).astype(np.float32) for k in range(4)]
+            expected = [c.gradient(m, x, Target.output(3)).gradients["input"] for x in xs]
+            results = [None] * 4
+
+            def call(k):
+                results[k] = c.gradient(m, xs[k], Target.output(3)).gradients["input"]
+
+            threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            for got, want in zip(results, expected):
+                np.testing.assert_array_equal(got, want)
+            assert running.state.runtime.gate.most_in_flight == 1
+    finally:
+        running.stop(grace=0)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--chunk-mb", "0"], "chunk_bytes must be in"),
+    (["--workers", "0"], "workers must be >= 1"),
+    (["--port", "70000"], "port must be 0..65535"),
+    (["--max-batch", "0"], "max_batch must be >= 1"),
+    (["--max-upload-mb", "-5"], "max_upload_bytes must be > 0"),
+    (["--session-cache", "-1"], "session cache size must be >= 1"),
+    (["--max-concurrent-runs", "-1"], "max concurrent runs must be >= 0"),
+    (["--model-repository", "/nonexistent/repository"], "is not a directory"),
+    (["--log-level", "BOGUS"], "invalid choice"),
+])
+def test_server_flags_are_checked_before_starting(flags, fragment, capsys):
+    from vis_service import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--port", "0"] + flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_limits_values():
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        Limits(chunk_bytes=0)
+    assert Limits(chunk_bytes=64 << 20).chunk_bytes == 64 << 20
