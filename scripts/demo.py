@@ -64,6 +64,8 @@ def main() -> int:
                 fname = out / f"filters_{re.sub(r'[^A-Za-z0-9]+', '_', node.name).strip('_')}.png"
                 if w.shape[1] == 3:
                     render.rgb_filter_grid(w, fname)
+                elif w.shape[1] == 1:  # first layer of a greyscale model: one patch per filter
+                    render.grey_filter_grid(w, fname)
                 else:
                     render.channel_filter_grid(w, fname)
                 print(f"filters {node.name}: {w.shape}")
@@ -88,10 +90,12 @@ def main() -> int:
             occ.render(0, out, stem=f"occlusion_{samples[3].stem}")
             print(f"deconvnet: top channels {[int(c) for c in proj.channels[0]]}; "
                   f"occlusion: most sensitive patch {occ.most_sensitive(0)}")
+            scores = []
             for k in (3, 8):
                 cm = client.class_model(model, k, steps=120)
                 render.save_png(cm.images[0], out / f"class_model_{k}.png")
-            print("class models: final class scores", [round(float(v), 2) for v in (cm.objective)])
+                scores.append(f"class {k} {float(cm.objective[0]):.2f}")
+            print("class models: final class scores:", ", ".join(scores))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

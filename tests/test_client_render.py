@@ -110,3 +110,22 @@ def test_save_png(tmp_path):
         assert im.size == (6, 5) and im.mode == "L"
     with pytest.raises(ValueError):
         render.save_png(np.zeros((2, 2, 5)), tmp_path / "bad.png")
+
+
+def test_grey_filter_grid_is_a_near_square_grid_of_upscaled_patches(tmp_path):
+    w = RNG.standard_normal((16, 1, 3, 3))
+    w[0] = 0.0
+    img = render.grey_filter_grid(w, tmp_path / "g.png", upscale=5)
+    assert img.shape == (4 * 15 + 3, 4 * 15 + 3, 3)
+    assert np.array_equal(_read(tmp_path / "g.png"), img)
+    assert (img[:15, :15] == 128).all()  # an all-zero filter is mid-grey
+    k = np.unravel_index(np.abs(w[1, 0]).argmax(), (3, 3))  # each filter's largest magnitude is black or white
+    assert img[k[0] * 5, 16 + k[1] * 5, 0] in (0, 255)
+    assert render.grey_filter_grid(w, upscale=1).shape == (15, 15, 3)
+    with pytest.raises(ValueError, match=r"\[O, 1, kh, kw\]"):
+        render.grey_filter_grid(RNG.standard_normal((4, 3, 3, 3)))
+
+
+def test_unknown_colormap_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown matplotlib colormap 'viridys'"):
+        render.colorize(np.zeros((2, 2)), "viridys")

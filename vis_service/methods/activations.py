@@ -18,6 +18,7 @@ from ..graph.loading import BATCH_DIM
 from ..graph.names import resolve_tensor
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from .targets import class_scores_tensor
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +121,22 @@ def _result_specs(model: LoadedModel, tensors: list[str]):
             return None
         specs.append((dtype, tuple(shape)))
     return specs
+
+
+def class_labels(model: LoadedModel, values: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Label names for the requested layers that hold class scores or probabilities (the class
+    scores tensor, a graph output) as one vector per sample of the labels' length: name -> one
+    name per entry ("" where the labels file has none). Other tensors of that length (pooled
+    features) get none: their channels are not classes."""
+    if not model.labels:
+        return {}
+    classes = {class_scores_tensor(model), *model.output_names}
+    named = {}
+    for name, arr in values.items():
+        if arr.ndim < 2 or resolve_layers(model, [name]).get(name) not in classes:
+            continue
+        size = int(np.prod(arr.shape[1:]))
+        if size == max(arr.shape[1:]) and any(model.label(i) for i in range(size)):
+            named[name] = [model.label(i) or "" for i in range(size)]
+    return named
+

@@ -118,6 +118,51 @@ def _out_dir(path: str) -> Path:
     return out
 
 
+# argparse types for rendering options: checked while parsing, before any server call
+
+
+def at_least(lo: int):
+    """argparse type: an int >= ``lo``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+def opacity(text: str) -> float:
+    """argparse type: a heat map opacity in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1] (0 = image only, 1 = heat map only), got {text}")
+    return value
+
+
+def colormap(text: str) -> str:
+    """argparse type: a matplotlib colormap name (not checked without matplotlib: rendering then
+    reports the missing extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return text
+    names = list(matplotlib.colormaps)
+    if text not in names:
+        import difflib
+
+        close = difflib.get_close_matches(text, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; e.g. viridis, magma, jet, gray, RdBu_r"
+        raise argparse.ArgumentTypeError(f"unknown matplotlib colormap {text!r}{hint}")
+    return text
+
+
 def _render():
     try:
         from . import render
@@ -171,18 +216,23 @@ def cmd_activations(client: Client, args) -> None:
     out = _out_dir(args.out)
     progress = _Progress()
     try:
-        acts = client.activations(model, args.images, args.layers, preprocess=args.preset, on_progress=progress)
+        res = client.activations_result(model, args.images, args.layers, preprocess=args.preset, on_progress=progress)
     finally:
         progress.close()
     stems = _stems(args.images)
-    for layer, a in acts.items():
+    for layer, a in res.tensors.items():
         print(f"{layer}: shape {_shape(a)}  {_stats(a)}")
         if a.ndim < 2 or a.ndim > 4 or (a.ndim == 4 and a.shape[2] * a.shape[3] == 1) or a.ndim == 2:
-            # a vector per sample (logits, probabilities, pooled features): show its top entries
+            # a vector per sample (logits, probabilities, pooled features): show its top entries,
+            # with their label names when the answer carries them (one per entry of the vector)
             flat = a.reshape(a.shape[0], -1) if a.ndim >= 2 else a[:, None]
+            names = res.labels.get(layer) or []
+            if len(names) != flat.shape[1]:
+                names = []
             for i in range(min(flat.shape[0], len(args.images))):
                 top = np.argsort(-flat[i], kind="stable")[:5]
-                print(f"  {Path(args.images[i]).name}: top " + ", ".join(f"{int(k)}={flat[i, k]:.4g}" for k in top))
+                print(f"  {Path(args.images[i]).name}: top " + ", ".join(
+                    f"{int(k)}{f' ({names[k]})' if names and names[k] else ''}={flat[i, k]:.4g}" for k in top))
             continue
         if a.ndim == 3:
             print("  (not a 4-D feature map; no image written)")
@@ -206,8 +256,14 @@ def cmd_filters(client: Client, args) -> None:
         print(f"{name}: shape {_shape(a)}  {_stats(a)}")
     path = out / f"{_safe(args.layer)}_filters.png"
     if w.ndim == 4 and w.shape[1] == 3:
-        render.rgb_filter_grid(w, path, upscale=args.upscale)
-        how = f"{w.shape[0]} RGB filters, each scaled symmetrically around 0 (grey = 0)"
+        bgr = model_color(model) == "BGR"
+        render.rgb_filter_grid(w, path, upscale=args.upscale, bgr=bgr)
+        how = (f"{w.shape[0]} {'BGR (shown as RGB)' if bgr else 'RGB'} filters, each scaled symmetrically "
+               f"around 0 (grey = 0), {args.upscale} px per weight")
+    elif w.ndim == 4 and w.shape[1] == 1:
+        render.grey_filter_grid(w, path, upscale=args.upscale)
+        how = (f"{w.shape[0]} one-channel filters, each scaled symmetrically around 0 (grey = 0), "
+               f"{args.upscale} px per weight")
     elif w.ndim in (3, 4):
         render.channel_filter_grid(w, path, max_out=args.max_out, max_in=args.max_in)
         how = (f"{min(w.shape[0], args.max_out)} of {w.shape[0]} filters x {min(w.shape[1], args.max_in)} of "
@@ -303,17 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_input(p)
     p.add_argument("--layers", nargs="+", required=True, metavar="LAYER", help="tensor or node names")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--max-maps", type=int, default=64, help="channels shown per layer (default 64)")
-    p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis)")
+    p.add_argument("--max-maps", type=at_least(1), default=64, help="channels shown per layer (default 64)")
+    p.add_argument("--cmap", type=colormap, default="viridis", help="matplotlib colormap (default viridis)")
     p.set_defaults(func=cmd_activations)
 
     p = sub.add_parser("filters", help="render the weights of a Conv / Gemm layer")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--layer", required=True)
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--upscale", type=int, default=8, help="pixel size of first-layer filters (default 8)")
-    p.add_argument("--max-out", type=int, default=32)
-    p.add_argument("--max-in", type=int, default=16)
+    p.add_argument("--upscale", type=at_least(1), default=8,
+                   help="pixels per weight of first-layer (1- or 3-channel) filters (default 8)")
+    p.add_argument("--max-out", type=at_least(1), default=32, help="filters shown of a deeper layer (default 32)")
+    p.add_argument("--max-in", type=at_least(1), default=16,
+                   help="input channels shown per filter of a deeper layer (default 16)")
     p.set_defaults(func=cmd_filters)
 
     p = sub.add_parser("gradient", help="saliency maps (max |gradient| over channels) overlaid on the input")
@@ -322,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_index", type=int, default=None,
                    help="class index (default: each image's top-1 prediction)")
     p.add_argument("--rule-set", default="gradient", help="gradient (default), guided or deconvnet")
-    p.add_argument("--alpha", type=float, default=0.5, help="heat map opacity (default 0.5)")
+    p.add_argument("--alpha", type=opacity, default=0.5, help="heat map opacity in [0, 1] (default 0.5)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_gradient)
 

@@ -88,6 +88,8 @@ def _run_deconvnet(client, args) -> None:
 
 def register(sub, add_input) -> None:
     """Add this family's subcommands to the `vis` parser."""
+    from .cli import colormap, opacity
+
     for name, (_method, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("model", metavar="MODEL")
@@ -95,8 +97,8 @@ def register(sub, add_input) -> None:
         p.add_argument("--out", required=True, metavar="DIR", help="output directory")
         p.add_argument("--class", dest="class_index", type=int, default=None,
                        help="class index (default: each image's top-1 prediction)")
-        p.add_argument("--cmap", default="jet", help="matplotlib colormap (default jet)")
-        p.add_argument("--alpha", type=float, default=0.5, help="heat map opacity (default 0.5)")
+        p.add_argument("--cmap", type=colormap, default="jet", help="matplotlib colormap (default jet)")
+        p.add_argument("--alpha", type=opacity, default=0.5, help="heat map opacity in [0, 1] (default 0.5)")
         if name == "saliency":
             p.add_argument("--signed", action="store_true", help="signed gradient instead of |gradient|")
         if name == "smoothgrad":

@@ -86,7 +86,7 @@ def cmd_occlusion(client, args) -> None:
     if occ.result.text.get("recomputed"):
         print(f"  recomputed per patch: {occ.result.text['recomputed']}")
     for i, (path_in, stem) in enumerate(zip(args.images, cli._stems(args.images))):
-        paths = occ.render(i, out, stem=f"{stem}_occlusion")
+        paths = occ.render(i, out, stem=f"{stem}_occlusion", alpha=args.alpha)
         top, left, bottom, right = occ.most_sensitive(i)
         print(f"  {Path(path_in).name}: {occ.label(i)}  p = {float(occ.probability_unoccluded[i]):.3f} unoccluded, "
               f"{float(occ.probability[i].min()):.3f} at worst with the patch at rows {top}-{bottom}, "
@@ -97,6 +97,8 @@ def cmd_occlusion(client, args) -> None:
 
 def register(sub, add_input) -> None:
     """Add this family's subcommands to the `vis` parser."""
+    from .cli import opacity
+
     def common(p, batch_default: int, batch_help: str):
         p.add_argument("model", metavar="MODEL")
         add_input(p)
@@ -106,7 +108,7 @@ def register(sub, add_input) -> None:
         p.add_argument("--layer", default=None, help="4-D feature tensor or node (default: the last feature map "
                                                      "before the global pooling)")
         p.add_argument("--batch", type=int, default=batch_default, help=batch_help)
-        p.add_argument("--alpha", type=float, default=0.5, help="heat map opacity (default 0.5)")
+        p.add_argument("--alpha", type=opacity, default=0.5, help="heat map opacity in [0, 1] (default 0.5)")
 
     p = sub.add_parser("gradcam", help="class activation maps (Grad-CAM and variants) overlaid on the input")
     common(p, 0, "Score-CAM / Ablation-CAM: inputs per run (0 = server default)")

@@ -50,7 +50,9 @@ def _snapshot_writer(render, out: Path, prefix: str):
 
 
 def _common_loop_args(p, steps: int) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"optimization steps (default {steps})")
+    from .cli import at_least
+
+    p.add_argument("--steps", type=at_least(1), default=steps, help=f"optimization steps (default {steps})")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: server default)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +83,13 @@ def _maximize_kwargs(args) -> dict:
     if args.parameterization:
         kw["parameterization"] = args.parameterization
     return kw
+
+
+def _steps_run(r, requested: int) -> int:
+    """Steps the server ran: the length of its per-step loss history (``requested`` without one)."""
+    for column in r.losses.values():
+        return len(column)
+    return requested
 
 
 def _save_result(cli, render, out: Path, prefix: str, r) -> None:
@@ -117,7 +126,7 @@ def cmd_maximize(client, args) -> None:
                             **_maximize_kwargs(args))
     finally:
         progress.close()
-    print(f"maximized {what} ({r.text.get('parameterization', '')}, {args.steps} steps)")
+    print(f"maximized {what} ({r.text.get('parameterization', '')}, {_steps_run(r, args.steps)} steps)")
     _save_result(cli, render, out, prefix, r)
 
 
@@ -136,7 +145,8 @@ def cmd_classmodel(client, args) -> None:
                                probability=args.probability, **kw)
     finally:
         progress.close()
-    print(f"class model of class {args.class_index} ({r.text.get('parameterization', '')}, {args.steps} steps)")
+    print(f"class model of class {args.class_index} ({r.text.get('parameterization', '')}, "
+          f"{_steps_run(r, args.steps)} steps)")
     _save_result(cli, render, out, prefix, r)
 
 

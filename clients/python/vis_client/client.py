@@ -789,9 +789,17 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         """Activations of ``layers`` (tensor or node names; empty = graph outputs) for input
         ``x`` (see :func:`build_input_batch`); ``preprocess``: None (model config), a preset
         name or a dict of InputConfig fields. Returns layer name -> array (batch first)."""
+        return self.activations_result(model, x, layers, preprocess=preprocess, on_progress=on_progress,
+                                       cancel=cancel).tensors
+
+    def activations_result(self, model: ModelRef, x, layers: str | Sequence[str] = (), *, preprocess=None,
+                           on_progress: ProgressFn | None = None, cancel=None) -> Result:
+        """:meth:`activations` as the whole answer: ``.tensors`` (layer -> array) and ``.labels``:
+        for layers that hold class scores or probabilities (the class scores, graph outputs) of a
+        model with labels, one label name per entry."""
         batch, inputs = _input_batch(x, preprocess, model)
         req = vis_pb2.ActivationsRequest(model=_model_ref(model), input=batch, layers=_names(layers, "layers"))
-        return self._stream(self._vis.Activations, req, on_progress, cancel, inputs).tensors
+        return self._stream(self._vis.Activations, req, on_progress, cancel, inputs)
 
     def filters(self, model: ModelRef, layer: str, *, on_progress: ProgressFn | None = None,
                 cancel=None) -> dict[str, np.ndarray]:

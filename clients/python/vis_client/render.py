@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["feature_map_grid", "rgb_filter_grid", "channel_filter_grid", "weight_matrix_image",
+__all__ = ["feature_map_grid", "rgb_filter_grid", "grey_filter_grid", "channel_filter_grid", "weight_matrix_image",
            "heatmap_overlay", "save_png", "grid_shape", "colorize", "SEPARATOR"]
 
 SEPARATOR = 255  # separator grey level (white)
@@ -44,7 +44,10 @@ def grid_shape(n: int) -> tuple[int, int]:
 
 def colorize(values: np.ndarray, cmap: str = "viridis") -> np.ndarray:
     """Map values in [0, 1] through a matplotlib colormap to uint8 RGB."""
-    cm = _mpl().colormaps[cmap]
+    try:
+        cm = _mpl().colormaps[cmap]
+    except KeyError:
+        raise ValueError(f"unknown matplotlib colormap {cmap!r}") from None
     rgba = cm(np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0))
     return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
@@ -130,6 +133,24 @@ def rgb_filter_grid(weight: np.ndarray, path: str | os.PathLike | None = None, u
     if bgr:
         tiles = tiles[..., ::-1]
     tiles = _upscale(np.ascontiguousarray(tiles), int(upscale))
+    rows, cols = grid_shape(len(tiles))
+    return _finish(_tile(tiles, rows, cols), path)
+
+
+def grey_filter_grid(weight: np.ndarray, path: str | os.PathLike | None = None, upscale: int = 8) -> np.ndarray:
+    """First-layer filters of a one-channel (greyscale) input, ``weight[O, 1, kh, kw]``, as grey
+    patches: the one-channel counterpart of :func:`rgb_filter_grid`.
+
+    Each filter is normalized symmetrically around 0 on its own (0 -> mid-grey, largest
+    magnitude -> black or white). Patches are enlarged ``upscale`` times (nearest) and laid
+    out in a near-square grid.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 4 or w.shape[1] != 1:
+        raise ValueError(f"grey_filter_grid expects [O, 1, kh, kw], got shape {w.shape}")
+    s = _symmetric(np.nan_to_num(w), (1, 2, 3))
+    grey = np.clip((s[:, 0] + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    tiles = _upscale(np.repeat(grey[..., None], 3, axis=-1), int(upscale))
     rows, cols = grid_shape(len(tiles))
     return _finish(_tile(tiles, rows, cols), path)
 

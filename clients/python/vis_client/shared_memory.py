@@ -87,6 +87,12 @@ class _Region:
             pass  # live views keep the mapping (and the memory) until they are garbage
 
 
+def _unlink_all(live: dict[str, _Region]) -> None:
+    """Unlink the regions a pool still holds (a finalizer: must not refer to the pool)."""
+    for region in list(live.values()):
+        region.unlink()
+
+
 def _track(name: str, register: bool) -> None:
     """Have multiprocessing's resource tracker unlink the region should this process die without
     closing its client (as ``multiprocessing.shared_memory`` does). Best effort."""
@@ -171,6 +177,10 @@ class SharedResultMemory:
         self._closed = False
         self.created = 0
         self.in_place_inputs = 0  # inputs a call found already in its region (input_array)
+        # a pool never closed (its Client neither closed nor used as a context manager) unlinks its
+        # regions when it is garbage or at interpreter exit, whichever comes first: no region is
+        # left in /dev/shm and the resource tracker has nothing to warn about
+        self._finalizer = weakref.finalize(self, _unlink_all, self._live)
         with self._lock:
             self._free.append(self._create())
 
@@ -292,3 +302,4 @@ class SharedResultMemory:
                 region.unmap()
             self._free.clear()
             self._live.clear()
+        self._finalizer.detach()
