@@ -206,6 +206,18 @@ def test_config_colour_is_checked_against_the_input_at_load(client, repository):
     assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "config.input.color")
 
 
+def test_presets_without_channel_numbers_fit_one_channel_models(client, digits, digit_images):
+    """raw255 and tf name no per-channel mean/std: a greyscale model takes them (they forced RGB)."""
+    raw = client.activations(digits, [digit_images[0]], ["input"], preprocess="raw255")["input"]
+    tf = client.activations(digits, [digit_images[0]], ["input"], preprocess="tf")["input"]
+    assert raw.shape == tf.shape == (1, 1, 32, 32) and 0 <= raw.min() and raw.max() <= 255 and raw.max() > 1
+    np.testing.assert_allclose(tf, raw * (2 / 255) - 1, atol=1e-5)
+    m = client.load_model((DEFAULT_MODEL_DIR / "model.onnx").read_bytes(), name="digits-raw255",
+                          config={"preset": "raw255"})
+    assert client.activations(m, [digit_images[0]], ["logits"])["logits"].shape == (1, 10)
+    client.unload(m.id)
+
+
 # ---- names --------------------------------------------------------------------------------------
 
 def _relu_model(scale: float) -> bytes:

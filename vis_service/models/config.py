@@ -22,10 +22,10 @@ PRESETS: dict[str, dict] = {
     "imagenet": dict(color="RGB", value_range=(0.0, 1.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     # Caffe / Caffe2: BGR in 0..255 minus the channel means
     "caffe": dict(color="BGR", value_range=(0.0, 255.0), mean=(103.94, 116.78, 123.68), std=(1.0, 1.0, 1.0)),
-    # raw 0..255 pixels
-    "raw255": dict(color="RGB", value_range=(0.0, 255.0), mean=(), std=()),
-    # TensorFlow / Keras "inception" style: [-1, 1]
-    "tf": dict(color="RGB", value_range=(-1.0, 1.0), mean=(), std=()),
+    # raw 0..255 pixels (no per-channel numbers: the colour follows the model's channels, GRAY or RGB)
+    "raw255": dict(value_range=(0.0, 255.0), mean=(), std=()),
+    # TensorFlow / Keras "inception" style: [-1, 1] (colour as for raw255)
+    "tf": dict(value_range=(-1.0, 1.0), mean=(), std=()),
 }
 
 LAYOUTS = ("NCHW", "NHWC")
