@@ -333,6 +333,84 @@ def log_softmax_backward(ctx: RuleContext, node, grad_outputs):
     return [ctx.make_node("Sub", [g, ctx.make_node("Mul", [ctx.make_node("Exp", [y]), total])])]
 
 
+# ---- smooth and thresholded activations (elementwise; the slope as a tensor, times g) ----------
+@rule("Softplus")
+def softplus_backward(ctx: RuleContext, node, grad_outputs):
+    """d/dx log(1 + e^x) = sigmoid(x), one op, no overflow for any x. onnxruntime's Sigmoid is
+    accurate absolutely (~1 ulp of 1; 0 below about -17 in float32), not relatively in its lower
+    tail. It also has a float64 kernel, which Softplus itself lacks."""
+    x = node.input[0]
+    return [ctx.make_node("Mul", [grad_outputs[0], ctx.make_node("Sigmoid", [x])])]
+
+
+@rule("Softsign")
+def softsign_backward(ctx: RuleContext, node, grad_outputs):
+    """d/dx x / (1 + |x|) = 1 / (1 + |x|)^2, from the input: (1 - |y|)^2 from the output would
+    cancel where |x| is large."""
+    x = node.input[0]
+    d = ctx.make_node("Add", [ctx.make_node("Abs", [x]), ctx.scalar(1.0, x)])
+    return [ctx.make_node("Div", [grad_outputs[0], ctx.make_node("Mul", [d, d])])]
+
+
+@rule("Selu")
+def selu_backward(ctx: RuleContext, node, grad_outputs):
+    """y = gamma * x for x > 0, gamma * alpha * (e^x - 1) else: slope gamma, or gamma * alpha * e^x
+    (the negative side at x = 0, as Elu's rule and torch take it). Where picks the side, so the
+    e^x that overflows for large positive x is never used (a 0/1 mask times inf would be NaN);
+    gamma * alpha * e^x rather than y + gamma * alpha, which cancels for very negative x."""
+    x = node.input[0]
+    # defaults of the ONNX spec (opset 6)
+    alpha = attr(node, "alpha", 1.67326319217681884765625)
+    gamma = attr(node, "gamma", 1.05070102214813232421875)
+    negative = ctx.make_node("Mul", [ctx.make_node("Exp", [x]), ctx.scalar(gamma * alpha, x)])
+    slope = ctx.make_node("Where", [ctx.make_node("Greater", [x, ctx.scalar(0.0, x)]), ctx.scalar(gamma, x), negative])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+@rule("Celu")
+def celu_backward(ctx: RuleContext, node, grad_outputs):
+    """y = max(0, x) + min(0, alpha * (e^(x/alpha) - 1)) (opset 12): slope 1 for x > 0 and
+    e^(x/alpha) for x <= 0 (for either sign of alpha), i.e. e^(min(x, 0) / alpha) everywhere:
+    one formula, no mask, no overflow on the positive side."""
+    x = node.input[0]
+    alpha = attr(node, "alpha", 1.0)
+    clipped = ctx.make_node("Min", [x, ctx.scalar(0.0, x)])
+    slope = ctx.make_node("Exp", [ctx.make_node("Div", [clipped, ctx.scalar(alpha, x)])])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
+@rule("ThresholdedRelu")
+def thresholded_relu_backward(ctx: RuleContext, node, grad_outputs):
+    """y = x where x > alpha, else 0: gradient g where x > alpha, else 0. Judged on the input: for
+    alpha < 0 an x in (alpha, 0] passes with y == 0, so y alone cannot tell."""
+    x = node.input[0]
+    alpha = attr(node, "alpha", 1.0)
+    return [ctx.make_node("Mul", [grad_outputs[0], ctx.mask("Greater", x, ctx.scalar(alpha, x), x)])]
+
+
+@rule("Mish")
+def mish_backward(ctx: RuleContext, node, grad_outputs):
+    """y = x tanh(softplus(x)) (opset 18). With s = sigmoid(x), u = sigmoid(-x), D = 1 + u^2:
+    e^softplus = 1/u, so t = tanh(softplus(x)) = (1 - u^2) / D = s (1 + u) / D and
+    1 - t^2 = 4 u^2 / D^2; the slope t + x s (1 - t^2) is s ((1 + u) D + 4 x u^2) / D^2.
+
+    Why this form: nothing cancels (1 - s for large x would, and 1 - t^2 from t near 1: an error
+    of ~x ulp), so the slope is as accurate as onnxruntime's Sigmoid (~1 ulp of 1, absolutely),
+    and only Sigmoid and arithmetic are used, which onnxruntime also runs in float64 (its
+    Softplus has no float64 kernel).
+    """
+    x = node.input[0]
+    s = ctx.make_node("Sigmoid", [x])
+    u = ctx.make_node("Sigmoid", [ctx.make_node("Neg", [x])])
+    u2 = ctx.make_node("Mul", [u, u])
+    d = ctx.make_node("Add", [u2, ctx.scalar(1.0, x)])
+    first = ctx.make_node("Mul", [ctx.make_node("Add", [u, ctx.scalar(1.0, x)]), d])
+    second = ctx.make_node("Mul", [ctx.make_node("Mul", [x, u2]), ctx.scalar(4.0, x)])
+    numerator = ctx.make_node("Mul", [s, ctx.make_node("Add", [first, second])])
+    slope = ctx.make_node("Div", [numerator, ctx.make_node("Mul", [d, d])])
+    return [ctx.make_node("Mul", [grad_outputs[0], slope])]
+
+
 # ---- deconvnet and guided backprop -----------------------------------------------------------
 @rule("Relu", "Clip", "LeakyRelu", rule_set="deconvnet")
 def deconvnet_relu_backward(ctx: RuleContext, node, grad_outputs):

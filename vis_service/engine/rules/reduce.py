@@ -1,4 +1,5 @@
-"""ReduceSum / ReduceMean / ReduceMax / ReduceMin / ReduceSumSquare (axes as attribute or input)."""
+"""ReduceSum / ReduceMean / ReduceMax / ReduceMin / ReduceSumSquare / ReduceL2 / ReduceLogSumExp
+(axes as attribute or input)."""
 from __future__ import annotations
 
 import numpy as np
@@ -65,3 +66,32 @@ def reduce_extremum_backward(ctx: RuleContext, node, grad_outputs):
     hit = ctx.not_mask("Less" if node.op_type == "ReduceMax" else "Greater", x, y, x)
     share = ctx.make_node("Div", [hit, ctx.reduce("ReduceSum", hit, axes, keepdims=True)])
     return [ctx.make_node("Mul", [g, share])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceL2")
+def reduce_l2_backward(ctx: RuleContext, node, grad_outputs):
+    """y = sqrt(sum x^2): dx = x * g / y, with g / y taken as 0 where y == 0 (every x of that
+    group is 0 there, or so small that x^2 underflowed; the subgradient 0, not 0 * inf = NaN).
+    g / y is formed on the reduced shape (small), then broadcast against x. With
+    noop_with_empty_axes and no axes, onnxruntime (and ONNX's reference) reduce over no axes:
+    y = |x| elementwise, and the same formula gives g * sign(x)."""
+    x, y, g = node.input[0], node.output[0], grad_outputs[0]
+    axes = _reduced_axes(ctx, node)
+    if axes is not None:
+        g, y = _broadcastable(ctx, node, g, axes), _broadcastable(ctx, node, y, axes)
+    zero = ctx.scalar(0.0, x)
+    ratio = ctx.make_node("Where", [ctx.make_node("Equal", [y, zero]), zero, ctx.make_node("Div", [g, y])])
+    return [ctx.make_node("Mul", [x, ratio])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceLogSumExp")
+def reduce_log_sum_exp_backward(ctx: RuleContext, node, grad_outputs):
+    """y = log(sum e^x): dx = g * e^(x - y), the softmax of x over the reduced axes; x - y <= 0,
+    so the Exp cannot overflow. With noop_with_empty_axes and no axes y = x: dx = g."""
+    x, y, g = node.input[0], node.output[0], grad_outputs[0]
+    axes = _reduced_axes(ctx, node)
+    if axes is None:
+        return [g] + [None] * (len(node.input) - 1)
+    g, y = _broadcastable(ctx, node, g, axes), _broadcastable(ctx, node, y, axes)
+    softmax = ctx.make_node("Exp", [ctx.make_node("Sub", [x, y])])
+    return [ctx.make_node("Mul", [softmax, g])] + [None] * (len(node.input) - 1)

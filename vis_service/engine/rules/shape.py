@@ -1,4 +1,4 @@
-"""Layout ops: Reshape family, Transpose, Concat/Split, Slice, Pad."""
+"""Layout ops: Reshape family, Transpose, Concat/Split, Slice, Pad, Tile, DepthToSpace/SpaceToDepth, Gather."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ...errors import Unimplemented
-from ..context import INT64_MIN, RuleContext, attr, normalize_axis
+from ..context import INT64_MAX, INT64_MIN, RuleContext, attr, normalize_axis
 from ..registry import rule
 
 
@@ -190,3 +190,96 @@ def tile_backward(ctx: RuleContext, node, grad_outputs):
     # 0 copies dim 0 of g (the batch, untiled, stays in place)
     split = ctx.make_node("Reshape", [g, ctx.const(np.array(target, dtype=np.int64), "tile_shape")])
     return [ctx.reduce("ReduceSum", split, reduce_axes, keepdims=False), None]
+
+
+# ---- DepthToSpace / SpaceToDepth (pure permutations: the adjoint is the inverse) ----------------
+# ONNX spec, x: [b, c, h, w], bs the block size, C' = c / bs^2:
+#   DepthToSpace DCR: reshape [b, bs, bs, C', h, w], transpose (0, 3, 4, 1, 5, 2), reshape [b, C', h bs, w bs]
+#   DepthToSpace CRD: reshape [b, C', bs, bs, h, w], transpose (0, 1, 4, 2, 5, 3), reshape [b, C', h bs, w bs]
+#   SpaceToDepth:     reshape [b, c, h, bs, w, bs], transpose (0, 3, 5, 1, 2, 4), reshape [b, c bs^2, h, w]
+# SpaceToDepth is DCR's inverse, so each is the other's adjoint (a permutation's adjoint is its inverse).
+@rule("DepthToSpace")
+def depth_to_space_backward(ctx: RuleContext, node, grad_outputs):
+    """DCR (the only mode before opset 11): SpaceToDepth of g. CRD: g as [b, C', h, bs, w, bs],
+    the inverse transpose (0, 1, 3, 5, 2, 4) to [b, C', bs, bs, h, w], reshaped to x's shape."""
+    x, g = node.input[0], grad_outputs[0]
+    block = attr(node, "blocksize")
+    if attr(node, "mode", "DCR") == "DCR":
+        return [ctx.make_node("SpaceToDepth", [g], blocksize=block)]
+    split = ctx.make_node("Reshape", [g, _crd_split_shape(ctx, node.output[0], block)])
+    return [ctx.reshape_like(ctx.make_node("Transpose", [split], perm=[0, 1, 3, 5, 2, 4]), x)]
+
+
+def _crd_split_shape(ctx: RuleContext, y: str, block: int) -> str:
+    """[b, C', H / bs, bs, W / bs, bs] for y: [b, C', H, W], as a constant where H and W are known
+    (0 copies b and C' from the tensor reshaped, -1 stands for one unknown), else from Shape(y)."""
+    sizes = [d // block if isinstance(d, int) else None for d in ctx.shape(y)[2:]]
+    if sizes.count(None) <= 1:
+        h, w = (-1 if d is None else d for d in sizes)
+        return ctx.ints([0, 0, h, block, w, block])
+    shape = ctx.shape_of(y)
+    spatial = ctx.make_node("Div", [ctx.slice(shape, [2], [4], [0]), ctx.ints([block, block])])
+    h, w = ctx.slice(spatial, [0], [1], [0]), ctx.slice(spatial, [1], [2], [0])
+    return ctx.make_node("Concat", [ctx.slice(shape, [0], [2], [0]), h, ctx.ints([block]), w, ctx.ints([block])], axis=0)
+
+
+@rule("SpaceToDepth")
+def space_to_depth_backward(ctx: RuleContext, node, grad_outputs):
+    """DepthToSpace in DCR mode (the default in every opset) of g: SpaceToDepth's inverse."""
+    return [ctx.make_node("DepthToSpace", [grad_outputs[0]], blocksize=attr(node, "blocksize"))]
+
+
+# ---- Gather (on data; indices get no gradient) -----------------------------------------------------
+@rule("Gather", min_opset=16)
+def gather_backward(ctx: RuleContext, node, grad_outputs):
+    """y = Gather(x, indices, axis): dx = zeros of x's shape with each slice of g added at its index
+    along `axis`, duplicate indices adding up: ScatterElements(reduction=add) (opset 16; older
+    models are version-converted, as for MaxPool).
+
+    Why ScatterElements(add): the only arithmetic is adding each gradient element once into its
+    target, the definition of the adjoint, so duplicates sum and nothing else changes. A one-hot
+    MatMul also sums exactly for finite g, but costs size(axis) multiply-adds per element and
+    spreads an inf in g as 0 * inf = NaN over the axis; ScatterND(add) would need the axis moved
+    to the front and back (two transposes) unless it is 0; ScatterElements without reduction
+    (opset 11) overwrites duplicates.
+
+    g: x.shape[:axis] + indices.shape + x.shape[axis+1:] is viewed with the index axes merged into
+    one of n = indices.size elements; the indices, shaped [1.., n, 1..], are expanded to it.
+    Negative indices are allowed by ScatterElements as by Gather (constant ones are normalized
+    here where the axis size is known). Indices constant or computed at run time, int32 or int64.
+    """
+    x, indices, g = node.input[0], node.input[1], grad_outputs[0]
+    rank = ctx.rank(x)
+    axis = normalize_axis(attr(node, "axis", 0), rank)
+    index_rank = ctx.rank(node.output[0]) - rank + 1  # the indices' rank (known where y's is)
+    around = [1] * axis, [1] * (rank - axis - 1)
+    value = ctx.constant_value(indices)
+    if value is not None:
+        dim = ctx.shape(x)[axis]
+        if isinstance(dim, int):
+            value = np.where(value < 0, value + dim, value).astype(value.dtype)
+        index = ctx.const(value.reshape(around[0] + [-1] + around[1]), "gather_indices")
+    else:
+        index = ctx.make_node("Reshape", [indices, ctx.ints(around[0] + [-1] + around[1])])
+    if index_rank == 0:
+        g = ctx.unsqueeze(g, [axis])
+    elif index_rank > 1:
+        g = ctx.make_node("Reshape", [g, _merged_index_shape(ctx, x, g, axis, index_rank)])
+    index = ctx.expand_like(index, g)
+    zeros = ctx.zeros_like(x)
+    return [ctx.make_node("ScatterElements", [zeros, index, g], axis=axis, reduction="add"), None]
+
+
+def _merged_index_shape(ctx: RuleContext, x: str, g: str, axis: int, index_rank: int) -> str:
+    """Shape of g with its index axes (axis .. axis + index_rank - 1) merged into one: a constant
+    where x's sizes after `axis` are known (0 copies the leading sizes, -1 is the merged axis),
+    else from Shape(g)."""
+    trailing = ctx.shape(x)[axis + 1:]
+    if all(isinstance(d, int) for d in trailing):
+        return ctx.ints([0] * axis + [-1] + list(trailing))
+    shape = ctx.shape_of(g)
+    parts = [ctx.slice(shape, [0], [axis], [0])] if axis else []
+    parts.append(ctx.ints([-1]))
+    if trailing:
+        parts.append(ctx.slice(shape, [axis + index_rank], [INT64_MAX], [0]))
+    return ctx.make_node("Concat", parts, axis=0)
