@@ -129,3 +129,10 @@ def test_grey_filter_grid_is_a_near_square_grid_of_upscaled_patches(tmp_path):
 def test_unknown_colormap_is_a_value_error():
     with pytest.raises(ValueError, match="unknown matplotlib colormap 'viridys'"):
         render.colorize(np.zeros((2, 2)), "viridys")
+
+
+def test_overlay_of_a_non_image_says_what_it_got(tmp_path):
+    """A path string where an image array belongs: a ValueError naming it, not an AttributeError."""
+    with pytest.raises(ValueError, match="got a str"):
+        render.heatmap_overlay("digit.png", np.zeros((4, 4)), tmp_path / "x.png")
+

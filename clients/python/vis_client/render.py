@@ -196,7 +196,8 @@ def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         img = img[..., None]
     if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an image [H, W], [H, W, 3|4] or [3, H, W], got shape {image.shape}")
+        what = f"a {type(image).__name__}" if img.ndim == 0 else f"shape {img.shape}"
+        raise ValueError(f"expected an image [H, W], [H, W, 3|4] or [3, H, W] (array or PIL image), got {what}")
     img = img[..., :3]
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
