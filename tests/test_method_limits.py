@@ -155,6 +155,34 @@ def test_a_diverging_loop_is_an_error_naming_lr(client, digits, images):
     assert "of layer 'conv1'" in e.value.details
 
 
+def test_huge_weights_blame_the_weights_not_lr(client, digits):
+    """A loss that overflows on the starting image is the weights' doing: no update made it."""
+    with pytest.raises(InvalidArgument) as e:
+        client.maximize(digits, [Objective.channel("block1/add", 1, weight=1e38)], steps=1, lr=1e-6)
+    assert e.value.details.startswith("objectives: ") and "smaller weights" in e.value.details
+
+
+def test_maximize_batch_of_a_fixed_batch_model(client):
+    """A model exported with a fixed batch of 2 runs only 2 images: INVALID_ARGUMENT naming batch,
+    not onnxruntime's shape error as INTERNAL."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c"], ["r"])], "fixed2",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 1, 12, 12])],
+                          [helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 4, 12, 12])], [w])
+    m = client.load_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+                          .SerializeToString(), name="fixed-batch-2")
+    for batch in (1, 3):
+        with pytest.raises(InvalidArgument) as e:
+            client.maximize(m, [Objective.channel("r", 1)], steps=2, batch=batch)
+        assert e.value.details.startswith("batch: ") and "exactly 2" in e.value.details
+    assert client.maximize(m, [Objective.channel("r", 1)], steps=2, batch=2).x.shape == (2, 1, 12, 12)
+    client.unload(m.id)
+
+
 # ----------------------------------------------------------------------------
 # inputs that overflow the network
 

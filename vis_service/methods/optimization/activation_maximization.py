@@ -89,6 +89,11 @@ class MaximizeSettings:
 def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeSettings,
              progress: Progress, on_snapshot: SnapshotFn | None = None) -> MethodResult:
     s.validate()
+    info = model.infos.get(model.image_input)
+    fixed = info.shape[0] if info is not None and info.shape else None
+    if isinstance(fixed, int) and fixed != s.batch:
+        # a model exported with a fixed batch > 1 (batch 1 is made symbolic on load) runs no other
+        raise InvalidArgument("batch", f"input {model.image_input!r} takes exactly {fixed} images; use batch={fixed}")
     pmap = PixelMap(spec)
     h, w = spec.size
     c = pmap.channels
@@ -135,6 +140,12 @@ def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeS
         row = [-obj_mean + pen_l2 + pen_tv + pen_div / s.batch, obj_mean, pen_l2, pen_tv, pen_div, lr]
         with np.errstate(over="ignore"):  # a diverging loss overflows float32 here; the check stops the loop
             losses[step] = row
+        if step == 0 and not all_finite(losses[step]):
+            # the row is the starting image's: no update made it, the weights did
+            with np.errstate(over="ignore"):
+                field = next((f for f, v in (("objectives", obj_mean), ("l2", pen_l2), ("tv", pen_tv),
+                                             ("diversity", pen_div)) if not np.isfinite(np.float32(v))), "objectives")
+            raise InvalidArgument(field, "the weighted loss overflows float32 on the starting image; use smaller weights")
         if not all_finite(losses[step], param.params):
             raise diverged(step)
         if on_snapshot is not None and s.snapshot_every and (step + 1) % s.snapshot_every == 0:
