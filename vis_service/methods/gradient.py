@@ -21,6 +21,7 @@ from ..engine.backward import GradientGraph, build_gradient_model
 from ..errors import InvalidArgument
 from ..graph.loading import BATCH_DIM
 from ..graph.names import resolve_tensor
+from ..models.inputs import all_finite
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from .activations import compute_activations
@@ -162,8 +163,9 @@ def positions_phrase(spatial_dims: int) -> str:
 def require_finite(what: str, values: np.ndarray) -> None:
     """INVALID_ARGUMENT on `input` when a result computed from (finite) inputs holds inf or NaN.
 
-    Only results are checked (one pass over each, no extra run): `what` names the tensor."""
-    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+    Only results are checked (one BLAS pass over each, no extra run; see models.inputs.all_finite):
+    `what` names the tensor."""
+    if values.dtype.kind in "fc" and not all_finite(values):
         raise InvalidArgument("input", f"the network overflowed float32 on this input: non-finite values (inf or "
                                        f"NaN) in {what}; scale the input into the model's value range")
 

@@ -58,12 +58,12 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
         if batch is not None and arr.shape[0] != batch:
             raise InvalidArgument(where, f"batch size {arr.shape[0]} differs from the other inputs' {batch}")
         batch = arr.shape[0]
-        if arr.dtype.kind == "f" and not _all_finite(arr):
+        if arr.dtype.kind == "f" and not all_finite(arr):
             raise InvalidArgument(where, "contains NaN or Inf; only finite values are allowed")
     return feeds
 
 
-def _all_finite(arr: np.ndarray) -> bool:
+def all_finite(arr: np.ndarray) -> bool:
     """No NaN or Inf in `arr`. A float32/float64 array is first checked through its sum of squares
     (one BLAS pass, NaN or Inf whenever an element is): a batch of images is checked in about half
     the time of isfinite().all(), which builds a mask as large as the batch. Only when that sum is

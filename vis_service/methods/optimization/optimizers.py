@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import InvalidArgument
+from ...models.inputs import all_finite as finite
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "linear")
@@ -42,7 +43,7 @@ class OptimizerSettings:
 
 def all_finite(*arrays) -> bool:
     """Whether every value is finite (the loops check their loss, gradient and parameters each step)."""
-    return all(bool(np.isfinite(a).all()) for a in arrays)
+    return all(finite(np.asarray(a)) for a in arrays)
 
 
 def diverged(step: int, where: str = "", field: str = "optimizer") -> InvalidArgument:
