@@ -1,21 +1,24 @@
-# vis-service on CUDA. onnxruntime-gpu 1.2x/1.3x wheels on PyPI are built for CUDA 12/13 with
-# cuDNN 9; this base matches the CUDA 13 + cuDNN 9 build that pip resolves today.
-# Without a GPU (or without --gpus) the service reports and uses the CPU provider.
+# vis-service on CUDA. onnxruntime-gpu 1.31+ wheels on PyPI are built for CUDA 13 with cuDNN 9,
+# which this base provides. Without a GPU (or without --gpus) the service reports and uses the CPU provider.
 FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip make \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 vis
-WORKDIR /app
-COPY --chown=vis:vis . /app
-
-# the same install step as the README's commands (make demo / make test)
-RUN make install VENV=/opt/venv && chown -R vis:vis /opt/venv
+# The server package only (runtime dependencies, not editable, owned by root): the user the
+# service runs as cannot change its code. The client and the test tools are not in the image.
+COPY pyproject.toml README.md LICENSE /src/
+COPY vis_service /src/vis_service
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir /src "onnxruntime-gpu>=1.31" \
+ && rm -rf /src
 ENV PATH=/opt/venv/bin:$PATH
 
+RUN useradd --create-home --uid 10001 vis
 USER vis
+WORKDIR /home/vis
+# a model repository: /models/<name>/model.onnx (+ config.json | config.pbtxt, labels.txt)
 VOLUME ["/models"]
 EXPOSE 50051
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \

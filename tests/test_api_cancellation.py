@@ -115,17 +115,20 @@ def test_runs_in_flight_are_bounded(heavy):
 
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--chunk-mb", "0"], "chunk_bytes must be in"),
-    (["--workers", "0"], "workers must be >= 1"),
-    (["--port", "70000"], "port must be 0..65535"),
-    (["--max-batch", "0"], "max_batch must be >= 1"),
-    (["--max-upload-mb", "-5"], "max_upload_bytes must be > 0"),
-    (["--session-cache", "-1"], "session cache size must be >= 1"),
-    (["--max-concurrent-runs", "-1"], "max concurrent runs must be >= 0"),
-    (["--model-repository", "/nonexistent/repository"], "is not a directory"),
+    (["--chunk-mb", "0"], "--chunk-mb must be in 1 KiB .. 64 MiB, got 0 MiB"),
+    (["--max-request-mb", "1"], "--max-request-mb must be at least 2 MiB (uploads stream 1 MiB chunks), got 1 MiB"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--port", "70000"], "--port must be 0..65535"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--max-upload-mb", "-5"], "--max-upload-mb must be > 0"),
+    (["--session-cache", "-1"], "--session-cache must be >= 1"),
+    (["--max-concurrent-runs", "-1"], "--max-concurrent-runs must be >= 0"),
+    (["--model-repository", "/nonexistent/repository"], "--model-repository '/nonexistent/repository' is not a directory"),
     (["--log-level", "BOGUS"], "invalid choice"),
+    (["--preload", "digits", "digitz"], "--preload: no repository model named 'digitz'; the repository holds: digits"),
 ])
 def test_server_flags_are_checked_before_starting(flags, fragment, capsys):
+    """A bad flag is a usage error of the serve command naming the flag (not the setting behind it)."""
     from vis_service import cli
 
     with pytest.raises(SystemExit) as e:
@@ -133,6 +136,32 @@ def test_server_flags_are_checked_before_starting(flags, fragment, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+    assert "usage: vis-service serve" in err
+
+
+def test_repository_without_models_is_reported(tmp_path, caplog):
+    """A repository whose entries are not <name>/model.onnx serves nothing: the log says so and why."""
+    from vis_service import cli
+    from vis_service.models.store import ModelStore
+    from vis_service.runtime.sessions import Runtime
+
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "squeezenet.onnx").write_bytes(b"")
+    (tmp_path / "loose.onnx").write_bytes(b"")
+    (tmp_path / "README.md").write_text("models of the team")
+    (tmp_path / "__pycache__").mkdir()
+    store = ModelStore(Runtime(provider="cpu"), tmp_path)
+    with caplog.at_level("WARNING", logger="vis_service"):
+        cli._repository_warnings(store, tmp_path)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ignored imagenet, loose.onnx" in m and "<name>/model.onnx" in m for m in messages), messages
+    assert any("holds no models" in m for m in messages), messages
+    caplog.clear()
+    (tmp_path / "imagenet" / "model.onnx").write_bytes(b"")
+    (tmp_path / "loose.onnx").unlink()
+    with caplog.at_level("WARNING", logger="vis_service"):
+        cli._repository_warnings(store, tmp_path)
+    assert not caplog.records
 
 
 def test_limits_values():

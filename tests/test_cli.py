@@ -94,3 +94,45 @@ def test_errors_exit_1_with_one_line(server, args, fragment, capsys, tmp_path, m
     assert run(server, *args) == 1
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_connection_options_after_the_command(server, capsys):
+    """`vis models --address H:P` works as `vis --address H:P models` does; given after the command it wins."""
+    assert cli.main(["models", "--address", server.address]) == 0
+    assert "digits" in capsys.readouterr().out
+    assert cli.main(["--address", "127.0.0.1:9", "--timeout", "0.01", "info", "--address", server.address,
+                     "--timeout", "30"]) == 0
+    assert "provider" in capsys.readouterr().out
+
+
+def test_each_command_help_opens_with_its_summary(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["occlusion", "--help"])
+    out = capsys.readouterr().out
+    assert "occlusion sensitivity maps (Zeiler & Fergus)" in out and "--address" in out
+
+
+def test_a_closed_stdout_pipe_ends_quietly(server, monkeypatch, capsys):
+    """`vis inspect M | head` closes the pipe early: no error line, exit 1 (as Python does on EPIPE)."""
+    import builtins
+    import os as os_module
+
+    def closed_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(builtins, "print", closed_pipe)
+    monkeypatch.setattr(os_module, "dup2", lambda fd, fd2: None)   # leave the test process's stdout alone
+    assert run(server, "models") == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_render_extra_is_named_once(server, digit_images, tmp_path, monkeypatch, capsys):
+    from vis_client import render
+
+    def no_matplotlib():
+        raise ImportError("rendering needs matplotlib: pip install 'vis-client[render]'")
+
+    monkeypatch.setattr(render, "_mpl", no_matplotlib)
+    assert run(server, "gradient", "digits", "--images", str(digit_images[0]), "--out", str(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: rendering needs matplotlib: pip install 'vis-client[render]'"

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 from .api.servicers import Limits
 from .default_models import DEFAULT_REPOSITORY
@@ -17,12 +19,15 @@ MB = 1 << 20
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vis-service", description="gRPC service that shows what ONNX CNNs have learned")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the gRPC server")
-    s.add_argument("--host", default="127.0.0.1")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    s = sub.add_parser("serve", help="run the gRPC server", description="Run the gRPC server.", formatter_class=defaults)
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port and prints it")
     s.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
-                   help="directory of <name>/model.onnx (+ config.json|config.pbtxt, labels); default: the embedded models")
+                   help="directory of <name>/model.onnx (+ config.json|config.pbtxt, labels.txt); "
+                        "default: the embedded models")
     s.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
                    help="execution provider; auto = CUDA when a CUDA session really works")
     s.add_argument("--workers", type=int, default=8, help="concurrent RPCs")
@@ -35,13 +40,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest model accepted, uploaded or from the repository, external data included")
     s.add_argument("--max-request-mb", type=float, default=64.0, help="largest request message (at least 2)")
     s.add_argument("--max-batch", type=int, default=256, help="images per request and rows per onnxruntime run")
-    s.add_argument("--preload", nargs="*", default=None, help="repository models to load at start (default: all)")
+    s.add_argument("--preload", nargs="*", default=None, metavar="NAME",
+                   help="repository models to load at start (default: all; a bare --preload: none)")
     s.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
-    h = sub.add_parser("health", help="ask a running server's gRPC health service; exit 0 when SERVING")
-    h.add_argument("--address", default="127.0.0.1:50051")
-    h.add_argument("--timeout", type=float, default=3.0)
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), help="server log level")
+    s.set_defaults(usage_error=s.error)   # a bad value shows the serve command's usage
+    h = sub.add_parser("health", help="ask a running server's gRPC health service; exit 0 when SERVING",
+                       description="Ask a running server's gRPC health service; exit 0 when SERVING.",
+                       formatter_class=defaults)
+    h.add_argument("--address", default=os.environ.get("VIS_ADDRESS", "127.0.0.1:50051"),
+                   help="server host:port (env VIS_ADDRESS)")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     return ap
+
+
+# settings checked by ServerConfig / Limits -> the flag that sets them, for usage errors
+FLAGS = {"max_request_bytes": "--max-request-mb", "chunk_bytes": "--chunk-mb", "max_upload_bytes": "--max-upload-mb",
+         "max_batch": "--max-batch", "port": "--port", "workers": "--workers", "session cache size": "--session-cache",
+         "intra-op threads": "--threads", "max concurrent runs": "--max-concurrent-runs",
+         "model repository": "--model-repository"}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("vis-service")
+    except Exception:  # noqa: BLE001 - a source checkout that is not installed
+        return "unknown"
+
+
+def _serve_usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    """Exit with the serve command's usage and `message`, naming the flag rather than the setting."""
+    for setting, flag in FLAGS.items():
+        if message.startswith(setting + " "):
+            message = flag + message[len(setting):]
+            break
+    args.usage_error(message)
+    raise AssertionError("unreachable: argparse's error exits")
+
+
+def _repository_warnings(store, repository: Path | None) -> None:
+    """Say what a repository holds that is not a model: an empty or mislaid repository would
+    otherwise serve nothing without a word (a model is <name>/model.onnx)."""
+    if repository is None:
+        return
+    log = logging.getLogger("vis_service")
+    names = store.repository_names()
+    # directories that are not models, and models lying loose (other files, e.g. a README, are fine)
+    ignored = sorted(p.name for p in repository.iterdir()
+                     if p.name not in names and not p.name.startswith((".", "__"))
+                     and (p.is_dir() or p.suffix.lower() == ".onnx"))
+    if ignored:
+        log.warning("model repository %s: ignored %s (a model is <name>/model.onnx, name of letters, digits, "
+                    "'.', '_', '-')", repository, ", ".join(ignored))
+    if not names:
+        log.warning("model repository %s holds no models; uploads still work", repository)
 
 
 def health_check(address: str, timeout: float) -> int:
@@ -72,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                            args.session_cache, args.threads, limits, args.max_concurrent_runs)
         running = start_server(cfg)
     except (ValueError, OSError, RuntimeError) as exc:
-        build_parser().error(str(exc))
-    names = running.state.store.repository_names() if args.preload is None else args.preload
+        _serve_usage_error(args, str(exc))
+    store = running.state.store
+    _repository_warnings(store, store.repository)
+    names = store.repository_names() if args.preload is None else args.preload
+    unknown = [n for n in names if n not in store.repository_names()]
+    if unknown:
+        running.stop(grace=0)
+        _serve_usage_error(args, f"--preload: no repository model named {', '.join(map(repr, unknown))}; the repository "
+                           f"holds: {', '.join(store.repository_names()) or 'none'}")
     for name in names:
         try:
             running.state.store.load(name)

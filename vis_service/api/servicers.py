@@ -36,16 +36,20 @@ class Limits:
     max_batch: int = 256
 
     def __post_init__(self):
+        # sizes in MiB, the unit of the server's flags (which name these settings in usage errors)
         if self.max_request_bytes < MIN_REQUEST_BYTES:
-            raise ValueError(f"max_request_bytes must be at least {MIN_REQUEST_BYTES} (2 MiB: uploads stream "
-                             f"1 MiB chunks), got {self.max_request_bytes}")
+            raise ValueError(f"max_request_bytes must be at least 2 MiB (uploads stream 1 MiB chunks), "
+                             f"got {_mib(self.max_request_bytes)}")
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be in {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES} (1 KiB .. 64 MiB), "
-                             f"got {self.chunk_bytes}")
+            raise ValueError(f"chunk_bytes must be in 1 KiB .. 64 MiB, got {_mib(self.chunk_bytes)}")
         if self.max_upload_bytes <= 0:
-            raise ValueError(f"max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+            raise ValueError(f"max_upload_bytes must be > 0, got {_mib(self.max_upload_bytes)}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"
 
 
 class ServiceState:

@@ -169,7 +169,7 @@ def _render():
         render._mpl()
         render._pil_image()
     except ImportError as e:
-        raise CliError(f"{e} (rendering needs the [render] extra: pip install 'vis-client[render]')") from None
+        raise CliError(str(e)) from None  # render names the [render] extra to install
     return render
 
 
@@ -332,9 +332,8 @@ def cmd_gradient(client: Client, args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vis", description="Client for vis-service: look inside ONNX CNNs.",
                                  epilog="MODEL: a local .onnx file (uploaded) or a model name / id on the server.")
-    ap.add_argument("--address", default=DEFAULT_ADDRESS,
-                    help=f"server host:port (default {DEFAULT_ADDRESS}; env VIS_ADDRESS)")
-    ap.add_argument("--timeout", type=float, default=None, help="per-call deadline in seconds")
+    _connection_options(ap, DEFAULT_ADDRESS, None)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="server version, execution provider, limits")
@@ -365,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("filters", help="render the weights of a Conv / Gemm layer")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--layer", required=True)
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--layer", required=True, help="a Conv / Gemm node, or its weight or output tensor")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--upscale", type=at_least(1), default=8,
                    help="pixels per weight of first-layer (1- or 3-channel) filters (default 8)")
     p.add_argument("--max-out", type=at_least(1), default=32, help="filters shown of a deeper layer (default 32)")
@@ -379,16 +378,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_input(p)
     p.add_argument("--class", dest="class_index", type=int, default=None,
                    help="class index (default: each image's top-1 prediction)")
-    p.add_argument("--rule-set", default="gradient", help="gradient (default), guided or deconvnet")
+    p.add_argument("--rule-set", default="gradient",
+                   help="gradient (default), guided, deconvnet, or another the server lists (vis info)")
     p.add_argument("--alpha", type=opacity, default=0.5, help="heat map opacity in [0, 1] (default 0.5)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=cmd_gradient)
 
     # method families add their own subcommands
     cli_attribution.register(sub, add_input)
     cli_localization.register(sub, add_input)
     cli_optimization.register(sub, add_input)
+    for choice in sub._choices_actions:   # each command's --help opens with its one-line summary
+        command = sub.choices[choice.dest]
+        command.description = command.description or choice.help
+        # --address / --timeout also after the command (vis models --address H:P); given there, they win
+        _connection_options(command, argparse.SUPPRESS, argparse.SUPPRESS)
     return ap
+
+
+def _connection_options(parser: argparse.ArgumentParser, address, timeout) -> None:
+    parser.add_argument("--address", default=address,
+                        help=f"server host:port (default {DEFAULT_ADDRESS}; env VIS_ADDRESS)")
+    parser.add_argument("--timeout", type=float, default=timeout, help="per-call deadline in seconds (default: none)")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("vis-client")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout on sys.path)
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
             args.func(client, args)
     except VisError as e:
         print(f"error: {e.code.name}: {e.details or 'request failed'}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the reader went away (vis inspect M | head): nothing left to say, and nobody to say it to
+        try:   # stdout to /dev/null, so that the interpreter's last flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 1
     except (CliError, CorruptStream, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

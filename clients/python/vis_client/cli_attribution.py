@@ -105,10 +105,11 @@ def register(sub, add_input) -> None:
             p.add_argument("--samples", type=int, default=25, help="noisy copies per image (default 25)")
             p.add_argument("--noise", type=float, default=0.15, help="sigma / input range (default 0.15)")
             p.add_argument("--vargrad", action="store_true", help="variance of the gradients (VarGrad)")
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
         if name == "ig":
             p.add_argument("--steps", type=int, default=50, help="path steps (default 50)")
-            p.add_argument("--baseline", default="black", choices=("black", "zero", "blurred"))
+            p.add_argument("--baseline", default="black", choices=("black", "zero", "blurred"),
+                           help="black image (default), zero tensor, or the image blurred (see --blur-sigma)")
             p.add_argument("--blur-sigma", type=float, default=0.0, help="blurred baseline sigma in px")
         if name in ("smoothgrad", "ig"):
             p.add_argument("--batch", type=int, default=0, help="rows per onnxruntime run (0 = server default)")
@@ -118,9 +119,10 @@ def register(sub, add_input) -> None:
     p.add_argument("model", metavar="MODEL")
     add_input(p)
     p.add_argument("--layer", required=True, help="a 4-D feature tensor or its node")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--top-k", type=int, default=9, help="strongest channels to project (default 9)")
     p.add_argument("--channel", type=int, default=None, help="project this channel (at its strongest position)")
     p.add_argument("--crop", action="store_true", help="show each projection cropped to its receptive field")
-    p.add_argument("--rule-set", default="deconvnet", help="deconvnet (default), guided or gradient")
+    p.add_argument("--rule-set", default="deconvnet",
+                   help="deconvnet (default), guided, gradient, or another the server lists (vis info)")
     p.set_defaults(func=_run_deconvnet)

@@ -120,7 +120,7 @@ def register(sub, add_input) -> None:
     p.set_defaults(func=cmd_scorecam)
 
     p = sub.add_parser("occlusion", help="occlusion sensitivity maps (Zeiler & Fergus)")
-    common(p, 32, "occluded images per run (default 32)")
+    common(p, 0, "occluded images per run (0 = server default: 32)")
     p.add_argument("--patch", type=int, nargs="+", default=None, metavar="N",
                    help="patch size: S or H W (default: a quarter of the smaller image side)")
     p.add_argument("--stride", type=int, nargs="+", default=None, metavar="N",

@@ -54,23 +54,28 @@ def _common_loop_args(p, steps: int) -> None:
 
     p.add_argument("--steps", type=at_least(1), default=steps, help=f"optimization steps (default {steps})")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: server default)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default: adam")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the starting image(s) and jitter (default 0)")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="K", help="also save the images every K steps")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
 
 def _maximize_args(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="images optimized together (default 1)")
-    p.add_argument("--param", dest="parameterization", choices=("fourier", "pixel", "raw"), default=None)
+    p.add_argument("--param", dest="parameterization", choices=("fourier", "pixel", "raw"), default=None,
+                   help="image parameterization: fourier (default; Lucid), pixel, or raw (Simonyan: the "
+                        "model-space image itself)")
     p.add_argument("--no-decorrelate", action="store_true", help="turn off Lucid's colour decorrelation")
-    p.add_argument("--jitter", type=int, default=None)
-    p.add_argument("--scale", type=float, default=None)
-    p.add_argument("--rotate", type=float, default=None)
-    p.add_argument("--l2", type=float, default=None)
-    p.add_argument("--tv", type=float, default=None)
-    p.add_argument("--blur-every", type=int, default=0)
-    p.add_argument("--diversity", type=float, default=0.0)
+    p.add_argument("--jitter", type=int, default=None, help="max random shift in pixels per step (default 8; raw: 4)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="max random relative zoom per step (default 0.05; raw: 0)")
+    p.add_argument("--rotate", type=float, default=None, help="max random rotation in degrees (default 5; raw: 0)")
+    p.add_argument("--l2", type=float, default=None, help="weight of the L2 penalty on the image (default 0; raw: 30)")
+    p.add_argument("--tv", type=float, default=None, help="weight of the total-variation penalty (default 0)")
+    p.add_argument("--blur-every", type=int, default=0, metavar="K",
+                   help="Gaussian blur of the image every K steps (default 0 = off)")
+    p.add_argument("--diversity", type=float, default=0.0,
+                   help="weight of Lucid's diversity term across the batch (default 0 = off; needs --batch >= 2)")
 
 
 def _maximize_kwargs(args) -> dict:
@@ -184,8 +189,8 @@ def register(sub, add_input) -> None:
     """Add this family's subcommands to the `vis` parser."""
     p = sub.add_parser("maximize", help="activation maximization of a channel / neuron / layer (Lucid-style)")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--layer", required=True)
-    p.add_argument("--channel", type=int, default=None)
+    p.add_argument("--layer", required=True, help="tensor or node whose activation is maximized")
+    p.add_argument("--channel", type=int, default=None, help="channel of the layer (default: the whole layer's mean)")
     p.add_argument("--neuron", type=int, nargs=2, metavar=("Y", "X"), default=None,
                    help="a single unit of the channel instead of the channel mean")
     p.add_argument("--deepdream", action="store_true", help="maximize the mean square of the whole layer")
@@ -195,7 +200,7 @@ def register(sub, add_input) -> None:
 
     p = sub.add_parser("classmodel", help="class model visualization (Simonyan et al. 2014)")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--class", dest="class_index", type=int, required=True)
+    p.add_argument("--class", dest="class_index", type=int, required=True, help="class index to visualize")
     p.add_argument("--probability", action="store_true", help="maximize the softmax probability, not the logit")
     _common_loop_args(p, 200)
     _maximize_args(p)
@@ -206,7 +211,8 @@ def register(sub, add_input) -> None:
     add_input(p)
     p.add_argument("--layers", nargs="+", default=None, metavar="LAYER", help="default: the class scores")
     p.add_argument("--starts", type=int, default=1, help="random starts per layer (default 1)")
-    p.add_argument("--lambda-tv", type=float, default=None)
-    p.add_argument("--lambda-alpha", type=float, default=None)
+    p.add_argument("--lambda-tv", type=float, default=None,
+                   help="weight of the total-variation prior (default 5e-3; deep layers look cleaner with 0.05)")
+    p.add_argument("--lambda-alpha", type=float, default=None, help="weight of the alpha-norm prior (default 1e-4)")
     _common_loop_args(p, 200)
     p.set_defaults(func=cmd_invert)
