@@ -123,3 +123,48 @@ def test_cli_writes_pngs_and_prints_a_line_per_image(server, digits, images, tmp
     assert len(list(tmp_path.glob("*.png"))) == 6
     assert main(["--address", server.address, "ig", "digits", "--steps", "0", "--images", images[0],
                  "--out", str(tmp_path)]) == 1
+
+
+def _normalizing_net(inner: str) -> bytes:
+    """(x - mean) / std inside the graph, written to a tensor named `inner`, then Conv-ReLU-pool-Gemm;
+    the image input is "image_raw"."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(np.array([0.4, 0.5, 0.6], np.float32).reshape(1, 3, 1, 1), "mean"),
+             numpy_helper.from_array(np.array([0.2, 0.25, 0.3], np.float32).reshape(1, 3, 1, 1), "std"),
+             numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Sub", ["image_raw", "mean"], ["centred"]),
+             helper.make_node("Div", ["centred", "std"], [inner], name="normalize"),
+             helper.make_node("Conv", [inner, "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "fc"], ["logits"])]
+    graph = helper.make_graph(nodes, "normalizing", [helper.make_tensor_value_info("image_raw", TensorProto.FLOAT,
+                                                                                    ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_input_means_the_image_input_where_a_tensor_inside_is_named_input(client):
+    """A normalization in the graph writing to a tensor named "input": attributions are still taken
+    with respect to the image input (they were taken w.r.t. that tensor: off by the std per channel)."""
+    aliased = client.load_model(_normalizing_net("input"))
+    plain = client.load_model(_normalizing_net("normalized"))
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    want = client.gradient(plain, x, 2).gradient
+    np.testing.assert_allclose(client.gradient(aliased, x, 2).gradient, want, rtol=1e-6)
+    np.testing.assert_allclose(client.saliency(aliased, x, 2).attribution, want, rtol=1e-6)
+    np.testing.assert_allclose(client.gradient_x_input(aliased, x, 2).attribution, want * x, rtol=1e-6)
+    ig = client.integrated_gradients(aliased, x, 2, steps=16)
+    np.testing.assert_allclose(ig.attribution, client.integrated_gradients(plain, x, 2, steps=16).attribution,
+                               rtol=1e-5, atol=1e-7)
+    # the inner tensor stays reachable by its node's name: d/d(normalized) = d/dx * std
+    inner = client.gradient(aliased, x, 2, wrt=["normalize"]).gradient
+    std = np.array([0.2, 0.25, 0.3], np.float32).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(inner, want * std, rtol=1e-5)

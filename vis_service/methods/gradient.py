@@ -52,11 +52,14 @@ class GradientResult:
 
 
 def resolve_wrt(model: LoadedModel, wrt: Sequence[str]) -> dict[str, str]:
-    """Requested wrt name -> tensor; "input" means the image input."""
+    """Requested wrt name -> tensor; "input" means the image input, always: also where another tensor
+    of the graph is named "input" (a normalization built into the graph, a Transpose of an NHWC
+    input), which every attribution method would otherwise be taken with respect to, silently
+    (that tensor is still reachable by the name of the node that makes it)."""
     wrt = list(wrt) or [INPUT_ALIAS]
     out = {}
     for name in wrt:
-        if name == INPUT_ALIAS and INPUT_ALIAS not in model.infos:
+        if name == INPUT_ALIAS:
             out[name] = model.image_input
         else:
             out[name] = resolve_tensor(model.proto, name, kind="wrt tensor")
