@@ -21,7 +21,7 @@ def _noisy_inputs(x, samples, noise, seed):
     out = []
     for i in range(x.shape[0]):
         sigma = noise * float(x[i].max().astype(np.float64) - x[i].min().astype(np.float64))
-        eps = np.random.default_rng([seed, i]).standard_normal((samples,) + x.shape[1:], dtype=np.float32)
+        eps = np.random.default_rng(seed).standard_normal((samples,) + x.shape[1:], dtype=np.float32)
         out.append(x[i] + np.float32(sigma) * eps)
     return np.stack(out)                                  # [N, S, ...]
 
@@ -31,13 +31,31 @@ def test_noise_stream_is_noise_for_in_any_chunking():
     from vis_service.methods.smoothgrad import _NoiseStream, noise_for
     x = np.random.default_rng(0).standard_normal((3, 2, 5, 4)).astype(np.float32)
     samples, seed = 7, 11
-    expected = np.concatenate([noise_for(x[i], i, samples, seed) for i in range(3)])
+    expected = np.concatenate([noise_for(x[i], samples, seed) for i in range(3)])
     for sizes in ([21], [1] * 21, [5, 5, 5, 6], [7, 7, 7], [3, 10, 8]):
         stream, got, start = _NoiseStream(x, samples, seed), [], 0
         for size in sizes:
             got += [e for _, e in stream.rows(np.arange(start, start + size))]
             start += size
         np.testing.assert_array_equal(np.stack(got), expected)
+
+
+def test_noise_stream_of_a_channels_last_input_is_the_channels_first_noise_transposed():
+    from vis_service.methods.smoothgrad import _NoiseStream
+    x = np.zeros((2, 3, 5, 4), np.float32)
+    first = np.stack([e for _, e in _NoiseStream(x, 4, 9, 1).rows(np.arange(8))])
+    last = np.stack([e for _, e in _NoiseStream(x.transpose(0, 2, 3, 1), 4, 9, 3).rows(np.arange(8))])
+    np.testing.assert_array_equal(last, first.transpose(0, 2, 3, 1))
+
+
+def test_smoothgrad_of_an_image_does_not_depend_on_its_batch(client, digits, images):
+    """The noise is the request's, not the batch position's: an image alone, or twice in a batch
+    with others, gets the same map."""
+    kw = dict(samples=4, noise=0.2, seed=5)
+    alone = client.smoothgrad(digits, [images[1]], **kw)
+    batched = client.smoothgrad(digits, [images[0], images[1], images[2], images[1]], **kw)
+    np.testing.assert_allclose(batched.attribution[1], alone.attribution[0], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(batched.attribution[3], alone.attribution[0], rtol=1e-5, atol=1e-8)
 
 
 def test_smoothgrad_without_noise_is_the_gradient(client, digits, images):

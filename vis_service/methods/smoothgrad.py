@@ -4,10 +4,12 @@ The gradient is averaged (or, VarGrad, its population variance taken) over `samp
 noisy copies x + sigma * eps of each image, sigma = noise * (max(x_i) - min(x_i)).
 The copies are stacked along the batch dimension, `chunk` rows per onnxruntime run.
 
-Noise (reproducible from outside, see `noise_for`): for image i,
-``np.random.default_rng([seed, i]).standard_normal((samples, *x.shape[1:]), dtype=np.float32)``;
-row s of that array is eps for sample s, and the noisy input is computed in float32 as
-``x[i] + np.float32(sigma_i) * eps[s]``.
+Noise (reproducible from outside, see `noise_for`): the same for every image of the request,
+``np.random.default_rng(seed).standard_normal((samples, C, H, W), dtype=np.float32)`` drawn
+channels-first (moved to the input's layout for an NHWC model); row s of that array is eps for
+sample s, and the noisy input is computed in float32 as ``x[i] + np.float32(sigma_i) * eps[s]``.
+So an image's map depends neither on where it sits in the batch nor on the model's layout: the
+same image alone, twice in one batch, or through an NHWC twin of the model gets the same noise.
 
 attribution = mean (or variance) of the gradients; map = max over channels of |attribution|.
 """
@@ -34,9 +36,20 @@ def noise_sigma(x: np.ndarray, noise: float) -> np.ndarray:
     return noise * (flat.max(axis=1) - flat.min(axis=1))
 
 
-def noise_for(x_i: np.ndarray, i: int, samples: int, seed: int) -> np.ndarray:
-    """eps [samples, ...] of image i (standard normal, float32)."""
-    return np.random.default_rng([int(seed), int(i)]).standard_normal((samples,) + x_i.shape, dtype=np.float32)
+def _draw(rng: np.random.Generator, count: int, sample_shape: tuple, channel_axis: int | None) -> np.ndarray:
+    """count standard normal samples of `sample_shape`, drawn channels-first: a channels-last
+    input gets the same numbers as its channels-first twin, transposed."""
+    if channel_axis is None or channel_axis == 1:
+        return rng.standard_normal((count,) + sample_shape, dtype=np.float32)
+    axis = channel_axis - 1   # within a sample
+    first = (sample_shape[axis],) + sample_shape[:axis] + sample_shape[axis + 1:]
+    return np.moveaxis(rng.standard_normal((count,) + first, dtype=np.float32), 1, channel_axis)
+
+
+def noise_for(x_i: np.ndarray, samples: int, seed: int, channel_axis: int | None = 1) -> np.ndarray:
+    """eps [samples, ...] of any image of the request (standard normal, float32); `channel_axis`
+    of the batched input (3 for NHWC)."""
+    return _draw(np.random.default_rng(int(seed)), samples, x_i.shape, channel_axis)
 
 
 class _NoiseStream:
@@ -44,8 +57,8 @@ class _NoiseStream:
     samples of a 224x224 image would be 60 GB). numpy's generators give the same numbers drawn
     in consecutive pieces as in one call, so the noise is still exactly noise_for's."""
 
-    def __init__(self, x: np.ndarray, samples: int, seed: int):
-        self.x, self.samples, self.seed = x, samples, seed
+    def __init__(self, x: np.ndarray, samples: int, seed: int, channel_axis: int | None = 1):
+        self.x, self.samples, self.seed, self.channel_axis = x, samples, seed, channel_axis
         self.image, self.next_sample, self.rng = -1, 0, None
 
     def rows(self, ks: np.ndarray):
@@ -57,11 +70,11 @@ class _NoiseStream:
             count = min(len(ks) - start, self.samples - s)
             if i != self.image:
                 self.image, self.next_sample = i, 0
-                self.rng = np.random.default_rng([int(self.seed), int(i)])
+                self.rng = np.random.default_rng(int(self.seed))   # every image: the same noise
             if s != self.next_sample:
                 raise AssertionError(f"noise rows drawn out of order: sample {s} of image {i}, "
                                      f"expected {self.next_sample}")
-            eps = self.rng.standard_normal((count,) + self.x.shape[1:], dtype=np.float32)
+            eps = _draw(self.rng, count, self.x.shape[1:], self.channel_axis)
             self.next_sample += count
             for e in eps:
                 yield i, e
@@ -81,7 +94,7 @@ def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, sampl
     n = ai.batch
     sigma = noise_sigma(x, noise)
     rows = np.repeat(np.arange(n), samples)   # row k = image k // samples, sample k % samples
-    stream = _NoiseStream(x, samples, seed)
+    stream = _NoiseStream(x, samples, seed, ai.channel_axis)
 
     def make_inputs(ks: np.ndarray) -> np.ndarray:
         out = np.empty((len(ks),) + x.shape[1:], x.dtype)

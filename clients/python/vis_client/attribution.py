@@ -184,8 +184,9 @@ class AttributionMixin:
                    seed: int = 0, batch: int = 0, preprocess=None, on_progress=None, cancel=None) -> Attribution:
         """SmoothGrad: the mean gradient over ``samples`` noisy copies (sigma = ``noise`` x the
         image's value range), or with ``vargrad`` their variance; map = max over channels of
-        |attribution|. ``seed`` fixes the noise; ``batch`` caps copies per onnxruntime run (at most
-        the server's --max-batch: ResourceExhausted above).
+        |attribution|. ``seed`` fixes the noise (the same for every image, wherever it sits in the
+        batch); ``batch`` caps copies per onnxruntime run (at most the server's --max-batch:
+        ResourceExhausted above).
         Streams progress to ``on_progress``; set ``cancel`` (an Event) to stop."""
         opts = attribution_pb2.SmoothGradOptions(samples=_check_int(samples, "samples"), noise=float(noise),
                                                  vargrad=_check_bool(vargrad, "vargrad"),
