@@ -108,3 +108,30 @@ def test_bad_deconvnet_requests(client, digits):
         client.deconvnet(digits, x, "pool2", rule_set="lrp")
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "rule" in err.value.details
     assert client.deconvnet(digits, x, "pool2", top_k=1).projections.shape == (1, 1, 1, 32, 32)
+
+
+def test_nhwc_model_projections_and_crops_share_the_input_layout(client):
+    """An NHWC model (a Transpose after its input): projections and crops both come channels-last,
+    and each crop is its projection cut to the unit's box (crops came channels-first)."""
+    from _graph_helpers import Net
+
+    net = Net(c=3, h=16, w=16, seed=2, nhwc=True)
+    net.conv(cout=8, pads=(1, 1, 1, 1))
+    net.relu()
+    net.pool()
+    net.conv(cout=8, pads=(1, 1, 1, 1))
+    layer = net.relu()
+    m = client.load_model(net.model().SerializeToString())
+    x = np.random.default_rng(1).random((2, 16, 16, 3), dtype=np.float32)
+    d = client.deconvnet(m, x, layer, top_k=3, crop=True)
+    assert d.projections.shape == (2, 3, 16, 16, 3)
+    assert d.crops.shape[:2] == (2, 3) and d.crops.shape[-1] == 3
+    inside = 0
+    for i in range(2):
+        for j in range(3):
+            top, left, bottom, right = (int(v) for v in d.boxes[i, j])
+            h, w = bottom - top, right - left
+            if h == d.crops.shape[2] and w == d.crops.shape[3]:   # a box inside the image: the crop is exact
+                np.testing.assert_array_equal(d.crops[i, j], d.projections[i, j, top:bottom, left:right, :])
+                inside += 1
+    assert inside

@@ -94,10 +94,11 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input, region=region)
         target = convert.objective(request.target) if request.HasField("target") else None
+        preprocess = request.input.preprocess if request.input.HasField("preprocess") else None
 
         def work(progress):
             return deconvnet(self.s.runtime, model, feeds, request.layer, request.top_k, target, request.crop,
-                             request.rule_set or "deconvnet", progress, self.s.limits.max_batch)
+                             request.rule_set or "deconvnet", progress, self.s.limits.max_batch, preprocess)
 
         yield from run_streaming(context, work, lambda r: self._stream_result(model, r, False, region))
 

@@ -59,10 +59,16 @@ class AttributionInput:
     @property
     def channel_axis(self) -> int | None:
         """Channel axis of the image input (None when it is not a 4-D image)."""
-        if self.x.ndim != 4:
-            return None
-        layout = self.spec.layout if self.spec is not None else _guess_layout(self.x.shape)
-        return 1 if layout == "NCHW" else 3
+        return channel_axis_of(self.spec, self.x)
+
+
+def channel_axis_of(spec: ImageSpec | None, x: np.ndarray) -> int | None:
+    """Channel axis of a batched image input: from its preprocessing's layout (the model's config,
+    or the input's shape where it is unambiguous); None when it is not 4-D."""
+    if x.ndim != 4:
+        return None
+    layout = spec.layout if spec is not None else _guess_layout(x.shape)
+    return 1 if layout == "NCHW" else 3
 
 
 def _guess_layout(shape) -> str:

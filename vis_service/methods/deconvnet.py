@@ -25,7 +25,7 @@ from ..graph.receptive_field import ReceptiveField, crop_box, receptive_fields
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from .activations import compute_activations
-from .attribution_common import chunks, rows_per_run
+from .attribution_common import channel_axis_of, chunks, image_spec, rows_per_run
 from .gradient import Objective, require_finite, resolve_wrt, run_gradient
 from .limits import DEFAULT_SERVER_MAX_BATCH
 from .progress import NO_PROGRESS, MethodResult, Progress
@@ -89,8 +89,10 @@ def unclipped_box(rf: ReceptiveField, y: int, x: int) -> tuple[int, int, int, in
 def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], layer: str,
               top_k: int = DEFAULT_TOP_K, target: Objective | None = None, crop: bool = False,
               rule_set: str = "deconvnet", progress: Progress = NO_PROGRESS,
-              max_batch: int = DEFAULT_SERVER_MAX_BATCH) -> MethodResult:
-    """`max_batch`: the server's limit on rows per onnxruntime run (--max-batch)."""
+              max_batch: int = DEFAULT_SERVER_MAX_BATCH, preprocess=None) -> MethodResult:
+    """`max_batch`: the server's limit on rows per onnxruntime run (--max-batch); `preprocess`: the
+    request's, which with the model's config says the input's layout. Projections and crops come
+    in the input's layout ([C, H, W] or [H, W, C] per unit), like every attribution."""
     if top_k < 0:
         raise InvalidArgument("top_k", f"must be >= 0 (0 = default {DEFAULT_TOP_K}), got {top_k}")
     top_k = top_k or DEFAULT_TOP_K
@@ -132,7 +134,7 @@ def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray]
     text = {"layer": tensor, "rule_set": rule_set,
             "selection": ("top-k channels by their max activation, each at its argmax position" if target is None
                           else f"{target.kind} target")}
-    nhwc = x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3)
+    nhwc = channel_axis_of(image_spec(model, preprocess, x)[0], x) == 3
     in_hw = x.shape[1:3] if nhwc else x.shape[2:4]
     rf = model.memo("receptive_fields", lambda: receptive_fields(model.proto)).get(tensor)
     if rf is None:
@@ -146,7 +148,8 @@ def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray]
     tensors["boxes"] = boxes
     if crop:
         chw = projections.transpose(0, 1, 4, 2, 3) if nhwc else projections
-        tensors["crops"] = _crops(chw, positions, rf, in_hw)
+        crops = _crops(chw, positions, rf, in_hw)
+        tensors["crops"] = crops.transpose(0, 1, 3, 4, 2) if nhwc else crops   # the projections' layout
     tensors["input"] = x
     return MethodResult(tensors=tensors, text=text)
 

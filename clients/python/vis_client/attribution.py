@@ -88,7 +88,8 @@ class DeconvnetProjections:
     ``projections`` [N, K, C, H, W] (one per selected unit), ``channels`` [N, K],
     ``positions`` [N, K, 2] (y, x in the layer), ``activations`` [N, K], ``boxes`` [N, K, 4]
     (top, left, bottom, right; exclusive) of each unit's receptive field in the input,
-    ``crops`` [N, K, C, h, w] (when asked), ``input``."""
+    ``crops`` [N, K, C, h, w] (when asked), ``input``. Projections and crops come in the input's
+    layout: [N, K, H, W, C] and [N, K, h, w, C] for an NHWC model."""
     layer: str
     projections: np.ndarray
     channels: np.ndarray
