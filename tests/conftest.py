@@ -22,7 +22,11 @@ SKIP_NO_SHARED = "../shared (trained models and photos) is not beside the projec
 # Repository entries made from ../shared: (name, model file, config)
 SHARED_REPO = {
     "squeezenet": ("imagenet/squeezenet1.0.onnx", {"preset": "caffe", "labels": "labels.txt"}, "imagenet1000_synset_words.txt"),
-    "mobilenet": ("imagenet/mobilenet_v1_0.75_192.onnx", {"preset": "tf", "labels": "labels.txt"}, "imagenet1001_with_background_tf.txt"),
+    # ../shared/README.md: RGB, (x - 128) / 128, centre square crop -> 192
+    "mobilenet": ("imagenet/mobilenet_v1_0.75_192.onnx",
+                  {"labels": "labels.txt", "input": {"color": "RGB", "value_range": [0, 255], "mean": [128, 128, 128],
+                                                     "std": [128, 128, 128], "resize_short_side": 192}},
+                  "imagenet1001_with_background_tf.txt"),
     "resnet20": ("cifar10/resnet20.onnx", {"preset": "imagenet", "labels": "labels.txt"}, "cifar10_labels.txt"),
     "mnist": ("mnist/mnist-8.onnx", {"preset": "raw255", "input": {"color": "GRAY", "resize": "stretch"}}, None),
 }

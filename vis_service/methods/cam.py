@@ -19,7 +19,9 @@ Variants (`VARIANTS`):
   One onnxruntime run of the cached forward+backward graph returns A and dy/dA.
 - ``gradcam++`` (Chattopadhay et al. 2018), in pytorch-grad-cam's closed form
   from first-order gradients: alpha = g^2 / (2 g^2 + sum(A) g^3), w_c =
-  sum(alpha * ReLU(g)).
+  sum(alpha * ReLU(g)); as in the paper, without pytorch-grad-cam's + 1e-6 in the
+  denominator, which is not small next to g^2 where gradients are ~1e-3 (ResNet-20:
+  weights ~1% apart); alpha = 0 where g = 0.
 - ``layercam`` (Jiang et al. 2021): cam = ReLU(sum_c ReLU(g_c) * A_c), weights
   reported as the spatial mean of ReLU(g).
 - ``guided_gradcam``: guided backprop of the same objective w.r.t. the input
