@@ -116,7 +116,11 @@ def test_runs_in_flight_are_bounded(heavy):
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--chunk-mb", "0"], "--chunk-mb must be in 1 KiB .. 64 MiB, got 0 MiB"),
-    (["--max-request-mb", "1"], "--max-request-mb must be at least 2 MiB (uploads stream 1 MiB chunks), got 1 MiB"),
+    (["--max-request-mb", "1"], "--max-request-mb must be in 2 MiB (uploads stream 1 MiB chunks) .. 2047 MiB "
+                                "(gRPC's largest message), got 1 MiB"),
+    (["--max-request-mb", "2048"], "--max-request-mb must be in 2 MiB"),
+    (["--chunk-mb", "inf"], "argument --chunk-mb: must be a finite size in MiB, got 'inf'"),
+    (["--max-upload-mb", "nan"], "argument --max-upload-mb: must be a finite size in MiB, got 'nan'"),
     (["--workers", "0"], "--workers must be >= 1"),
     (["--port", "70000"], "--port must be 0..65535"),
     (["--max-batch", "0"], "--max-batch must be >= 1"),

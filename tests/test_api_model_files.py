@@ -370,7 +370,7 @@ def test_second_upload_header_is_named(stubs):
 def test_request_size_limit_is_enforced_as_configured():
     from vis_client import Client
 
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(ValueError, match="must be in 2 MiB"):
         Limits(max_request_bytes=1 << 20)
     running = start_server(ServerConfig(port=0, model_repository=None,
                                         limits=Limits(max_request_bytes=3 << 20, max_batch=1024)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -15,6 +16,17 @@ from .default_models import DEFAULT_REPOSITORY
 from .server import ServerConfig, start_server
 
 MB = 1 << 20
+
+
+def mebibytes(text: str) -> int:
+    """argparse type: a size in MiB (a float) -> bytes; finite, or argparse says which flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size in MiB: {text!r}") from None
+    if not math.isfinite(value) or abs(value) > 1 << 40:
+        raise argparse.ArgumentTypeError(f"must be a finite size in MiB, got {text!r}")
+    return int(value * MB)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the embedded models")
     s.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
                    help="execution provider; auto = CUDA when a CUDA session really works")
-    s.add_argument("--workers", type=int, default=8, help="concurrent RPCs")
+    s.add_argument("--workers", type=int, default=8,
+                   help="calls doing work at once (uploads, loads, methods); one more is answered RESOURCE_EXHAUSTED. "
+                        "Health checks, List, Inspect, Unload and GetServerInfo are always answered")
     s.add_argument("--max-concurrent-runs", type=int, default=2,
                    help="onnxruntime runs at once, the others wait (each holds its graph's tensors; 0 = no bound)")
     s.add_argument("--session-cache", type=int, default=32, help="onnxruntime sessions kept (LRU)")
     s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
-    s.add_argument("--chunk-mb", type=float, default=1.0, help="largest tensor payload per streamed message")
-    s.add_argument("--max-upload-mb", type=float, default=1024.0,
+    s.add_argument("--chunk-mb", type=mebibytes, default="1", help="largest tensor payload per streamed message")
+    s.add_argument("--max-upload-mb", type=mebibytes, default="1024",
                    help="largest model accepted, uploaded or from the repository, external data included")
-    s.add_argument("--max-request-mb", type=float, default=64.0, help="largest request message (at least 2)")
+    s.add_argument("--max-request-mb", type=mebibytes, default="64", help="largest request message (2 .. 2047)")
     s.add_argument("--max-batch", type=int, default=256, help="images per request and rows per onnxruntime run")
     s.add_argument("--preload", nargs="*", default=None, metavar="NAME",
                    help="repository models to load at start (default: all; a bare --preload: none)")
@@ -119,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:   # every value is checked before anything starts: a bad one is a usage error, not a traceback
-        limits = Limits(chunk_bytes=int(args.chunk_mb * MB), max_upload_bytes=int(args.max_upload_mb * MB),
-                        max_request_bytes=int(args.max_request_mb * MB), max_batch=args.max_batch)
+        limits = Limits(chunk_bytes=args.chunk_mb, max_upload_bytes=args.max_upload_mb,
+                        max_request_bytes=args.max_request_mb, max_batch=args.max_batch)
         cfg = ServerConfig(args.host, args.port, args.model_repository, args.provider, args.workers,
                            args.session_cache, args.threads, limits, args.max_concurrent_runs)
         running = start_server(cfg)

@@ -34,11 +34,11 @@ class NotFound(VisError):
     code = "NOT_FOUND"
 
     def __init__(self, kind: str, name: str, candidates: Iterable[str] = (), limit: int = 5):
-        candidates = list(candidates)
+        candidates = list(dict.fromkeys(candidates))   # once each, in order
         self.kind = kind
         self.name = name
         self.suggestions = close_matches(name, candidates, limit)
-        msg = f"{kind} {name!r} not found"
+        msg = f"{kind} {shorten(name)} not found"
         if self.suggestions:
             msg += "; did you mean " + ", ".join(repr(s) for s in self.suggestions) + "?"
         elif candidates:
@@ -75,6 +75,14 @@ class Cancelled(VisError):
     """The client went away or cancelled; long loops raise this to stop promptly."""
 
     code = "CANCELLED"
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    """repr of a caller's string for a message: a 100 kB name echoed whole would make the status
+    too large for gRPC's metadata (the client then sees RESOURCE_EXHAUSTED, not the error)."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def close_matches(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:

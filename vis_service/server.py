@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api import attribution_servicer, localization_servicer, optimization_servicer
-from .api.registration import add_servicer
+from .api.registration import WorkSlots, add_servicer
 from .api.servicers import Limits, ModelServicer, ServiceState, VisServicer
 from .gen import vis_pb2
 from .models.store import ModelStore
@@ -19,6 +19,10 @@ from .runtime.providers import CUDA
 from .runtime.sessions import Runtime
 
 log = logging.getLogger(__name__)
+
+# gRPC threads beyond --workers, for health checks and the light calls (List, Inspect, Unload,
+# GetServerInfo), which take no work slot
+LIGHT_THREADS = 4
 
 SERVICE_NAMES = tuple(vis_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("ModelService", "VisService"))
 
@@ -79,14 +83,18 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
         raise RuntimeError(f"--provider cuda: {runtime.choice.note}")
     store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes)
     state = ServiceState(runtime, store, config.limits)
+    state.work_slots = WorkSlots(config.workers)
     max_msg = config.limits.max_request_bytes  # what GetServerInfo reports is what is enforced
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="vis-rpc"),
+    # threads beyond the work slots: health checks and the light calls are answered while every
+    # slot runs a long call (see api/registration.WorkSlots)
+    threads = config.workers + LIGHT_THREADS
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vis-rpc"),
                          options=[("grpc.max_receive_message_length", max_msg),
                                   # a result chunk carries up to chunk_bytes of tensor data plus its header
                                   ("grpc.max_send_message_length", max(8 << 20, config.limits.chunk_bytes + (1 << 20))),
                                   ("grpc.so_reuseport", 0)])
-    add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelServicer(state))
-    add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["VisService"], VisServicer(state))
+    add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelServicer(state), state.work_slots)
+    add_servicer(server, vis_pb2.DESCRIPTOR.services_by_name["VisService"], VisServicer(state), state.work_slots)
     service_names = SERVICE_NAMES
     for family in (attribution_servicer, localization_servicer, optimization_servicer):  # each registers its own service
         service_names += tuple(family.register(server, state))

@@ -12,12 +12,22 @@ from ..errors import VisError
 log = logging.getLogger(__name__)
 
 
+# Status details travel in HTTP/2 trailers, which gRPC bounds (8 KiB by default): a longer message,
+# e.g. one echoing a huge name a caller sent, would reach the client as RESOURCE_EXHAUSTED
+# "metadata size exceeds hard limit" instead of the error.
+MAX_DETAILS = 1500   # characters: at most 6000 bytes of UTF-8
+
+
+def _details(text: str) -> str:
+    return text if len(text) <= MAX_DETAILS else text[:MAX_DETAILS] + f"... ({len(text)} characters)"
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException):
     if isinstance(exc, VisError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-        context.abort(code, str(exc))
+        context.abort(code, _details(str(exc)))
     log.exception("internal error")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    context.abort(grpc.StatusCode.INTERNAL, _details(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def _is_abort(exc: BaseException) -> bool:

@@ -62,4 +62,4 @@ def register(server: grpc.Server, state: ServiceState) -> list[str]:
     """Add the servicer to `server`; returns the full service names it serves."""
     # tensor chunks arrive pre-serialized: register with the pass-through serializer
     return [add_servicer(server, attribution_pb2.DESCRIPTOR.services_by_name["LocalizationService"],
-                         LocalizationServicer(state))]
+                         LocalizationServicer(state), state.work_slots)]

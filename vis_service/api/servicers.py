@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Uploads stream 1 MiB chunks (the Python client's): a smaller request limit would refuse them.
 MIN_REQUEST_BYTES = 2 << 20
+MAX_REQUEST_BYTES = 2047 << 20   # gRPC's message size options are 32-bit ints
 # A result message carries at most this much tensor data (a chunk of 0 bytes would never end).
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 10, 64 << 20
 
@@ -37,9 +38,9 @@ class Limits:
 
     def __post_init__(self):
         # sizes in MiB, the unit of the server's flags (which name these settings in usage errors)
-        if self.max_request_bytes < MIN_REQUEST_BYTES:
-            raise ValueError(f"max_request_bytes must be at least 2 MiB (uploads stream 1 MiB chunks), "
-                             f"got {_mib(self.max_request_bytes)}")
+        if not MIN_REQUEST_BYTES <= self.max_request_bytes <= MAX_REQUEST_BYTES:
+            raise ValueError(f"max_request_bytes must be in 2 MiB (uploads stream 1 MiB chunks) .. 2047 MiB "
+                             f"(gRPC's largest message), got {_mib(self.max_request_bytes)}")
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1 KiB .. 64 MiB, got {_mib(self.chunk_bytes)}")
         if self.max_upload_bytes <= 0:
@@ -60,6 +61,7 @@ class ServiceState:
         self.store = store
         self.limits = limits
         self.regions = RegionMappings()  # same-host shared memory mappings, kept between calls
+        self.work_slots = None           # registration.WorkSlots: calls doing work at once (set by the server)
 
     def feeds(self, model, batch: vis_pb2.InputBatch, field: str = "input", region: SharedRegion | None = None):
         """Validated feeds; raw inputs the client sent in the call's shared memory `region` are read in place."""

@@ -6,6 +6,7 @@ upload header and in `ModelInfo`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ LAYOUTS = ("NCHW", "NHWC")
 MAX_IMAGE_SIDE = 8192
 COLORS = ("RGB", "BGR", "GRAY")
 RESIZES = ("center_crop", "stretch")
+# value_range / mean / std: what a preprocessing could mean (pixels map into [lo, hi], then
+# (v - mean) / std); past these, float32 images overflow and every method answers about "input".
+MAX_CONFIG_VALUE = 1e6
+MIN_STD = 1e-6
 
 
 def read_config_file(model_dir: Path) -> vis_pb2.ModelConfig:
@@ -56,6 +61,8 @@ def read_config_file(model_dir: Path) -> vis_pb2.ModelConfig:
             raise InvalidArgument(f"config ({fname})", f"is not UTF-8 text (byte {exc.start})") from None
         try:
             if fname.endswith(".json"):
+                if not text.lstrip().startswith("{"):   # protobuf's parser takes [] or a bare value as an empty config
+                    raise ValueError("a config.json holds one JSON object, {...}")
                 json_format.Parse(text, cfg)
             else:
                 text_format.Parse(text, cfg)
@@ -83,10 +90,14 @@ def validate_input_config(ic: vis_pb2.InputConfig, field: str) -> None:
     if not 0 <= ic.resize_short_side <= MAX_IMAGE_SIDE:
         raise InvalidArgument(f"{field}.resize_short_side",
                               f"must be in 1..{MAX_IMAGE_SIDE} (0 or absent: the size's short side x 256/224)")
+    for name in ("value_range", "mean", "std"):
+        if not all(math.isfinite(v) and abs(v) <= MAX_CONFIG_VALUE for v in getattr(ic, name)):
+            raise InvalidArgument(f"{field}.{name}", f"values must be finite numbers of magnitude <= {MAX_CONFIG_VALUE:g}")
     if len(ic.value_range) not in (0, 2) or (len(ic.value_range) == 2 and ic.value_range[0] == ic.value_range[1]):
         raise InvalidArgument(f"{field}.value_range", "must be [lo, hi] with lo != hi")
-    if any(s == 0 for s in ic.std):
-        raise InvalidArgument(f"{field}.std", "must not contain 0")
+    if any(abs(s) < MIN_STD for s in ic.std):
+        raise InvalidArgument(f"{field}.std", f"values must be at least {MIN_STD:g} in magnitude (a std of ~0 "
+                                              "turns every pixel into an overflow)")
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,9 @@ def resolve_image_spec(cfg: vis_pb2.ModelConfig, request: vis_pb2.Preprocessing 
         merged = _merge(merged, cfg.input)
     if request is not None:
         validate_input_config(request.config, f"{field}.config")
+        if request.config.name and request.config.name != input_name:
+            raise InvalidArgument(f"{field}.config.name", f"{request.config.name!r}: the images go to input "
+                                                          f"{input_name!r} (the model's config names the input)")
         merged = _merge(merged, request.config)
     layout, color, have_c = _layout_and_color(merged, input_name, input_shape, f"{field}.config")
     static = _spatial(input_shape, layout)
@@ -146,7 +160,8 @@ def resolve_image_spec(cfg: vis_pb2.ModelConfig, request: vis_pb2.Preprocessing 
     std = tuple(float(v) for v in merged.get("std", ()))
     for name, vals in (("mean", mean), ("std", std)):
         if vals and len(vals) not in (1, have_c):
-            raise InvalidArgument(f"{field}.config.{name}", f"needs 1 or {have_c} values, got {len(vals)}")
+            allowed = "1 value" if have_c == 1 else f"1 or {have_c} values"
+            raise InvalidArgument(f"{field}.config.{name}", f"needs {allowed} ({color}), got {len(vals)}")
     vr = tuple(float(v) for v in merged.get("value_range", ())) or (0.0, 1.0)
     short = int(merged.get("resize_short_side") or round(min(size) * 256 / 224))
     return ImageSpec(input_name, layout, color, (int(size[0]), int(size[1])), merged.get("resize") or "center_crop",

@@ -25,6 +25,12 @@ class InputRequest:
 def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, field_name: str = "input") -> dict[str, np.ndarray]:
     feeds: dict[str, np.ndarray] = {}
     image_input = model.image_input
+    if len(req.images) > max_batch:  # before decoding any: each could be megapixels
+        raise ResourceExhausted(f"{field_name}.images: {len(req.images)} images exceed the limit of {max_batch} "
+                                "per request (--max-batch)")
+    if "" in req.tensors and image_input in req.tensors:
+        raise InvalidArgument(f"{field_name}.tensors", f"input {image_input!r} is given twice (as {image_input!r} "
+                                                       "and as the unnamed image input); give it once")
     if req.images:
         if req.tensors.get("") is not None or image_input in req.tensors:
             raise InvalidArgument(f"{field_name}.images", f"give either images or a tensor for input {image_input!r}, not both")

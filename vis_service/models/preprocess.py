@@ -56,9 +56,13 @@ def _eight_bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def image_to_array(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+def image_to_array(img: Image.Image, spec: ImageSpec, field: str = "input.images") -> np.ndarray:
     """One image -> float32 [C, H, W] (or [H, W, C] for NHWC) as the model expects."""
-    img = _eight_bit(img).convert("L" if spec.color == "GRAY" else "RGB")
+    try:
+        img = _eight_bit(img).convert("L" if spec.color == "GRAY" else "RGB")
+    except ValueError as exc:   # modes Pillow decodes but cannot convert (e.g. CIELAB TIFFs)
+        raise InvalidArgument(field, f"cannot convert a {img.mode} image to {spec.color} ({exc}); "
+                                     "send RGB or greyscale PNG or JPEG bytes") from None
     img = resize_image(img, spec)
     px = np.asarray(img, dtype=np.float32)
     if px.ndim == 2:
@@ -82,5 +86,5 @@ def preprocess_images(images: list[bytes], spec: ImageSpec, field: str = "input.
     if need > MAX_BATCH_BYTES:
         raise ResourceExhausted(f"{field}: {len(images)} images of {spec.size[0]}x{spec.size[1]} would take {need} bytes "
                                 f"preprocessed; at most {MAX_BATCH_BYTES} per request")
-    arrays = [image_to_array(decode_image(b, f"{field}[{i}]"), spec) for i, b in enumerate(images)]
+    arrays = [image_to_array(decode_image(b, f"{field}[{i}]"), spec, f"{field}[{i}]") for i, b in enumerate(images)]
     return np.stack(arrays, axis=0)

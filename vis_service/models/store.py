@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from ..errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, shorten
 from ..gen import vis_pb2
 from ..graph.loading import TensorInfo, parse_model_files, prepare_model, tensor_infos
 from ..runtime.sessions import Runtime
@@ -28,7 +28,7 @@ from .config import check_config_input, read_config_file, validate_config
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # whole names only: fullmatch (a $ admits "name\n")
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
@@ -104,10 +104,27 @@ def model_ids(data: bytes, config: vis_pb2.ModelConfig | None, labels: list[str]
 
 def check_name(name: str, field: str = "name") -> str:
     """Repository / model names: a single path component, no traversal."""
-    if not name or not NAME_RE.match(name) or name in (".", ".."):
-        raise InvalidArgument(field, f"{name!r} is not a valid model name: use letters, digits, '.', '_' or '-' "
+    if not name or not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise InvalidArgument(field, f"{shorten(name)} is not a valid model name: use letters, digits, '.', '_' or '-' "
                                      "(no path separators, no '..', not absolute)")
     return name
+
+
+def _check_io_types(proto: onnx.ModelProto) -> None:
+    """Inputs and outputs must be tensors with no empty or negative static dimension: a sequence
+    or map (an sklearn ZipMap, a sequence input) or a zero-sized image has nothing to show, and
+    accepted it would break every later call that describes the model (List, Inspect)."""
+    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for v in values:
+            if not v.type.HasField("tensor_type"):
+                what = v.type.WhichOneof("value") or "value of no type"
+                raise InvalidArgument("model", f"{kind} {v.name!r} is a {what.replace('_type', '')}, not a tensor; "
+                                               "vis-service serves models whose inputs and outputs are tensors")
+            dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else []
+            bad = [d.dim_value for d in dims if d.HasField("dim_value") and d.dim_value <= 0]
+            if bad:
+                shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+                raise InvalidArgument("model", f"{kind} {v.name!r} has shape {shape}: static dimensions must be >= 1")
 
 
 class ModelStore:
@@ -152,7 +169,7 @@ class ModelStore:
         if self.repository is None or not self.repository.is_dir():
             return []
         return sorted(p.name for p in self.repository.iterdir()
-                      if p.is_dir() and NAME_RE.match(p.name) and (p / MODEL_FILE).is_file())
+                      if p.is_dir() and NAME_RE.fullmatch(p.name) and (p / MODEL_FILE).is_file())
 
     # -- loading ------------------------------------------------------------
     def load(self, name: str) -> LoadedModel:
@@ -194,6 +211,12 @@ class ModelStore:
         if config is not None:
             cfg.CopyFrom(config)
         validate_config(cfg, "header.config")
+        if cfg.labels and (not labels or Path(cfg.labels).name != cfg.labels or cfg.labels in (".", "..")):
+            # a repository entry's labels file; an upload has no files: its labels come in header.labels
+            # (the name may stay, so that the same config uploaded gives the repository model's id)
+            raise InvalidArgument("header.config.labels", f"{shorten(cfg.labels)} names a labels file, which an "
+                                  "upload does not have: send the labels in header.labels (with a plain file name "
+                                  "here, or none)")
         with self._build_lock:
             return self._add(data, name, cfg, list(labels) if labels else None, source="upload",
                              config_field="header.config")
@@ -241,6 +264,7 @@ class ModelStore:
         else:
             proto = complete_types(prepare_model(parsed if parsed is not None else parse_model_files(data)[0]))
             infos = tensor_infos(proto)
+        _check_io_types(proto)
         model = LoadedModel(mid, [], source, len(data), proto, config, labels, infos, graph_id=graph_id)
         if model.config.input.name and model.config.input.name not in model.input_names:
             raise InvalidArgument(f"{config_field}.input.name", f"{model.config.input.name!r} is not an input of the model; inputs: {model.input_names}")

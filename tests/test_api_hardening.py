@@ -1,0 +1,221 @@
+"""Requests an exploratory fuzzing session found answered INTERNAL, accepted silently, or that
+starved the server: each now gets a clear status, and the server keeps serving."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from conftest import assert_status, still_serving
+from vis_client import Client, Objective
+from vis_client.errors import VisError
+from vis_service.api.servicers import Limits
+from vis_service.default_models import DEFAULT_REPOSITORY
+from vis_service.gen import vis_pb2
+from vis_service.server import ServerConfig, start_server
+
+
+def _identity_model(input_type, shape=(None, 1, 4, 4)) -> bytes:
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_value_info("x", input_type)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_sequence_input_is_refused_and_list_keeps_working(client):
+    sequence = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 4]))
+    with pytest.raises(VisError) as e:
+        client.load_model(_identity_model(sequence), name="sequence-model")
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "input 'x' is a sequence, not a tensor")
+    loaded, _ = client.list_models()
+    assert "sequence-model" not in {n for m in loaded for n in m.names}
+    still_serving(client)
+
+
+def test_a_zero_sized_input_dimension_is_refused(client):
+    with pytest.raises(VisError) as e:
+        client.load_model(_identity_model(helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", 1, 0, 4])))
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "input 'x' has shape ['N', 1, 0, 4]",
+                  "static dimensions must be >= 1")
+
+
+def test_names_are_matched_whole(client, digits):
+    data = _identity_model(helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", 1, 4, 4]))
+    with pytest.raises(VisError) as e:
+        client.load_model(data, name="digits\n")   # `$` in a regex admits a trailing newline
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "is not a valid model name")
+
+
+def test_an_upload_config_naming_a_labels_file_needs_the_labels(stubs):
+    models, _ = stubs
+    data = _identity_model(helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", 1, 4, 4]))
+    for config_labels, labels in (("../../../etc/passwd", ["a"]), ("labels.txt", [])):
+        header = vis_pb2.UploadHeader(config=vis_pb2.ModelConfig(labels=config_labels), labels=labels)
+        with pytest.raises(grpc.RpcError) as e:
+            models.Upload(iter([vis_pb2.UploadRequest(header=header), vis_pb2.UploadRequest(chunk=data)]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "header.config.labels" in e.value.details() and "header.labels" in e.value.details()
+
+
+def test_a_repository_config_json_must_be_an_object(tmp_path):
+    entry = tmp_path / "m"
+    entry.mkdir()
+    (entry / "model.onnx").write_bytes(_identity_model(helper.make_tensor_type_proto(TensorProto.FLOAT,
+                                                                                     ["N", 1, 4, 4])))
+    (entry / "config.json").write_text("[]")
+    running = start_server(ServerConfig(port=0, model_repository=tmp_path))
+    try:
+        with Client(running.address) as c:
+            with pytest.raises(VisError) as e:
+                c.model("m").inspect()
+            assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "config (config.json)", "one JSON object")
+    finally:
+        running.stop(grace=0)
+
+
+@pytest.mark.parametrize("config,field", [
+    (vis_pb2.InputConfig(value_range=[0, float("nan")]), "input.preprocess.config.value_range"),
+    (vis_pb2.InputConfig(mean=[float("inf")]), "input.preprocess.config.mean"),
+    (vis_pb2.InputConfig(std=[1e-30]), "input.preprocess.config.std"),
+    (vis_pb2.InputConfig(name="nope"), "input.preprocess.config.name"),
+])
+def test_preprocessing_numbers_and_names_are_checked(stubs, digits, digit_images, config, field):
+    _, vis = stubs
+    request = vis_pb2.ActivationsRequest(model="digits", layers=["conv1"], input=vis_pb2.InputBatch(
+        images=[digit_images[0].read_bytes()], preprocess=vis_pb2.Preprocessing(config=config)))
+    with pytest.raises(grpc.RpcError) as e:
+        list(vis.Activations(request))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(field), e.value.details()
+
+
+def test_an_upload_config_with_a_nan_value_range_is_refused(stubs):
+    models, _ = stubs
+    data = _identity_model(helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", 1, 4, 4]))
+    config = vis_pb2.ModelConfig(input=vis_pb2.InputConfig(value_range=[0, float("nan")]))
+    with pytest.raises(grpc.RpcError) as e:
+        models.Upload(iter([vis_pb2.UploadRequest(header=vis_pb2.UploadHeader(config=config)),
+                            vis_pb2.UploadRequest(chunk=data)]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("header.config.input.value_range: values must be finite")
+
+
+def test_an_image_twice_is_refused(stubs, digits):
+    _, vis = stubs
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    tensors = [vis_pb2.Tensor(name=n, datatype="FP32", shape=x.shape, raw_contents=x.tobytes()) for n in ("", "input")]
+    with pytest.raises(grpc.RpcError) as e:
+        list(vis.Activations(vis_pb2.ActivationsRequest(model="digits", layers=["conv1"],
+                                                        input=vis_pb2.InputBatch(tensors=tensors))))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "given twice" in e.value.details()
+
+
+def test_a_lab_tiff_for_a_greyscale_model_is_an_invalid_image(stubs, digits):
+    _, vis = stubs
+    buf = io.BytesIO()
+    Image.new("LAB", (32, 32)).save(buf, "TIFF")
+    with pytest.raises(grpc.RpcError) as e:
+        list(vis.Activations(vis_pb2.ActivationsRequest(model="digits", layers=["conv1"],
+                                                        input=vis_pb2.InputBatch(images=[buf.getvalue()]))))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("input.images[0]: cannot convert a LAB image"), e.value.details()
+
+
+def test_a_huge_name_is_shortened_in_the_error(client, digits, digit_images):
+    with pytest.raises(VisError) as e:
+        client.activations(digits, [digit_images[0]], ["x" * 20000])
+    assert_status(e, grpc.StatusCode.NOT_FOUND, "(20000 characters)")
+    assert len(e.value.details) < 2000
+    with pytest.raises(VisError) as e:
+        client.model("m" * 100000).inspect()
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "(100000 characters) is not a valid model name")
+
+
+def test_known_names_are_listed_once(client, digits):
+    with pytest.raises(VisError) as e:
+        client.model("zzzzzzzz-nothing-like-it").inspect()
+    known = e.value.details.split("known: ", 1)[1]
+    names = [n.strip(" .'") for n in known.split(",")]
+    assert len(names) == len(set(names)), known
+
+
+def test_malformed_request_bytes_are_invalid_argument(server):
+    with grpc.insecure_channel(server.address) as channel:
+        for method in ("/vis.v1.ModelService/Inspect", "/vis.v1.VisService/Activations"):
+            call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as e:
+                call(b"\xff\xff\xff\xff", timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert "request bytes are not a valid vis.v1." in e.value.details()
+
+
+def test_too_many_images_are_refused_before_decoding():
+    """The batch limit is checked on the number of images, before any is decoded (2,000 images
+    were decoded first: seconds of work and GBs of memory, then RESOURCE_EXHAUSTED)."""
+    running = start_server(ServerConfig(port=0, model_repository=DEFAULT_REPOSITORY, limits=Limits(max_batch=2)))
+    try:
+        _, vis = None, None
+        with grpc.insecure_channel(running.address) as channel:
+            from vis_service.gen import vis_pb2_grpc
+            vis = vis_pb2_grpc.VisServiceStub(channel)
+            junk = [b"not an image"] * 3   # decoding would fail: the limit answers first
+            with pytest.raises(grpc.RpcError) as e:
+                list(vis.Activations(vis_pb2.ActivationsRequest(model="digits", input=vis_pb2.InputBatch(images=junk))))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.value.details().startswith("input.images: 3 images exceed the limit of 2")
+    finally:
+        running.stop(grace=0)
+
+
+def test_long_calls_on_every_work_slot_leave_health_and_light_calls_answered():
+    """--workers long calls at once: one more is RESOURCE_EXHAUSTED at once; health, server info,
+    List and Inspect still answer (they used to wait behind the long calls until they timed out)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = start_server(ServerConfig(port=0, model_repository=DEFAULT_REPOSITORY, workers=1))
+    try:
+        with Client(running.address) as c:
+            digits = c.model("digits")
+            cancel, started = threading.Event(), threading.Event()
+            errors = []
+
+            def long_call():
+                try:
+                    c.maximize(digits, [Objective.channel("conv1", 0)], steps=100000, cancel=cancel,
+                               on_step=lambda *_: started.set())
+                except VisError as exc:
+                    errors.append(exc)
+
+            worker = threading.Thread(target=long_call)
+            worker.start()
+            assert started.wait(60)
+            with pytest.raises(VisError) as e:
+                c.gradient(digits, np.zeros((1, 1, 32, 32), np.float32))
+            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy: 1 calls are running")
+            with grpc.insecure_channel(running.address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert c.server_info()["provider"] and c.list_models()[0] and digits.inspect().nodes
+            cancel.set()
+            worker.join(60)
+            assert errors and errors[0].code == grpc.StatusCode.CANCELLED
+            deadline = time.monotonic() + 30
+            while True:   # the slot is free again once the cancelled call has unwound
+                try:
+                    assert c.gradient(digits, np.zeros((1, 1, 32, 32), np.float32)).gradient.shape == (1, 1, 32, 32)
+                    break
+                except VisError as exc:
+                    if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+    finally:
+        running.stop(grace=0)
