@@ -219,3 +219,16 @@ def test_long_calls_on_every_work_slot_leave_health_and_light_calls_answered():
                     time.sleep(0.1)
     finally:
         running.stop(grace=0)
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradient_x_input", "guided_backprop", "smoothgrad"])
+def test_a_negative_batch_is_refused_by_every_attribution_method(server, digits, digit_images, method):
+    from vis_service.gen import attribution_pb2, attribution_pb2_grpc
+
+    request = attribution_pb2.AttributionRequest(model="digits", method=method, batch=-1,
+                                                 input=vis_pb2.InputBatch(images=[digit_images[0].read_bytes()]))
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            list(attribution_pb2_grpc.AttributionServiceStub(channel).Attribute(request))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("batch: must be >= 0"), e.value.details()

@@ -28,6 +28,8 @@ def _method(request: attribution_pb2.AttributionRequest, max_batch: int):
 
     `max_batch`: the server's limit, which also bounds the rows of one onnxruntime run."""
     name = request.method or "saliency"
+    if request.batch < 0:   # every method: also those that make one run and do not use it
+        raise InvalidArgument("batch", f"must be >= 0 (0 = server default), got {request.batch}")
     if name == "saliency":
         signed = request.saliency.signed
         return lambda rt, m, ai, p: saliency(rt, m, ai, signed=signed)
@@ -35,8 +37,6 @@ def _method(request: attribution_pb2.AttributionRequest, max_batch: int):
         return lambda rt, m, ai, p: gradient_x_input(rt, m, ai)
     if name == "guided_backprop":
         return lambda rt, m, ai, p: guided_backprop(rt, m, ai)
-    if request.batch < 0:
-        raise InvalidArgument("batch", f"must be >= 0 (0 = server default), got {request.batch}")
     limits.check_batch("batch", request.batch, max_batch, "rows per run")
     if name == "smoothgrad":
         o = request.smoothgrad
