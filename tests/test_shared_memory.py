@@ -442,3 +442,52 @@ def test_shared_input_needs_shared_memory_and_a_fitting_size(server):
             c.shared_input((1 << 20,), np.float32)
         with pytest.raises(ValueError, match="non-negative"):
             c.shared_input((-1, 3))
+
+
+@pytest.mark.parametrize("peer, local", [
+    ("ipv4:127.0.0.1:50000", True), ("ipv4:127.8.9.1:1", True), ("ipv6:[::1]:50000", True),
+    ("ipv6:[::ffff:127.0.0.1]:5", True), ("unix:/tmp/vis.sock", True), ("unix-abstract:vis", True),
+    ("ipv4:10.0.0.5:50000", False), ("ipv6:[fe80::1]:5", False), ("ipv6:[::ffff:10.0.0.5]:5", False), ("", False),
+])
+def test_local_peers(peer, local):
+    from vis_service.api.shared_memory import is_local_peer
+
+    assert is_local_peer(peer) is local
+
+
+def _non_loopback_address() -> str | None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))   # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_shared_memory_from_another_address_is_permission_denied(x, region):
+    """A region is a file on the server's host: a call not through loopback may not name one (it
+    could only be another client's, which the results would overwrite)."""
+    from vis_service.api.servicers import Limits
+    from vis_service.default_models import DEFAULT_REPOSITORY
+    from vis_service.gen import vis_pb2_grpc
+    from vis_service.server import ServerConfig, start_server
+
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to call the server through")
+    running = start_server(ServerConfig(host="0.0.0.0", port=0, model_repository=DEFAULT_REPOSITORY, limits=Limits()))
+    try:
+        with grpc.insecure_channel(f"{address}:{running.port}") as channel:
+            vis = vis_pb2_grpc.VisServiceStub(channel)
+            request = vis_pb2.ActivationsRequest(model="digits", input=vis_pb2.InputBatch(
+                tensors=[tensor_to_proto("", x)]))
+            with pytest.raises(grpc.RpcError) as e:
+                list(vis.Activations(request, metadata=metadata_of(region, region.size)))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "shared memory is for clients on the server's host" in e.value.details()
+            assert len(list(vis.Activations(request))) > 0   # the same call without the region works
+    finally:
+        running.stop(grace=0)

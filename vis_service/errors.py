@@ -65,6 +65,12 @@ class AlreadyExists(VisError):
     code = "ALREADY_EXISTS"
 
 
+class PermissionDenied(VisError):
+    """The caller may not do this from where it is (e.g. shared memory from another host)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(VisError):
     """The request is valid but the model/server state does not allow it."""
 

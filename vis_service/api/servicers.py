@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import grpc
 
 from .. import __version__
-from ..errors import InvalidArgument, ResourceExhausted
+from ..errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from ..gen import vis_pb2, vis_pb2_grpc
 from ..methods import activations, filters, gradient, inspection
 from ..models.inputs import build_feeds
@@ -15,7 +15,7 @@ from ..models.store import ModelStore
 from ..runtime.sessions import Runtime
 from . import convert
 from .errors import handles_errors
-from .shared_memory import RegionMappings, SharedRegion, region_from_metadata
+from .shared_memory import NAME_KEY, RegionMappings, SharedRegion, is_local_peer, region_from_metadata
 from .streaming import cancellable
 from .tensors import DEFAULT_CHUNK_BYTES, result_stream
 
@@ -71,7 +71,13 @@ class ServiceState:
         """The same-host shared memory region the call's metadata names (api/shared_memory.py), opened
         and checked now, before any input is read, and closed for writes when the call ends; None when it
         names none."""
-        region = region_from_metadata(context.invocation_metadata(), self.regions)
+        metadata = context.invocation_metadata()
+        if any(key == NAME_KEY for key, _ in metadata or ()) and not is_local_peer(context.peer()):
+            # a region is a file on the server's host: a caller elsewhere could only name (and have
+            # results written into) some other client's region
+            raise PermissionDenied(f"{NAME_KEY}: shared memory is for clients on the server's host (connected "
+                                   f"through loopback or a unix socket); this call came from {context.peer()}")
+        region = region_from_metadata(metadata, self.regions)
         if region is not None and not context.add_callback(region.close):
             region.close()  # the call already ended
         return region

@@ -36,7 +36,7 @@ from ..errors import FailedPrecondition, InvalidArgument
 
 NAME_KEY = "vis-shm-name"
 SIZE_KEY = "vis-shm-size"
-NAME_PATTERN = re.compile(r"^vis_[A-Za-z0-9_-]{1,64}$")
+NAME_PATTERN = re.compile(r"vis_[A-Za-z0-9_-]{1,64}")   # fullmatch: a $ would admit a trailing newline
 # POSIX shared memory objects are files here on Linux (shm_open("/name") opens /dev/shm/name)
 SHM_DIR = "/dev/shm"
 # each result starts on a cache line: aligned views on the client, no false sharing
@@ -231,6 +231,19 @@ def _open_region(name: str) -> int:
     return fd
 
 
+def is_local_peer(peer: str) -> bool:
+    """A gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path") of a client on
+    this host: loopback or a unix socket."""
+    if peer.startswith(("unix:", "unix-abstract:")):
+        return True
+    if peer.startswith("ipv4:"):
+        return peer[5:].startswith("127.")
+    if peer.startswith("ipv6:"):
+        host = peer[5:].split("]")[0].lstrip("[").lower()
+        return host == "::1" or host.startswith("::ffff:127.")
+    return False
+
+
 def region_from_metadata(metadata: Iterable[tuple[str, str | bytes]],
                          mappings: RegionMappings | None = None) -> SharedRegion | None:
     """The region the call's metadata names, opened (through `mappings`, else mapped for this call only);
@@ -241,7 +254,7 @@ def region_from_metadata(metadata: Iterable[tuple[str, str | bytes]],
         return None
     if name is None:
         raise InvalidArgument(NAME_KEY, f"missing: {SIZE_KEY} was sent without the region's name")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(NAME_KEY, f"{name!r} is not allowed; a region name matches {NAME_PATTERN.pattern}")
     if size is None:
         raise InvalidArgument(SIZE_KEY, "missing: the region's size in bytes is required with " + NAME_KEY)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = ["VisError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition", "ResourceExhausted",
-           "Unimplemented", "Unavailable", "DeadlineExceeded", "Cancelled", "from_rpc_error"]
+           "PermissionDenied", "Unimplemented", "Unavailable", "DeadlineExceeded", "Cancelled", "from_rpc_error"]
 
 
 class VisError(Exception):
@@ -37,6 +37,10 @@ class ResourceExhausted(VisError):
     """RESOURCE_EXHAUSTED (message or upload too large, server busy)."""
 
 
+class PermissionDenied(VisError):
+    """PERMISSION_DENIED (shared memory asked for from another host)."""
+
+
 class Unimplemented(VisError):
     """UNIMPLEMENTED (method, op rule or feature not available)."""
 
@@ -62,6 +66,7 @@ _BY_CODE: dict[grpc.StatusCode, type[VisError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
