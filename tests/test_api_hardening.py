@@ -232,3 +232,15 @@ def test_a_negative_batch_is_refused_by_every_attribution_method(server, digits,
             list(attribution_pb2_grpc.AttributionServiceStub(channel).Attribute(request))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("batch: must be >= 0"), e.value.details()
+
+
+def test_a_string_input_is_described_as_bytes(client):
+    """A model with a STRING input beside its image input: Inspect names the type as KServe does."""
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4]),
+                               helper.make_tensor_value_info("note", TensorProto.STRING, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    info = client.load_model(model.SerializeToString()).inspect().model
+    assert {i.name: i.datatype for i in info.inputs} == {"x": "FP32", "note": "BYTES"}

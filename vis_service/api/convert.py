@@ -45,8 +45,9 @@ def tensor_spec(info: TensorInfo) -> vis_pb2.TensorSpec:
     spec = vis_pb2.TensorSpec(name=info.name)
     try:
         spec.datatype = datatype_of(info.dtype)
-    except TypeError:
-        spec.datatype = str(info.dtype)
+    except TypeError:   # a type no request can carry: still named as KServe would (STRING -> BYTES)
+        dt = np.dtype(info.dtype)
+        spec.datatype = "BYTES" if dt == np.dtype(object) else dt.name.upper()
     for d in info.shape or ():
         spec.shape.append(d if isinstance(d, int) else -1)
         spec.dim_names.append("" if isinstance(d, int) else (d or ""))
