@@ -20,7 +20,7 @@ from ..models.config import ImageSpec, resolve_image_spec
 from ..models.preprocess import image_to_array
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
-from . import limits
+from . import batching, limits
 from .activations import compute_activations
 from .gradient import (Objective, make_cotangent, objective_tensor_name, require_finite, resolve_wrt,
                        run_gradient)
@@ -93,6 +93,8 @@ def prepare(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], 
     x = feeds[model.image_input]
     if x.dtype.kind != "f":
         raise InvalidArgument("input", f"input {model.image_input!r} is {x.dtype}; attributions need a float input")
+    # a map per image: the targets, and the copies SmoothGrad and IG stack, run along the batch dimension
+    batching.require_batched_image(model, x, "attributions")
     tensor = objective_tensor_name(model, obj)
     spec, note = image_spec(model, preprocess, x)
     if obj.kind == "output" and not obj.index:  # top-1: resolved by the first gradient run (see ensure_target)
@@ -141,6 +143,9 @@ def rows_per_run(model: LoadedModel, x: np.ndarray, batch: int, memory_budget: i
     """Rows per onnxruntime run: the memory budget's share, capped by `batch` (0 = default) and
     by the server's `max_batch`, which bounds the rows of a run like the images of a request
     (callers refuse a larger `batch` with limits.check_batch)."""
+    fixed = batching.fixed_batch(model)
+    if fixed:  # the model runs no other number of rows (the request's images are that many too)
+        return fixed
     budget = memory_budget if memory_budget > 0 else DEFAULT_MEMORY_BUDGET
     rows = max(1, budget // per_sample_bytes(model, x))
     return int(max(1, min(rows, batch if batch > 0 else DEFAULT_MAX_BATCH, max_batch)))
@@ -168,7 +173,8 @@ def gradient_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, ro
     """Differentiate many input rows, `chunk` rows per run of the cached gradient graph.
 
     `rows[k]` is the image index of row k; `make_inputs(ks)` returns the image-input values
-    of rows `ks`; other model inputs and the cotangent are copied from image `rows[k]`.
+    of rows `ks`; other batched model inputs and the cotangent are copied from image `rows[k]`
+    (inputs without a batch dimension are fed unchanged; a fixed batch pads each run, see batching).
     `consume(ks, gradients, objective values)` receives each run's results.
 
     `summed_weights` (one per row): the caller wants only sum_k weights[k] * gradient[k] per
@@ -191,14 +197,16 @@ def gradient_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, ro
     done = 0
     for ks in runs:
         images = rows[ks]
-        feeds = {name: (make_inputs(ks) if name == ai.image_input else v[images]) for name, v in ai.feeds.items()}
+        feeds = batching.row_feeds(model, ai.feeds, images, make_inputs(ks))
         cot = np.ascontiguousarray(ai.cotangent[images])
         if summed_weights is not None:
             cot = (cot * summed_weights[ks].reshape((-1,) + (1,) * (cot.ndim - 1))).astype(cot.dtype)
-        res = run_gradient(runtime, model, feeds, ai.objective_tensor, cot, wrt_map, rule_set,
-                           batch_summed=summed_weights is not None)
+        # padded rows get a zero cotangent: nothing of theirs enters a batch-summed gradient
+        res = run_gradient(runtime, model, feeds, ai.objective_tensor, batching.padded(model, cot, zeros=True),
+                           wrt_map, rule_set, batch_summed=summed_weights is not None)
         if consume is not None:
-            consume(ks, res.gradients["input"], res.objective)
+            grads = res.gradients["input"]
+            consume(ks, grads if summed_weights is not None else grads[:len(ks)], res.objective[:len(ks)])
         done += len(ks)
         progress.update(done, total, stage)
 
@@ -215,8 +223,9 @@ def objective_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, r
     out = np.zeros(len(rows))
     for sl in chunks(len(rows), balanced_chunk(len(rows), chunk)):
         images = rows[sl]
-        feeds = {name: (inputs[sl] if name == ai.image_input else v[images]) for name, v in ai.feeds.items()}
+        feeds = batching.row_feeds(model, ai.feeds, images, inputs[sl])
         values = compute_activations(runtime, model, feeds, [ai.objective_tensor])[ai.objective_tensor]
+        values = values[:len(images)]  # without a fixed batch's padding
         require_finite(f"tensor {ai.objective_tensor!r}", values)
         flat = values.reshape(len(images), -1).astype(np.float64)
         out[sl] = (flat * ai.cotangent[images].reshape(len(images), -1)).sum(axis=1)

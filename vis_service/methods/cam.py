@@ -64,6 +64,7 @@ from ..graph.subgraph import graph_after
 from ..models.config import ImageSpec, resolve_image_spec
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from . import batching
 from .activations import exposed_session
 from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
@@ -415,10 +416,9 @@ def class_probabilities(ctx: CamContext, tensor: str, values: np.ndarray) -> np.
 
 
 def _repeat_feeds(ctx: CamContext, rows: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a perturbed batch: `image` for the image input, rows of the others."""
-    feeds = {k: v[rows] for k, v in ctx.feeds.items() if k != ctx.model.image_input}
-    feeds[ctx.model.image_input] = image
-    return feeds
+    """Feeds for a perturbed batch: `image` for the image input, rows of the other batched inputs
+    (padded to a fixed batch: the caller drops the padding's results, see batching)."""
+    return batching.row_feeds(ctx.model, ctx.feeds, rows, image)
 
 
 def _chunks(total: int, size: int):
@@ -555,7 +555,7 @@ class ScoreCam(CamVariant):
             rows, chans = pairs[start:stop, 0], pairs[start:stop, 1]
             masks = minmax(upsample(a[rows, chans], hw))
             masked = (ctx.x[rows] * _channel_broadcast(masks, ctx.layout)).astype(ctx.x.dtype)
-            out = forward_tensors(ctx, _repeat_feeds(ctx, rows, masked), [scores_t])[scores_t]
+            out = forward_tensors(ctx, _repeat_feeds(ctx, rows, masked), [scores_t])[scores_t][:len(rows)]
             probs = class_probabilities(ctx, scores_t, out)
             weights[rows, chans] = probs[np.arange(len(rows)), idx[rows]]
             ctx.progress.update(stop, total, "masked inputs")
@@ -588,9 +588,9 @@ class AblationCam(CamVariant):
             rows, chans = pairs[start:stop, 0], pairs[start:stop, 1]
             ablated = a[rows].copy()
             ablated[np.arange(len(rows)), chans] = 0
-            feeds = {ctx.layer: ablated}
-            feeds.update({k: ctx.feeds[k][rows] for k in sub.extra_inputs})
-            out = session.run_dict([scores_t], feeds)[scores_t].reshape(len(rows), -1)
+            feeds = {k: v for k, v in batching.row_feeds(ctx.model, ctx.feeds, rows).items() if k in sub.extra_inputs}
+            feeds[ctx.layer] = batching.padded(ctx.model, ablated)
+            out = session.run_dict([scores_t], feeds)[scores_t][:len(rows)].reshape(len(rows), -1)
             y_k[rows, chans] = out[np.arange(len(rows)), idx[rows]]
             ctx.progress.update(stop, total, "ablated channels")
         # the paper's relative drop; an absolute drop where the score itself is ~0
@@ -624,7 +624,8 @@ def compute_cam(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarra
         require_before(model, layer, tensor, scores, scores)
     elif issubclass(VARIANTS[method], GradientCam):  # forward variants refuse other targets themselves
         require_before(model, layer, tensor, objective_tensor_name(model, objective), scores)
-    ctx = CamContext(runtime, model, feeds, tensor, objective, layout, batch or DEFAULT_BATCH, progress)
+    ctx = CamContext(runtime, model, feeds, tensor, objective, layout,
+                     batching.run_size(model, batch or DEFAULT_BATCH), progress)
     progress.check()
     parts = VARIANTS[method]().compute(ctx)
     cam = np.maximum(parts.cam, 0)

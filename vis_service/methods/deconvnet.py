@@ -24,6 +24,7 @@ from ..graph.names import resolve_tensor
 from ..graph.receptive_field import ReceptiveField, crop_box, receptive_fields
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from . import batching
 from .activations import compute_activations
 from .attribution_common import channel_axis_of, chunks, image_spec, rows_per_run
 from .gradient import Objective, require_finite, resolve_wrt, run_gradient
@@ -123,9 +124,10 @@ def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray]
     chunk = rows_per_run(model, x, 0, 0, max_batch)
     progress.update(0, n * k, "deconvnet")
     for sl in chunks(n * k, chunk):
-        run_feeds = {name: v[rows[sl]] for name, v in feeds.items()}
-        res = run_gradient(runtime, model, run_feeds, tensor, cot[sl], wrt_map, rule_set)
-        projections[sl] = res.gradients["input"]
+        run_feeds = batching.row_feeds(model, feeds, rows[sl])   # padded to a fixed batch: results dropped
+        res = run_gradient(runtime, model, run_feeds, tensor, batching.padded(model, cot[sl], zeros=True), wrt_map,
+                           rule_set)
+        projections[sl] = res.gradients["input"][:sl.stop - sl.start]
         progress.update(sl.stop, n * k, "deconvnet")
     projections = projections.reshape((n, k) + x.shape[1:])
 

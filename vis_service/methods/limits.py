@@ -6,6 +6,7 @@ INVALID_ARGUMENT where the caller checks it. Messages name the field and the lim
 """
 from __future__ import annotations
 
+import math
 import os
 
 from ..errors import ResourceExhausted
@@ -39,3 +40,24 @@ def check_memory_budget(field: str, value: int) -> int:
         raise ResourceExhausted(f"{field}: {value} bytes exceeds the server's physical memory of {limit} bytes "
                                 f"({limit / GiB:.1f} GiB)")
     return value
+
+
+# float64 arrays of the image's size an optimization loop holds at once (parameters, the optimizer's
+# two moments and its update, the image and its transformed copy, the model input and its gradient,
+# their adjoints, regularizer terms): bytes per image value, onnxruntime's own tensors not counted
+OPTIMIZATION_BYTES_PER_VALUE = 12 * 8
+
+
+def check_optimization_memory(field: str, images: int, image_shape: tuple[int, ...], what: str) -> int:
+    """The bytes an optimization loop over `images` images of `image_shape` (C, H, W) holds, at most the
+    server's physical memory (RESOURCE_EXHAUSTED naming `field` above it), checked before any is
+    allocated: a model's static input size is not bounded by the request limits."""
+    values = int(images) * math.prod(int(d) for d in image_shape)
+    need = values * OPTIMIZATION_BYTES_PER_VALUE
+    limit = physical_memory_bytes()
+    if need > limit:
+        size = "x".join(str(int(d)) for d in image_shape)
+        raise ResourceExhausted(f"{field}: {images} {what} of {size} need about {need / GiB:.1f} GiB in the "
+                                f"optimization loop, more than the server's physical memory ({limit / GiB:.1f} GiB); "
+                                "use fewer, or a model with a smaller input")
+    return need

@@ -41,8 +41,10 @@ from ..graph.names import resolve_tensor
 from ..graph.subgraph import graph_after
 from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities, default_layer, forward_tensors,
                   image_layout, input_spec, spatial_size)
+from . import batching
 from .gradient import Objective, objective_tensor_name, require_finite
 from .progress import NO_PROGRESS, MethodResult, Progress
+from .targets import require_activation
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         raise InvalidArgument("fill", f"unknown fill {fill!r}; allowed: {', '.join(FILLS)}")
     if batch < 0:
         raise InvalidArgument("batch", f"must be >= 0 (0 = default {DEFAULT_BATCH}), got {batch}")
-    batch = batch or DEFAULT_BATCH
+    batch = batching.run_size(model, batch or DEFAULT_BATCH)
     if objective.kind != "output":
         raise InvalidArgument("target", f"occlusion needs a class (output) target, got a {objective.kind} target")
     x = feeds[model.image_input]
@@ -131,6 +133,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     scores_t = objective_tensor_name(model, objective)
     if layer:
         layer_t = resolve_tensor(model.proto, layer, kind="layer")
+        require_activation(model, layer_t, "layer", layer)
         info = model.infos.get(layer_t)
         if info is None or info.shape is None or len(info.shape) < 2:
             raise InvalidArgument("layer", f"{layer!r} has no channel axis (shape "
@@ -141,7 +144,8 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
 
     cuts: list[LocalCut] = []
     static = model.infos[model.image_input].shape
-    if static and len(static) == 4 and set(feeds) == {model.image_input} and \
+    # (the heads and tail are built for a free batch: a fixed one runs the whole network per patch)
+    if static and len(static) == 4 and set(feeds) == {model.image_input} and not batching.fixed_batch(model) and \
             tuple(static[1:3] if layout == "NHWC" else static[2:]) == tuple(hw):
         cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw), layout, local_head.CUT_COST_MACS),
                           lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw), layout))
@@ -178,9 +182,8 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         else:
             occluded = np.stack([occlude(x[i], values[i], rr * sh, cc * sw, (ph, pw), layout)
                                  for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
-            run_feeds = {k: v[img] for k, v in feeds.items() if k != model.image_input}
-            run_feeds[model.image_input] = occluded
-            out = forward_tensors(ctx, run_feeds, [scores_t, layer_t])
+            out = forward_tensors(ctx, batching.row_feeds(model, feeds, img, occluded), [scores_t, layer_t])
+            out = {t: v[:len(items)] for t, v in out.items()}  # without a fixed batch's padding
         p = class_probabilities(ctx, scores_t, out[scores_t])
         prob_map[start:stop] = p[np.arange(len(items)), idx[img]]
         top_map[start:stop] = p.argmax(axis=1)

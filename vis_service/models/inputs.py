@@ -46,6 +46,7 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
     if missing:
         raise InvalidArgument(field_name, f"no value for model input(s) {missing}; send images or tensors")
     batch = None
+    image_first = _first_dim(model, image_input)
     for name, arr in feeds.items():
         info = model.infos[name]
         where = f"{field_name}.tensors[{name}]"
@@ -59,14 +60,23 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
                 raise InvalidArgument(where, f"shape {list(arr.shape)} not allowed; the model takes {want}")
         if arr.ndim == 0 or arr.shape[0] == 0:
             raise InvalidArgument(where, "empty batch")
-        if arr.shape[0] > max_batch:
-            raise ResourceExhausted(f"{where}: batch of {arr.shape[0]} exceeds the limit of {max_batch}")
-        if batch is not None and arr.shape[0] != batch:
-            raise InvalidArgument(where, f"batch size {arr.shape[0]} differs from the other inputs' {batch}")
-        batch = arr.shape[0]
+        # an input whose first dimension is not the image input's (a static [1] scale, a lookup
+        # table) has no batch: it is not counted or matched against the images
+        first = _first_dim(model, name)
+        if name == image_input or first == image_first or not isinstance(first, int):
+            if arr.shape[0] > max_batch:
+                raise ResourceExhausted(f"{where}: batch of {arr.shape[0]} exceeds the limit of {max_batch}")
+            if batch is not None and arr.shape[0] != batch:
+                raise InvalidArgument(where, f"batch size {arr.shape[0]} differs from the other inputs' {batch}")
+            batch = arr.shape[0]
         if arr.dtype.kind == "f" and not all_finite(arr):
             raise InvalidArgument(where, "contains NaN or Inf; only finite values are allowed")
     return feeds
+
+
+def _first_dim(model: LoadedModel, name: str):
+    info = model.infos.get(name)
+    return info.shape[0] if info is not None and info.shape else None
 
 
 def all_finite(arr: np.ndarray) -> bool:

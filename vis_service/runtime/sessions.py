@@ -8,6 +8,7 @@ creation), so requests never do it twice for the same key.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,8 +19,9 @@ from typing import Any, Callable, Hashable
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from ..errors import Cancelled
+from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..graph.hints import EXECUTION_ORDER, FORWARD_FIRST, get_hint
 from .providers import CPU, ProviderChoice, select_provider
 
@@ -127,10 +129,13 @@ class Session:
         terminated = False
         try:
             return call(options)
-        except Exception:
+        except Exception as exc:
             if control is not None and control.cancelled:   # onnxruntime's "terminate flag" error
                 terminated = True
                 raise Cancelled("cancelled by the client") from None
+            mapped = run_error(exc)
+            if mapped is not None:
+                raise mapped from None
             raise
         finally:
             gate.leave(terminated)
@@ -146,6 +151,60 @@ class Session:
             binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         self._controlled(lambda options: self.ort_session.run_with_iobinding(binding, options))
         return outputs
+
+
+# onnxruntime's run errors. Every run's feeds are made from a request (its images, or copies of
+# them), so onnxruntime refusing their shapes is the request's input not fitting the model: a
+# dynamic-size input smaller than a kernel ("Invalid input shape" from a Conv), or of a size a Reshape
+# or a broadcast of the model does not take. Kernels report the first as INVALID_ARGUMENT and the
+# others through ORT_ENFORCE, as FAIL: those are told apart by their wording. A failed allocation
+# (FAIL from the arena, a bad_alloc, CUDA out of memory) is a limit. Anything else stays an internal
+# error.
+_ALLOCATION = ("failed to allocate memory", "bad_alloc", "out of memory", "alloc_failed")
+_SHAPE = ("invalid input shape", "cannot be reshaped", "attempting to broadcast", "incompatible dimensions",
+          "dimension mismatch", "invalid dimensions", "shape mismatch")
+_WINDOWED = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv", "MaxPool", "AveragePool",
+             "LpPool", "NchwcConv", "NchwcMaxPool", "NchwcAveragePool"}
+_STATUS_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
+# ORT_ENFORCE's "<source file>:<line> <function signature> <condition> was false. "
+_ENFORCE = re.compile(r"\S+\.(?:cc|h|cpp|cu|cuh):\d+ [^(]*\([^)]*\)\s*(?:[^.]*? was false\.\s*)?")
+MAX_REASON = 300
+
+
+def short_reason(exc: BaseException) -> tuple[str, str]:
+    """(op type of the failing node or "", onnxruntime's message without its status prefix, source
+    locations and advice), on one line and at most MAX_REASON characters."""
+    text = _STATUS_PREFIX.sub("", str(exc).strip())
+    op = ""
+    node = _NODE.search(text)
+    if node:
+        op = node.group(1)
+        text = f"{op} node{' ' + repr(node.group(2)) if node.group(2) else ''}: " + text[node.end():]
+    text = _ENFORCE.sub("", text).replace("Please fix either the inputs/outputs or the model.", "")
+    text = " ".join(text.split()).rstrip(" .")
+    return op, text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
+
+
+def run_error(exc: BaseException) -> Exception | None:
+    """The library error an onnxruntime run exception stands for (see above), or None: internal."""
+    ort_types = (ort_errors.InvalidArgument, ort_errors.Fail, ort_errors.RuntimeException, ort_errors.EPFail)
+    if not isinstance(exc, ort_types):
+        return None
+    op, reason = short_reason(exc)
+    low = reason.lower()
+    if any(p in low for p in _ALLOCATION):
+        return ResourceExhausted(f"input: onnxruntime could not allocate the memory this run needs ({reason}); "
+                                 "send fewer or smaller images (or a smaller `batch`)")
+    if isinstance(exc, ort_errors.InvalidArgument) or (isinstance(exc, ort_errors.Fail)
+                                                       and any(p in low for p in _SHAPE)):
+        if op in _WINDOWED or "invalid input shape" in low:
+            what = ("the input is too small for the model: after the layers before it, a kernel or pooling "
+                    "window of the model is larger than what reaches it; send larger images")
+        else:
+            what = "the model cannot run on an input of this shape (or type)"
+        return InvalidArgument("input", f"{what} (onnxruntime: {reason})")
+    return None
 
 
 Builder = Callable[[], "tuple[onnx.ModelProto, Any]"]

@@ -24,10 +24,10 @@ from ...errors import InvalidArgument
 from ...models.config import ImageSpec
 from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
-from .. import limits
+from .. import batching, limits
 from ..progress import MethodResult, Progress
 from . import regularizers
-from .objectives import Term, compile_objective
+from .objectives import Term, compile_objective, require_float_image, require_image_input_only
 from .optimizers import Optimizer, OptimizerSettings, all_finite, diverged, learning_rate
 from .parameterization import PARAMETERIZATIONS, PixelMap, make_parameterization
 from .transforms import TransformSettings
@@ -89,14 +89,16 @@ class MaximizeSettings:
 def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeSettings,
              progress: Progress, on_snapshot: SnapshotFn | None = None) -> MethodResult:
     s.validate()
-    info = model.infos.get(model.image_input)
-    fixed = info.shape[0] if info is not None and info.shape else None
-    if isinstance(fixed, int) and fixed != s.batch:
+    require_image_input_only(model, "model", "activation maximization")
+    require_float_image(model, "model", "activation maximization")
+    fixed = batching.fixed_batch(model)
+    if fixed and fixed != s.batch:
         # a model exported with a fixed batch > 1 (batch 1 is made symbolic on load) runs no other
         raise InvalidArgument("batch", f"input {model.image_input!r} takes exactly {fixed} images; use batch={fixed}")
     pmap = PixelMap(spec)
     h, w = spec.size
     c = pmap.channels
+    limits.check_optimization_memory("batch", s.batch, (c, h, w), "images")
     rng = np.random.default_rng(s.seed)
     param = make_parameterization(s.parameterization, s.batch, c, h, w, rng, std=s.init_std,
                                   decay=s.fourier_decay, decorrelate=s.decorrelate)

@@ -25,13 +25,13 @@ from ...graph.names import resolve_tensor
 from ...models.config import ImageSpec
 from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
-from .. import limits
+from .. import batching, limits
 from ..activations import compute_activations
 from ..gradient import require_finite
 from ..progress import MethodResult, Progress
 from ..targets import class_scores_tensor, require_activation
 from . import regularizers
-from .objectives import GradientRun, Head
+from .objectives import GradientRun, Head, require_float_image, require_image_input_only
 from .optimizers import Optimizer, OptimizerSettings, all_finite, diverged, learning_rate
 from .parameterization import PixelMap
 
@@ -79,6 +79,14 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
            progress: Progress, on_snapshot: Callable[[str, np.ndarray, int], None] | None = None) -> MethodResult:
     """`reference`: the model-space reference input [1, ...]."""
     s.validate()
+    require_image_input_only(model, "input.tensors[{input}]", "inversion")
+    require_float_image(model, "input", "inversion")
+    fixed = batching.fixed_batch(model)
+    if fixed:
+        # one reference image and `starts` reconstructions: batches the model does not run
+        raise InvalidArgument("input", f"input {model.image_input!r} takes exactly {fixed} images (the model's fixed "
+                                       "batch); inversion runs one reference image and `starts` reconstructions, so "
+                                       "it needs a model whose batch is free (export it with a dynamic batch or 1)")
     if reference.shape[0] != 1:
         raise InvalidArgument("input", f"send exactly one reference image, got a batch of {reference.shape[0]}")
     layers = [resolve_tensor(model.proto, name, kind="layer") for name in s.layers] or [class_scores_tensor(model)]
@@ -87,6 +95,7 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
     pmap = PixelMap(spec)
     h, w = spec.size
     c = pmap.channels
+    limits.check_optimization_memory("starts", s.starts, (c, h, w), "starts")
     b_norm = s.pixel_norm
     v_norm = s.tv_norm or b_norm / 6.5
     p0 = pmap.from_model(reference) * 255.0                      # reference pixels [1, C, H, W]

@@ -118,6 +118,26 @@ def with_heads(model: LoadedModel, heads: Sequence[Head]) -> onnx.ModelProto:
         raise InvalidArgument("objectives", f"cannot attach the objective heads: {exc}") from None
 
 
+def require_image_input_only(model: LoadedModel, field: str, method: str) -> None:
+    """INVALID_ARGUMENT naming `field` ("{input}" in it: the first other input's name) where the model
+    has inputs besides the image input: the optimization loops feed the image input alone."""
+    others = [n for n in model.input_names if n != model.image_input]
+    if others:
+        raise InvalidArgument(field.format(input=others[0]),
+                              f"model input {others[0]!r} would get no value: {method} optimizes and feeds the image "
+                              f"input {model.image_input!r} alone, so it takes models with that one input only (this "
+                              f"one also has {others})")
+
+
+def require_float_image(model: LoadedModel, field: str, method: str) -> None:
+    """INVALID_ARGUMENT naming `field` unless the image input is a float tensor (float16 is cast to at
+    the feed): the loops move the image by gradient steps."""
+    dtype = model.infos[model.image_input].dtype
+    if dtype.kind != "f":
+        raise InvalidArgument(field, f"input {model.image_input!r} is {dtype}; {method} moves the image by gradient "
+                                     "steps, so it needs a float image input")
+
+
 def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head], objectives: Sequence[str]):
     """Cached session: model + heads, forward + d sum <objective, cotangent> / d image input."""
     heads = tuple(sorted(set(heads), key=lambda h: (h.kind, h.tensor)))
@@ -141,13 +161,19 @@ class GradientRun:
         self.session = objective_session(runtime, model, heads, list(cotangents))
         gg: GradientGraph = self.session.meta
         self.gg = gg
-        self.cotangents = {gg.cotangent_inputs[t]: np.ascontiguousarray(c, np.float32) for t, c in cotangents.items()}
+        # the graph's inputs take their own float type (a float16 model's image and cotangents); the
+        # loops compute in float32 / float64 and cast at the feed
+        self.dtypes = {i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+                       for i in gg.model.graph.input if i.type.HasField("tensor_type")}
+        self.cotangents = {name: np.ascontiguousarray(c, self.dtypes.get(name, np.float32))
+                           for name, c in ((gg.cotangent_inputs[t], c) for t, c in cotangents.items())}
         self.grad_name = gg.gradient_outputs[model.image_input]
         self.forward_names = {t: gg.forward_outputs[t] for t in cotangents}
 
     def run(self, x: np.ndarray, extra_feeds: dict[str, np.ndarray] | None = None):
         feeds = {self.model.image_input: x, **self.cotangents, **(extra_feeds or {})}
-        feeds = {k: v for k, v in feeds.items() if k in self.session.input_names}
+        feeds = {k: v.astype(self.dtypes.get(k, v.dtype), copy=False) for k, v in feeds.items()
+                 if k in self.session.input_names}
         names = [self.grad_name] + list(self.forward_names.values())
         values = self.session.run_dict(list(dict.fromkeys(names)), feeds)
         return values[self.grad_name], {t: values[n] for t, n in self.forward_names.items()}
@@ -160,7 +186,7 @@ def tensor_shape(runtime: Runtime, model: LoadedModel, tensor: str, x_example: n
     shape = info.shape if info is not None else None
     if shape is not None and all(isinstance(d, int) or d == BATCH_DIM for d in shape):
         return tuple(batch if d == BATCH_DIM else int(d) for d in shape)
-    feeds = {model.image_input: x_example}
+    feeds = {model.image_input: x_example.astype(model.infos[model.image_input].dtype, copy=False)}
     return tuple(compute_activations(runtime, model, feeds, [tensor])[tensor].shape)
 
 
@@ -291,6 +317,8 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
     div_tensor = None
     if diversity > 0:
         dl = resolve_tensor(model.proto, diversity_layer, kind="layer") if diversity_layer else layers[0]
+        if diversity_layer:  # a weight has a 4-D shape too, and no rows of the batch to compare
+            require_activation(model, dl, "diversity_layer", diversity_layer)
         dshape = shape_of(dl)
         if len(dshape) != 4:
             raise InvalidArgument("diversity_layer", f"needs a 4-D feature map; {dl!r} has shape {list(dshape)}")

@@ -1,0 +1,292 @@
+"""Models the server accepts whose properties the methods must meet or refuse clearly, through the
+real server and the Python client: onnxruntime's run errors on the request's input, a fixed batch
+other than 1, a second input without a batch dimension, a float16 image input, a weight named as a
+layer, an image input without a batch dimension, a static input too large for any loop.
+
+Every refusal is INVALID_ARGUMENT naming the field (RESOURCE_EXHAUSTED for memory), never INTERNAL,
+and the server goes on serving; where a method can run (a fixed batch, an unbatched input, float16)
+its results equal those of a twin model without that property.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vis_client.errors import InvalidArgument, ResourceExhausted
+from vis_client.optimization import Objective
+
+RNG = np.random.default_rng(0)
+W1 = RNG.uniform(-1, 1, (4, 1, 3, 3)).astype(np.float32)
+W2 = RNG.uniform(-1, 1, (6, 4, 3, 3)).astype(np.float32)
+WFC = RNG.uniform(-1, 1, (3, 6)).astype(np.float32)
+BFC = RNG.uniform(-0.1, 0.1, (3,)).astype(np.float32)
+
+
+def _bytes(inputs, nodes, inits=(), outputs=("logits",)) -> bytes:
+    g = helper.make_graph(nodes, "net", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                  for o in outputs], initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def classifier(batch=1, *, second: str = "", dtype=TensorProto.FLOAT, hw=(10, 10)) -> bytes:
+    """x [batch, 1, H, W] -> conv1 -> relu1 -> pool -> conv2 -> relu2 (-> scaled) -> GAP -> Gemm.
+
+    `second`: "input" multiplies relu2 by a second input k of static shape [1] (int64, no batch
+    dimension); "constant" by the constant 3 (its twin at k = 3)."""
+    inputs = [helper.make_tensor_value_info("x", dtype, [batch, 1, *hw])]
+    nodes = []
+    x = "x"
+    if dtype != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT, name="cast"))
+        x = "xf"
+    nodes += [helper.make_node("Conv", [x, "w1"], ["conv1"], pads=[1, 1, 1, 1], name="conv1"),
+              helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+              helper.make_node("MaxPool", ["relu1"], ["pool"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+              helper.make_node("Conv", ["pool", "w2"], ["conv2"], pads=[1, 1, 1, 1], name="conv2"),
+              helper.make_node("Relu", ["conv2"], ["relu2"], name="relu2")]
+    inits = [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(W2, "w2"),
+             numpy_helper.from_array(WFC, "wfc"), numpy_helper.from_array(BFC, "bfc")]
+    feature = "relu2"
+    if second == "input":
+        inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+        nodes += [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT, name="cast_k"),
+                  helper.make_node("Mul", ["relu2", "kf"], ["scaled"], name="scale")]
+        feature = "scaled"
+    elif second == "constant":
+        inits.append(numpy_helper.from_array(np.array([3.0], np.float32), "kf"))
+        nodes.append(helper.make_node("Mul", ["relu2", "kf"], ["scaled"], name="scale"))
+        feature = "scaled"
+    nodes += [helper.make_node("GlobalAveragePool", [feature], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+              helper.make_node("Gemm", ["flat", "wfc", "bfc"], ["logits"], transB=1, name="fc")]
+    return _bytes(inputs, nodes, inits)
+
+
+def images(n, hw=(10, 10), seed=1):
+    return np.random.default_rng(seed).uniform(0, 1, (n, 1, *hw)).astype(np.float32)
+
+
+def _load(client, data, name, **kw):
+    return client.load_model(data, name, config={"preset": "raw255"}, **kw)
+
+
+def _still_serves(client, digits):
+    assert client.activations(digits, np.zeros((1, 1, 32, 32), np.float32), ["logits"])["logits"].shape == (1, 10)
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# onnxruntime's run errors
+
+
+def test_an_input_smaller_than_a_kernel_is_invalid_argument_on_input(client, digits):
+    """A dynamic-size input smaller than the first Conv's 3x3 kernel: onnxruntime's shape error is the
+    request's input not fitting the model, INVALID_ARGUMENT on `input` with onnxruntime's reason."""
+    w = numpy_helper.from_array(W1, "w1")
+    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+                  [helper.make_node("Conv", ["x", "w1"], ["conv"], name="conv"),
+                   helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+                   helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
+                   helper.make_node("Flatten", ["gap"], ["logits"], name="flat")], [w])
+    m = client.load_model(data, "props_dynamic")
+    small = np.ones((1, 1, 2, 2), np.float32)
+    calls = [lambda: client.activations(m, small, ["logits"]),
+             lambda: client.integrated_gradients(m, small, steps=2, baseline="zero"),
+             lambda: client.smoothgrad(m, small, samples=2),
+             lambda: client.grad_cam(m, small, method="scorecam")]
+    for call in calls:
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert e.value.details.startswith("input: the input is too small for the model"), e.value.details
+        assert "Invalid input shape: {2,2}" in e.value.details
+    assert client.activations(m, np.ones((1, 1, 5, 5), np.float32), ["logits"])["logits"].shape == (1, 4)
+    _still_serves(client, digits)
+
+
+def test_an_input_shape_a_reshape_does_not_take_is_invalid_argument_on_input(client, digits):
+    """onnxruntime reports a Reshape's shape error as FAIL (ORT_ENFORCE): still the request's input."""
+    shape = numpy_helper.from_array(np.array([-1, 64], np.int64), "shape")
+    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+                  [helper.make_node("Reshape", ["x", "shape"], ["logits"], name="reshape")], [shape])
+    m = client.load_model(data, "props_reshape")
+    with pytest.raises(InvalidArgument) as e:
+        client.activations(m, np.ones((1, 1, 3, 3), np.float32), ["logits"])
+    assert e.value.details.startswith("input: the model cannot run on an input of this shape"), e.value.details
+    assert "cannot be reshaped to the requested shape" in e.value.details and ".h:" not in e.value.details
+    assert client.activations(m, np.ones((1, 1, 8, 8), np.float32), ["logits"])["logits"].shape == (1, 64)
+    _still_serves(client, digits)
+
+
+def test_a_failed_allocation_is_resource_exhausted(client, digits):
+    """A graph that asks for 4 PB (ConstantOfShape): onnxruntime's arena fails at once."""
+    shape = numpy_helper.from_array(np.array([100000, 100000, 100000], np.int64), "shape")
+    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                  [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="big"),
+                   helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0, name="sum"),
+                   helper.make_node("Add", ["x", "total"], ["logits"], name="add")], [shape])
+    m = client.load_model(data, "props_alloc")
+    with pytest.raises(ResourceExhausted) as e:
+        client.activations(m, np.ones((1, 1, 8, 8), np.float32), ["logits"])
+    assert e.value.details.startswith("input: onnxruntime could not allocate the memory this run needs")
+    assert "4000000000000000" in e.value.details
+    _still_serves(client, digits)
+
+
+# ----------------------------------------------------------------------------
+# a fixed batch other than 1
+
+
+def test_a_fixed_batch_of_4_runs_in_batches_of_4(client, digits):
+    """Every method that stacks copies runs them 4 at a time, padding the last run: the results
+    equal the free-batch twin's (IG's summed gradients included: padded rows add nothing)."""
+    fixed, free = _load(client, classifier(4), "props_batch4"), _load(client, classifier("N"), "props_batch_free")
+    x = images(4)
+    for kw in (dict(steps=7, baseline="zero"), dict(steps=3, baseline="black", rule="riemann_trapezoid")):
+        a, b = (client.integrated_gradients(m, x, **kw) for m in (fixed, free))
+        _close(a.attribution, b.attribution)
+        _close(a.extra["delta"], b.extra["delta"])
+    for kw in (dict(samples=6), dict(samples=5, vargrad=True)):
+        a, b = (client.smoothgrad(m, x, seed=3, **kw) for m in (fixed, free))
+        _close(a.attribution, b.attribution)
+    a, b = (client.occlusion(m, x, patch=4, stride=2, fill="zero", batch=5) for m in (fixed, free))
+    _close(a.probability, b.probability)
+    _close(a.feature, b.feature)
+    for method in ("scorecam", "ablationcam"):
+        a, b = (client.grad_cam(m, x, method=method, batch=3) for m in (fixed, free))
+        _close(a.weights, b.weights)
+    a, b = (client.deconvnet(m, x, "relu2", top_k=3) for m in (fixed, free))
+    _close(a.projections, b.projections)
+    with pytest.raises(InvalidArgument) as e:
+        client.invert(fixed, x, ["relu2"], steps=2)
+    assert e.value.details.startswith("input: ") and "exactly 4 images (the model's fixed batch)" in e.value.details
+    _still_serves(client, digits)
+
+
+# ----------------------------------------------------------------------------
+# a second input without a batch dimension
+
+
+def test_a_second_input_without_a_batch_dimension_is_fed_unchanged(client, digits):
+    """k [1] scales the features: every run gets it as sent, whatever its rows (copied per row, it
+    was a [rows] tensor the model does not take); the twin multiplies by the constant 3."""
+    with_k, twin = _load(client, classifier(second="input"), "props_k"), _load(client, classifier(second="constant"),
+                                                                                 "props_k_twin")
+    x = images(2)   # two images and a k of [1]: k is not part of the batch
+    feeds = {"x": x, "k": np.array([3], np.int64)}
+    a, b = client.integrated_gradients(with_k, feeds, steps=5, baseline="zero"), \
+        client.integrated_gradients(twin, x, steps=5, baseline="zero")
+    _close(a.attribution, b.attribution)
+    a, b = client.smoothgrad(with_k, feeds, samples=3, vargrad=True), \
+        client.smoothgrad(twin, x, samples=3, vargrad=True)
+    _close(a.attribution, b.attribution)
+    a, b = (client.occlusion(with_k, feeds, patch=4, stride=3, fill="zero"),
+            client.occlusion(twin, x, patch=4, stride=3, fill="zero"))
+    _close(a.probability, b.probability)
+    # relu2 lies before the scaling: Ablation-CAM's replay from it reads k again
+    for kw in (dict(method="scorecam"), dict(method="ablationcam", layer="relu2")):
+        a, b = client.grad_cam(with_k, feeds, **kw), client.grad_cam(twin, x, **kw)
+        _close(a.weights, b.weights)
+    a, b = client.deconvnet(with_k, feeds, "scaled", top_k=2), client.deconvnet(twin, x, "scaled", top_k=2)
+    _close(a.projections, b.projections)
+    _still_serves(client, digits)
+
+
+def test_maximize_and_invert_refuse_a_model_with_a_second_input(client, digits):
+    """The loops feed the image input alone: INVALID_ARGUMENT naming the input they cannot feed."""
+    m = _load(client, classifier(second="input"), "props_k_opt")
+    with pytest.raises(InvalidArgument) as e:
+        client.maximize(m, [Objective.class_score(0)], steps=1)
+    assert e.value.details.startswith("model: model input 'k' would get no value"), e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.invert(m, {"x": images(1), "k": np.array([3], np.int64)}, ["relu2"], steps=1)
+    assert e.value.details.startswith("input.tensors[k]: model input 'k' would get no value"), e.value.details
+    _still_serves(client, digits)
+
+
+def test_maximize_and_invert_refuse_an_integer_image_input(client, digits):
+    """The loops move the image by gradient steps: a uint8 input is refused naming the request's
+    field, not the gradient engine's `wrt` (a field these requests do not have)."""
+    m = _load(client, classifier(dtype=TensorProto.UINT8), "props_uint8")
+    with pytest.raises(InvalidArgument) as e:
+        client.maximize(m, [Objective.class_score(0)], steps=1)
+    assert e.value.details.startswith("model: input 'x' is uint8"), e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.invert(m, np.ones((1, 1, 10, 10), np.uint8), ["relu2"], steps=1)
+    assert e.value.details.startswith("input: input 'x' is uint8"), e.value.details
+    _still_serves(client, digits)
+
+
+# ----------------------------------------------------------------------------
+# float16 image input
+
+
+def test_maximize_and_invert_cast_to_a_float16_input(client):
+    """The loops compute in float32 and feed the model's float16: the objective and the features
+    come out as the float32 twin's, to float16's precision."""
+    half, single = _load(client, classifier(dtype=TensorProto.FLOAT16), "props_fp16"), \
+        _load(client, classifier(), "props_fp32")
+    kw = dict(steps=3, parameterization="raw", jitter=0, scale=0, rotate=0)
+    a, b = (client.maximize(m, [Objective.channel("relu2", 2)], **kw) for m in (half, single))
+    assert np.isfinite(a.x).all() and a.x.shape == (1, 1, 10, 10)
+    np.testing.assert_allclose(a.objective, b.objective, rtol=2e-2, atol=1e-3)
+    x = images(1)
+    a = client.invert(half, x.astype(np.float16), ["relu2"], steps=3)["relu2"]
+    b = client.invert(single, x.astype(np.float16).astype(np.float32), ["relu2"], steps=3)["relu2"]
+    assert a.x.shape == b.x.shape == (1, 1, 10, 10)
+    np.testing.assert_allclose(a.feature_error, b.feature_error, rtol=2e-2, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# a weight named as a layer
+
+
+def test_a_weight_as_diversity_layer_or_occlusion_layer_is_invalid_argument(client, digits):
+    """w2 is a 4-D weight [6, 4, 3, 3]: like Cam and Deconvnet, the fields that take a feature map
+    refuse it by name."""
+    m = _load(client, classifier(), "props_weights")
+    with pytest.raises(InvalidArgument) as e:
+        client.maximize(m, [Objective.class_score(1)], steps=1, batch=2, diversity=1.0, diversity_layer="w2")
+    assert e.value.details.startswith("diversity_layer: 'w2' is a weight (initializer)"), e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.occlusion(m, images(1), patch=4, fill="zero", layer="w2")
+    assert e.value.details.startswith("layer: 'w2' is a weight (initializer)"), e.value.details
+    assert client.occlusion(m, images(1), patch=4, fill="zero", layer="relu2").feature.shape == (1, 4, 4)
+    _still_serves(client, digits)
+
+
+# ----------------------------------------------------------------------------
+# degenerate image inputs
+
+
+def test_a_1d_image_input_is_invalid_argument_for_attributions(client, digits):
+    w = numpy_helper.from_array(RNG.uniform(-1, 1, (8, 3)).astype(np.float32), "w")
+    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],
+                  [helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm")], [w])
+    m = client.load_model(data, "props_1d")
+    x = np.ones(8, np.float32)
+    for call in (lambda: client.integrated_gradients(m, x, steps=2, baseline="zero"),
+                 lambda: client.smoothgrad(m, x, samples=2),
+                 lambda: client.integrated_gradients(m, x, 1, steps=2, baseline="zero")):
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert e.value.details.startswith("input: input 'x' has shape [8], without a batch dimension"), \
+            e.value.details
+    _still_serves(client, digits)
+
+
+def test_maximize_on_a_huge_static_input_is_resource_exhausted_before_allocating(client, digits):
+    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 100000, 100000])],
+                  [helper.make_node("Relu", ["x"], ["logits"], name="relu")])
+    m = client.load_model(data, "props_huge")
+    with pytest.raises(ResourceExhausted) as e:
+        client.maximize(m, [Objective.channel("logits", 0)], steps=1)
+    assert e.value.details.startswith("batch: 1 images of 3x100000x100000 need about"), e.value.details
+    assert "physical memory" in e.value.details
+    _still_serves(client, digits)

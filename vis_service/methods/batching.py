@@ -1,0 +1,88 @@
+"""Runs of stacked copies: what each model input gets per row, and models with a fixed batch.
+
+SmoothGrad, IG, occlusion, Score-CAM, Ablation-CAM and deconvnet stack perturbed copies of the
+request's images along the batch dimension, in runs of their own size. Two model properties decide
+how a run is fed:
+
+- an input other than the image input has the batch dimension only when its first dimension is the
+  image input's (the same symbol or size; where not static, as long as the image batch): those get
+  the row of each copy's image; the others (a scale of shape [1], a lookup table) have no batch
+  dimension and every run gets them unchanged (copying them per row gave onnxruntime shapes the
+  model does not take);
+- an image input exported with a fixed batch other than 1 (`prepare_model` makes a fixed 1
+  symbolic, nothing else) runs exactly that many rows: each run is padded to it with copies of its
+  last row (real inputs, so the padded rows compute nothing unusual) or, for a cotangent, zeros (so
+  they add nothing to a gradient summed over the batch), and the padded rows' results are dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..models.store import LoadedModel
+
+
+def _first_dim(model: LoadedModel, name: str):
+    info = model.infos.get(name)
+    return info.shape[0] if info is not None and info.shape else None
+
+
+def fixed_batch(model: LoadedModel) -> int | None:
+    """The image input's fixed batch (> 1), or None where the batch is free."""
+    info = model.infos.get(model.image_input)
+    d = _first_dim(model, model.image_input)
+    return d if isinstance(d, int) and d > 1 and len(info.shape) >= 2 else None
+
+
+def run_size(model: LoadedModel, size: int) -> int:
+    """Rows per run: the model's fixed batch where it has one, else `size`."""
+    return fixed_batch(model) or size
+
+
+def row_inputs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> set[str]:
+    """The inputs fed one row per image (see the module docstring), the image input included."""
+    image = model.image_input
+    n = feeds[image].shape[0]
+    first = _first_dim(model, image)
+    out = {image}
+    for name, v in feeds.items():
+        if name == image or v.ndim == 0:
+            continue
+        d = _first_dim(model, name)
+        if (d is not None and d == first) or (not isinstance(d, int) and v.shape[0] == n):
+            out.add(name)
+    return out
+
+
+def padded(model: LoadedModel, a: np.ndarray, zeros: bool = False) -> np.ndarray:
+    """The rows of one run padded to the model's fixed batch (unchanged without one): copies of the
+    last row, or `zeros` (cotangents)."""
+    fixed = fixed_batch(model)
+    if fixed is None or len(a) >= fixed:
+        return a
+    fill = np.zeros((fixed - len(a),) + a.shape[1:], a.dtype) if zeros else np.repeat(a[-1:], fixed - len(a), axis=0)
+    return np.concatenate([a, fill])
+
+
+def row_feeds(model: LoadedModel, feeds: dict[str, np.ndarray], rows: np.ndarray,
+              image: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Feeds of one run: row `rows[k]` of each batched input (the image input's rows replaced by
+    `image` where given), the other inputs unchanged; padded to a fixed batch."""
+    per_row = row_inputs(model, feeds)
+    out = {}
+    for name, v in feeds.items():
+        if name == model.image_input and image is not None:
+            out[name] = padded(model, image)
+        else:
+            out[name] = padded(model, v[rows]) if name in per_row else v
+    return out
+
+
+def require_batched_image(model: LoadedModel, x: np.ndarray, method: str) -> None:
+    """INVALID_ARGUMENT on `input` for an image input without a batch dimension (rank < 2: a model
+    input's first dimension is its batch only from rank 2 on, as `prepare_model` reads it)."""
+    if x.ndim < 2:
+        raise InvalidArgument("input", f"input {model.image_input!r} has shape {list(x.shape)}, without a batch "
+                                       f"dimension; {method} need a batch of images [N, ...] (an input of rank 2 "
+                                       "or more)")
+
