@@ -137,7 +137,7 @@ def test_infinite_weights_are_invalid(client, digits, images):
     for name in ("lambda_tv", "lambda_alpha"):
         with pytest.raises(InvalidArgument) as e:
             client.invert(digits, images[0], ["conv1"], steps=2, **{name: math.inf})
-        assert e.value.details.startswith(f"{name}: ") and "finite number >= 0" in e.value.details
+        assert e.value.details.startswith(f"{name}: must be in [0, 1000000.0], got inf"), e.value.details
 
 
 def test_a_diverging_loop_is_an_error_naming_lr(client, digits, images):
@@ -283,3 +283,26 @@ def test_a_weight_is_not_a_target_on_resnet20(client):
         client.gradient("resnet20", np.zeros((1, 3, 32, 32), np.float32), Target.channel("onnx::Conv_284", 0))
     assert e.value.details.startswith("target.channel.layer: 'onnx::Conv_284' is a weight (initializer), "
                                       "not an activation")
+
+
+def test_overflow_from_a_request_field_names_that_field(client, digits):
+    """A finite input with a field that makes the network overflow: the field is named, not `input`."""
+    x = np.ones((1, 1, 32, 32), np.float32)
+    with pytest.raises(InvalidArgument) as e:
+        client.smoothgrad(digits, x, samples=2, noise=3e38)
+    assert e.value.details.startswith("smoothgrad.noise: must be in [0, 100]"), e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.integrated_gradients(digits, x, steps=2, baseline="custom", baseline_tensor=np.full_like(x, 3e38))
+    assert e.value.details.startswith("integrated_gradients.baseline_tensor: values must be at most 1e+06"), \
+        e.value.details
+    cotangent = np.full((1, 10), 3e38, np.float32)
+    with pytest.raises(InvalidArgument) as e:
+        client.gradient(digits, x, Target.tensor("logits", cotangent))
+    assert e.value.details.startswith("target: the network overflowed float32 on this target"), e.value.details
+    with pytest.raises(InvalidArgument) as e:
+        client.invert(digits, x, ["relu3"], steps=1, lambda_tv=3e38)
+    assert e.value.details.startswith("lambda_tv: must be in [0, 1000000.0]"), e.value.details
+    from vis_service.errors import InvalidArgument as ServerInvalidArgument
+    from vis_service.methods.optimization.inversion import InvertSettings
+    with pytest.raises(ServerInvalidArgument, match="tv_norm: must be 0 .default. or in"):
+        InvertSettings(tv_norm=1e-30).validate()

@@ -364,10 +364,14 @@ def custom(ai: AttributionInput, value: np.ndarray | None) -> tuple[np.ndarray, 
                                      "(batch dim optional)")
     if b.dtype.kind != "f" or not np.isfinite(b).all():
         raise InvalidArgument(field, "must be a finite floating-point tensor")
+    if b.size and np.abs(b).max() > MAX_BASELINE_VALUE:   # no model's inputs lie out there; the network would overflow
+        raise InvalidArgument(field, f"values must be at most {MAX_BASELINE_VALUE:g} in magnitude, got "
+                                     f"{float(np.abs(b).max()):g}")
     return b.astype(x.dtype), "custom tensor"
 
 
 BASELINES = ("black", "zero", "blurred", "custom")
+MAX_BASELINE_VALUE = 1e6
 
 
 def baseline(ai: AttributionInput, kind: str, blur_sigma: float = 0.0,

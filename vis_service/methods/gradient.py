@@ -163,14 +163,15 @@ def positions_phrase(spatial_dims: int) -> str:
     return "is 2-D [N, C]: no spatial positions" if spatial_dims == 0 else "has one spatial dim (y)"
 
 
-def require_finite(what: str, values: np.ndarray) -> None:
-    """INVALID_ARGUMENT on `input` when a result computed from (finite) inputs holds inf or NaN.
+def require_finite(what: str, values: np.ndarray, field: str = "input",
+                   fix: str = "scale the input into the model's value range") -> None:
+    """INVALID_ARGUMENT on `field` when a result computed from (finite) inputs holds inf or NaN.
 
     Only results are checked (one BLAS pass over each, no extra run; see models.inputs.all_finite):
-    `what` names the tensor."""
+    `what` names the tensor, `fix` what to do."""
     if values.dtype.kind in "fc" and not all_finite(values):
-        raise InvalidArgument("input", f"the network overflowed float32 on this input: non-finite values (inf or "
-                                       f"NaN) in {what}; scale the input into the model's value range")
+        raise InvalidArgument(field, f"the network overflowed float32 on this {field.split('.')[-1]}: non-finite "
+                                     f"values (inf or NaN) in {what}; {fix}")
 
 
 def _objective_shape(runtime, model, feeds, tensor: str, batch: int) -> tuple[int, ...]:
@@ -284,8 +285,9 @@ def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarr
     # the forward tensors first: where they overflow, the gradients follow
     for t in dict.fromkeys([tensor, *forward_outputs]):
         require_finite(f"tensor {t!r}", values[gg.forward_outputs[t]])
-    for req, g in grads.items():
-        require_finite(f"the gradient w.r.t. {req!r}", g)
+    for req, g in grads.items():   # a finite forward: the backward pass overflowed, from the cotangent's size
+        require_finite(f"the gradient w.r.t. {req!r}", g, "target",
+                       "scale the target's cotangent (with a finite forward, the backward pass overflowed)")
     batch = obj_values.shape[0]
     flat = obj_values.reshape(batch, -1).astype(np.float64)
     if top1:

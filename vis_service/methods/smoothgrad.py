@@ -28,6 +28,7 @@ from .progress import NO_PROGRESS, MethodResult, Progress
 DEFAULT_SAMPLES = 25
 DEFAULT_NOISE = 0.15
 MAX_SAMPLES = 100_000  # per image; the noise is drawn run by run, so memory does not grow with it
+MAX_NOISE = 100.0   # sigma 100 times the image's value range already drowns the image  # per image; the noise is drawn run by run, so memory does not grow with it
 
 
 def noise_sigma(x: np.ndarray, noise: float) -> np.ndarray:
@@ -88,8 +89,9 @@ def smoothgrad(runtime: Runtime, model: LoadedModel, ai: AttributionInput, sampl
     `max_batch` rows (the API refuses a larger `batch`)."""
     if not 1 <= samples <= MAX_SAMPLES:
         raise InvalidArgument("smoothgrad.samples", f"must be in [1, {MAX_SAMPLES}], got {samples}")
-    if not np.isfinite(noise) or noise < 0:
-        raise InvalidArgument("smoothgrad.noise", f"must be >= 0 (a fraction of the input range), got {noise}")
+    if not np.isfinite(noise) or not 0 <= noise <= MAX_NOISE:
+        raise InvalidArgument("smoothgrad.noise", f"must be in [0, {MAX_NOISE:g}] (a fraction of the input range), "
+                                                  f"got {noise}")
     x = ai.x
     n = ai.batch
     sigma = noise_sigma(x, noise)

@@ -64,14 +64,18 @@ class InvertSettings:
             raise InvalidArgument("starts", f"must be >= 1, got {self.starts}")
         if max_batch is not None:
             limits.check_batch("starts", self.starts, max_batch, "starts (one batch)")
-        checks = [("alpha", self.alpha, 1, 16), ("beta", self.beta, 1, 4), ("lambda_alpha", self.lambda_alpha, 0, math.inf),
-                  ("lambda_tv", self.lambda_tv, 0, math.inf), ("pixel_norm", self.pixel_norm, 1e-3, 1e4),
+        # weights past 1e6 (M&V use 1e-4 .. 0.05) make the regularizers alone overflow, which the
+        # loop would report as a diverging optimizer.lr
+        checks = [("alpha", self.alpha, 1, 16), ("beta", self.beta, 1, 4), ("lambda_alpha", self.lambda_alpha, 0, 1e6),
+                  ("lambda_tv", self.lambda_tv, 0, 1e6), ("pixel_norm", self.pixel_norm, 1e-3, 1e4),
                   ("tv_norm", self.tv_norm, 0, 1e4), ("init_std", self.init_std, 0, 10),
                   ("snapshot_every", self.snapshot_every, 0, MAX_STEPS)]
         for name, v, lo, hi in checks:
             if not (lo <= v <= hi and math.isfinite(v)):  # an infinite weight makes every value NaN
                 allowed = f"a finite number >= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
                 raise InvalidArgument(name, f"must be {allowed}, got {v}")
+        if 0 < self.tv_norm < 1e-3:   # 0 = default (pixel_norm / 6.5)
+            raise InvalidArgument("tv_norm", f"must be 0 (default) or in [0.001, 10000], got {self.tv_norm}")
         self.optimizer.validate("optimizer")
 
 
