@@ -18,13 +18,15 @@ from onnx import helper, numpy_helper, version_converter
 from ..errors import InvalidArgument, NotFound, Unimplemented
 from ..graph.hints import EXECUTION_ORDER, FORWARD_FIRST, set_hint
 from ..graph.loading import opset_version, prepare_model, tensor_infos
-from ..graph.paths import float_path
+from ..graph.paths import float_path, node_reads
 from . import rules as _rules  # noqa: F401  (registers the rules)
+from .branches import inline_known_branches
 from .context import RuleContext
 from .registry import RULE_SETS, RULES
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 STANDARD_DOMAINS = ("", "ai.onnx")
+CONTROL_FLOW = ("If", "Loop", "Scan")
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # The helpers emit ConstantOfShape/Where/Shape-based forms that exist from opset 9 on.
 MIN_OPSET = 9
@@ -70,12 +72,21 @@ def build_gradient_model(model: onnx.ModelProto, objectives: Sequence[str], wrt:
     forward = _ForwardGraph(model)
     forward.check_names(objectives, wrt, forward_outputs, node_rules)
     path = forward.path(objectives, wrt)
+    # an If on the path whose condition is known now is differentiated through the branch it takes
+    # (see branches.py); repeated for an If inside a taken branch
+    for _ in range(16):
+        inlined = inline_known_branches(forward.model, path.nodes, forward.infos, forward.constants, forward.static)
+        if inlined is None:
+            break
+        forward = _ForwardGraph(inlined)
+        forward.check_names(objectives, wrt, forward_outputs, node_rules)
+        path = forward.path(objectives, wrt)
     rule_for = {id(node): _lookup_rule(node, node_rules.get(node.name, rule_set)) for node in path.nodes}
     needed_opset = max([MIN_OPSET] + [r.min_opset for r in rule_for.values()])
     if forward.opset < needed_opset:
         # e.g. ScatterElements(reduction=add) needs opset 16: convert the forward part so that
         # old-form nodes (Upsample, attribute Slice, ...) stay valid under the raised opset.
-        forward = _ForwardGraph(_raise_opset(model, needed_opset))
+        forward = _ForwardGraph(_raise_opset(forward.model, needed_opset))
         forward.check_names(objectives, wrt, forward_outputs, node_rules)
         path = forward.path(objectives, wrt)
         rule_for = {id(node): _lookup_rule(node, node_rules.get(node.name, rule_set)) for node in path.nodes}
@@ -86,7 +97,12 @@ def _lookup_rule(node: onnx.NodeProto, rule_set: str):
     found = RULES.lookup(node.op_type, rule_set) if node.domain in STANDARD_DOMAINS else None
     if found is None:
         op = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
-        raise Unimplemented(f"no backward rule for op {op} (node {node.name!r}) in rule set {rule_set!r}")
+        why = ""
+        if node.op_type in CONTROL_FLOW and node.domain in STANDARD_DOMAINS:
+            why = (": control flow on the gradient path (its subgraphs read a tensor the gradient flows "
+                   "through); only an If whose condition is known when the graph is built is differentiated, "
+                   "through the branch it takes")
+        raise Unimplemented(f"no backward rule for op {op} (node {node.name!r}) in rule set {rule_set!r}{why}")
     return found
 
 
@@ -272,7 +288,10 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     for name in wrt:
         g = gradient_of(name)
         if g is None:
-            raise InvalidArgument("wrt", f"tensor {name!r} does not influence any objective")
+            # on a path to an objective (forward.path checked), but only through ops whose gradient
+            # is zero (Sign, Floor, ...): their rules pass none on
+            ctx.node_label = f"grad/{name}"
+            g = entering(name, ctx.zeros_like(name), None)
         out = _unique(f"{name}__grad", taken)
         ctx.nodes.append(helper.make_node("Identity", [g], [out], name=_unique(f"grad/output/{name}", taken)))
         gradient_outputs[name] = out
@@ -358,13 +377,7 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
     for node in reversed(graph.node):
         if any(o in needed for o in node.output if o):
             kept.append(node)
-            needed.update(i for i in node.input if i)
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    needed.update(_outer_names(a.g))
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        needed.update(_outer_names(g))
+            needed.update(node_reads(node))  # a control-flow node's subgraphs read outer names too
     kept.reverse()
     del graph.node[:]
     graph.node.extend(kept)
@@ -374,14 +387,3 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
     infos = [v for v in graph.value_info if v.name in needed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
-
-
-def _outer_names(g: onnx.GraphProto) -> set[str]:
-    """Names a subgraph may read from the enclosing scope."""
-    names = set()
-    for node in g.node:
-        names.update(i for i in node.input if i)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                names.update(_outer_names(a.g))
-    return names

@@ -9,7 +9,8 @@ from the exact gradient. Adding a rule is one decorated function:
 
 A rule receives the gradient tensor name for each node output (None where no
 gradient flows) and returns one gradient tensor name per node input (None where
-the input needs none); `ctx.needs_grad(node, i)` tells which inputs matter.
+the input needs none, or where its gradient is zero: Sign, Floor, ...); `ctx.needs_grad(node, i)`
+tells which inputs matter.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, shape_inference
 
 from ...errors import Unimplemented
 from ..context import INT64_MIN, RuleContext, attr
@@ -66,15 +66,20 @@ def check_runtime_output_size(ctx: RuleContext, node, why: str, weight_shape: Se
     """Unimplemented if onnxruntime gives `node` (a pool, or a ConvTranspose with `weight_shape`)
     another output size than ONNX shape inference, from which the backward graph is built; `why`
     names the attributes that make them disagree. Measured by running the node itself on a
-    one-image input of the static spatial sizes (skipped where they are not static)."""
+    one-image input of the static spatial sizes (skipped where they are not static).
+
+    The size is compared both with the model's value_info and with what ONNX's formula gives
+    from the attributes: an exporter may record onnxruntime's size in value_info (torch's dynamo
+    exporter does), yet onnxruntime re-infers the formula's size for the nodes the rule emits
+    (the switches' MaxPool, the divisor's AveragePool) and the backward then fails inside it."""
     import onnxruntime as ort
 
     x, y = node.input[0], node.output[0]
     spatial = list(range(2, ctx.rank(x)))
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)
-    in_sizes, inferred = [in_shape[a] for a in spatial], [out_shape[a] for a in spatial]
+    in_sizes, recorded = [in_shape[a] for a in spatial], [out_shape[a] for a in spatial]
     channels = weight_shape[0] if weight_shape is not None else 1
-    if not all(isinstance(d, int) for d in in_sizes + inferred):
+    if not all(isinstance(d, int) for d in in_sizes + recorded):
         return
     inputs, initializers = ["x"], []
     if weight_shape is not None:
@@ -86,13 +91,29 @@ def check_runtime_output_size(ctx: RuleContext, node, why: str, weight_shape: Se
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ctx.opset)])
     model.ir_version = min(model.ir_version, 8)
+    formula = _inferred_spatial_sizes(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     actual = list(session.run(None, {"x": np.zeros([1, channels] + in_sizes, np.float32)})[0].shape[2:])
-    if actual != inferred:
-        raise Unimplemented(f"{node.op_type} node {node.name!r}: onnxruntime computes a {actual} output where ONNX "
-                            f"shape inference says {inferred} ({why}); gradients through this geometry are not supported")
+    for inferred in (recorded, formula):
+        if inferred is not None and actual != inferred:
+            raise Unimplemented(f"{node.op_type} node {node.name!r}: onnxruntime computes a {actual} output where "
+                                f"ONNX shape inference says {inferred} ({why}); gradients through this geometry "
+                                "are not supported")
+
+
+def _inferred_spatial_sizes(model: onnx.ModelProto) -> list[int] | None:
+    """Spatial sizes of the probe's output by ONNX shape inference (None where it gives none)."""
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - an inference failure leaves only the recorded size to compare
+        return None
+    for value in inferred.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims[2:]):
+            return [d.dim_value for d in dims[2:]]
+    return None
 
 
 def conv_input_adjoint(ctx: RuleContext, g: str, weight: str | np.ndarray, window: Window, group: int,

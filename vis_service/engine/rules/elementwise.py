@@ -1,4 +1,4 @@
-"""Broadcasting arithmetic, variadic Sum/Mean/Max/Min, unary math, pass-through ops."""
+"""Broadcasting arithmetic, variadic Sum/Mean/Max/Min, unary math, steps (zero gradient), pass-through ops."""
 from __future__ import annotations
 
 from ..context import RuleContext
@@ -141,6 +141,31 @@ def log_backward(ctx: RuleContext, node, grad_outputs):
 def reciprocal_backward(ctx: RuleContext, node, grad_outputs):
     y = node.output[0]
     return [ctx.make_node("Neg", [ctx.make_node("Mul", [grad_outputs[0], ctx.make_node("Mul", [y, y])])])]
+
+
+@rule("Sin")
+def sin_backward(ctx: RuleContext, node, grad_outputs):
+    return [ctx.make_node("Mul", [grad_outputs[0], ctx.make_node("Cos", [node.input[0]])])]
+
+
+@rule("Cos")
+def cos_backward(ctx: RuleContext, node, grad_outputs):
+    return [ctx.make_node("Neg", [ctx.make_node("Mul", [grad_outputs[0], ctx.make_node("Sin", [node.input[0]])])])]
+
+
+@rule("Atan")
+def atan_backward(ctx: RuleContext, node, grad_outputs):
+    x = node.input[0]
+    return [ctx.make_node("Div", [grad_outputs[0], ctx.make_node("Add", [ctx.scalar(1.0, x), ctx.make_node("Mul", [x, x])])])]
+
+
+@rule("Sign", "Floor", "Ceil", "Round")
+def step_backward(ctx: RuleContext, node, grad_outputs):
+    """Piecewise constant: the gradient is zero (at the steps too, as torch takes it). No gradient
+    flows on, and nothing is emitted: the other terms of x's gradient stand alone (LPPool's and
+    softshrink's exports multiply by Sign(x)), and a wrt tensor reached through such ops only gets
+    zeros (backward.py)."""
+    return [None]
 
 
 @rule("Neg")

@@ -1,5 +1,5 @@
 """ReduceSum / ReduceMean / ReduceMax / ReduceMin / ReduceSumSquare / ReduceL2 / ReduceLogSumExp
-(axes as attribute or input)."""
+(axes as attribute or input), and CumSum."""
 from __future__ import annotations
 
 import numpy as np
@@ -95,3 +95,13 @@ def reduce_log_sum_exp_backward(ctx: RuleContext, node, grad_outputs):
     g, y = _broadcastable(ctx, node, g, axes), _broadcastable(ctx, node, y, axes)
     softmax = ctx.make_node("Exp", [ctx.make_node("Sub", [x, y])])
     return [ctx.make_node("Mul", [softmax, g])] + [None] * (len(node.input) - 1)
+
+
+@rule("CumSum")
+def cumsum_backward(ctx: RuleContext, node, grad_outputs):
+    """Each x element enters every output from its position on (up to it, with reverse=1; strictly, with
+    exclusive=1): the adjoint sums g from each position the other way, i.e. CumSum of g with reverse
+    flipped and exclusive kept. The axis input (constant or not) is the forward's own."""
+    reverse = attr(node, "reverse", 0)
+    return [ctx.make_node("CumSum", [grad_outputs[0], node.input[1]], exclusive=attr(node, "exclusive", 0),
+                          reverse=1 - reverse), None]

@@ -1,4 +1,5 @@
-"""Layout ops: Reshape family, Transpose, Concat/Split, Slice, Pad, Tile, DepthToSpace/SpaceToDepth, Gather."""
+"""Layout ops: Reshape family, Transpose, Concat/Split, Slice, Pad, Tile, DepthToSpace/SpaceToDepth, and indexing:
+Gather, GatherElements, GatherND, TopK (values)."""
 from __future__ import annotations
 
 import math
@@ -283,3 +284,59 @@ def _merged_index_shape(ctx: RuleContext, x: str, g: str, axis: int, index_rank:
     if trailing:
         parts.append(ctx.slice(shape, [axis + index_rank], [INT64_MAX], [0]))
     return ctx.make_node("Concat", parts, axis=0)
+
+
+@rule("GatherElements", min_opset=16)
+def gather_elements_backward(ctx: RuleContext, node, grad_outputs):
+    """y = GatherElements(x, indices, axis) reads x at `indices` along the axis, element for element:
+    dx = ScatterElements(zeros, indices, g, reduction=add), Gather's scatter with the indices already
+    in g's shape (duplicates add up, negative indices count from the end in both ops)."""
+    x, indices = node.input[0], node.input[1]
+    zeros = ctx.zeros_like(x)
+    return [ctx.make_node("ScatterElements", [zeros, indices, grad_outputs[0]], axis=attr(node, "axis", 0),
+                          reduction="add"), None]
+
+
+@rule("GatherND", min_opset=16)
+def gather_nd_backward(ctx: RuleContext, node, grad_outputs):
+    """y = GatherND(x, indices, batch_dims=b): each index tuple (the last axis of indices) reads a slice
+    of x; dx = zeros with each slice of g added back where it was read, duplicates summing:
+    ScatterND(reduction=add) (opset 16; older models are version-converted), whose updates have
+    exactly y's shape. The dynamo exporter writes adaptive average pooling to a non-divisor size and
+    nearest-exact / area resizing this way.
+
+    ScatterND has no batch_dims: with b > 0 each index tuple is prefixed with its position in the b
+    leading axes (a Range per axis, expanded over the index grid), which then addresses x itself.
+    Constant negative indices are normalized where the axis sizes are known (onnxruntime's ScatterND
+    also counts them from the end)."""
+    x, indices, g = node.input[0], node.input[1], grad_outputs[0]
+    batch_dims = attr(node, "batch_dims", 0)
+    index = indices
+    value = ctx.constant_value(indices)
+    if value is not None and value.shape[-1]:
+        sizes = ctx.shape(x)[batch_dims:batch_dims + value.shape[-1]]
+        if all(isinstance(d, int) for d in sizes):
+            index = ctx.const(np.where(value < 0, value + np.array(sizes), value).astype(np.int64), "gather_nd_indices")
+    if batch_dims:
+        rank = ctx.rank(indices)
+        shape = ctx.shape_of(indices)
+        grid = ctx.make_node("Concat", [ctx.slice(shape, [0], [rank - 1], [0]), ctx.ints([1])], axis=0)
+        zero, one = ctx.const(np.array(0, np.int64), "zero"), ctx.const(np.array(1, np.int64), "one")
+        positions = []
+        for axis in range(batch_dims):
+            size = ctx.make_node("Gather", [shape, ctx.const(np.array(axis, np.int64), "axis")])
+            along = ctx.make_node("Reshape", [ctx.make_node("Range", [zero, size, one]),
+                                              ctx.ints([1] * axis + [-1] + [1] * (rank - 1 - axis))])
+            positions.append(ctx.make_node("Expand", [along, grid]))
+        index = ctx.make_node("Concat", positions + [index], axis=-1)
+    return [ctx.make_node("ScatterND", [ctx.zeros_like(x), index, g], reduction="add"), None]
+
+
+@rule("TopK", min_opset=11)
+def top_k_backward(ctx: RuleContext, node, grad_outputs):
+    """Values: each one's gradient goes back to the element it was taken from, at the Indices output
+    along the axis. Those are distinct within each slice, so ScatterElements (opset 11) needs no
+    reduction; a tie between equal elements sends the gradient to the one TopK picked, as torch does."""
+    x, indices, g = node.input[0], node.output[1], grad_outputs[0]
+    scattered = ctx.make_node("ScatterElements", [ctx.zeros_like(x), indices, g], axis=attr(node, "axis", -1))
+    return [scattered] + [None] * (len(node.input) - 1)
