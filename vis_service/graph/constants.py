@@ -254,3 +254,309 @@ def layer_weights(model: onnx.ModelProto, layer: str) -> tuple[onnx.NodeProto, n
     if w.ndim == 2:
         w = np.ascontiguousarray(w.T)
     return node, w, None
+
+
+# ----------------------------------------------------------------------------
+# values known before run time, and folding them (prepare_model)
+
+FOLD_MAX_ELEMENTS = 1 << 20      # no folded (or evaluated) tensor holds more elements than this
+_FLOAT_EVAL_MAX_ELEMENTS = 4096  # float results are evaluated only this small (parameters, not weights)
+# small float constants that these consumers read as parameters (not data): folded like integer ones
+_FLOAT_PARAM_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+_INT_DTYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
+               onnx.TensorProto.INT16: np.int16, onnx.TensorProto.INT8: np.int8,
+               onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.UINT32: np.uint32,
+               onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.UINT8: np.uint8}
+# ops whose output can be far larger than their inputs: evaluated only where shape inference gave
+# them a static output shape within bounds (a ConstantOfShape of 4 PB must not be tried)
+_GROWING_OPS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
+                          "EyeLike", "Col2Im", "CenterCropPad", "Mul", "Add", "Sub", "Div", "Where", "MatMul"})
+
+
+class KnownValues:
+    """What is known of tensors before run time, by a pass over the graph (`known_values`).
+
+    `full`: name -> value, for tensors that depend on no graph input (initializers, Constant
+    nodes and nodes computed from them only, small results only) and for shape computations over
+    static dims. `partial`: name -> (elements, rank, dtype) for 0-D / 1-D integer vectors computed
+    from tensor shapes where some dims are not numbers: each element an int, a dim symbol (str,
+    equal symbols are equal sizes) or None (unknown).
+    """
+
+    def __init__(self, initializers: dict[str, onnx.TensorProto] | None = None, max_elements: int = FOLD_MAX_ELEMENTS):
+        self.full: dict[str, np.ndarray] = {}
+        self.partial: dict[str, tuple[list, int, np.dtype]] = {}
+        self.computed: set[str] = set()     # full values computed here (not read from an initializer/Constant)
+        self._inits = initializers or {}
+        self._max = max_elements
+
+    def available(self, name: str) -> bool:
+        """True if `value(name)` is not None (without reading an initializer)."""
+        if name in self.full:
+            return True
+        t = self._inits.get(name)
+        return t is not None and int(np.prod(t.dims, dtype=np.int64)) <= self._max
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The full value of a tensor (initializers read on first use), or None."""
+        if not name:
+            return None
+        if name not in self.full and self.available(name):
+            self.full[name] = numpy_helper.to_array(self._inits[name])
+        return self.full.get(name)
+
+    def elements(self, name: str) -> list | None:
+        """Elements of a 0-D / 1-D integer value, full or partial; None if neither is known."""
+        if name in self.partial:
+            return list(self.partial[name][0])
+        v = self.value(name)
+        if v is not None and v.ndim <= 1 and v.dtype.kind in "iu":
+            return [int(e) for e in v.reshape(-1)]
+        return None
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _has_subgraph(node) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _numel(shape) -> int | None:
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _onnx_slice(n: int, start: int, end: int, step: int) -> list[int]:
+    """Indices ONNX Slice takes along an axis of size n."""
+    if step == 0:
+        raise ValueError("step 0")
+    start = start + n if start < 0 else start
+    end = end + n if end < 0 else end
+    if step > 0:
+        start, end = min(max(start, 0), n), min(max(end, 0), n)
+    else:
+        start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
+    return list(range(start, end, step))
+
+
+def _evaluate(node, args: list, opset: int) -> list | None:
+    """The node's outputs computed from numpy inputs (None for omitted optional ones), or None."""
+    if node.op_type == "ConstantOfShape" and args and args[0] is not None and args[0].ndim == 1:
+        fill = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), np.zeros(1, np.float32))
+        return [np.full(tuple(int(d) for d in args[0]), fill.reshape(-1)[0], dtype=fill.dtype)]
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        n = onnx.NodeProto()
+        n.CopyFrom(node)
+        feeds = {}
+        for i, name in enumerate(node.input):
+            if name:
+                n.input[i] = f"i{i}"
+                feeds[f"i{i}"] = args[i]
+        for i, name in enumerate(node.output):
+            if name:
+                n.output[i] = f"o{i}"
+        outs = ReferenceEvaluator(n, opsets={"": opset}).run(None, feeds)
+    except Exception:
+        return None
+    if not all(isinstance(o, np.ndarray) or np.isscalar(o) for o in outs):
+        return None
+    return [np.asarray(o) for o in outs]
+
+
+def _partial_result(node, known: KnownValues, shapes, opaque_dim0, attrs) -> tuple[list, int, np.dtype] | None:
+    """(elements, rank, dtype) of a shape computation that may hold symbols, or None."""
+    op = node.op_type
+    inp = list(node.input)
+    if op == "Shape":
+        shape = shapes.get(inp[0])
+        if shape is None:
+            return None
+        dims = [d if isinstance(d, (int, str)) else None for d in shape]
+        if dims and inp[0] in opaque_dim0 and isinstance(dims[0], int):
+            dims[0] = None       # may be a batch hard-coded by an exporter: not a number to rely on
+        r = len(dims)
+        start, end = attrs.get("start", 0), attrs.get("end", r)
+        start = min(max(start + r if start < 0 else start, 0), r)
+        end = min(max(end + r if end < 0 else end, 0), r)
+        return dims[start:end], 1, np.dtype(np.int64)
+    if op == "Size":
+        return None
+    if op in ("Identity", "Cast"):
+        src = known.partial.get(inp[0])
+        if src is None:
+            return None
+        dtype = src[2]
+        if op == "Cast":
+            to = _INT_DTYPES.get(attrs.get("to"))
+            if to is None:
+                return None
+            dtype = np.dtype(to)
+        return src[0], src[1], dtype
+    if op == "Gather":
+        src = known.partial.get(inp[0])
+        idx = known.value(inp[1]) if len(inp) > 1 else None
+        if src is None or src[1] != 1 or idx is None or idx.dtype.kind not in "iu" or attrs.get("axis", 0) not in (0, -1):
+            return None
+        n = len(src[0])
+        picks = [int(i) + n if int(i) < 0 else int(i) for i in idx.reshape(-1)]
+        if any(not 0 <= i < n for i in picks):
+            return None
+        return [src[0][i] for i in picks], idx.ndim, src[2]
+    if op == "Slice":
+        src = known.partial.get(inp[0])
+        if src is None or src[1] != 1:
+            return None
+        if len(inp) < 3:       # opset < 10: attributes
+            starts, ends = attrs.get("starts"), attrs.get("ends")
+            axes, steps = attrs.get("axes", [0]), [1]
+        else:
+            vals = [known.value(i) if i else None for i in inp[1:5]]
+            if vals[0] is None or vals[1] is None or (len(inp) > 3 and inp[3] and vals[2] is None) or \
+                    (len(inp) > 4 and inp[4] and vals[3] is None):
+                return None
+            starts, ends = vals[0].reshape(-1).tolist(), vals[1].reshape(-1).tolist()
+            axes = vals[2].reshape(-1).tolist() if len(vals) > 2 and vals[2] is not None else list(range(len(starts)))
+            steps = vals[3].reshape(-1).tolist() if len(vals) > 3 and vals[3] is not None else [1] * len(starts)
+        if starts is None or ends is None or len(starts) != 1 or list(axes) not in ([0], [-1]):
+            return None
+        try:
+            picks = _onnx_slice(len(src[0]), int(starts[0]), int(ends[0]), int(steps[0]))
+        except ValueError:
+            return None
+        return [src[0][i] for i in picks], 1, src[2]
+    if op == "Concat":
+        parts, dtype = [], None
+        for i in inp:
+            e = known.elements(i) if i else None
+            if e is None or (i in known.partial and known.partial[i][1] != 1) or \
+                    (known.value(i) is not None and known.value(i).ndim != 1):
+                return None
+            parts.extend(e)
+            if dtype is None:
+                dtype = known.partial[i][2] if i in known.partial else known.value(i).dtype
+        return parts, 1, dtype
+    if op in ("Unsqueeze", "Squeeze"):
+        src = known.partial.get(inp[0])
+        if src is None:
+            return None
+        if op == "Unsqueeze" and src[1] == 0:
+            return src[0], 1, src[2]
+        if op == "Squeeze" and src[1] == 1 and len(src[0]) == 1:
+            return src[0], 0, src[2]
+    return None
+
+
+def known_values(model: onnx.ModelProto, shapes: dict, opaque_dim0: set[str] = frozenset(), *,
+                 max_elements: int = FOLD_MAX_ELEMENTS) -> KnownValues:
+    """Evaluate what can be known before run time (see `KnownValues`), in graph order.
+
+    `shapes` are the inferred shapes (`loading.tensor_shapes`); the dim 0 of a tensor in
+    `opaque_dim0` is never read as a number (a batch an exporter hard-coded, to be freed).
+    """
+    g = model.graph
+    opset = 1
+    for o in model.opset_import:
+        if o.domain in _STANDARD_DOMAINS:
+            opset = int(o.version)
+    graph_inputs = {i.name for i in g.input}
+    known = KnownValues({t.name: t for t in g.initializer if t.name not in graph_inputs}, max_elements)
+    full, available = known.value, known.available
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    float_names = {vi.name for vi in list(g.value_info) + list(g.output)
+                   if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in floats}
+
+    for node in g.node:
+        if node.domain not in _STANDARD_DOMAINS or node.op_type in NONDETERMINISTIC_OPS or _has_subgraph(node):
+            continue
+        op = node.op_type
+        attrs = _attrs(node)
+        if op == "Constant":
+            if len(node.output) == 1:
+                value = _constant_attr_value(node)
+                if value is not None and value.size <= max_elements:
+                    known.full[node.output[0]] = value
+            continue
+        part = _partial_result(node, known, shapes, opaque_dim0, attrs)
+        if part is not None and len(node.output) == 1:
+            elements, rank, dtype = part
+            if all(isinstance(e, int) for e in elements) and (rank == 1 or len(elements) == 1):
+                value = np.array(elements, dtype=dtype).reshape((len(elements),) if rank == 1 else ())
+                known.full[node.output[0]] = value
+                known.computed.add(node.output[0])
+            else:
+                known.partial[node.output[0]] = (elements, rank, dtype)
+            continue
+        if op in ("Shape", "Size"):
+            continue
+        if not all(available(i) for i in node.input if i):
+            continue
+        args = [full(i) for i in node.input]
+        out_shapes = [shapes.get(o) for o in node.output]
+        sizes = [_numel(s) for s in out_shapes]
+        if any(n is not None and (n > max_elements or (o in float_names and n > _FLOAT_EVAL_MAX_ELEMENTS))
+               for o, n in zip(node.output, sizes)):
+            continue    # too large, or a float tensor too large to be a parameter (weights)
+        if op in _GROWING_OPS and any(n is None for n in sizes):
+            continue
+        values = _evaluate(node, args, opset)
+        if values is None or len(values) < len([o for o in node.output if o]):
+            continue
+        for name, v in zip(node.output, values):
+            if not name or v.size > max_elements or (v.dtype.kind in "fc" and v.size > _FLOAT_EVAL_MAX_ELEMENTS):
+                continue    # large float results are weights, not parameters: never folded
+            known.full[name] = v
+            known.computed.add(name)
+    return known
+
+
+def fold_constants(model: onnx.ModelProto, known: KnownValues) -> bool:
+    """Nodes whose outputs `known` computed become Constant nodes in place (same name, same output).
+
+    Integer and boolean results (shapes, pads, slice bounds, conditions) are folded; float ones
+    only where every reader takes them as a parameter (Resize scales / roi) or is folded too:
+    weights stay as the graph computes them (Inspect lists their nodes). Nodes keep their place
+    in the graph, so the display names of the others do not move. Graph outputs are not folded.
+    Returns True if anything changed.
+    """
+    g = model.graph
+    graph_outputs = {o.name for o in g.output}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for k, i in enumerate(node.input):
+            consumers.setdefault(i, []).append((node, k))
+        for i in _subgraph_outer_names(node):
+            consumers.setdefault(i, []).append((node, -1))
+    folded: set[int] = set()
+    for node in reversed(g.node):
+        if node.op_type == "Constant" or node.domain not in _STANDARD_DOMAINS or len(node.output) != 1:
+            continue
+        out = node.output[0]
+        if out not in known.computed or out in graph_outputs:
+            continue
+        value = known.full[out]
+        if value.dtype.kind in "fc":
+            readers = consumers.get(out, [])
+            if not readers or not all(id(c) in folded or k in _FLOAT_PARAM_INPUTS.get(c.op_type, ())
+                                      for c, k in readers):
+                continue
+        elif value.dtype.kind not in "iub":
+            continue
+        folded.add(id(node))
+    for node in g.node:
+        if id(node) not in folded:
+            continue
+        value = known.full[node.output[0]]
+        del node.input[:]
+        del node.attribute[:]
+        node.op_type = "Constant"
+        node.domain = ""
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.array(value))))
+    return bool(folded)

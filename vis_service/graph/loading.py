@@ -5,6 +5,14 @@ raised (shape inference needs IR >= 4 to treat initializers as constants),
 initializers are removed from `graph.input` (so only real inputs remain and ORT may
 constant-fold weights), the batch dimension is made symbolic, and shapes are
 inferred so that every intermediate tensor has a type and shape.
+
+Exporters leave constants computed at run time (TorchScript's pads for F.pad, torch.chunk's
+split points from Shape): those nodes become Constant nodes in place (`constants.fold_constants`;
+integer results, small float Resize parameters), so shape inference sees static shapes. A model
+exported at batch 1 hard-codes that batch (Reshape targets [1, ...], Resize sizes [1, C, H, W]):
+those are freed where the reshaped tensor's dim 0 is the symbolic batch, which gives the same
+result at batch 1 and the per-image results at any other; where a batch cannot be freed (it is
+mixed, selected or dropped), the input keeps its batch of 1.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from ..errors import InvalidArgument
+from .constants import KnownValues, _subgraph_outer_names, fold_constants, known_values
 
 BATCH_DIM = "N"
 
@@ -130,7 +139,28 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: st
 
 
 def prepare_model(model: onnx.ModelProto, *, symbolic_batch: bool = True, field: str = "model") -> onnx.ModelProto:
-    """Return a normalized copy: IR raised, real inputs only, symbolic batch, shapes inferred."""
+    """Return a normalized copy: IR raised, real inputs only, symbolic batch, shapes inferred.
+
+    Exporters leave run-time computations of constants (TorchScript's pads, torch.chunk's split
+    points) that ONNX shape inference cannot see through: those are folded into Constant nodes
+    (`constants.fold_constants`), so every shape they decide is static. A model exported at
+    batch 1 gets the symbolic batch `N` where its hard-coded batch can be freed (Reshape targets,
+    Resize sizes: `_free_hardcoded_batch`); where a batch-1 input's batch cannot be freed (a
+    construct that mixes or drops the batch, see `_batch_left_hardcoded`), the input keeps its
+    fixed batch 1, so that it runs as exported instead of failing at a larger batch.
+    """
+    m = _real_inputs_copy(model, field)
+    freed = _make_batch_symbolic(m) if symbolic_batch else []
+    prepared = _normalize(m, field, free=symbolic_batch)
+    if freed and _batch_left_hardcoded(prepared, _batch_symbols(prepared)):
+        m = _real_inputs_copy(model, field)
+        _make_batch_symbolic(m, free_ones=False)
+        prepared = _normalize(m, field, free=False)
+    return prepared
+
+
+def _real_inputs_copy(model: onnx.ModelProto, field: str) -> onnx.ModelProto:
+    """A copy with IR >= 4 and the initializers out of graph.input."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     if m.ir_version < 4:
@@ -142,16 +172,29 @@ def prepare_model(model: onnx.ModelProto, *, symbolic_batch: bool = True, field:
         m.graph.input.extend(real_inputs)
     if not real_inputs:
         raise InvalidArgument(field, "model has no inputs besides its initializers")
-    if symbolic_batch:
-        _make_batch_symbolic(m)
+    return m
+
+
+def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto:
+    """Infer shapes; fold constants and free hard-coded batches until nothing changes."""
     m = _infer(m, field)
-    # A freed Reshape can reveal the next hard-coded one downstream (ShuffleNet's
-    # channel shuffle): repeat until nothing changes.
+    batch = _batch_symbols(m)
+    _recover_batch_symbols(m, batch)
+    # A freed Reshape can reveal the next hard-coded one downstream (ShuffleNet's channel
+    # shuffle), a folded value the next foldable node: repeat until nothing changes.
     for _ in range(32):
-        if not (symbolic_batch and _free_hardcoded_batch_reshapes(m)):
+        shapes = tensor_shapes(m)
+        known = known_values(m, shapes, _batch_dependent(m, batch) if free else set())
+        changed = fold_constants(m, known)
+        changed |= _inline_constant_ifs(m, known)
+        changed |= _rewrite_shape_targets(m, known, shapes)
+        if free:
+            changed |= _free_hardcoded_batch(m, known, shapes, batch)
+        if not changed:
             break
         _clear_inferred(m)
         m = _infer(m, field)
+        _recover_batch_symbols(m, batch)
     return m
 
 
@@ -174,63 +217,391 @@ def _clear_inferred(m: onnx.ModelProto) -> None:
                 tt.shape.dim.add()
 
 
-def _make_batch_symbolic(m: onnx.ModelProto) -> None:
-    """Inputs of rank >= 2 whose first dim is a fixed 1 get a symbolic batch dim.
+def _make_batch_symbolic(m: onnx.ModelProto, *, free_ones: bool = True) -> list[str]:
+    """Inputs of rank >= 2 whose first dim is a fixed 1 (`free_ones`) or unknown get a symbolic batch dim.
 
-    Outputs' fixed batch dims are cleared too (shape inference recomputes them).
+    Outputs' fixed batch dims are cleared too (shape inference recomputes them). Returns the
+    inputs whose fixed 1 became symbolic.
     """
-    changed = False
+    changed, freed = False, []
     for vi in m.graph.input:
         tt = vi.type.tensor_type
         if tt.HasField("shape") and len(tt.shape.dim) >= 2:
             d0 = tt.shape.dim[0]
-            if d0.HasField("dim_value") and d0.dim_value == 1:
+            if d0.HasField("dim_value") and d0.dim_value == 1 and free_ones:
                 d0.Clear()
                 d0.dim_param = BATCH_DIM
                 changed = True
+                freed.append(vi.name)
             elif not d0.HasField("dim_value") and not d0.dim_param:
                 d0.dim_param = BATCH_DIM
                 changed = True
     if changed:
         _clear_inferred(m)
+    return freed
 
 
-def _free_hardcoded_batch_reshapes(m: onnx.ModelProto) -> bool:
-    """Reshape targets that hard-code batch 1 (exporters do this) become 0 = 'copy dim 0'.
+def _batch_symbols(m: onnx.ModelProto) -> set[str]:
+    """The dim symbols of the inputs' batch dims (dim 0 of inputs of rank >= 2)."""
+    out = set()
+    for vi in m.graph.input:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and len(tt.shape.dim) >= 2 and tt.shape.dim[0].dim_param:
+            out.add(tt.shape.dim[0].dim_param)
+    return out
 
-    Only when the reshaped tensor's first dim is the symbolic batch, so the rewrite
-    cannot change what the model computes at batch 1.
-    """
+
+def _batch_dependent(m: onnx.ModelProto, batch: set[str]) -> set[str]:
+    """Tensors computed from an input with a symbolic batch dim."""
+    deps = set()
+    for vi in m.graph.input:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and len(tt.shape.dim) >= 2 and tt.shape.dim[0].dim_param in batch:
+            deps.add(vi.name)
+    for node in m.graph.node:
+        if any(i in deps for i in node.input) or any(i in deps for i in _subgraph_outer_names(node)):
+            deps.update(o for o in node.output if o)
+    return deps
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _set_attr(node, name, value) -> None:
+    for k, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[k]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _new_initializer(m: onnx.ModelProto, value: np.ndarray, base: str) -> str:
+    taken = {t.name for t in m.graph.initializer} | {o for n in m.graph.node for o in n.output} | \
+        {i.name for i in m.graph.input}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    m.graph.initializer.append(numpy_helper.from_array(np.array(value), name))
+    return name
+
+
+def _keeps_batch(node: onnx.NodeProto, known: KnownValues, shapes: dict, b: str) -> bool:
+    """True if the node's first output provably has its first input's dim 0 (the batch `b`)
+    where ONNX shape inference names it afresh (Resize with scales, Tile, ...)."""
+    op, inp = node.op_type, list(node.input)
+    rank = len(shapes.get(inp[0]) or ())
+
+    def value(k):
+        return known.elements(inp[k]) if len(inp) > k and inp[k] else None
+
+    def axis0(axes):
+        return any(int(a) in (0, -rank) for a in axes)
+
+    if op in ("Resize", "Upsample"):
+        axes = _attr(node, "axes")
+        if axes is not None and not axis0(axes):
+            return True
+        if op == "Upsample" and _attr(node, "scales") is not None:
+            return float(_attr(node, "scales")[0]) == 1.0
+        scales_at = 1 if op == "Upsample" or len(inp) == 2 else 2
+        if len(inp) > 3 and inp[3] and axes is None:
+            sizes = value(3)
+            return bool(sizes) and sizes[0] == b
+        scales = known.value(inp[scales_at]) if len(inp) > scales_at and inp[scales_at] else None
+        return scales is not None and scales.size == rank and axes is None and float(scales.reshape(-1)[0]) == 1.0
+    if op == "Tile":
+        reps = value(1)
+        return bool(reps) and reps[0] == 1
+    if op == "Pad":
+        pads = value(1) if len(inp) > 1 else list(_attr(node, "pads", []) or [])
+        if not pads:
+            return False
+        axes = value(3) if len(inp) > 3 and inp[3] else list(range(rank))
+        if axes is None or len(pads) != 2 * len(axes):
+            return False
+        return all(pads[k] == 0 and pads[k + len(axes)] == 0 for k, a in enumerate(axes) if int(a) in (0, -rank))
+    if op == "Slice":
+        if len(inp) < 3:
+            axes = _attr(node, "axes", list(range(len(_attr(node, "starts", [])))))
+            starts, ends, steps = _attr(node, "starts", []), _attr(node, "ends", []), None
+        else:
+            starts, ends = value(1), value(2)
+            axes = value(3) if len(inp) > 3 and inp[3] else (list(range(len(starts))) if starts else None)
+            steps = value(4) if len(inp) > 4 and inp[4] else None
+        if starts is None or ends is None or axes is None:
+            return False
+        for k, a in enumerate(axes):
+            if int(a) in (0, -rank):
+                step = steps[k] if steps else 1
+                if not (step == 1 and starts[k] in (0, -(2 ** 63)) and (ends[k] == b or (isinstance(ends[k], int) and ends[k] >= 2 ** 31 - 1))):
+                    return False
+        return True
+    if op == "Expand":
+        shape = value(1)
+        return shape is not None and (len(shape) < rank or (len(shape) == rank and shape[0] in (1, b)))
+    if op == "Reshape":
+        target = value(1)
+        return bool(target) and (target[0] == b or (target[0] == 0 and not _attr(node, "allowzero", 0)))
+    return False
+
+
+def _recover_batch_symbols(m: onnx.ModelProto, batch: set[str]) -> None:
+    """Give the batch symbol back to dims that ONNX inference names afresh though they are the batch
+    (a Resize with scales, a Tile: `unk__0`), renaming that symbol everywhere."""
+    if not batch:
+        return
     shapes = tensor_shapes(m)
-    inits = {t.name: t for t in m.graph.initializer}
+    protected = set(batch)
+    for vi in m.graph.input:
+        if vi.type.tensor_type.HasField("shape"):
+            protected.update(d.dim_param for d in vi.type.tensor_type.shape.dim if d.dim_param)
+    known = None
+    rename: dict[str, str] = {}
+
+    def dim0(name):
+        shape = shapes.get(name)
+        if not shape:
+            return None
+        return rename.get(shape[0], shape[0]) if isinstance(shape[0], str) else shape[0]
+
+    for node in m.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.input or not node.output or not node.output[0]:
+            continue
+        b = dim0(node.input[0])
+        d = dim0(node.output[0])
+        if not (isinstance(b, str) and b in batch) or not isinstance(d, str) or d == b or d in protected:
+            continue
+        if known is None:
+            known = known_values(m, shapes)
+        if _keeps_batch(node, known, shapes, b):
+            rename[d] = b
+    if not rename:
+        return
+    for vi in list(m.graph.value_info) + list(m.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for dim in vi.type.tensor_type.shape.dim:
+                if dim.dim_param in rename:
+                    dim.dim_param = rename[dim.dim_param]
+
+
+def _rewrite_shape_targets(m: onnx.ModelProto, known: KnownValues, shapes: dict) -> bool:
+    """Reshape targets computed from shapes where a dim is a symbol (the batch): where each such
+    entry is the reshaped tensor's own dim at the same place, the target becomes a constant with 0
+    ('copy this dim') there, which shape inference sees through (torch.repeat_interleave,
+    TorchScript views of x.size(0))."""
     changed = False
     for node in m.graph.node:
-        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        part = known.partial.get(node.input[1])
+        src = shapes.get(node.input[0])
+        if part is None or part[1] != 1 or src is None:
+            continue
+        target = []
+        for k, e in enumerate(part[0]):
+            if isinstance(e, int):
+                target.append(e)
+            elif isinstance(e, str) and k < len(src) and src[k] == e:
+                target.append(0)
+            else:
+                break
+        else:
+            allowzero = _attr(node, "allowzero", 0)
+            literal = [e for e in part[0] if isinstance(e, int)]
+            if allowzero and 0 in literal:
+                continue
+            if allowzero:
+                _set_attr(node, "allowzero", 0)
+            node.input[1] = _new_initializer(m, np.array(target, np.int64), f"{node.input[1]}__static")
+            changed = True
+    return changed
+
+
+def _free_hardcoded_batch(m: onnx.ModelProto, known: KnownValues, shapes: dict, batch: set[str]) -> bool:
+    """Constant Reshape targets and Resize sizes that hard-code batch 1 (exporters do this) on a
+    tensor whose dim 0 is the symbolic batch: the target's 1 becomes 0 = 'copy dim 0', a target
+    [-1, rest] whose rest is one sample becomes [0, rest]; the sizes leave the batch axis out.
+
+    At batch 1 the rewritten node computes exactly what it did.
+    """
+    changed = False
+    opset = opset_version(m)
+    for node in list(m.graph.node):
+        if node.domain not in ("", "ai.onnx") or not node.input:
             continue
         src = shapes.get(node.input[0])
-        if not src or src[0] != BATCH_DIM:
+        if not src or not (isinstance(src[0], str) and src[0] in batch):
             continue
-        if len(node.input) > 1 and node.input[1] in inits:
-            t = inits[node.input[1]]
-            arr = numpy_helper.to_array(t)
-            if arr.ndim == 1 and arr.size >= 1 and arr[0] == 1:
-                allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-                if allowzero:
+        if node.op_type == "Reshape" and len(node.input) > 1:
+            target = known.value(node.input[1])
+            if target is None or target.ndim != 1 or target.size < 1 or target.dtype.kind not in "iu":
+                continue
+            allowzero = bool(_attr(node, "allowzero", 0))
+            rest = [int(e) for e in target[1:]]
+            if allowzero and 0 in rest:
+                continue
+            if int(target[0]) == 1:
+                pass
+            elif int(target[0]) == -1 and -1 not in rest and all(isinstance(d, int) for d in src[1:]):
+                sample = int(np.prod(src[1:], dtype=np.int64))
+                dims = [src[k + 1] if e == 0 and k + 1 < len(src) else e for k, e in enumerate(rest)]
+                if any(not isinstance(d, int) for d in dims) or int(np.prod(dims, dtype=np.int64)) != sample:
                     continue
-                arr = arr.copy()
-                arr[0] = 0
-                # the initializer may be shared with other nodes: give this one its own
-                new = numpy_helper.from_array(arr.astype(np.int64), name=f"{t.name}__batch_{node.output[0]}")
-                m.graph.initializer.append(new)
-                inits[new.name] = new
-                node.input[1] = new.name
-                changed = True
-        else:
-            for a in node.attribute:
-                if a.name == "shape" and len(a.ints) >= 1 and a.ints[0] == 1:
-                    a.ints[0] = 0
-                    changed = True
+            else:
+                continue
+            if allowzero:
+                _set_attr(node, "allowzero", 0)
+            new = np.array([0] + rest, np.int64)
+            node.input[1] = _new_initializer(m, new, f"{node.input[1]}__batch_{node.output[0]}")
+            changed = True
+        elif node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+            sizes = known.value(node.input[3])
+            if sizes is None or sizes.ndim != 1 or sizes.size != len(src) or int(sizes[0]) != 1:
+                continue
+            if _attr(node, "axes") is not None:
+                continue
+            if opset >= 18:
+                _set_attr(node, "axes", list(range(1, len(src))))
+                node.input[3] = _new_initializer(m, sizes[1:].astype(np.int64), f"{node.input[3]}__spatial_{node.output[0]}")
+            else:
+                node.input[3] = _batch_from_shape(m, node, sizes, opset)
+            changed = True
     return changed
+
+
+def _batch_from_shape(m: onnx.ModelProto, node: onnx.NodeProto, sizes: np.ndarray, opset: int) -> str:
+    """Insert nodes computing Concat(Shape(x)[0:1], sizes[1:]) before `node`; the result's name."""
+    idx = next(k for k, n in enumerate(m.graph.node) if n is node)
+    base = node.name or node.output[0]
+    rest = _new_initializer(m, sizes[1:].astype(np.int64), f"{base}/batch_sizes_rest")
+    batch = f"{base}/batch_sizes_batch"
+    if opset >= 15:
+        new = [onnx.helper.make_node("Shape", [node.input[0]], [batch], name=f"{base}/batch_sizes_shape", start=0, end=1)]
+    else:
+        shape = f"{base}/batch_sizes_shape"
+        zero = _new_initializer(m, np.array([0], np.int64), f"{base}/batch_sizes_zero")
+        one = _new_initializer(m, np.array([1], np.int64), f"{base}/batch_sizes_one")
+        new = [onnx.helper.make_node("Shape", [node.input[0]], [shape], name=shape),
+               onnx.helper.make_node("Slice", [shape, zero, one, zero], [batch], name=f"{base}/batch_sizes_slice")]
+    out = f"{base}/batch_sizes"
+    new.append(onnx.helper.make_node("Concat", [batch, rest], [out], name=out, axis=0))
+    for k, n in enumerate(new):
+        m.graph.node.insert(idx + k, n)
+    return out
+
+
+def _inline_constant_ifs(m: onnx.ModelProto, known: KnownValues) -> bool:
+    """An If whose condition is known (TorchScript's squeeze of a dim known to be 1) becomes, in
+    place, the one node its taken branch computes (or an Identity), keeping its name and output."""
+    changed = False
+    for node in m.graph.node:
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        cond = known.value(node.input[0])
+        if cond is None or cond.size != 1:
+            continue
+        branch = _attr(node, "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+        if branch is None or len(branch.output) != 1 or branch.sparse_initializer:
+            continue
+        constants = [n for n in branch.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")]
+        compute = [n for n in branch.node if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
+        result = branch.output[0].name
+        if len(compute) > 1 or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                   for n in compute for a in n.attribute):
+            continue
+        if compute and list(compute[0].output) != [result]:
+            continue
+        values = {}
+        for c in constants:
+            v = _attr(c, "value")
+            if not isinstance(v, onnx.TensorProto) or len(c.output) != 1:
+                values = None
+                break
+            values[c.output[0]] = numpy_helper.to_array(v)
+        if values is None:
+            continue
+        for t in branch.initializer:
+            values[t.name] = numpy_helper.to_array(t)
+        renamed = {k: _new_initializer(m, v, f"{node.output[0]}__{k}") for k, v in values.items()}
+        if compute:
+            inner = compute[0]
+            op_type, domain, inputs = inner.op_type, inner.domain, [renamed.get(i, i) for i in inner.input]
+            attributes = list(inner.attribute)
+        else:
+            op_type, domain, inputs, attributes = "Identity", "", [renamed.get(result, result)], []
+        del node.input[:]
+        node.input.extend(inputs)
+        del node.attribute[:]
+        node.attribute.extend(attributes)
+        node.op_type, node.domain = op_type, domain
+        changed = True
+    return changed
+
+
+# ops whose output's dim 0 is not their input's dim 0 by design
+_BATCH_MOVING_OPS = frozenset({"Shape", "Size", "NonZero", "If", "Loop", "Scan", "Einsum", "SequenceConstruct",
+                               "SplitToSequence", "ConcatFromSequence"})
+
+
+def _batch_left_hardcoded(m: onnx.ModelProto, batch: set[str]) -> str | None:
+    """Why the batch of this model cannot be freed, or None: a node that turns a tensor whose dim
+    0 is the symbolic batch into one with a fixed dim 0 or rank 0 (a Reshape to [1, ...] that
+    could not be freed, a reduction or selection over the batch), drops the batch axis (Squeeze)
+    or concatenates a batch tensor with a fixed-batch one."""
+    if not batch:
+        return None
+    shapes = tensor_shapes(m)
+    inits = {t.name: t for t in m.graph.initializer}
+    constant_nodes = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant" and len(n.output) == 1}
+
+    def ints(name):
+        t = inits[name] if name in inits else _attr(constant_nodes[name], "value") if name in constant_nodes else None
+        return numpy_helper.to_array(t).reshape(-1).tolist() if isinstance(t, onnx.TensorProto) else None
+
+    def batched(name):
+        shape = shapes.get(name)
+        return bool(shape) and isinstance(shape[0], str) and shape[0] in batch
+
+    for node in m.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _BATCH_MOVING_OPS:
+            continue
+        inputs = [i for i in node.input if i and batched(i)]
+        if not inputs:
+            continue
+        op = node.op_type
+        rank = len(shapes[inputs[0]])
+        if op == "Transpose" and (not _attr(node, "perm") or _attr(node, "perm")[0] != 0):
+            continue
+        axes = _attr(node, "axes")
+        if axes is None and op in ("Unsqueeze", "Squeeze") and len(node.input) > 1 and node.input[1]:
+            axes = ints(node.input[1])
+        if op == "Unsqueeze" and (axes is None or 0 in axes):
+            continue
+        if op == "Squeeze" and batched(node.input[0]) and (axes is None or any(int(a) in (0, -rank) for a in axes)):
+            return f"{op} node {node.name!r} removes the batch axis"
+        if op == "Concat":
+            axis = int(_attr(node, "axis", 0))
+            if axis not in (0, -rank) and any(
+                    i and shapes.get(i) and isinstance(shapes[i][0], int) for i in node.input):
+                return f"Concat node {node.name!r} joins a batch tensor with a fixed-batch one"
+        if op == "Gather" and int(_attr(node, "axis", 0)) in (0, -rank) and batched(node.input[0]):
+            return f"Gather node {node.name!r} selects along the batch axis"
+        if op in ("Reshape", "Flatten") and batched(node.input[0]) and not batched(node.output[0]):
+            return f"{op} node {node.name!r} merges the batch axis with others"
+        for o in node.output:
+            shape = shapes.get(o) if o else None
+            if shape is not None and (len(shape) == 0 or isinstance(shape[0], int)):
+                return f"{op} node {node.name!r} turns a batch tensor into one of shape {list(shape)}"
+    dependent = _batch_dependent(m, batch)
+    for o in m.graph.output:
+        shape = shapes.get(o.name)
+        if o.name in dependent and shape is not None and (len(shape) == 0 or isinstance(shape[0], int)):
+            return f"output {o.name!r} has the fixed shape {list(shape)}"
+    return None
 
 
 @dataclass(frozen=True)

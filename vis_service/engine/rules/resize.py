@@ -36,6 +36,12 @@ def _scales_and_sizes(ctx: RuleContext, node) -> tuple[list[float] | None, list,
                 raise Unimplemented(f"{node.op_type} node {node.name!r} has scales computed at run time")
             if value.size:
                 scales = value.reshape(-1).astype(float).tolist()
+    axes = attr(node, "axes", None)
+    if scales is not None and axes is not None and len(scales) == len(axes) and len(set(int(a) % rank for a in axes)) == len(axes):
+        full = [1.0] * rank      # opset 18 'axes': the scales of the listed axes, 1 elsewhere
+        for a, value in zip(axes, scales):
+            full[int(a) % rank] = value
+        scales = full
     if scales is not None and len(scales) != rank:
         raise Unimplemented(f"{node.op_type} node {node.name!r}: 'axes' subsets are not supported")
     return scales, [1] + in_sizes, [1] + out_sizes
@@ -122,10 +128,15 @@ def resize_backward(ctx: RuleContext, node, grad_outputs):
 
 
 def _resizes_batch(ctx: RuleContext, node) -> bool:
-    """True if the output's batch dim is a number other than the input's (constant `sizes` with a
-    fixed first value on a symbolic batch). A symbolic output batch (inference names it afresh
-    for scales) says nothing."""
+    """True if the output's batch dim is a number other than the input's. A symbolic output batch
+    (inference names it afresh for scales) says nothing; nor does an output batch of 1 on a
+    symbolic input batch: exporters write the batch of the example they ran (dynamo's
+    F.interpolate(size=...) gives constant sizes [1, C, H, W]), which keeps the batch of the one
+    image the graph can then run with (`prepare_model` frees such sizes; a graph it did not
+    prepare fails in its forward at any other batch)."""
     given, result = ctx.shape(node.input[0])[0], ctx.shape(node.output[0])[0]
+    if isinstance(result, int) and result == 1 and not isinstance(given, int):
+        return False
     return isinstance(result, int) and given != result
 
 
