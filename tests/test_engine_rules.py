@@ -472,6 +472,10 @@ def test_batch_norm_inference():
     check("BatchNormalization", {"x": (2, 3, 4, 5)}, params, kind=LINEAR, epsilon=1e-3)
     check("BatchNormalization", {"x": (2, 3, 4, 5)}, params, opset=9, kind=LINEAR)
     check("BatchNormalization", {"x": (2, 3, 4, 5)}, params, opset=7, kind=LINEAR, spatial=1)
+    # BatchNorm1d on [N, C]: the per-channel scale broadcasts as it is (an empty Unsqueeze was a
+    # ValueError at opset 11)
+    for opset in (11, 17):
+        check("BatchNormalization", {"x": (4, 3)}, params, opset=opset, kind=LINEAR)
 
 
 def test_instance_and_layer_norm():

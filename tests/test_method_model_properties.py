@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vis_client import Target
 from vis_client.errors import InvalidArgument, ResourceExhausted
 from vis_client.optimization import Objective
 
@@ -289,4 +290,24 @@ def test_maximize_on_a_huge_static_input_is_resource_exhausted_before_allocating
         client.maximize(m, [Objective.channel("logits", 0)], steps=1)
     assert e.value.details.startswith("batch: 1 images of 3x100000x100000 need about"), e.value.details
     assert "physical memory" in e.value.details
+    _still_serves(client, digits)
+
+
+def test_a_batch_of_one_that_stays_fixed_runs_one_row_at_a_time(client, digits):
+    """A batch-1 export whose batch prepare_model cannot free (a constant [1, ...] map concatenated):
+    IG and SmoothGrad run their rows one per run and agree with per-row gradients; two images
+    are refused as a shape the model does not take."""
+    from test_graph_exports import _concat_constant_map, _model
+
+    nodes, inits = _concat_constant_map()
+    m = client.load_model(_model(nodes, inits, [1, 3, 4, 4], opset=13).SerializeToString(), "props_fixed_one")
+    x = np.random.default_rng(4).uniform(0, 1, (1, 3, 4, 4)).astype(np.float32)
+    ig = client.integrated_gradients(m, x, Target.output(0), steps=4, baseline="zero", rule="riemann_middle")
+    path = [client.gradient(m, x * a, Target.output(0)).gradient for a in (0.125, 0.375, 0.625, 0.875)]
+    _close(ig.attribution, x * np.mean(path, axis=0))
+    sg = client.smoothgrad(m, x, Target.output(0), samples=3, noise=0.0)
+    _close(sg.attribution, client.gradient(m, x, Target.output(0)).gradient)
+    with pytest.raises(InvalidArgument) as e:
+        client.saliency(m, np.concatenate([x, x]))
+    assert "shape [2, 3, 4, 4] not allowed; the model takes [1, 3, 4, 4]" in e.value.details
     _still_serves(client, digits)

@@ -336,7 +336,8 @@ class RuleContext:
             total = self.make_node("Mul", [earlier, factor])
         scaled = self._scaled_masked_conv(unscaled, total, like)
         if scaled is None:
-            scaled = self.make_node("Mul", [unscaled, self.unsqueeze(total, list(range(1, self.rank(like) - 1)))])
+            trailing = list(range(1, self.rank(like) - 1))   # [C] -> [C, 1, 1]; as it is for [N, C] (BatchNorm1d)
+            scaled = self.make_node("Mul", [unscaled, self.unsqueeze(total, trailing) if trailing else total])
         self._channel_scales[scaled] = (unscaled, total)
         return scaled
 

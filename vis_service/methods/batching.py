@@ -9,8 +9,8 @@ how a run is fed:
   the row of each copy's image; the others (a scale of shape [1], a lookup table) have no batch
   dimension and every run gets them unchanged (copying them per row gave onnxruntime shapes the
   model does not take);
-- an image input exported with a fixed batch other than 1 (`prepare_model` makes a fixed 1
-  symbolic, nothing else) runs exactly that many rows: each run is padded to it with copies of its
+- an image input with a fixed batch (one other than 1 as exported; or 1 where `prepare_model`
+  could not make it symbolic) runs exactly that many rows: each run is padded to it with copies of its
   last row (real inputs, so the padded rows compute nothing unusual) or, for a cotangent, zeros (so
   they add nothing to a gradient summed over the batch), and the padded rows' results are dropped.
 """
@@ -28,10 +28,12 @@ def _first_dim(model: LoadedModel, name: str):
 
 
 def fixed_batch(model: LoadedModel) -> int | None:
-    """The image input's fixed batch (> 1), or None where the batch is free."""
+    """The image input's fixed batch, or None where the batch is free. A fixed 1 remains where
+    `prepare_model` could not free a batch the exporter hard-coded (it then keeps the input at 1):
+    such a model runs one row at a time."""
     info = model.infos.get(model.image_input)
     d = _first_dim(model, model.image_input)
-    return d if isinstance(d, int) and d > 1 and len(info.shape) >= 2 else None
+    return d if isinstance(d, int) and d >= 1 and len(info.shape) >= 2 else None
 
 
 def run_size(model: LoadedModel, size: int) -> int:

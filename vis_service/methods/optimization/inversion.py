@@ -86,7 +86,7 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
     require_image_input_only(model, "input.tensors[{input}]", "inversion")
     require_float_image(model, "input", "inversion")
     fixed = batching.fixed_batch(model)
-    if fixed:
+    if fixed and (fixed > 1 or s.starts > 1):
         # one reference image and `starts` reconstructions: batches the model does not run
         raise InvalidArgument("input", f"input {model.image_input!r} takes exactly {fixed} images (the model's fixed "
                                        "batch); inversion runs one reference image and `starts` reconstructions, so "
