@@ -18,12 +18,13 @@ from vis_service.graph.receptive_field import ReceptiveField, crop_box, receptiv
 # brute force: perturb one input pixel at a time (all channels), see which units change
 
 
-def empirical_boxes(model: onnx.ModelProto, nhwc: bool = False):
+def empirical_boxes(model: onnx.ModelProto, nhwc: bool = False, signed: bool = False):
     """tensor -> (h, w, 4) array of (top, left, bottom, right) of influencing pixels per unit.
 
     All weights are positive and biases absent, so an all-zero image gives zeros
     everywhere and a one-hot pixel gives a positive value exactly in the units it
-    can reach.
+    can reach. `signed`: ops with negative coefficients (cubic resampling, normalization)
+    on the way: any non-zero value marks a unit the pixel reaches.
     """
     import onnxruntime as ort
 
@@ -46,7 +47,7 @@ def empirical_boxes(model: onnx.ModelProto, nhwc: bool = False):
     outs = dict(zip(names, sess.run(None, {inp: x})))
     boxes = {}
     for n, y in outs.items():
-        infl = (y > 0).any(axis=1).reshape(H, W, y.shape[2], y.shape[3])
+        infl = (np.abs(y) > 1e-6 if signed else y > 0).any(axis=1).reshape(H, W, y.shape[2], y.shape[3])
         rows, cols = infl.any(axis=1), infl.any(axis=0)          # (H, h, w), (W, h, w)
         seen = rows.any(axis=0)  # units that read nothing but padding see no pixel at all
         top = rows.argmax(axis=0)
@@ -64,7 +65,7 @@ def predicted_boxes(rf: ReceptiveField, h: int, w: int, hw):
     return np.array([[crop_box(rf, i, j, hw) for j in range(w)] for i in range(h)])
 
 
-def check_exact(model, nhwc=False, allow_approx=()):
+def check_exact(model, nhwc=False, allow_approx=(), signed=False):
     """Predicted boxes contain the influencing pixels of every unit, and are exact
     wherever the field lies inside the image and touches no padding of any layer.
 
@@ -74,7 +75,7 @@ def check_exact(model, nhwc=False, allow_approx=()):
     asserted per axis on the units whose influence spans the full field size, and
     the full size must be reached by at least one unit (size and offset exact).
     """
-    m, rfs, boxes, hw = empirical_boxes(model, nhwc)
+    m, rfs, boxes, hw = empirical_boxes(model, nhwc, signed)
     assert boxes, "nothing to check"
     for n, emp in boxes.items():
         rf = rfs[n]
@@ -310,3 +311,109 @@ def test_every_feature_map_of_every_model_has_a_field(model_id):
             for i in n.input:
                 if i in rfs:
                     assert rfs[n.output[0]].size[0] >= rfs[i].size[0], (n.name, n.op_type)
+
+
+# ----------------------------------------------------------------------------
+# cases an audit found unsound (a box missing influencing pixels) or wrong
+
+
+def test_slice_with_a_negative_step_then_conv():
+    """Reversed and subsampled columns: a negative jump; the conv after it grows the extent by |jump|
+    (size came out -1, and deconvnet's crops failed on the negative size)."""
+    net = Net(c=2, h=18, w=18, seed=7)
+    x = net.conv(cout=2, k=(3, 3), pads=(1, 1, 1, 1))
+    sl = net.node("Slice", [x, net.const(np.array([-1], np.int64), "s"), net.const(np.array([-(2 ** 62)], np.int64), "e"),
+                            net.const(np.array([3], np.int64), "a"), net.const(np.array([-2], np.int64), "st")])
+    net.cur, net.w = sl, 9
+    out = net.conv(cout=2, k=(3, 3))
+    rfs = check_exact(net.model([out]), allow_approx=("slice", "conv"))
+    assert rfs[out].size == (5, 7) and rfs[out].jump == (1, -2)
+
+
+@pytest.mark.parametrize("attrs", [dict(auto_pad="SAME_UPPER"), dict(auto_pad="SAME_LOWER"),
+                                   dict(output_shape=[15, 14]), dict(pads=[1, 0, 0, 1], output_padding=[1, 1])])
+def test_conv_transpose_paddings(attrs):
+    """SAME_UPPER puts an odd total's extra pixel at the end (it was taken as the start: boxes one
+    pixel off), and output_shape implies pads (they were read from `pads`)."""
+    net = Net(c=2, h=16, w=16, seed=8)
+    net.conv(cout=2, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1))   # a jump of 2: a misplaced crop shifts whole pixels
+    w = np.random.default_rng(0).uniform(0.1, 1, size=(2, 2, 3, 3)).astype(np.float32)
+    ct = net.node("ConvTranspose", [net.cur, net.const(w)], strides=[2, 2], kernel_shape=[3, 3], **attrs)
+    check_exact(net.model([ct]), allow_approx=("convtranspose",))
+
+
+def test_add_of_branches_with_different_jumps_has_no_field():
+    """No size and jump bound both branches' fields at every unit: unknown (boxes: the whole image),
+    not a box that drifts away from the strided branch (63 of 64 units missed pixels)."""
+    net = Net(c=1, h=16, w=16, seed=9)
+    a = net.conv(cout=2, k=(9, 9))
+    net.c, net.h, net.w = 1, 16, 16
+    b = net.conv(src="image", cout=2, k=(2, 2), s=(2, 2))
+    s = net.node("Add", [a, b])
+    rfs = receptive_fields(prepare_model(net.model([s])))
+    assert a in rfs and b in rfs and s not in rfs
+
+
+@pytest.mark.parametrize("ctm, nearest, scale, opset", [
+    ("align_corners", "floor", 2, 13), ("align_corners", "round_prefer_floor", 3, 13),
+    ("half_pixel_symmetric", "floor", 2, 19), ("asymmetric", "ceil", 2, 13), ("half_pixel", "round_prefer_ceil", 3, 13),
+    ("pytorch_half_pixel", "floor", 1.5, 13), ("tf_half_pixel_for_nn", "round_prefer_floor", 2, 13),
+])
+def test_nearest_resize_bounds_every_unit(ctm, nearest, scale, opset):
+    net = Net(c=1, h=13, w=13, seed=10)
+    x = net.conv(cout=2, k=(3, 3), s=(2, 2))
+    up = net.node("Resize", [x, "", net.const(np.array([1, 1, scale, scale], np.float32), "sc")], mode="nearest",
+                  coordinate_transformation_mode=ctm, nearest_mode=nearest)
+    check_exact(net.model([up], opset=opset), allow_approx=("resize",))
+
+
+@pytest.mark.parametrize("ctm", ["align_corners", "half_pixel", "asymmetric"])
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_interpolating_resize_bounds_every_unit(ctm, mode):
+    net = Net(c=1, h=11, w=11, seed=11)
+    x = net.conv(cout=2, k=(3, 3), s=(2, 2))
+    up = net.node("Resize", [x, "", net.const(np.array([1, 1, 2.5, 2.5], np.float32), "sc")], mode=mode,
+                  coordinate_transformation_mode=ctm)
+    # cubic weights are negative in places: influence is any non-zero response
+    rfs = check_exact(net.model([up]), allow_approx=("resize",), signed=mode == "cubic")
+    assert rfs[up].approximate
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+def test_reflect_and_edge_pads_have_no_field(mode):
+    """Border units read pixels far inside the image: no box placed outside it bounds them."""
+    net = Net(c=1, h=10, w=10, seed=12)
+    x = net.conv(cout=2, k=(3, 3))
+    pd = net.node("Pad", [x, net.const(np.array([0, 0, 2, 2, 0, 0, 2, 2], np.int64), "p")], mode=mode)
+    net.cur, net.h, net.w = pd, 12, 12
+    out = net.conv(cout=2, k=(3, 3))
+    rfs = receptive_fields(prepare_model(net.model([out])))
+    assert x in rfs and pd not in rfs and out not in rfs
+
+
+def test_instance_normalization_is_global():
+    net = Net(c=1, h=12, w=12, seed=13)
+    x = net.conv(cout=2, k=(3, 3))
+    inorm = net.node("InstanceNormalization", [x, net.const(np.ones(2, np.float32), "g"),
+                                               net.const(np.zeros(2, np.float32), "b")])
+    net.cur = inorm
+    out = net.conv(cout=2, k=(3, 3))
+    rfs = check_exact(net.model([out]), signed=True)   # normalized values are negative too
+    assert rfs[inorm].is_global and rfs[out].is_global
+
+
+def test_a_window_covering_its_input_through_padding_is_global():
+    net = Net(c=1, h=7, w=7, seed=14)
+    mp = net.pool("MaxPool", k=(9, 9), s=(1, 1), pads=(1, 1, 1, 1))
+    rfs = check_exact(net.model([mp]))
+    assert rfs[mp].is_global
+
+
+def test_the_client_sees_which_fields_are_bounds(client):
+    net = Net(c=1, h=12, w=12, seed=15)
+    x = net.conv(cout=2, k=(3, 3), s=(2, 2))
+    up = net.node("Resize", [x, "", net.const(np.array([1, 1, 2, 2], np.float32), "sc")], mode="nearest")
+    ins = client.load_model(net.model([up]).SerializeToString()).inspect()
+    fields = {t: rf for n in ins.nodes for t, rf in n.receptive_fields.items()}
+    assert not fields[x].approximate and fields[up].approximate
+    assert f"<={fields[up].size_str()[2:]}" in ins.summary()

@@ -57,9 +57,10 @@ class ReceptiveField:
     fractional). jump: (h, w) input-pixel distance between neighbouring units.
     offset: (h, w) input coordinate of the centre of unit (0, 0)'s field.
     is_global: every unit depends on the whole input (after global pooling, or a
-    window covering its whole input). approximate: a bound rather than exact
-    (transposed conv, resize, merging tensors with different jumps, broadcast,
-    non-constant padding modes, instance normalization).
+    window covering its whole input). approximate: a bound rather than exact: every
+    influencing pixel lies in the box, which may hold a few more (transposed conv,
+    resize, broadcast, a slice with a negative step). Where no sound box exists
+    (merging tensors with different jumps, reflect / edge padding) the field is unknown.
     """
 
     size: tuple[int, int]
@@ -198,8 +199,13 @@ def _propagate(node, tracks: dict[str, _Track], ctx: _Ctx) -> dict[str, _Track |
     if op in _SPATIAL_STATS:
         if main is None:
             return {}
-        rf = replace(main.rf, approximate=True)
-        return {outs[0]: _Track(rf, main.axes, main.hw)}
+        axes = _attrs(node).get("axes", [0, 2, 3])   # MeanVarianceNormalization's; InstanceNorm: spatial
+        if op == "MeanVarianceNormalization" and not set(main.axes) & {a % 4 for a in axes}:
+            return {outs[0]: main}
+        if main.axes != (2, 3):
+            return {}
+        # every unit depends on the whole map through its mean and variance
+        return {outs[0]: _Track(_global(main), (2, 3), main.hw)}
 
     if op in ("Softmax", "LogSoftmax", "Hardmax"):
         if main is None:
@@ -301,30 +307,36 @@ def _window(node, main: _Track, ctx: _Ctx, out_shape) -> ReceptiveField:
         else:
             begin.append(pads[ax])
     if op == "ConvTranspose":
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER") or a.get("output_shape") is not None:
+            # the leading crop as onnxruntime resolves it (engine/rules/conv.py _conv_transpose_begin):
+            # the extra pixel of an odd total at the end for SAME_UPPER, at the start otherwise
             begin = []
             for ax in range(2):
-                total = (in_hw[ax] - 1) * strides[ax] + keff[ax] - out_shape[2 + ax]
-                total += _ints(a.get("output_padding"), 2, 0)[ax]
-                begin.append(total - total // 2 if auto_pad == "SAME_UPPER" else total // 2)
+                out = out_shape[2 + ax]
+                if not isinstance(out, int) or not isinstance(in_hw[ax], int):
+                    raise ValueError("ConvTranspose with auto_pad / output_shape needs static spatial dims")
+                total = (in_hw[ax] - 1) * strides[ax] + keff[ax] - out
+                total = max(0, total + _ints(a.get("output_padding"), 2, 0)[ax])
+                begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
         size, jump, off = [], [], []
         for ax in range(2):
             s = strides[ax]
             j = rf.jump[ax]
             # output unit o reads input units i with i*s in [o+p-(keff-1), o+p]
-            size.append(rf.size[ax] + j * (keff[ax] - 1) / s)
+            size.append(rf.size[ax] + abs(j) * (keff[ax] - 1) / s)
             jump.append(j / s)
             off.append(rf.offset[ax] + j * (begin[ax] - (keff[ax] - 1) / 2) / s)
         return _mk(size, jump, off, rf.is_global, True)
     size, jump, off = [], [], []
     covers_all = True
     for ax in range(2):
-        j = rf.jump[ax]
-        size.append(rf.size[ax] + (keff[ax] - 1) * j)
+        j = rf.jump[ax]   # negative after a Slice with a negative step: the extent grows by |j|
+        size.append(rf.size[ax] + (keff[ax] - 1) * abs(j))
         jump.append(j * strides[ax])
         off.append(rf.offset[ax] + j * ((keff[ax] - 1) / 2 - begin[ax]))
         n, o = in_hw[ax], out_shape[2 + ax]
-        if not (o == 1 and isinstance(n, int) and begin[ax] <= 0 and keff[ax] - begin[ax] >= n):
+        # one window from -begin to keff - 1 - begin spanning 0 .. n - 1 (pads only widen it)
+        if not (o == 1 and isinstance(n, int) and begin[ax] >= 0 and keff[ax] - begin[ax] >= n):
             covers_all = False
     return _mk(size, jump, off, rf.is_global or covers_all, rf.approximate)
 
@@ -336,7 +348,7 @@ def _global(main: _Track) -> ReceptiveField:
         n = main.hw[ax]
         if not isinstance(n, int):
             n = 1
-        size.append(rf.size[ax] + (n - 1) * rf.jump[ax])
+        size.append(rf.size[ax] + (n - 1) * abs(rf.jump[ax]))
         jump.append(rf.jump[ax] * n)
         off.append(rf.offset[ax] + (n - 1) * rf.jump[ax] / 2)
     return _mk(size, jump, off, True, rf.approximate)
@@ -395,7 +407,8 @@ def _merge(node, ins, ctx, outs, out_shape):
     for ax in range(2):
         js = {t.rf.jump[ax] for t in base}
         if len(js) > 1:
-            approximate = True
+            # the branches' fields drift apart unit by unit: no one size and jump bounds them all
+            return {}
         lo = min(t.rf.offset[ax] - (t.rf.size[ax] - 1) / 2 for t in tracked)
         hi = max(t.rf.offset[ax] + (t.rf.size[ax] - 1) / 2 for t in tracked)
         size.append(hi - lo + 1)
@@ -431,8 +444,10 @@ def _pad(node, main, ctx, outs, out_shape):
     shift = [begin.get(ax, 0) for ax in main.axes]
     end = dict(zip(pad_axes, pads[n:]))
     padded = any(shift) or any(end.get(ax, 0) for ax in main.axes)
+    if padded and mode != "constant" and not rf.is_global:
+        return {}   # reflect / edge / wrap: the border units read pixels far inside the image
     off = [rf.offset[k] - shift[k] * rf.jump[k] for k in range(2)]
-    new = _mk(rf.size, rf.jump, off, rf.is_global, rf.approximate or (padded and mode != "constant"))
+    new = _mk(rf.size, rf.jump, off, rf.is_global, rf.approximate)
     hw = _spatial(out_shape, main.axes) or main.hw
     return {outs[0]: _Track(new, main.axes, hw)}
 
@@ -484,42 +499,89 @@ def _slice(node, main, ctx, outs, out_shape):
 
 
 def _resize(node, main, ctx, outs, out_shape):
+    """A bound: the input units each output unit reads, from onnxruntime's coordinate mapping
+    where the sizes are static (every output unit checked), else a margin of a few units."""
     if main is None:
         return {}
-    hw_out = _spatial(out_shape, main.axes)
-    scales = None
-    if hw_out is not None and all(isinstance(x, int) for x in hw_out) and all(isinstance(x, int) for x in main.hw):
-        scales = [hw_out[k] / main.hw[k] for k in range(2)]
-    else:
-        a = _attrs(node)
-        sc = a.get("scales")
-        if sc is None:
-            idx = 1 if node.op_type == "Upsample" else 2
-            v = ctx.const(node.input[idx]) if len(node.input) > idx else None
-            if v is not None and v.size:
-                sc = [float(x) for x in v.reshape(-1)]
-        if sc is None:
-            return {}
-        scales = [sc[ax] for ax in main.axes]
     a = _attrs(node)
     mode = a.get("mode", b"nearest")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    ctm = a.get("coordinate_transformation_mode", b"half_pixel" if node.op_type == "Resize" and ctx.opset >= 11 else b"asymmetric")
+    default_ctm = b"half_pixel" if node.op_type == "Resize" and ctx.opset >= 11 else b"asymmetric"
+    ctm = a.get("coordinate_transformation_mode", default_ctm)
     ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    nearest = a.get("nearest_mode", b"round_prefer_floor")
+    nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+    if ctm == "tf_crop_and_resize" or a.get("antialias", 0):
+        return {}   # a region of interest, or a downsampling filter wider than the taps below
+    hw_out = _spatial(out_shape, main.axes)
+    sc = a.get("scales")
+    if sc is None:
+        idx = 1 if node.op_type == "Upsample" else 2
+        v = ctx.const(node.input[idx]) if len(node.input) > idx and node.input[idx] else None
+        if v is not None and v.size:
+            sc = [float(x) for x in v.reshape(-1)]
+    static = (hw_out is not None and all(isinstance(x, int) for x in hw_out)
+              and all(isinstance(x, int) for x in main.hw))
+    if sc is not None and len(sc) == len(ctx.shape(node.input[0]) or ()):
+        scales = [sc[ax] for ax in main.axes]
+    elif static:
+        scales = [hw_out[k] / main.hw[k] for k in range(2)]
+    else:
+        return {}
     rf = main.rf
-    # a bound, not exact: nearest may round either way, linear reads 2 and cubic 4 neighbours
-    extra = {"nearest": 1, "linear": 2, "bilinear": 2, "cubic": 4}.get(mode, 4)
+    taps = {"nearest": 1, "linear": 2, "bilinear": 2, "cubic": 4}.get(mode, 4)
+    if node.op_type == "Upsample" and mode == "nearest":
+        taps = 2   # the legacy op's rounding varies between runtimes: floor and ceil both bound it
     size, jump, off = [], [], []
     for k in range(2):
-        size.append(rf.size[k] + extra * rf.jump[k])
-        jump.append(rf.jump[k] / scales[k])
-        if ctm in ("half_pixel", "pytorch_half_pixel"):
-            # output unit o sits at input unit (o + 0.5)/scale - 0.5
-            off.append(rf.offset[k] + rf.jump[k] * (0.5 / scales[k] - 0.5))
-        else:
-            off.append(rf.offset[k])
+        if static:
+            slope, lo, hi = _resize_reads(main.hw[k], hw_out[k], scales[k], ctm, mode, nearest, taps)
+        else:   # no sizes to check against: the scale's slope, with a margin of `taps` units each side
+            slope, lo, hi = 1 / scales[k], -taps, taps
+        j = rf.jump[k]
+        size.append(rf.size[k] + (hi - lo) * abs(j))
+        jump.append(j * slope)
+        off.append(rf.offset[k] + j * (lo + hi) / 2)
     hw = hw_out or main.hw
     return {outs[0]: _Track(_mk(size, jump, off, rf.is_global, True), main.axes, hw)}
+
+
+def _resize_reads(n_in: int, n_out: int, scale: float, ctm: str, mode: str, nearest: str,
+                  taps: int) -> tuple[float, float, float]:
+    """(slope, lo, hi): output unit o reads input units within [o * slope + lo, o * slope + hi],
+    checked for every o (ONNX Resize's coordinate transformations and rounding)."""
+    slope = (n_in - 1) / (n_out - 1) if ctm == "align_corners" and n_out > 1 else 1 / scale
+    lo, hi = math.inf, -math.inf
+    for o in range(n_out):
+        if ctm == "align_corners":
+            x = 0.0 if n_out == 1 else o * (n_in - 1) / (n_out - 1)
+        elif ctm == "asymmetric":
+            x = o / scale
+        elif ctm == "tf_half_pixel_for_nn":
+            x = (o + 0.5) / scale
+        elif ctm == "pytorch_half_pixel":
+            x = (o + 0.5) / scale - 0.5 if n_out > 1 else 0.0
+        elif ctm == "half_pixel_symmetric":
+            adjustment = n_out / (scale * n_in)
+            x = n_in / 2 * (1 - adjustment) + (o + 0.5) / scale - 0.5
+        else:   # half_pixel
+            x = (o + 0.5) / scale - 0.5
+        if taps == 1:
+            if nearest == "floor":
+                first = math.floor(x)
+            elif nearest == "ceil":
+                first = math.ceil(x)
+            elif nearest == "round_prefer_ceil":
+                first = math.floor(x + 0.5)
+            else:   # round_prefer_floor
+                first = math.ceil(x - 0.5)
+            reads = [first]
+        else:
+            base = math.floor(x) if taps == 2 and mode != "nearest" else math.floor(x) - (taps // 2 - 1)
+            reads = [base + t for t in range(taps)]
+        reads = [min(max(r, 0), n_in - 1) for r in reads]
+        lo, hi = min(lo, min(reads) - o * slope), max(hi, max(reads) - o * slope)
+    return slope, lo, hi
 
 
 def _prod(dims):

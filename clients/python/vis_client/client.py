@@ -149,22 +149,25 @@ class Model:
 @dataclass(frozen=True)
 class ReceptiveField:
     """Receptive field of a 4-D feature tensor: ``size``/``jump``/``offset`` are (h, w)
-    pairs in input pixels; ``global_`` when one unit sees the whole input."""
+    pairs in input pixels; ``global_`` when one unit sees the whole input; ``approximate``
+    when the field is a bound (every influencing pixel inside, possibly a few more)."""
     size: tuple[int, int]
     jump: tuple[float, float]
     offset: tuple[float, float]
     global_: bool = False
+    approximate: bool = False
 
     @classmethod
     def from_proto(cls, rf: vis_pb2.ReceptiveField) -> "ReceptiveField":
         return cls((int(rf.size_h), int(rf.size_w)), (rf.jump_h, rf.jump_w),
-                   (rf.offset_h, rf.offset_w), bool(getattr(rf, "global")))
+                   (rf.offset_h, rf.offset_w), bool(getattr(rf, "global")), bool(rf.approximate))
 
     def size_str(self) -> str:
         if self.global_:
             return "global"
         h, w = self.size
-        return f"{h}" if h == w else f"{h}x{w}"
+        text = f"{h}" if h == w else f"{h}x{w}"
+        return f"<={text}" if self.approximate else text
 
     def jump_str(self) -> str:
         h, w = (_num(v) for v in self.jump)
