@@ -208,3 +208,30 @@ def test_filters_of_layer_without_weights(client, digits):
     with pytest.raises(VisError) as e:
         client.filters(digits, "no-such-layer")
     assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_old_dropout_masks_can_be_exposed(client):
+    """ONNX inference leaves an opset-7..9 Dropout's mask untyped: it is exposed with the data's type,
+    as onnxruntime computes it for the original model (it was refused as 'no inferred type')."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from _graph_helpers import LIGHT_DIR
+
+    path = LIGHT_DIR / "light_bvlc_alexnet.onnx"
+    model = onnx.load(str(path))
+    masks = [n.output[1] for n in model.graph.node if n.op_type == "Dropout" and len(n.output) > 1]
+    assert masks
+    x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    got = client.activations(client.load_model(path), x, masks)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    reference.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in masks)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(reference.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(masks, {model.graph.input[0].name: x})
+    for name, w in zip(masks, want):
+        assert got[name].dtype == w.dtype and got[name].shape == w.shape
+        np.testing.assert_array_equal(got[name], w)

@@ -83,16 +83,17 @@ def test_random_ops_are_not_constant():
     assert constant_value(m, "r") is None
 
 
-@pytest.mark.parametrize("trans_b", [0, 1])
-def test_gemm_orientation_is_out_by_in(trans_b):
+@pytest.mark.parametrize("trans_b, alpha, beta", [(0, 1.0, 1.0), (1, 1.0, 1.0), (1, 0.5, 2.0)])
+def test_gemm_orientation_is_out_by_in(trans_b, alpha, beta):
+    """(out, in), and scaled as the layer applies them (alpha and beta were left out)."""
     w_out_in = RNG.normal(size=(5, 4)).astype(np.float32)        # 4 inputs -> 5 outputs
     stored = w_out_in if trans_b else w_out_in.T
     bias = RNG.normal(size=(1, 5)).astype(np.float32)
-    m = _model([helper.make_node("Gemm", ["x", "B", "C"], ["y"], transB=trans_b, name="fc")],
+    m = _model([helper.make_node("Gemm", ["x", "B", "C"], ["y"], transB=trans_b, alpha=alpha, beta=beta, name="fc")],
                {"B": stored, "C": bias}, ["y"])
     node, w, b = layer_weights(m, "fc")
-    np.testing.assert_array_equal(w, w_out_in)
-    np.testing.assert_array_equal(b, bias.reshape(5))
+    np.testing.assert_allclose(w, w_out_in * alpha, rtol=1e-6)
+    np.testing.assert_allclose(b, bias.reshape(5) * beta, rtol=1e-6)
     # the weight really maps inputs to outputs: y = x @ w.T + b
     x = RNG.normal(size=(1, 4)).astype(np.float32)
     from onnx.reference import ReferenceEvaluator

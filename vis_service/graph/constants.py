@@ -197,7 +197,8 @@ def layer_weights(model: onnx.ModelProto, layer: str) -> tuple[onnx.NodeProto, n
       stored B is transposed when transB == 0). If B is not constant but A is
       (W @ x form), A is returned in (out, in) orientation. The bias C is
       returned flattened to (out_features,) when it has that many elements or is
-      broadcast from a scalar / length-1 tensor.
+      broadcast from a scalar / length-1 tensor. Both as the layer applies them:
+      the weight times `alpha`, the bias times `beta` (y = alpha A B + beta C).
     - MatMul (x @ W with a constant 2-D W of shape (in, out)): W.T, i.e.
       (out_features, in_features); higher-rank W is returned as stored. MatMul has
       no bias (a following Add is not fused): bias is None.
@@ -238,6 +239,9 @@ def layer_weights(model: onnx.ModelProto, layer: str) -> tuple[onnx.NodeProto, n
             if a is None:
                 raise missing("weights")
             w = a.T if attrs.get("transA", 0) else a
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        if alpha != 1.0:
+            w = (w * alpha).astype(w.dtype)
         bias = const(2)
         if bias is not None:
             n_out = w.shape[0]
@@ -245,6 +249,8 @@ def layer_weights(model: onnx.ModelProto, layer: str) -> tuple[onnx.NodeProto, n
                 bias = bias.reshape(n_out)
             elif bias.size == 1:
                 bias = np.full((n_out,), bias.reshape(()), dtype=bias.dtype)
+            if beta != 1.0:
+                bias = (bias * beta).astype(bias.dtype)
         return node, np.ascontiguousarray(w), bias
 
     # MatMul

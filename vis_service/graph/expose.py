@@ -5,7 +5,7 @@ import onnx
 from onnx import helper
 
 from ..errors import InvalidArgument
-from .loading import tensor_infos
+from .loading import TensorInfo, opset_version, tensor_infos
 
 
 def expose_tensors(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> onnx.ModelProto:
@@ -26,9 +26,11 @@ def expose_tensors(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -
         if name in seen:
             continue
         seen.add(name)
-        info = infos.get(name)
+        info = infos.get(name) or _dropout_mask_info(m, name, infos)
         if info is None:
-            raise InvalidArgument("layers", f"tensor {name!r} has no inferred type; it may live inside a control-flow subgraph, which cannot be exposed")
+            where = ("no node of the main graph makes it (a tensor inside a control-flow subgraph cannot be exposed)"
+                     if not any(name in n.output for n in m.graph.node) else "ONNX shape inference gives it no type")
+            raise InvalidArgument("layers", f"tensor {name!r} cannot be exposed: {where}")
         out_name = name
         if name in graph_inputs or name in inits:
             out_name = f"{name}__exposed"
@@ -36,6 +38,19 @@ def expose_tensors(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -
         shape = None if info.shape is None else [d if d is not None else None for d in info.shape]
         m.graph.output.append(helper.make_tensor_value_info(out_name, info.elem_type, shape))
     return m
+
+
+def _dropout_mask_info(model: onnx.ModelProto, name: str, infos: dict) -> TensorInfo | None:
+    """The mask output of a Dropout, which ONNX shape inference leaves untyped before opset 10:
+    the data's shape, and its type there (bool from opset 10 on), as onnxruntime computes it."""
+    for node in model.graph.node:
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] == name:
+            data = infos.get(node.input[0])
+            if data is None:
+                return None
+            elem = data.elem_type if opset_version(model) < 10 else onnx.TensorProto.BOOL
+            return TensorInfo(name, elem, data.shape)
+    return None
 
 
 def exposed_name(model: onnx.ModelProto, name: str) -> str:
