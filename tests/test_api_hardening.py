@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from conftest import assert_status, still_serving
-from vis_client import Client, Objective
+from vis_client import Client, Objective, Target
 from vis_client.errors import VisError
 from vis_service.api.servicers import Limits
 from vis_service.default_models import DEFAULT_REPOSITORY
@@ -234,13 +234,82 @@ def test_a_negative_batch_is_refused_by_every_attribution_method(server, digits,
     assert e.value.details().startswith("batch: must be >= 0"), e.value.details()
 
 
-def test_a_string_input_is_described_as_bytes(client):
-    """A model with a STRING input beside its image input: Inspect names the type as KServe does."""
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4]),
-                               helper.make_tensor_value_info("note", TensorProto.STRING, ["N"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4, 4])])
+def _with_outputs(*outputs, inputs=(("x", TensorProto.FLOAT),)) -> bytes:
+    """x [N, 1, 4, 4] -> y (Identity) and a Cast of x per (name, ONNX type) in `outputs`."""
+    nodes = [helper.make_node("Identity", ["x"], ["y"])]
+    nodes += [helper.make_node("Cast", ["x"], [name], to=elem) for name, elem in outputs]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, t, ["N", 1, 4, 4]) for n, t in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4, 4])]
+                              + [helper.make_tensor_value_info(n, t, ["N", 1, 4, 4]) for n, t in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def test_tensors_of_types_results_cannot_carry(client):
+    """A STRING / UINT16 output: Inspect names its type as KServe does; Activations of it is
+    INVALID_ARGUMENT naming the type (was INTERNAL on every call); the other outputs still work.
+    An input of such a type is refused at upload (no request could feed it)."""
+    m = client.load_model(_with_outputs(("text", TensorProto.STRING), ("wide", TensorProto.UINT16)))
+    info = m.inspect().model
+    assert {o.name: o.datatype for o in info.outputs} == {"y": "FP32", "text": "BYTES", "wide": "UINT16"}
+    x = np.ones((1, 1, 4, 4), np.float32)
+    for layers in (["wide"], []):
+        with pytest.raises(VisError) as e:
+            client.activations(m, x, layers)
+        assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "layers: tensor", "which results cannot carry")
+    np.testing.assert_array_equal(client.activations(m, x, ["y"])["y"], x)
+    with pytest.raises(VisError) as e:
+        client.load_model(_with_outputs(inputs=(("x", TensorProto.FLOAT), ("flag", TensorProto.UINT16))))
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "input 'flag' is of ONNX type UINT16, which requests cannot carry")
+
+
+def _scalar_model(output_rank0: bool = False) -> bytes:
+    """y = Clip(x, lo, hi) with scalar inputs lo, hi; with `output_rank0` also s = ReduceSum(x) (rank 0)."""
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])]
+    if output_rank0:
+        nodes.append(helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+                                           helper.make_tensor_value_info("lo", TensorProto.FLOAT, []),
+                                           helper.make_tensor_value_info("hi", TensorProto.FLOAT, [])], outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    info = client.load_model(model.SerializeToString()).inspect().model
-    assert {i.name: i.datatype for i in info.inputs} == {"x": "FP32", "note": "BYTES"}
+    return model.SerializeToString()
+
+
+def test_scalar_inputs_can_be_fed(client):
+    """Rank-0 inputs (Clip's bounds): the client sent them as [1] and the server refused a rank-0
+    tensor as an 'empty batch'."""
+    m = client.load_model(_scalar_model())
+    x = np.array([[-2.0, 0.5, 3.0], [1.0, -1.0, 0.2]], np.float32)
+    feeds = {"x": x, "lo": np.float32(-1.0), "hi": np.array(1.0, np.float32)}
+    np.testing.assert_array_equal(client.activations(m, feeds, ["y"])["y"], np.clip(x, -1, 1))
+    g = client.gradient(m, feeds, Target.tensor("y", np.ones_like(x)), wrt=["x"]).gradient
+    np.testing.assert_array_equal(g, ((x > -1) & (x < 1)).astype(np.float32))
+
+
+def test_targets_on_tensors_without_a_batch_dimension_are_invalid(client):
+    """A class / channel target on a scalar output, and a top-1 target there, were IndexErrors or
+    onnxruntime errors (INTERNAL); a float64 top-1 target ran into onnxruntime's missing double OneHot."""
+    m = client.load_model(_scalar_model(output_rank0=True))
+    feeds = {"x": np.ones((2, 3), np.float32), "lo": np.float32(-1.0), "hi": np.float32(1.0)}
+    for target in (Target.output(output="s"), Target.output(0, output="s"), Target.channel("s", 0),
+                   Target.tensor("s", np.float32(1.0))):
+        with pytest.raises(VisError) as e:
+            client.gradient(m, feeds, target, wrt=["x"])
+        assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "target: tensor 's'")
+
+
+def test_a_top1_target_on_a_float64_output(client):
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    m = client.load_model(model.SerializeToString())
+    x = np.array([[1.0, -3.0, 2.0, 0.5]])
+    g = client.gradient(m, x, Target.output())
+    np.testing.assert_array_equal(g.gradient, [[0.0, -6.0, 0.0, 0.0]])
+    assert list(g.target_index) == [1]

@@ -311,3 +311,20 @@ def test_a_batch_of_one_that_stays_fixed_runs_one_row_at_a_time(client, digits):
         client.saliency(m, np.concatenate([x, x]))
     assert "shape [2, 3, 4, 4] not allowed; the model takes [1, 3, 4, 4]" in e.value.details
     _still_serves(client, digits)
+
+
+def test_input_channels_a_conv_does_not_take_are_invalid_argument(client, digits):
+    """A Conv whose channel dimension is dynamic but whose weights take 3: two channels fail inside
+    onnxruntime ('Input channels C is not equal to kernel channels * group'), answered on input."""
+    w = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C", 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    m = client.load_model(model.SerializeToString())
+    with pytest.raises(InvalidArgument) as e:
+        client.activations(m, np.ones((1, 2, 8, 8), np.float32), ["y"])
+    assert e.value.details.startswith("input: the input's channels are not what the model's layers take"), \
+        e.value.details
+    _still_serves(client, digits)

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
 
+from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
+from ..errors import InvalidArgument
 from ..graph.expose import expose_tensors, exposed_name
 from ..graph.loading import BATCH_DIM
 from ..graph.names import resolve_tensor
@@ -24,10 +27,21 @@ log = logging.getLogger(__name__)
 
 
 def resolve_layers(model: LoadedModel, layers: list[str], field: str = "layers") -> dict[str, str]:
-    """Requested name (tensor or node) -> tensor name; empty = the graph outputs."""
-    if not layers:
-        return {o: o for o in model.output_names}
-    return {name: resolve_tensor(model.proto, name, kind="layer") for name in layers}
+    """Requested name (tensor or node) -> tensor name; empty = the graph outputs. Tensors of a type
+    no result can carry (uint16, strings, float8, ...) are refused naming `field`."""
+    resolved = ({o: o for o in model.output_names} if not layers
+                else {name: resolve_tensor(model.proto, name, kind="layer") for name in layers})
+    for name, tensor in resolved.items():
+        info = model.infos.get(tensor)
+        if info is None:
+            continue
+        try:
+            datatype_of(info.dtype)
+        except (TypeError, ValueError, KeyError):
+            raise InvalidArgument(field, f"tensor {tensor!r} ({name!r}) is of ONNX type "
+                                         f"{onnx.TensorProto.DataType.Name(info.elem_type)}, which results cannot carry; "
+                                         f"allowed: {', '.join(NUMPY_BY_DATATYPE)}") from None
+    return resolved
 
 
 def exposed_session(runtime: Runtime, model: LoadedModel, tensors):
@@ -86,8 +100,9 @@ def compute_activations(runtime: Runtime, model: LoadedModel, feeds: dict[str, n
     plan = _plan(model, list(layers))
     session = exposed_session(runtime, model, plan.resolved.values())
     values = None
-    if allocate is not None and plan.specs is not None and feeds:
-        batch = next(iter(feeds.values())).shape[0]
+    x = feeds.get(model.image_input)
+    if allocate is not None and plan.specs is not None and x is not None and x.ndim:
+        batch = x.shape[0]
         arrays = allocate([(dtype, tuple(batch if d is None else d for d in shape)) for dtype, shape in plan.specs])
         if arrays is not None:
             try:

@@ -109,7 +109,9 @@ def _cotangent_from_top1(gg: GradientGraph, tensor: str) -> None:
     g.input.remove(info)
     value = gg.forward_outputs[tensor]  # the objective is always a forward output
     p = f"{cot}__top1/"
-    zero_one = helper.make_tensor(p + "values", info.type.tensor_type.elem_type, [2], [0.0, 1.0])
+    elem = info.type.tensor_type.elem_type
+    # OneHot in float32 (onnxruntime has no double OneHot), cast to the cotangent's type
+    zero_one = helper.make_tensor(p + "values", TensorProto.FLOAT, [2], [0.0, 1.0])
     g.node.extend([
         helper.make_node("Flatten", [value], [p + "flat"], axis=1),
         helper.make_node("ArgMax", [p + "flat"], [p + "index"], axis=1, keepdims=1),
@@ -118,8 +120,9 @@ def _cotangent_from_top1(gg: GradientGraph, tensor: str) -> None:
         helper.make_node("Gather", [p + "flat_shape", p + "one"], [p + "depth"], axis=0),
         helper.make_node("Constant", [], [p + "values"], value=zero_one),
         helper.make_node("OneHot", [p + "index", p + "depth", p + "values"], [p + "onehot"], axis=-1),
+        helper.make_node("Cast", [p + "onehot"], [p + "typed"], to=elem),
         helper.make_node("Shape", [value], [p + "shape"]),
-        helper.make_node("Reshape", [p + "onehot", p + "shape"], [cot]),
+        helper.make_node("Reshape", [p + "typed", p + "shape"], [cot]),
         helper.make_node("Squeeze", [p + "index"] + ([p + "axes"] if _opset(gg) >= 13 else []),
                          [top1_output(gg, tensor)], **({} if _opset(gg) >= 13 else {"axes": [1]})),
     ])
@@ -174,6 +177,26 @@ def require_finite(what: str, values: np.ndarray, field: str = "input",
                                      f"values (inf or NaN) in {what}; {fix}")
 
 
+def _batch_of(model: LoadedModel, feeds: dict[str, np.ndarray]) -> int:
+    x = feeds.get(model.image_input)
+    if x is None or x.ndim == 0:
+        x = next((v for v in feeds.values() if v.ndim), None)
+    if x is None:
+        raise InvalidArgument("input", "no input has a batch dimension; targets are taken per sample of [N, ...] "
+                                       "tensors")
+    return int(x.shape[0])
+
+
+def require_per_sample(tensor: str, shape, batch: int) -> None:
+    """INVALID_ARGUMENT on `target` unless `tensor` has the inputs' batch as its first dimension:
+    class, channel and neuron targets pick entries per sample (a scalar, or a tensor whose first
+    dimension is something else, was an IndexError or a silently reshaped cotangent)."""
+    first = shape[0] if shape is not None and len(shape) else None
+    if shape is not None and (len(shape) == 0 or (isinstance(first, int) and first != batch)):
+        raise InvalidArgument("target", f"tensor {tensor!r} of shape {list(shape)} has no batch dimension of the "
+                                        f"inputs' {batch} samples; targets are taken per sample of [N, ...] tensors")
+
+
 def _objective_shape(runtime, model, feeds, tensor: str, batch: int) -> tuple[int, ...]:
     shape = model.infos[tensor].shape if tensor in model.infos else None
     if shape is not None and all(isinstance(d, int) or d == BATCH_DIM for d in shape):
@@ -184,8 +207,9 @@ def _objective_shape(runtime, model, feeds, tensor: str, batch: int) -> tuple[in
 def make_cotangent(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], obj: Objective,
                    tensor: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The cotangent for `obj` (and the per-sample target index for output targets)."""
-    batch = next(iter(feeds.values())).shape[0]
+    batch = _batch_of(model, feeds)
     shape = _objective_shape(runtime, model, feeds, tensor, batch)
+    require_per_sample(tensor, shape, batch)
     dtype = model.infos[tensor].dtype if tensor in model.infos else np.float32
     cot = np.zeros(shape, dtype=dtype)
     if obj.kind == "output":
@@ -269,6 +293,12 @@ def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarr
     """
     wrt_tensors = list(dict.fromkeys(wrt_map.values()))
     top1 = cotangent is None
+    info = model.infos.get(tensor)
+    if top1 and info is not None:   # (a given cotangent was checked against the tensor's shape)
+        require_per_sample(tensor, info.shape, _batch_of(model, feeds))
+    elif info is not None and info.shape is not None and len(info.shape) == 0:
+        raise InvalidArgument("target", f"tensor {tensor!r} is a scalar; gradients are taken of [N, ...] tensors, "
+                                        "one objective per sample")
     session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs, top1,
                                batch_summed)
     gg: GradientGraph = session.meta

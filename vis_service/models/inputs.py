@@ -58,13 +58,16 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
             if not ok:
                 want = "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
                 raise InvalidArgument(where, f"shape {list(arr.shape)} not allowed; the model takes {want}")
-        if arr.ndim == 0 or arr.shape[0] == 0:
+        if shape is not None and len(shape) == 0:
+            pass   # a scalar input (a Clip bound, a scale): no batch
+        elif arr.ndim == 0 or arr.shape[0] == 0:
             raise InvalidArgument(where, "empty batch")
         # an input whose first dimension is not the image input's (a static [1] scale, a lookup
         # table) has no batch: it is not counted or matched against the images
         first = _first_dim(model, name)
-        if name == image_input or first == image_first or not isinstance(first, int):
-            if arr.shape[0] > max_batch:
+        if arr.ndim and (name == image_input or first == image_first or not isinstance(first, int)):
+            # the limit counts a batch the request chooses, not a size the model fixes
+            if arr.shape[0] > max_batch and not isinstance(first, int):
                 raise ResourceExhausted(f"{where}: batch of {arr.shape[0]} exceeds the limit of {max_batch}")
             if batch is not None and arr.shape[0] != batch:
                 raise InvalidArgument(where, f"batch size {arr.shape[0]} differs from the other inputs' {batch}")

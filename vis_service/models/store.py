@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 
+from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
 from ..errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, shorten
 from ..gen import vis_pb2
 from ..graph.loading import TensorInfo, parse_model_files, prepare_model, tensor_infos
@@ -114,17 +115,32 @@ def _check_io_types(proto: onnx.ModelProto) -> None:
     """Inputs and outputs must be tensors with no empty or negative static dimension: a sequence
     or map (an sklearn ZipMap, a sequence input) or a zero-sized image has nothing to show, and
     accepted it would break every later call that describes the model (List, Inspect)."""
+    initializers = {t.name for t in proto.graph.initializer}
     for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
         for v in values:
             if not v.type.HasField("tensor_type"):
-                what = v.type.WhichOneof("value") or "value of no type"
-                raise InvalidArgument("model", f"{kind} {v.name!r} is a {what.replace('_type', '')}, not a tensor; "
+                what = (v.type.WhichOneof("value") or "value of no type").replace("_type", "")
+                article = "an" if what[0] in "aeiou" else "a"
+                raise InvalidArgument("model", f"{kind} {v.name!r} is {article} {what}, not a tensor; "
                                                "vis-service serves models whose inputs and outputs are tensors")
+            elem = v.type.tensor_type.elem_type
+            if kind == "input" and v.name not in initializers and not _carried(elem):
+                raise InvalidArgument("model", f"input {v.name!r} is of ONNX type {onnx.TensorProto.DataType.Name(elem)}, "
+                                               f"which requests cannot carry; allowed: {', '.join(NUMPY_BY_DATATYPE)}")
             dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else []
             bad = [d.dim_value for d in dims if d.HasField("dim_value") and d.dim_value <= 0]
             if bad:
                 shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
                 raise InvalidArgument("model", f"{kind} {v.name!r} has shape {shape}: static dimensions must be >= 1")
+
+
+def _carried(elem_type: int) -> bool:
+    """Whether a tensor of this ONNX type can travel in a request or a result (KServe datatypes)."""
+    try:
+        datatype_of(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (TypeError, ValueError, KeyError):
+        return False
+    return True
 
 
 class ModelStore:

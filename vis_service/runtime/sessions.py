@@ -162,7 +162,8 @@ class Session:
 # error.
 _ALLOCATION = ("failed to allocate memory", "bad_alloc", "out of memory", "alloc_failed")
 _SHAPE = ("invalid input shape", "cannot be reshaped", "attempting to broadcast", "incompatible dimensions",
-          "dimension mismatch", "invalid dimensions", "shape mismatch")
+          "dimension mismatch", "invalid dimensions", "shape mismatch", "kernel channels", "must match",
+          "is not equal to", "invalid rank")
 _WINDOWED = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv", "MaxPool", "AveragePool",
              "LpPool", "NchwcConv", "NchwcMaxPool", "NchwcAveragePool"}
 _STATUS_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
@@ -198,7 +199,9 @@ def run_error(exc: BaseException) -> Exception | None:
                                  "send fewer or smaller images (or a smaller `batch`)")
     if isinstance(exc, ort_errors.InvalidArgument) or (isinstance(exc, ort_errors.Fail)
                                                        and any(p in low for p in _SHAPE)):
-        if op in _WINDOWED or "invalid input shape" in low:
+        if "channels" in low:
+            what = "the input's channels are not what the model's layers take"
+        elif op in _WINDOWED or "invalid input shape" in low:
             what = ("the input is too small for the model: after the layers before it, a kernel or pooling "
                     "window of the model is larger than what reaches it; send larger images")
         else:

@@ -66,7 +66,8 @@ def encode(array) -> tuple[str, list[int], bytes]:
     """(datatype, shape, little-endian row-major bytes) of an array-like."""
     arr = np.asarray(array)
     datatype = datatype_of(arr.dtype)
-    arr = np.ascontiguousarray(arr, dtype=DATATYPES[datatype])
+    # np.require keeps a 0-d array 0-d (ascontiguousarray makes it [1]: a scalar input could not be sent)
+    arr = np.require(arr.astype(DATATYPES[datatype], copy=False), requirements="C")
     return datatype, list(arr.shape), arr.tobytes()
 
 
