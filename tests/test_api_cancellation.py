@@ -172,3 +172,55 @@ def test_limits_values():
     with pytest.raises(ValueError, match="chunk_bytes"):
         Limits(chunk_bytes=0)
     assert Limits(chunk_bytes=64 << 20).chunk_bytes == 64 << 20
+
+
+def test_a_deadline_that_passes_while_images_are_decoded_stops_the_method():
+    """The call ends while the server still decodes its 96 images: gRPC then refuses the
+    cancellation callback (add_callback is False), which was ignored, so IG ran for nobody and
+    held the only work slot; now the method never starts."""
+    import io
+
+    from PIL import Image
+
+    from vis_client.errors import DeadlineExceeded
+    from vis_service.default_models import DEFAULT_REPOSITORY
+
+    rng = np.random.default_rng(0)
+
+    def png():
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    images = [png() for _ in range(96)]
+    running = start_server(ServerConfig(port=0, model_repository=DEFAULT_REPOSITORY, workers=1))
+    try:
+        with Client(running.address, timeout=0.3) as c:
+            with pytest.raises(DeadlineExceeded):
+                c.integrated_gradients("digits", images, steps=200)
+        time.sleep(1.0)
+        assert running.state.runtime.gate.most_in_flight == 0   # no onnxruntime run was started
+        with Client(running.address) as c:   # and the slot is free
+            assert c.gradient("digits", np.zeros((1, 1, 32, 32), np.float32)).gradient.shape == (1, 1, 32, 32)
+    finally:
+        running.stop(grace=0)
+
+
+def test_an_upload_past_its_deadline_is_not_registered():
+    """The client was told DEADLINE_EXCEEDED while the server still prepared the model: the model
+    used to appear as loaded anyway (and its preparation ran to the end)."""
+    from _graph_helpers import LIGHT_DIR
+    from vis_client.errors import DeadlineExceeded
+
+    data = (LIGHT_DIR / "light_resnet50.onnx").read_bytes()   # ~1 s to parse, prepare and load
+    running = start_server(ServerConfig(port=0, model_repository=None))
+    try:
+        with Client(running.address, timeout=0.2) as c:
+            with pytest.raises(DeadlineExceeded):
+                c.load_model(data, name="late")
+        time.sleep(2.5)
+        assert not running.state.store.loaded()
+        with Client(running.address) as c:
+            assert c.load_model(data, name="late").names == ["late"]   # with time to finish, it loads
+    finally:
+        running.stop(grace=0)

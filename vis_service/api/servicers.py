@@ -115,12 +115,12 @@ class ModelServicer(vis_pb2_grpc.ModelServiceServicer):
         if header.total_bytes and header.total_bytes != len(data):
             raise InvalidArgument("header.total_bytes", f"announced {header.total_bytes} bytes but received {len(data)}")
         model = self.s.store.upload(data, header.name, header.config if header.HasField("config") else None,
-                                    list(header.labels))
+                                    list(header.labels), cancelled=lambda: not context.is_active())
         return self._info(model)
 
     @handles_errors
     def Load(self, request, context):
-        return self._info(self.s.store.load(request.name))
+        return self._info(self.s.store.load(request.name, cancelled=lambda: not context.is_active()))
 
     @handles_errors
     def List(self, request, context):

@@ -39,7 +39,10 @@ def run_streaming(context: grpc.ServicerContext, method: Callable[[Progress], Me
         cancelled.set()
         control.cancel()
 
-    context.add_callback(cancel)  # client cancelled, deadline passed or connection lost
+    # client cancelled, deadline passed or connection lost; add_callback is False when the call
+    # has ended already (cancelled while its request's images were decoded): the method never starts
+    if not context.add_callback(cancel):
+        raise Cancelled("cancelled by the client")
 
     def report(done, total, stage, values):
         events.put(vis_pb2.ResultChunk(progress=vis_pb2.Progress(done=done, total=total, stage=stage, values=values)))
@@ -89,6 +92,7 @@ def cancellable(context: grpc.ServicerContext):
     """Onnxruntime runs of a handler that runs its method on the handler thread itself end when
     the client cancels (see RunControl)."""
     control = RunControl()
-    context.add_callback(control.cancel)
+    if not context.add_callback(control.cancel):   # ended already: every run raises Cancelled at once
+        control.cancel()
     with control.bound():
         yield control

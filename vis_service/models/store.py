@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
-from ..errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, shorten
+from ..errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, ResourceExhausted, shorten
 from ..gen import vis_pb2
 from ..graph.loading import TensorInfo, parse_model_files, prepare_model, tensor_infos
 from ..runtime.sessions import Runtime
@@ -188,8 +188,8 @@ class ModelStore:
                       if p.is_dir() and NAME_RE.fullmatch(p.name) and (p / MODEL_FILE).is_file())
 
     # -- loading ------------------------------------------------------------
-    def load(self, name: str) -> LoadedModel:
-        """Load DIR/<name>/model.onnx; never reads outside the repository."""
+    def load(self, name: str, cancelled=None) -> LoadedModel:
+        """Load DIR/<name>/model.onnx; never reads outside the repository. `cancelled`: see _add."""
         check_name(name)
         if self.repository is None:
             raise NotFound("model", name, self._loaded_names())
@@ -213,10 +213,10 @@ class ModelStore:
             parsed, external = parse_model_files(data, base_dir=model_dir)
             self._check_size(size + external.size_bytes)
             return self._add(data, name, config, labels, source="repository", parsed=parsed,
-                             external_digest=external.digest)
+                             external_digest=external.digest, cancelled=cancelled)
 
     def upload(self, data: bytes | bytearray, name: str = "", config: vis_pb2.ModelConfig | None = None,
-               labels: list[str] | None = None) -> LoadedModel:
+               labels: list[str] | None = None, cancelled=None) -> LoadedModel:
         self._check_size(len(data))
         if name:
             check_name(name, "header.name")
@@ -235,7 +235,7 @@ class ModelStore:
                                   "here, or none)")
         with self._build_lock:
             return self._add(data, name, cfg, list(labels) if labels else None, source="upload",
-                             config_field="header.config")
+                             config_field="header.config", cancelled=cancelled)
 
     def unload(self, ref: str) -> bool:
         model = self.get(ref)
@@ -267,7 +267,13 @@ class ModelStore:
         return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
 
     def _add(self, data: bytes | bytearray, name: str, config, labels, *, source: str, parsed: onnx.ModelProto | None = None,
-             external_digest: bytes = b"", config_field: str = "config") -> LoadedModel:
+             external_digest: bytes = b"", config_field: str = "config", cancelled=None) -> LoadedModel:
+        """`cancelled()`: the caller has gone (a deadline, a cancel): checked between the steps that
+        take long on a large model, and before the model is registered for a call that failed."""
+        def check():
+            if cancelled is not None and cancelled():
+                raise Cancelled("cancelled by the client; the model was not loaded")
+
         graph_id, mid = model_ids(data, config, labels, external_digest)
         with self._lock:
             existing = self._models.get(mid)
@@ -278,8 +284,11 @@ class ModelStore:
         if twin is not None:  # same graph under another config: share the parsed graph and its sessions
             proto, infos = twin.proto, twin.infos
         else:
-            proto = complete_types(prepare_model(parsed if parsed is not None else parse_model_files(data)[0]))
+            parsed = parsed if parsed is not None else parse_model_files(data)[0]
+            check()
+            proto = complete_types(prepare_model(parsed))
             infos = tensor_infos(proto)
+        check()
         _check_io_types(proto)
         model = LoadedModel(mid, [], source, len(data), proto, config, labels, infos, graph_id=graph_id)
         if model.config.input.name and model.config.input.name not in model.input_names:
@@ -291,6 +300,7 @@ class ModelStore:
             self.runtime.session(graph_id, ("forward",), lambda: (proto, None))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InvalidArgument("model", f"onnxruntime cannot load the model: {str(exc).strip()[:500]}") from None
+        check()
         with self._lock:
             existing = self._models.setdefault(mid, model)
             self._bind_name(existing, name)
