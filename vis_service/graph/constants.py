@@ -338,8 +338,9 @@ def _numel(shape) -> int | None:
     return n
 
 
-def _onnx_slice(n: int, start: int, end: int, step: int) -> list[int]:
-    """Indices ONNX Slice takes along an axis of size n."""
+def slice_range(n: int, start: int, end: int, step: int) -> range:
+    """Indices ONNX Slice takes along an axis of size n (negative starts and ends count from the
+    end, both clamped as the spec says); step must not be 0."""
     if step == 0:
         raise ValueError("step 0")
     start = start + n if start < 0 else start
@@ -348,7 +349,7 @@ def _onnx_slice(n: int, start: int, end: int, step: int) -> list[int]:
         start, end = min(max(start, 0), n), min(max(end, 0), n)
     else:
         start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
-    return list(range(start, end, step))
+    return range(start, end, step)
 
 
 def _evaluate(node, args: list, opset: int) -> list | None:
@@ -434,7 +435,7 @@ def _partial_result(node, known: KnownValues, shapes, opaque_dim0, attrs) -> tup
         if starts is None or ends is None or len(starts) != 1 or list(axes) not in ([0], [-1]):
             return None
         try:
-            picks = _onnx_slice(len(src[0]), int(starts[0]), int(ends[0]), int(steps[0]))
+            picks = list(slice_range(len(src[0]), int(starts[0]), int(ends[0]), int(steps[0])))
         except ValueError:
             return None
         return [src[0][i] for i in picks], 1, src[2]

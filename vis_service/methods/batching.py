@@ -19,12 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..models.inputs import first_dim
 from ..models.store import LoadedModel
-
-
-def _first_dim(model: LoadedModel, name: str):
-    info = model.infos.get(name)
-    return info.shape[0] if info is not None and info.shape else None
 
 
 def fixed_batch(model: LoadedModel) -> int | None:
@@ -32,7 +28,7 @@ def fixed_batch(model: LoadedModel) -> int | None:
     `prepare_model` could not free a batch the exporter hard-coded (it then keeps the input at 1):
     such a model runs one row at a time."""
     info = model.infos.get(model.image_input)
-    d = _first_dim(model, model.image_input)
+    d = first_dim(model, model.image_input)
     return d if isinstance(d, int) and d >= 1 and len(info.shape) >= 2 else None
 
 
@@ -45,12 +41,12 @@ def row_inputs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> set[str]:
     """The inputs fed one row per image (see the module docstring), the image input included."""
     image = model.image_input
     n = feeds[image].shape[0]
-    first = _first_dim(model, image)
+    first = first_dim(model, image)
     out = {image}
     for name, v in feeds.items():
         if name == image or v.ndim == 0:
             continue
-        d = _first_dim(model, name)
+        d = first_dim(model, name)
         if (d is not None and d == first) or (not isinstance(d, int) and v.shape[0] == n):
             out.add(name)
     return out

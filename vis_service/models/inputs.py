@@ -46,7 +46,7 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
     if missing:
         raise InvalidArgument(field_name, f"no value for model input(s) {missing}; send images or tensors")
     batch = None
-    image_first = _first_dim(model, image_input)
+    image_first = first_dim(model, image_input)
     for name, arr in feeds.items():
         info = model.infos[name]
         where = f"{field_name}.tensors[{name}]"
@@ -64,7 +64,7 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
             raise InvalidArgument(where, "empty batch")
         # an input whose first dimension is not the image input's (a static [1] scale, a lookup
         # table) has no batch: it is not counted or matched against the images
-        first = _first_dim(model, name)
+        first = first_dim(model, name)
         if arr.ndim and (name == image_input or first == image_first or not isinstance(first, int)):
             # the limit counts a batch the request chooses, not a size the model fixes
             if arr.shape[0] > max_batch and not isinstance(first, int):
@@ -77,7 +77,8 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
     return feeds
 
 
-def _first_dim(model: LoadedModel, name: str):
+def first_dim(model: LoadedModel, name: str):
+    """The declared first dimension of `name` (an int, a symbol or None): the batch of a batched input."""
     info = model.infos.get(name)
     return info.shape[0] if info is not None and info.shape else None
 

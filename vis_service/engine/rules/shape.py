@@ -2,11 +2,10 @@
 Gather, GatherElements, GatherND, TopK (values)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ...errors import Unimplemented
+from ...graph.constants import slice_range
 from ..context import INT64_MAX, INT64_MIN, RuleContext, attr, normalize_axis
 from ..registry import rule
 
@@ -89,15 +88,8 @@ def _slice_positions(dim: int, start: int, end: int, step: int) -> tuple[int, in
     """(lowest selected index, number selected) of x[start:end:step] along an axis of size dim."""
     if step == 0:
         raise Unimplemented("Slice with step 0")
-    start = start + dim if start < 0 else start
-    end = end + dim if end < 0 else end
-    if step > 0:
-        start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-        count = max(0, math.ceil((end - start) / step))
-        return start, count
-    start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
-    count = max(0, math.ceil((start - end) / -step))
-    return start + (count - 1) * step, count
+    picked = slice_range(dim, start, end, step)
+    return (min(picked[0], picked[-1]) if picked else 0), len(picked)
 
 
 def _spread(ctx: RuleContext, g: str, axis: int, stride: int, rank: int) -> str:
