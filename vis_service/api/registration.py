@@ -39,9 +39,16 @@ LIGHT_METHODS = frozenset({"vis.v1.ModelService/List", "vis.v1.ModelService/Insp
 
 class WorkSlots:
     """At most `size` calls that do work (uploads, loads, every method) at once; one more is
-    answered RESOURCE_EXHAUSTED at once rather than queued behind them. The server's thread pool
-    has a few threads more than slots, so health checks and the light calls above always find one
-    (eight long Maximize streams used to hold every thread: health checks timed out)."""
+    answered RESOURCE_EXHAUSTED after a short wait (GRACE_S) rather than queued behind them. The
+    server's thread pool has a few threads more than slots, so health checks and the light calls
+    above always find one (eight long Maximize streams used to hold every thread: health checks
+    timed out)."""
+
+    # A streamed call's last message reaches the client before its handler has unwound and freed
+    # the slot, so a client's next call could find it still taken (about 1 in 200 back-to-back
+    # calls on a --workers 1 server was refused): a call waits this long for a slot, less if its
+    # deadline is nearer.
+    GRACE_S = 1.0
 
     def __init__(self, size: int):
         self.size = size
@@ -49,7 +56,9 @@ class WorkSlots:
 
     @contextmanager
     def held(self, context: grpc.ServicerContext):
-        if not self._free.acquire(blocking=False):
+        remaining = context.time_remaining()
+        wait = self.GRACE_S if remaining is None else max(0.0, min(self.GRACE_S, remaining))
+        if not self._free.acquire(timeout=wait):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server is busy: {self.size} calls are running (its --workers); retry later")
         try:
