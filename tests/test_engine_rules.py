@@ -12,7 +12,8 @@ import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph as OrtInvalidGraph
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-from _engine_helpers import adjoint_check, one_node_model
+from _engine_helpers import adjoint_check, one_node_model, run_gradient
+from vis_service.engine import build_gradient_model
 
 LINEAR = "linear"        # linear / piecewise linear: finite differences exact away from kinks
 SMOOTH = "smooth"
@@ -481,6 +482,28 @@ def test_batch_norm_inference():
 def test_instance_and_layer_norm():
     check("InstanceNormalization", {"x": (2, 3, 4, 5)}, {"scale": weights(3), "bias": weights(3)}, epsilon=1e-3)
     check("LayerNormalization", {"x": (2, 3, 4, 5)}, {"scale": weights(4, 5), "bias": weights(4, 5)}, axis=-2)
+
+
+@pytest.mark.parametrize("axes", [None, [2, 3], [1], [0, 1, 2, 3]])
+def test_mean_variance_normalization(axes):
+    check("MeanVarianceNormalization", {"x": (2, 3, 4, 5)}, **({} if axes is None else {"axes": axes}))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("axis", [1, -1, 0])
+def test_lp_normalization(p, axis):
+    # "separated": no element at 0, where the 1-norm's sign switches
+    check("LpNormalization", {"x": (2, 3, 4)}, p=p, axis=axis, values="separated" if p == 1 else "normal")
+
+
+def test_lp_normalization_of_a_zero_vector_has_a_zero_gradient():
+    """onnxruntime's forward gives 0 where the norm is 0; the gradient there is 0 too, not NaN."""
+    model = one_node_model("LpNormalization", {"x": (1, 3, 2)}, {}, opset=17, dtype=np.float32, axis=1, p=2)
+    x = np.zeros((1, 3, 2), np.float32)
+    x[0, :, 1] = [1, 2, 2]
+    grad = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": np.ones((1, 3, 2), np.float32)})["x"]
+    assert np.isfinite(grad).all() and not grad[..., 0].any()
+    np.testing.assert_allclose(grad[0, :, 1], (1 - x[0, :, 1] / 3 * 5 / 3) / 3, rtol=1e-6)
 
 
 @pytest.mark.parametrize("size", [1, 3, 5])

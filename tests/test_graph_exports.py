@@ -258,7 +258,31 @@ def _reduce_over_batch():
     return nodes, [numpy_helper.from_array(_w(2, 3, 3, 3), "w")]
 
 
-@pytest.mark.parametrize("build", [_concat_constant_map, _flatten_whole_batch, _reduce_over_batch])
+def _over_batch(op, *extra_inputs, inits=(), **attrs):
+    """Conv -> `op` (which mixes the images of a batch without changing its size) -> weighted
+    spatial mean (weighted: a normalization's plain mean would be constant)."""
+    def build():
+        nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="/Conv", pads=[1, 1, 1, 1]),
+                 helper.make_node(op, ["c", *extra_inputs], ["m"], name=f"/{op}", **attrs),
+                 helper.make_node("Mul", ["m", "map"], ["wm"], name="/Mul"),
+                 helper.make_node("ReduceMean", ["wm"], ["y"], name="/ReduceMean", axes=[2, 3], keepdims=0)]
+        return nodes, [numpy_helper.from_array(_w(2, 3, 3, 3), "w"), numpy_helper.from_array(_w(1, 2, 4, 4), "map"),
+                       *[init() for init in inits]]
+    build.__name__ = f"{op}_over_batch"
+    return build
+
+
+_MIXING = [_over_batch("Softmax", axis=0), _over_batch("LogSoftmax", axis=-4), _over_batch("Hardmax", axis=0),
+           _over_batch("MeanVarianceNormalization"),   # default axes [0, 2, 3]
+           _over_batch("LpNormalization", axis=0),
+           _over_batch("CumSum", "axis0", inits=[lambda: _ints("axis0", 0)]),
+           _over_batch("Slice", "s0", "e0", "a0", "st0",   # x[::-1]: the batch in reverse order
+                       inits=[lambda: _ints("s0", [-1]), lambda: _ints("e0", [-(2 ** 63)]), lambda: _ints("a0", [0]),
+                              lambda: _ints("st0", [-1])])]
+
+
+@pytest.mark.parametrize("build", [_concat_constant_map, _flatten_whole_batch, _reduce_over_batch] + _MIXING,
+                         ids=lambda b: b.__name__)
 def test_batch_that_cannot_be_freed_stays_fixed(build):
     """Where the batch of a batch-1 export cannot be freed, the input keeps its batch of 1 (methods
     then run one row at a time, or refuse) instead of failing inside onnxruntime at batch 3, or
@@ -272,6 +296,21 @@ def test_batch_that_cannot_be_freed_stays_fixed(build):
     # an input without a batch of 1 is left as it came
     dynamic = _model(nodes, inits, ["batch", 3, 4, 4], opset=13)
     assert _batch(prepare_model(dynamic)) == "batch"
+
+
+@pytest.mark.parametrize("build", [
+    _over_batch("Softmax", axis=1), _over_batch("LogSoftmax", axis=-1), _over_batch("MeanVarianceNormalization", axes=[2, 3]),
+    _over_batch("LpNormalization", axis=1), _over_batch("CumSum", "axis2", inits=[lambda: _ints("axis2", 2)]),
+    _over_batch("Slice", "s0", "e0", "a0", inits=[lambda: _ints("s0", [0, 0]), lambda: _ints("e0", [2 ** 63 - 1, 4]),
+                                                  lambda: _ints("a0", [0, 3])])], ids=lambda b: b.__name__)
+def test_the_same_ops_per_image_are_freed(build):
+    """The ops of the test above along other axes (or a Slice of the whole batch) work image by image."""
+    nodes, inits = build()
+    original = _model(nodes, inits, [1, 3, 4, 4], opset=13)
+    prepared = prepare_model(original)
+    assert _batch(prepared) == "N"
+    _check_forward(original, prepared, 3)
+    _check_gradient(prepared)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,11 +198,42 @@ def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto
     return m
 
 
+# standard ops whose output has their input's shape, which ONNX inference leaves shapeless (it types
+# them only): every tensor downstream would have an unknown rank
+_SHAPE_KEEPING_UNINFERRED = frozenset({"MeanVarianceNormalization"})
+
+
 def _infer(m: onnx.ModelProto, field: str) -> onnx.ModelProto:
     try:
-        return shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+        if _shape_uninferred_outputs(inferred):
+            inferred = shape_inference.infer_shapes(inferred, check_type=False, strict_mode=False, data_prop=True)
+        return inferred
     except Exception as exc:
         raise InvalidArgument(field, f"shape inference failed: {exc}") from None
+
+
+def _shape_uninferred_outputs(m: onnx.ModelProto) -> bool:
+    """Give the outputs of _SHAPE_KEEPING_UNINFERRED nodes their input's shape; True if any was given."""
+    infos = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
+    given = False
+    for node in m.graph.node:
+        if node.op_type not in _SHAPE_KEEPING_UNINFERRED or node.domain not in ("", "ai.onnx"):
+            continue
+        source, out = infos.get(node.input[0]), node.output[0]
+        if source is None or not source.type.tensor_type.HasField("shape"):
+            continue
+        target = infos.get(out)
+        if target is not None and target.type.tensor_type.HasField("shape"):
+            continue
+        if target is None:
+            target = m.graph.value_info.add()
+            target.name = out
+            infos[out] = target
+        target.type.tensor_type.elem_type = source.type.tensor_type.elem_type
+        target.type.tensor_type.shape.CopyFrom(source.type.tensor_type.shape)
+        given = True
+    return given
 
 
 def _clear_inferred(m: onnx.ModelProto) -> None:
@@ -547,6 +578,51 @@ _BATCH_MOVING_OPS = frozenset({"Shape", "Size", "NonZero", "If", "Loop", "Scan",
                                "SplitToSequence", "ConcatFromSequence"})
 
 
+def _opset(m: onnx.ModelProto) -> int:
+    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _mixes_batch(node: onnx.NodeProto, rank: int, ints, opset: int) -> bool:
+    """True for ops that combine or reorder the images of a batch while keeping its size (the
+    other batch-mixing constructs change the batch dim's size, which the caller sees): a softmax
+    or normalization over the batch axis, a running sum along it, a Slice that reverses or
+    shifts it. At batch 1 such an op gives what the exporter saw; at a larger batch each image's
+    result would depend on the others. Unknown axes count as the batch axis."""
+    op = node.op_type
+
+    def batch_axis(axis) -> bool:
+        return axis is None or int(axis) in (0, -rank)
+
+    if op in ("Softmax", "LogSoftmax", "Hardmax"):
+        # before opset 13 the op works on [prod(dims[:axis]), prod(dims[axis:])] (default axis 1)
+        return batch_axis(_attr(node, "axis", -1 if opset >= 13 else 1))
+    if op in ("LpNormalization", "LayerNormalization"):   # LayerNormalization normalizes axis..end
+        return batch_axis(_attr(node, "axis", -1 if op == "LpNormalization" else -1))
+    if op == "MeanVarianceNormalization":
+        return any(batch_axis(a) for a in _attr(node, "axes", [0, 2, 3]))
+    if op == "CumSum":
+        axis = ints(node.input[1]) if len(node.input) > 1 else None
+        return batch_axis(axis[0] if axis else None)
+    if op == "BatchNormalization":
+        return bool(_attr(node, "training_mode", 0))
+    if op == "Slice":
+        if len(node.input) < 3:   # opset < 10: attributes, no steps
+            starts, ends = _attr(node, "starts", []), _attr(node, "ends", [])
+            axes, steps = _attr(node, "axes", list(range(len(starts)))), [1] * len(starts)
+        else:
+            starts, ends = ints(node.input[1]), ints(node.input[2])
+            axes = ints(node.input[3]) if len(node.input) > 3 and node.input[3] else (
+                list(range(len(starts))) if starts is not None else None)
+            steps = ints(node.input[4]) if len(node.input) > 4 and node.input[4] else (
+                [1] * len(starts) if starts is not None else None)
+        if starts is None or ends is None or axes is None or steps is None:
+            return True
+        # a slice of the batch that keeps its size is the whole batch, in order
+        return any(batch_axis(a) and not (st == 1 and s in (0, -(2 ** 63)) and e >= 2 ** 31 - 1)
+                   for a, s, e, st in zip(axes, starts, ends, steps))
+    return False
+
+
 def _batch_left_hardcoded(m: onnx.ModelProto, batch: set[str]) -> str | None:
     """Why the batch of this model cannot be freed, or None: a node that turns a tensor whose dim
     0 is the symbolic batch into one with a fixed dim 0 or rank 0 (a Reshape to [1, ...] that
@@ -592,6 +668,8 @@ def _batch_left_hardcoded(m: onnx.ModelProto, batch: set[str]) -> str | None:
             return f"Gather node {node.name!r} selects along the batch axis"
         if op in ("Reshape", "Flatten") and batched(node.input[0]) and not batched(node.output[0]):
             return f"{op} node {node.name!r} merges the batch axis with others"
+        if batched(node.input[0]) and _mixes_batch(node, rank, ints, _opset(m)):
+            return f"{op} node {node.name!r} mixes the images of a batch"
         for o in node.output:
             shape = shapes.get(o) if o else None
             if shape is not None and (len(shape) == 0 or isinstance(shape[0], int)):

@@ -159,7 +159,7 @@ def atan_backward(ctx: RuleContext, node, grad_outputs):
     return [ctx.make_node("Div", [grad_outputs[0], ctx.make_node("Add", [ctx.scalar(1.0, x), ctx.make_node("Mul", [x, x])])])]
 
 
-@rule("Sign", "Floor", "Ceil", "Round")
+@rule("Sign", "Floor", "Ceil", "Round", "Hardmax")
 def step_backward(ctx: RuleContext, node, grad_outputs):
     """Piecewise constant: the gradient is zero (at the steps too, as torch takes it). No gradient
     flows on, and nothing is emitted: the other terms of x's gradient stand alone (LPPool's and

@@ -1,4 +1,5 @@
-"""BatchNormalization (inference), Instance/LayerNormalization, LRN."""
+"""BatchNormalization (inference), Instance/LayerNormalization, MeanVarianceNormalization,
+LpNormalization, LRN."""
 from __future__ import annotations
 
 from ...errors import Unimplemented
@@ -62,6 +63,41 @@ def layer_norm_backward(ctx: RuleContext, node, grad_outputs):
     g_scaled = ctx.make_node("Mul", [grad_outputs[0], scale])
     dx = _normalized_backward(ctx, x, g_scaled, axes, attr(node, "epsilon", 1e-5))
     return [dx] + [None] * (len(node.input) - 1)
+
+
+@rule("MeanVarianceNormalization")
+def mean_variance_norm_backward(ctx: RuleContext, node, grad_outputs):
+    """y = (x - mean) / (std + 1e-9) over `axes` (default [0, 2, 3]): the normalized rule with the
+    epsilon moved under the root (a difference of order 1e-9 / std; a constant input still gets a
+    finite gradient)."""
+    x = node.input[0]
+    rank = ctx.rank(x)
+    axes = sorted(normalize_axis(a, rank) for a in attr(node, "axes", [0, 2, 3]))
+    return [_normalized_backward(ctx, x, grad_outputs[0], axes, 1e-18)]
+
+
+@rule("LpNormalization")
+def lp_norm_backward(ctx: RuleContext, node, grad_outputs):
+    """y = x / ||x||_p along `axis` (p 1 or 2); onnxruntime gives y = 0 where the norm is 0.
+
+    dx = (g - s * sum(g * y)) / n with s = y for p = 2 and sign(x) for p = 1; 0 where n = 0 (y is
+    the constant 0 there in onnxruntime's forward).
+    """
+    x, y, g = node.input[0], node.output[0], grad_outputs[0]
+    p = attr(node, "p", 2)
+    if p not in (1, 2):
+        raise Unimplemented(f"LpNormalization node {node.name!r}: p={p} (ONNX allows 1 or 2)")
+    axis = [normalize_axis(attr(node, "axis", -1), ctx.rank(x))]
+    norm = ctx.reduce("ReduceL2" if p == 2 else "ReduceL1", x, axis, keepdims=True)
+    if p == 2:
+        direction = y
+    else:
+        zero = ctx.scalar(0.0, x)
+        direction = ctx.make_node("Sub", [ctx.mask("Greater", x, zero, x), ctx.mask("Less", x, zero, x)])
+    along = ctx.reduce("ReduceSum", ctx.make_node("Mul", [g, y]), axis, keepdims=True)
+    dx = ctx.make_node("Div", [ctx.make_node("Sub", [g, ctx.make_node("Mul", [direction, along])]), norm])
+    zero_norm = ctx.make_node("Equal", [norm, ctx.scalar(0.0, x)])
+    return [ctx.make_node("Where", [zero_norm, ctx.scalar(0.0, x), dx])]
 
 
 @rule("LRN")

@@ -66,6 +66,11 @@ def slice_backward(ctx: RuleContext, node, grad_outputs):
         steps = _constant_ints(ctx, node, 4, "steps")
     axes = [normalize_axis(a, rank) for a in (axes if axes is not None else range(len(starts)))]
     steps = steps or [1] * len(axes)
+    # axes sliced whole whatever their size (x[0:INT_MAX], exporters write it on the batch axis)
+    # need no static size and no padding
+    kept = [k for k, (start, end, step) in enumerate(zip(starts, ends, steps))
+            if not (step == 1 and (start == 0 or start <= -(2 ** 31)) and end >= 2 ** 31 - 1)]
+    axes, starts, ends, steps = ([seq[k] for k in kept] for seq in (axes, starts, ends, steps))
     dims = ctx.static_dims(x, axes, "Slice backward")
     pads = [0] * (2 * rank)
     for axis, dim, start, end, step in zip(axes, dims, starts, ends, steps):
