@@ -176,6 +176,33 @@ def test_resize_sizes_with_batch_one_is_freed(opset):
     _check_gradient(prepared)
 
 
+@pytest.mark.parametrize("dims", [[1, 2, 5, 6], ["batch", 2, 5, 6]])
+def test_torchscript_opset11_resize_sizes_from_shape_get_their_shape(dims):
+    """TorchScript's F.interpolate(size=(9, 11)) at opset 11: Resize(x, roi, scales=[], sizes=
+    Concat(Shape(x)[0:2], [9, 11])). ONNX's Resize-11 inference leaves those sizes unread, so every
+    tensor after it had unknown dims and no gradient could be built (a reduction after it needs
+    static sizes)."""
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="/c/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="/Relu"),
+             helper.make_node("Shape", ["r"], ["shape"], name="/Shape"),
+             _const("start", [0]), _const("end", [2]), _const("hw", [9, 11]),
+             helper.make_node("Slice", ["shape", "/start", "/end", "/start"], ["nc"], name="/Slice"),
+             helper.make_node("Concat", ["nc", "/hw"], ["sizes"], name="/Concat", axis=0),
+             _const("roi", [], np.float32), _const("scales", [], np.float32),
+             helper.make_node("Resize", ["r", "/roi", "/scales", "sizes"], ["up"], name="/Resize", mode="linear",
+                              coordinate_transformation_mode="pytorch_half_pixel"),
+             helper.make_node("Conv", ["up", "w2"], ["c2"], name="/c2/Conv"),
+             helper.make_node("ReduceMean", ["c2"], ["y"], name="/ReduceMean", axes=[2, 3], keepdims=0)]
+    original = _model(nodes, [numpy_helper.from_array(_w(3, 2, 3, 3), "w"), numpy_helper.from_array(_w(2, 3, 1, 1), "w2")],
+                      dims, opset=11)
+    prepared = prepare_model(original)
+    batch = _batch(prepared)
+    assert tensor_infos(prepared)["up"].shape == (batch, 3, 9, 11)
+    _check_forward(original, prepared, 1)
+    _check_forward(original, prepared, 3)
+    _check_gradient(prepared)
+
+
 def test_resize_rule_takes_batch_one_sizes_on_a_symbolic_batch():
     """The Resize rule itself: constant sizes [1, ...] on a symbolic batch (a graph prepare_model
     did not rewrite) keep the batch of the one image the graph runs with."""

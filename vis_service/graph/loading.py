@@ -206,33 +206,65 @@ _SHAPE_KEEPING_UNINFERRED = frozenset({"MeanVarianceNormalization"})
 def _infer(m: onnx.ModelProto, field: str) -> onnx.ModelProto:
     try:
         inferred = shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
-        if _shape_uninferred_outputs(inferred):
+        for _ in range(32):   # each given shape can let inference reach the next gap
+            if not _complete_shapes(inferred):
+                break
             inferred = shape_inference.infer_shapes(inferred, check_type=False, strict_mode=False, data_prop=True)
         return inferred
     except Exception as exc:
         raise InvalidArgument(field, f"shape inference failed: {exc}") from None
 
 
-def _shape_uninferred_outputs(m: onnx.ModelProto) -> bool:
-    """Give the outputs of _SHAPE_KEEPING_UNINFERRED nodes their input's shape; True if any was given."""
+def _complete_shapes(m: onnx.ModelProto) -> bool:
+    """Shapes ONNX inference leaves out although they are known; True if any was given.
+
+    The outputs of _SHAPE_KEEPING_UNINFERRED nodes get their input's shape; a Resize with sizes
+    computed from shapes (TorchScript's F.interpolate(size=...) at opset 11: Concat(Shape(x)[:2],
+    [H, W]), which Resize-11's inference does not read) gets those sizes, symbols included.
+    """
     infos = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
-    given = False
-    for node in m.graph.node:
-        if node.op_type not in _SHAPE_KEEPING_UNINFERRED or node.domain not in ("", "ai.onnx"):
-            continue
-        source, out = infos.get(node.input[0]), node.output[0]
-        if source is None or not source.type.tensor_type.HasField("shape"):
-            continue
+
+    def complete(vi) -> bool:
+        return vi is not None and vi.type.tensor_type.HasField("shape") and all(
+            d.HasField("dim_value") or d.dim_param for d in vi.type.tensor_type.shape.dim)
+
+    def give(out: str, elem_type: int, dims: list) -> None:
         target = infos.get(out)
-        if target is not None and target.type.tensor_type.HasField("shape"):
-            continue
         if target is None:
             target = m.graph.value_info.add()
             target.name = out
             infos[out] = target
-        target.type.tensor_type.elem_type = source.type.tensor_type.elem_type
-        target.type.tensor_type.shape.CopyFrom(source.type.tensor_type.shape)
-        given = True
+        target.type.tensor_type.elem_type = elem_type
+        shape = target.type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in dims:
+            if isinstance(d, str):
+                shape.dim.add().dim_param = d
+            else:
+                shape.dim.add().dim_value = int(d)
+
+    def dims_of(vi) -> list:
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    given = False
+    known = None
+    for node in m.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.output or not node.input:
+            continue
+        source, out = infos.get(node.input[0]), infos.get(node.output[0])
+        if node.op_type in _SHAPE_KEEPING_UNINFERRED and complete(source) and not complete(out):
+            give(node.output[0], source.type.tensor_type.elem_type, dims_of(source))
+            given = True
+        elif node.op_type == "Resize" and len(node.input) > 3 and node.input[3] and source is not None:
+            if known is None:
+                known = known_values(m, tensor_shapes(m))
+            # sizes computed from shapes only (constant sizes inference reads itself, and a batch
+            # of 1 in them is freed later); inference may have named the dims afresh (unk__3)
+            sizes = known.elements(node.input[3]) if node.input[3] in known.partial else None
+            if (sizes and all(isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in sizes)
+                    and (out is None or not out.type.tensor_type.HasField("shape") or dims_of(out) != sizes)):
+                give(node.output[0], source.type.tensor_type.elem_type, sizes)
+                given = True
     return given
 
 
@@ -578,10 +610,6 @@ _BATCH_MOVING_OPS = frozenset({"Shape", "Size", "NonZero", "If", "Loop", "Scan",
                                "SplitToSequence", "ConcatFromSequence"})
 
 
-def _opset(m: onnx.ModelProto) -> int:
-    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
 def _mixes_batch(node: onnx.NodeProto, rank: int, ints, opset: int) -> bool:
     """True for ops that combine or reorder the images of a batch while keeping its size (the
     other batch-mixing constructs change the batch dim's size, which the caller sees): a softmax
@@ -668,7 +696,7 @@ def _batch_left_hardcoded(m: onnx.ModelProto, batch: set[str]) -> str | None:
             return f"Gather node {node.name!r} selects along the batch axis"
         if op in ("Reshape", "Flatten") and batched(node.input[0]) and not batched(node.output[0]):
             return f"{op} node {node.name!r} merges the batch axis with others"
-        if batched(node.input[0]) and _mixes_batch(node, rank, ints, _opset(m)):
+        if batched(node.input[0]) and _mixes_batch(node, rank, ints, opset_version(m)):
             return f"{op} node {node.name!r} mixes the images of a batch"
         for o in node.output:
             shape = shapes.get(o) if o else None
