@@ -49,6 +49,51 @@ def test_top1_costs_one_session_and_no_forward_run(client, digits, digit_images)
     assert res.labels == [p.stem.split("_")[1] for p in digit_images]
 
 
+@pytest.mark.parametrize("target", [None, 3, "channel", "tensor"])
+def test_a_batch_over_the_memory_budget_runs_in_several_runs_with_progress(client, digits, digit_images, target):
+    """A Gradient batch whose activations exceed the memory budget runs a few samples per
+    onnxruntime run (the whole batch was one run: 256 VGG-sized images would have taken tens of
+    GB), streams progress after each, and gives what each image gives alone."""
+    images = digit_images[:5]
+    acts = client.activations(digits, images, ["relu3"])["relu3"]
+    objective, cotangent = {None: (None, None), 3: (3, None), "channel": (Target.channel("relu3", 4), None),
+                            "tensor": ("relu3", np.random.default_rng(0).standard_normal(acts.shape).astype(np.float32))}[target]
+    events = []
+    # 1 byte: one sample per run
+    res = client.gradient(digits, images, objective, wrt=["input", "relu3"], cotangent=cotangent,
+                          memory_budget_bytes=1, on_progress=events.append)
+    assert [(e.done, e.total) for e in events] == [(k, 5) for k in range(6)]
+    whole = client.gradient(digits, images, objective, wrt=["input", "relu3"], cotangent=cotangent)
+    for i in range(5):
+        one = client.gradient(digits, images[i:i + 1], objective, wrt=["input", "relu3"],
+                              cotangent=None if cotangent is None else cotangent[i:i + 1])
+        for name in ("input", "relu3"):
+            np.testing.assert_allclose(res.gradients[name][i:i + 1], one.gradients[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(res.objective[i:i + 1], one.objective, rtol=1e-5)
+    np.testing.assert_allclose(res.gradient, whole.gradient, rtol=1e-5, atol=1e-6)
+    if target in (None, "channel"):
+        assert list(res.target_index) == list(whole.target_index)
+        assert res.labels == whole.labels
+
+
+def test_gradient_memory_budget_is_checked(server, client, digits, digit_images):
+    from vis_service.gen import vis_pb2, vis_pb2_grpc
+
+    # the client refuses a negative budget itself: the server is asked directly
+    request = vis_pb2.GradientRequest(model="digits", memory_budget_bytes=-1,
+                                      input=vis_pb2.InputBatch(images=[digit_images[0].read_bytes()]))
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as raw:
+            list(vis_pb2_grpc.VisServiceStub(channel).Gradient(request))
+    assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raw.value.details().startswith("memory_budget_bytes: must be >= 0"), raw.value.details()
+    with pytest.raises(VisError) as e:
+        client.gradient(digits, digit_images[:1], memory_budget_bytes=1 << 62)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "physical memory" in str(e.value)
+    with pytest.raises(ValueError):
+        client.gradient(digits, digit_images[:1], memory_budget_bytes=-1)
+
+
 def test_channel_and_neuron_targets(client, digits, digit_images):
     acts = client.activations(digits, digit_images[:2], ["relu3"])["relu3"]
     ch = client.gradient(digits, digit_images[:2], Target.channel("relu3", 5), wrt=["input", "relu3"])

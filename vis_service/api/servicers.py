@@ -9,14 +9,15 @@ import grpc
 from .. import __version__
 from ..errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from ..gen import vis_pb2, vis_pb2_grpc
-from ..methods import activations, filters, gradient, inspection
+from ..methods import activations, attribution_common, filters, gradient, inspection, limits
+from ..methods.progress import NO_PROGRESS
 from ..models.inputs import build_feeds
 from ..models.store import ModelStore
 from ..runtime.sessions import Runtime
 from . import convert
 from .errors import handles_errors
 from .shared_memory import NAME_KEY, RegionMappings, SharedRegion, is_local_peer, region_from_metadata
-from .streaming import cancellable
+from .streaming import cancellable, run_streaming
 from .tensors import DEFAULT_CHUNK_BYTES, result_stream
 
 log = logging.getLogger(__name__)
@@ -175,9 +176,29 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input, region=region)
         obj = convert.objective(request.target)
+        budget = request.memory_budget_bytes
+        if budget < 0:
+            raise InvalidArgument("memory_budget_bytes", f"must be >= 0 (0 = default 2 GiB), got {budget}")
+        limits.check_memory_budget("memory_budget_bytes", budget)
+        x = feeds.get(model.image_input)
+        # a batch larger than the memory budget's share runs in several runs, with progress
+        # between them; one run stays on this thread (see streaming.run_streaming on its cost)
+        rows = (attribution_common.rows_per_run(model, x, self.s.limits.max_batch, budget, self.s.limits.max_batch)
+                if x is not None and x.ndim >= 2 else None)
+
+        def work(progress=NO_PROGRESS):
+            return gradient.compute_gradient(self.s.runtime, model, feeds, obj, list(request.wrt) or ["input"],
+                                             request.rule_set or "gradient", dict(request.node_rules),
+                                             rows_per_run=rows, progress=progress)
+
+        if rows is not None and len(x) > rows:
+            yield from run_streaming(context, work, lambda res: self._gradient_stream(model, obj, res, region))
+            return
         with cancellable(context):
-            res = gradient.compute_gradient(self.s.runtime, model, feeds, obj, list(request.wrt) or ["input"],
-                                            request.rule_set or "gradient", dict(request.node_rules))
+            res = work()
+        yield from self._gradient_stream(model, obj, res, region)
+
+    def _gradient_stream(self, model, obj, res, region):
         tensors = {f"grad/{k}": v for k, v in res.gradients.items()}
         tensors["objective"] = res.objective
         labels = {}

@@ -21,6 +21,7 @@ from ..models.preprocess import image_to_array
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from . import batching, limits
+from .batching import balanced_chunk, chunks  # noqa: F401 - used here and by the attribution methods
 from .activations import compute_activations
 from .gradient import (Objective, make_cotangent, objective_tensor_name, require_finite, resolve_wrt,
                        run_gradient)
@@ -149,20 +150,6 @@ def rows_per_run(model: LoadedModel, x: np.ndarray, batch: int, memory_budget: i
     budget = memory_budget if memory_budget > 0 else DEFAULT_MEMORY_BUDGET
     rows = max(1, budget // per_sample_bytes(model, x))
     return int(max(1, min(rows, batch if batch > 0 else DEFAULT_MAX_BATCH, max_batch)))
-
-
-def balanced_chunk(total: int, chunk: int) -> int:
-    """Rows per run for `total` rows at most `chunk` per run, spread evenly over the same number
-    of runs (52 rows at <= 10 per run: 6 runs of 9, not 5 of 10 and one of 2)."""
-    if total <= 0:
-        return max(1, chunk)
-    runs = -(-total // max(1, chunk))
-    return -(-total // runs)
-
-
-def chunks(total: int, size: int) -> Iterator[slice]:
-    for start in range(0, total, size):
-        yield slice(start, min(total, start + size))
 
 
 def gradient_rows(runtime: Runtime, model: LoadedModel, ai: AttributionInput, rows: np.ndarray,

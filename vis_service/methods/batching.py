@@ -16,6 +16,8 @@ how a run is fed:
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from ..errors import InvalidArgument
@@ -84,3 +86,16 @@ def require_batched_image(model: LoadedModel, x: np.ndarray, method: str) -> Non
                                        f"dimension; {method} need a batch of images [N, ...] (an input of rank 2 "
                                        "or more)")
 
+
+def balanced_chunk(total: int, chunk: int) -> int:
+    """Rows per run for `total` rows at most `chunk` per run, spread evenly over the same number
+    of runs (52 rows at <= 10 per run: 6 runs of 9, not 5 of 10 and one of 2)."""
+    if total <= 0:
+        return max(1, chunk)
+    runs = -(-total // max(1, chunk))
+    return -(-total // runs)
+
+
+def chunks(total: int, size: int) -> Iterator[slice]:
+    for start in range(0, total, size):
+        yield slice(start, min(total, start + size))

@@ -421,11 +421,6 @@ def _repeat_feeds(ctx: CamContext, rows: np.ndarray, image: np.ndarray) -> dict[
     return batching.row_feeds(ctx.model, ctx.feeds, rows, image)
 
 
-def _chunks(total: int, size: int):
-    for start in range(0, total, size):
-        yield start, min(total, start + size)
-
-
 # ----------------------------------------------------------------------------
 # Variants
 
@@ -551,14 +546,14 @@ class ScoreCam(CamVariant):
         weights = np.zeros((n, c))
         total = len(pairs)
         ctx.progress.update(0, total, "masked inputs")
-        for start, stop in _chunks(total, ctx.batch):
-            rows, chans = pairs[start:stop, 0], pairs[start:stop, 1]
+        for sl in batching.chunks(total, ctx.batch):
+            rows, chans = pairs[sl, 0], pairs[sl, 1]
             masks = minmax(upsample(a[rows, chans], hw))
             masked = (ctx.x[rows] * _channel_broadcast(masks, ctx.layout)).astype(ctx.x.dtype)
             out = forward_tensors(ctx, _repeat_feeds(ctx, rows, masked), [scores_t])[scores_t][:len(rows)]
             probs = class_probabilities(ctx, scores_t, out)
             weights[rows, chans] = probs[np.arange(len(rows)), idx[rows]]
-            ctx.progress.update(stop, total, "masked inputs")
+            ctx.progress.update(sl.stop, total, "masked inputs")
         return CamParts(np.einsum("nc,nchw->nhw", weights, a), weights, idx)
 
 
@@ -584,15 +579,15 @@ class AblationCam(CamVariant):
         total = len(pairs)
         y_k = np.zeros((n, c))
         ctx.progress.update(0, total, "ablated channels")
-        for start, stop in _chunks(total, ctx.batch):
-            rows, chans = pairs[start:stop, 0], pairs[start:stop, 1]
+        for sl in batching.chunks(total, ctx.batch):
+            rows, chans = pairs[sl, 0], pairs[sl, 1]
             ablated = a[rows].copy()
             ablated[np.arange(len(rows)), chans] = 0
             feeds = {k: v for k, v in batching.row_feeds(ctx.model, ctx.feeds, rows).items() if k in sub.extra_inputs}
             feeds[ctx.layer] = batching.padded(ctx.model, ablated)
             out = session.run_dict([scores_t], feeds)[scores_t][:len(rows)].reshape(len(rows), -1)
             y_k[rows, chans] = out[np.arange(len(rows)), idx[rows]]
-            ctx.progress.update(stop, total, "ablated channels")
+            ctx.progress.update(sl.stop, total, "ablated channels")
         # the paper's relative drop; an absolute drop where the score itself is ~0
         denom = np.where(np.abs(y) > 1e-6, y, 1.0)[:, None]
         weights = (y[:, None] - y_k) / denom

@@ -24,7 +24,9 @@ from ..graph.names import resolve_tensor
 from ..models.inputs import all_finite
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from . import batching
 from .activations import compute_activations
+from .progress import NO_PROGRESS, Progress
 from .targets import class_scores_tensor, require_activation, top_channels
 
 INPUT_ALIAS = "input"
@@ -271,13 +273,50 @@ def make_cotangent(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.nda
 
 def compute_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], obj: Objective,
                      wrt: Sequence[str] = (INPUT_ALIAS,), rule_set: str = "gradient",
-                     node_rules: Mapping[str, str] | None = None, forward_outputs: Sequence[str] = ()) -> GradientResult:
+                     node_rules: Mapping[str, str] | None = None, forward_outputs: Sequence[str] = (), *,
+                     rows_per_run: int | None = None, progress: Progress = NO_PROGRESS) -> GradientResult:
+    """The gradient of `obj` for every sample of `feeds`.
+
+    `rows_per_run`: at most that many samples per onnxruntime run (a bound on the run's memory,
+    see attribution_common.rows_per_run), the results joined, with `progress` after each run;
+    None: one run. Runs split only where every tensor involved is batch-major."""
     tensor = objective_tensor_name(model, obj)
     wrt_map = resolve_wrt(model, wrt)
-    if obj.kind == "output" and not obj.index:  # top-1 target: found inside the gradient run
-        return run_gradient(runtime, model, feeds, tensor, None, wrt_map, rule_set, node_rules, forward_outputs)
-    cot, target_index = make_cotangent(runtime, model, feeds, obj, tensor)
-    return run_gradient(runtime, model, feeds, tensor, cot, wrt_map, rule_set, node_rules, forward_outputs, target_index)
+    top1 = obj.kind == "output" and not obj.index  # top-1 target: found inside the gradient run
+    cot, target_index = (None, None) if top1 else make_cotangent(runtime, model, feeds, obj, tensor)
+    runs = _row_runs(model, feeds, [tensor, *wrt_map.values(), *forward_outputs], rows_per_run)
+    if runs is None:
+        return run_gradient(runtime, model, feeds, tensor, cot, wrt_map, rule_set, node_rules, forward_outputs,
+                            target_index)
+    total = runs[-1].stop
+    rows = batching.row_inputs(model, feeds)
+    progress.update(0, total, "samples")
+    parts = []
+    for sl in runs:
+        part = {k: (v[sl] if k in rows else v) for k, v in feeds.items()}
+        parts.append(run_gradient(runtime, model, part, tensor, None if cot is None else cot[sl], wrt_map, rule_set,
+                                  node_rules, forward_outputs, None if target_index is None else target_index[sl]))
+        progress.update(sl.stop, total, "samples")
+    joined = parts[0]
+    return GradientResult({k: np.concatenate([p.gradients[k] for p in parts]) for k in joined.gradients},
+                          np.concatenate([p.objective for p in parts]),
+                          None if joined.target_index is None else np.concatenate([p.target_index for p in parts]),
+                          tensor, {k: np.concatenate([p.outputs[k] for p in parts]) for k in joined.outputs})
+
+
+def _row_runs(model: LoadedModel, feeds: dict[str, np.ndarray], tensors: Sequence[str],
+              rows_per_run: int | None) -> list[slice] | None:
+    """Row ranges of at most `rows_per_run` samples, evenly sized; None for one run: few enough
+    rows, a model with a fixed batch, or a tensor whose first dim is not the batch (its values
+    would not split by sample)."""
+    batch = _batch_of(model, feeds)
+    if rows_per_run is None or batch <= rows_per_run or batching.fixed_batch(model):
+        return None
+    for t in tensors:
+        info = model.infos.get(t)
+        if info is None or not info.shape or info.shape[0] != BATCH_DIM:
+            return None
+    return list(batching.chunks(batch, batching.balanced_chunk(batch, rows_per_run)))
 
 
 def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], tensor: str,

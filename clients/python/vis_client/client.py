@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 
 from .errors import from_rpc_error
 from .gen import vis_pb2
-from .attribution import AttributionMixin
+from .attribution import AttributionMixin, _check_int
 from .localization import LocalizationMixin
 from .optimization import OptimizationMixin
 from .shared_memory import INPUT_MIN_BYTES, RegionLease, SharedResultMemory
@@ -814,7 +814,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
 
     def gradient(self, model: ModelRef, x, objective=None, wrt: str | Sequence[str] = "input",
                  rule_set: str = "gradient", cotangent=None, *, node_rules: Mapping[str, str] | None = None,
-                 preprocess=None, on_progress: ProgressFn | None = None, cancel=None) -> GradientResult:
+                 memory_budget_bytes: int = 0, preprocess=None, on_progress: ProgressFn | None = None,
+                 cancel=None) -> GradientResult:
         """Gradient of an objective w.r.t. the input (or other tensors).
 
         ``objective``: a class index (same for all samples), a list of class indices (one per
@@ -822,7 +823,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         together with ``cotangent`` (objective = <layer, cotangent>).
         ``wrt``: "input" (the image input) or tensor / node names. ``rule_set``: "gradient",
         "deconvnet", "guided" (see ``server_info()["rule_sets"]``); ``node_rules`` overrides it
-        per node name.
+        per node name. ``memory_budget_bytes`` (default 2 GiB) bounds the samples per onnxruntime
+        run: a larger batch runs in several, reported through ``on_progress``.
         """
         if not isinstance(rule_set, str):
             raise TypeError("rule_set must be a string")
@@ -835,7 +837,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         batch, inputs = _input_batch(x, preprocess, model)
         req = vis_pb2.GradientRequest(model=_model_ref(model), input=batch,
                                       target=build_target(objective, cotangent), wrt=wrt_names,
-                                      rule_set=rule_set, node_rules=rules)
+                                      rule_set=rule_set, node_rules=rules,
+                                      memory_budget_bytes=_check_int(memory_budget_bytes, "memory_budget_bytes", 0))
         res = self._stream(self._vis.Gradient, req, on_progress, cancel, inputs)
         grads = {k[len("grad/"):]: v for k, v in res.tensors.items() if k.startswith("grad/")}
         # keep the requested order

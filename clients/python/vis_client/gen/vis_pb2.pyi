@@ -416,7 +416,7 @@ class Target(_message.Message):
     def __init__(self, output: _Optional[_Union[OutputTarget, _Mapping]] = ..., channel: _Optional[_Union[ChannelTarget, _Mapping]] = ..., neuron: _Optional[_Union[NeuronTarget, _Mapping]] = ..., tensor: _Optional[_Union[TensorTarget, _Mapping]] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("model", "input", "target", "wrt", "rule_set", "node_rules")
+    __slots__ = ("model", "input", "target", "wrt", "rule_set", "node_rules", "memory_budget_bytes")
     class NodeRulesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -430,10 +430,12 @@ class GradientRequest(_message.Message):
     WRT_FIELD_NUMBER: _ClassVar[int]
     RULE_SET_FIELD_NUMBER: _ClassVar[int]
     NODE_RULES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     input: InputBatch
     target: Target
     wrt: _containers.RepeatedScalarFieldContainer[str]
     rule_set: str
     node_rules: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., input: _Optional[_Union[InputBatch, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., rule_set: _Optional[str] = ..., node_rules: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    memory_budget_bytes: int
+    def __init__(self, model: _Optional[str] = ..., input: _Optional[_Union[InputBatch, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., rule_set: _Optional[str] = ..., node_rules: _Optional[_Mapping[str, str]] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
