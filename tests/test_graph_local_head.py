@@ -20,14 +20,27 @@ def _session(model):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _net(h, w, nhwc=False, auto_pad=None):
+def _pad(net, pads, value=0.0):
+    """A Pad node of the spatial axes (pads top, left, bottom, right), as tf2onnx writes Keras's
+    ZeroPadding2D before a 'valid' Conv."""
+    amounts = np.array([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64)
+    net.cur = net.node("Pad", [net.cur, net.const(amounts), net.const(np.array(value, np.float32))], mode="constant")
+    net.h, net.w = net.h + pads[0] + pads[2], net.w + pads[1] + pads[3]
+
+
+def _net(h, w, nhwc=False, auto_pad=None, pad_nodes=False):
     """Asymmetric-padded strided conv, BatchNormalization, ceil-mode max-pool, a residual block,
     a channel Concat with a count_include_pad=0 average pool, another strided conv, then a
     global pool and a linear layer. Jumps: 2, 4, 8. `nhwc`: an [N, H, W, C] input transposed
     to NCHW first, as tf2onnx writes it (tensor names then shift by one). `auto_pad`: the
-    strided convs pad by auto_pad (SAME_UPPER / SAME_LOWER) instead of explicit pads."""
+    strided convs pad by auto_pad (SAME_UPPER / SAME_LOWER) instead of explicit pads. `pad_nodes`:
+    the strided convs' pads are Pad nodes before them (the second pads with 0.5, not 0)."""
     net = Net(c=3, h=h, w=w, seed=1, nhwc=nhwc)
-    net.conv(cout=8, k=(5, 5), s=(2, 2), pads=(2, 1, 1, 2), auto_pad=auto_pad)
+    if pad_nodes:
+        _pad(net, (2, 1, 1, 2))
+        net.conv(cout=8, k=(5, 5), s=(2, 2))
+    else:
+        net.conv(cout=8, k=(5, 5), s=(2, 2), pads=(2, 1, 1, 2), auto_pad=auto_pad)
     c = net.c
     scale, bias = net.const(net.rng.uniform(0.5, 1.5, c).astype(np.float32)), net.const(np.zeros(c, np.float32) + 0.1)
     mean, var = net.const(net.rng.uniform(-0.2, 0.2, c).astype(np.float32)), net.const(np.ones(c, np.float32))
@@ -45,7 +58,11 @@ def _net(h, w, nhwc=False, auto_pad=None):
     b = net.node("AveragePool", [mixed_in], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
                  count_include_pad=0)
     net.cur, net.c, net.h, net.w = net.node("Concat", [a, b], axis=1), 16, h_in, w_in
-    net.conv(cout=8, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1), auto_pad=auto_pad)
+    if pad_nodes:
+        _pad(net, (1, 1, 1, 1), value=0.5)
+        net.conv(cout=8, k=(3, 3), s=(2, 2))
+    else:
+        net.conv(cout=8, k=(3, 3), s=(2, 2), pads=(1, 1, 1, 1), auto_pad=auto_pad)
     net.relu()
     feature = net.cur
     net.cur = net.node("GlobalAveragePool", [net.cur])
@@ -114,6 +131,31 @@ def test_every_cut_replays_the_occluded_image_exactly(patch, stride, auto_pad):
     want = _session(model).run(outputs, {image: _occluded(x, corners, patch)})
     for cut in cuts:
         assert all(c % j == 0 for c, j in zip(cut.crop, cut.jump)) and cut.crop[0] * cut.crop[1] < H * W
+        got = _through_cut(model, cut, x, grid, corners, patch)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max(), err_msg=cut.tensor)
+
+
+@pytest.mark.parametrize("patch,stride", [((12, 12), (9, 9)), ((17, 9), (13, 8))])
+def test_cuts_pass_constant_pad_nodes_and_replay_exactly(patch, stride):
+    """Keras's ZeroPadding2D (a Pad node before a 'valid' strided Conv, as tf2onnx writes it)
+    ended every head: occlusion ran the whole network per patch on Keras's ResNet50, MobileNetV2,
+    EfficientNet and DenseNet. A constant Pad pads a crop at the image's edges as it pads the image."""
+    model = _net(H, W, pad_nodes=True)
+    image = model.graph.input[0].name
+    outputs = [o.name for o in model.graph.output]
+    cuts = local_cuts(model, image, outputs, _intervals((H, W), patch, stride))
+    pad_outputs = [n.output[0] for n in model.graph.node if n.op_type == "Pad"]
+    first_pool = next(n.output[0] for n in model.graph.node if n.op_type == "MaxPool")
+    concat = next(n.output[0] for n in model.graph.node if n.op_type == "Concat")
+    assert {first_pool, concat} <= {c.tensor for c in cuts}   # past the first Pad
+    x = np.random.default_rng(0).normal(size=(1, 3, H, W)).astype(np.float32)
+    grid = [(r, c) for r in range(len(range(0, H - patch[0] + 1, stride[0])))
+            for c in range(len(range(0, W - patch[1] + 1, stride[1])))]
+    corners = [(r * stride[0], c * stride[1]) for r, c in grid]
+    want = _session(model).run(outputs, {image: _occluded(x, corners, patch)})
+    for cut in cuts:
+        assert cut.tensor not in pad_outputs or cut.crop[0] * cut.crop[1] < H * W
         got = _through_cut(model, cut, x, grid, corners, patch)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max(), err_msg=cut.tensor)

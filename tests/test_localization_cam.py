@@ -22,7 +22,8 @@ CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 def tiny_model_bytes(head: str = "gap", seed: int = 0) -> bytes:
     """Conv-Relu-Conv(stride 2)-Relu ("feat", [N, 6, 8, 8]) -> GAP -> Flatten -> Gemm (5 classes).
 
-    head="flatten": Flatten(feat) -> Gemm, i.e. no global pooling (CAM must refuse it)."""
+    head="flatten": Flatten(feat) -> Gemm, i.e. no global pooling (CAM must refuse it);
+    head="tf_flatten": tf2onnx's form of Keras's Flatten, Transpose(feat, NHWC) -> Reshape [N, -1]."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "b1"),
@@ -36,6 +37,11 @@ def tiny_model_bytes(head: str = "gap", seed: int = 0) -> bytes:
         nodes += [helper.make_node("GlobalAveragePool", [LAYER], ["pooled"], name="gap"),
                   helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten")]
         fan_in = 6
+    elif head == "tf_flatten":
+        nodes += [helper.make_node("Transpose", [LAYER], ["feat_nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+                  helper.make_node("Reshape", ["feat_nhwc", "flat_shape"], ["flat"], name="flatten")]
+        inits.append(numpy_helper.from_array(np.array([-1, 6 * 8 * 8], np.int64), "flat_shape"))
+        fan_in = 6 * 8 * 8
     else:
         nodes += [helper.make_node("Flatten", [LAYER], ["flat"], name="flatten")]
         fan_in = 6 * 8 * 8
@@ -149,6 +155,18 @@ def test_cam_refuses_a_head_without_global_pooling(client, tiny, x):
     with pytest.raises(InvalidArgument) as e:
         client.grad_cam(tiny, x, method="cam", layer="r1")
     assert "layer" in e.value.details
+
+
+def test_default_layer_of_a_tf2onnx_flatten_head_is_the_channels_first_map(client, x):
+    """tf2onnx writes Keras's Flatten as Transpose(NCHW -> NHWC) then Reshape: the default layer was
+    the NHWC tensor [N, 8, 8, 6], read as 8 channels of 8 x 6 maps (every CAM and occlusion's feature
+    map meaningless); it is the NCHW map before the Transpose."""
+    model = client.load_model(tiny_model_bytes("tf_flatten"), "loc_tiny_tf_flatten", config={"preset": "raw255"})
+    res = client.grad_cam(model, x)
+    assert res.layer == LAYER and res.weights.shape == (3, 6)
+    named = client.grad_cam(model, x, layer=LAYER)
+    np.testing.assert_allclose(res.cam, named.cam, rtol=1e-6)
+    assert client.occlusion(model, x, patch=8, stride=8).layer == LAYER
 
 
 def test_guided_gradcam_is_guided_backprop_times_heatmap(client, tiny, x):

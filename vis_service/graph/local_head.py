@@ -16,10 +16,11 @@ computed from the same values by the same windows, provided every strided layer 
 the same positions, which holds when the crop starts at a multiple of T's jump (the
 product of the strides). Units near the crop's other edges come out wrong and are not used.
 
-Only heads of windowed ops (Conv, MaxPool, AveragePool; auto_pad SAME too, see _is_local)
-and ops that act per position (activations, BatchNormalization, LRN, channel Concat, and
-arithmetic whose constant operands do not vary over space) qualify; anything else (Resize,
-Pad, Reshape, global pooling) ends the head before it.
+Only heads of windowed ops (Conv, MaxPool, AveragePool; auto_pad SAME too, see _is_local),
+constant-mode Pads of the spatial axes (Keras's ZeroPadding2D before a 'valid' Conv: the same
+windows as the Conv's own pads) and ops that act per position (activations, BatchNormalization,
+LRN, channel Concat, and arithmetic whose constant operands do not vary over space) qualify;
+anything else (Resize, reflect / edge Pads, Reshape, global pooling) ends the head before it.
 An NHWC image (tf2onnx) starts the chain from its Transpose to NCHW.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .loading import tensor_infos
 from .paths import dependents
@@ -106,13 +107,16 @@ def _producers(graph: onnx.GraphProto) -> dict[str, int]:
     return {o: i for i, n in enumerate(graph.node) for o in n.output if o}
 
 
-def _is_local(node: onnx.NodeProto, tainted: set[str], infos) -> bool:
+def _is_local(node: onnx.NodeProto, tainted: set[str], infos, value_of) -> bool:
+    """`value_of(name)`: a constant tensor's value, or None."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     outputs = [o for o in node.output if o]
     if node.op_type in _WINDOWED:
         # auto_pad SAME too: its pads depend on the input size only modulo the stride, and a
         # crop on the cut's jump grid has the image's size modulo every stride before the cut
         return len(outputs) == 1
+    if node.op_type == "Pad":
+        return _is_spatial_constant_pad(node, attrs, infos, value_of)
     if node.op_type not in _PER_POSITION:
         return False
     if node.op_type == "Concat":
@@ -129,6 +133,33 @@ def _is_local(node: onnx.NodeProto, tainted: set[str], infos) -> bool:
         if shape is None or any(d != 1 for i, d in enumerate(reversed(shape)) if i != 2):
             return False
     return True
+
+
+def _is_spatial_constant_pad(node: onnx.NodeProto, attrs: dict, infos, value_of) -> bool:
+    """A constant-mode Pad that pads only axes 2 and 3 of a 4-D tensor, by fixed non-negative
+    amounts: like a Conv's pads, it pads a crop at the image's edges as it pads the image, and
+    its value reaches a unit of the crop's inner edges only where that unit is not used. Its
+    pads, value and axes must be known (attributes, or constant inputs)."""
+    mode = attrs.get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        return False
+    info = infos.get(node.input[0])
+    if info is None or info.shape is None or len(info.shape) != 4:
+        return False
+    if "pads" in attrs:   # opset < 11
+        pads = list(attrs["pads"])
+    else:
+        if any(x and value_of(x) is None for x in node.input[1:]):
+            return False   # pads, value or axes computed at run time
+        pads = [int(v) for v in value_of(node.input[1]).reshape(-1)]
+    axes = list(range(4))
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(a) % 4 for a in value_of(node.input[3]).reshape(-1)]
+    if len(pads) != 2 * len(axes):
+        return False
+    begin, end = dict(zip(axes, pads[:len(axes)])), dict(zip(axes, pads[len(axes):]))
+    return (all(p >= 0 for p in pads)
+            and not any(begin.get(a, 0) or end.get(a, 0) for a in (0, 1)))
 
 
 def head_nodes(graph: onnx.GraphProto, source: str, tensor: str, producers: dict[str, int] | None = None) -> list[int]:
@@ -229,6 +260,15 @@ def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
     producers = _producers(graph)
     tainted = dependents(graph, [source])
     macs = _conv_macs(graph, infos)
+    inits = {t.name: t for t in graph.initializer}
+    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and len(n.output) == 1}
+
+    def value_of(name: str):
+        t = inits.get(name)
+        if t is None and name in constant_nodes:
+            t = next((helper.get_attribute_value(a) for a in constant_nodes[name].attribute if a.name == "value"), None)
+        return numpy_helper.to_array(t) if isinstance(t, onnx.TensorProto) else None
+
     cuts = []
     for tensor, rf in receptive_fields(model, infos).items():
         info = infos.get(tensor)
@@ -242,7 +282,7 @@ def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
         if None in per_axis:
             continue
         head = head_nodes(graph, source, tensor, producers)
-        if not all(_is_local(graph.node[i], tainted, infos) for i in head if graph.node[i].input
+        if not all(_is_local(graph.node[i], tainted, infos, value_of) for i in head if graph.node[i].input
                    and any(x in tainted for x in graph.node[i].input)):
             continue
         fraction = per_axis[0][1] * per_axis[1][1] / (hw[0] * hw[1])

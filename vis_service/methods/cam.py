@@ -143,6 +143,13 @@ def pooling_kind(model: LoadedModel, node: onnx.NodeProto, x: str) -> str | None
     return None
 
 
+def _channels_first_source(model: LoadedModel, node: onnx.NodeProto | None) -> str | None:
+    """The input of `node` if it is a Transpose NCHW -> NHWC of a 4-D float tensor, else None."""
+    if node is None or node.op_type != "Transpose" or list(_attr(node, "perm", [])) != [0, 2, 3, 1]:
+        return None
+    return node.input[0] if _is_feature_map(model, node.input[0]) else None
+
+
 @dataclass(frozen=True)
 class FeatureHead:
     """The last feature map before the class scores and the node that pools or flattens it."""
@@ -175,7 +182,14 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
                 if not x or x in seen or x not in dependent:
                     continue
                 seen.add(x)
-                if _is_feature_map(model, x) and tuple(model.infos[x].shape[2:]) != (1, 1):  # [N, C, 1, 1] is pooled
+                source = _channels_first_source(model, producers.get(x))
+                if source is not None:
+                    # an NHWC view of a feature map (tf2onnx's Transpose before a Keras Flatten's
+                    # Reshape): its axis 1 is a row, not a channel; the map is the Transpose's input
+                    kind = pooling_kind(model, node, x)
+                    if kind is not None:
+                        return FeatureHead(source, node, kind)
+                elif _is_feature_map(model, x) and tuple(model.infos[x].shape[2:]) != (1, 1):  # [N, C, 1, 1] is pooled
                     kind = pooling_kind(model, node, x)
                     if kind is not None:
                         return FeatureHead(x, node, kind)
