@@ -210,6 +210,10 @@ def resolve_cam_layer(model: LoadedModel, layer: str, scores: str, field: str = 
         return default_layer(model, scores).layer
     tensor = resolve_tensor(model.proto, layer, kind="layer")
     require_activation(model, tensor, field, layer)
+    source = _channels_first_source(model, _producers(model.proto.graph).get(tensor))
+    if source is not None:
+        raise InvalidArgument(field, f"{layer!r} (tensor {tensor!r}) is a channels-last view [N, H, W, C] of "
+                                     f"{source!r}; CAM layers are [N, C, H, W]: name {source!r}")
     info = model.infos.get(tensor)
     if info is None or info.shape is None or len(info.shape) != 4 or info.elem_type not in FLOAT_TYPES:
         shape = "unknown" if info is None or info.shape is None else list(info.shape)
