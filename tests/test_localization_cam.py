@@ -33,9 +33,12 @@ def tiny_model_bytes(head: str = "gap", seed: int = 0) -> bytes:
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Relu", ["c2"], [LAYER], name="relu2")]
-    if head == "gap":
+    if head in ("gap", "gap_swish"):
         nodes += [helper.make_node("GlobalAveragePool", [LAYER], ["pooled"], name="gap"),
-                  helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten")]
+                  helper.make_node("Flatten", ["pooled"], ["flat"] if head == "gap" else ["pre"], name="flatten")]
+        if head == "gap_swish":   # x * sigmoid(x) after the pooling (MobileNetV3's head is like it)
+            nodes += [helper.make_node("Sigmoid", ["pre"], ["sig"], name="sigmoid"),
+                      helper.make_node("Mul", ["pre", "sig"], ["flat"], name="swish")]
         fan_in = 6
     elif head == "tf_flatten":
         nodes += [helper.make_node("Transpose", [LAYER], ["feat_nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
@@ -152,6 +155,10 @@ def test_cam_refuses_a_head_without_global_pooling(client, tiny, x):
     assert "method" in e.value.details and "flatten" in e.value.details
     # Grad-CAM still works there (the default layer is the flattened feature map)
     assert client.grad_cam(flat, x).layer == LAYER
+    swish = client.load_model(tiny_model_bytes("gap_swish"), "loc_tiny_swish", config={"preset": "raw255"})
+    with pytest.raises(InvalidArgument) as e:
+        client.grad_cam(swish, x, method="cam")
+    assert "'sigmoid' (Sigmoid), 'swish' (Mul)" in e.value.details and "Grad-CAM works on any head" in e.value.details
     with pytest.raises(InvalidArgument) as e:
         client.grad_cam(tiny, x, method="cam", layer="r1")
     assert "layer" in e.value.details

@@ -274,7 +274,10 @@ def _linear_head_weights(model: LoadedModel, scores: str) -> np.ndarray:
     while t != scores:
         nxt = [n for n in consumers.get(t, []) if any(o in ancestors for o in n.output)]
         if len(nxt) != 1:
-            raise InvalidArgument("method", why + f"the pooled tensor {t!r} feeds {len(nxt)} nodes on the way to the scores")
+            readers = ", ".join(f"{n.name or n.op_type!r} ({n.op_type})" for n in nxt)
+            raise InvalidArgument("method", why + f"after the pooling, {t!r} is read by {len(nxt)} nodes on the way "
+                                                 f"to the scores ({readers}): the head branches or is non-linear "
+                                                 "(e.g. x * sigmoid(x)); Grad-CAM works on any head")
         node = nxt[0]
         name = node.name or node.op_type
         others = [i for i in node.input if i and i != t]
