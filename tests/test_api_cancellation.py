@@ -126,6 +126,7 @@ def test_runs_in_flight_are_bounded(heavy):
     (["--max-batch", "0"], "--max-batch must be >= 1"),
     (["--max-upload-mb", "-5"], "--max-upload-mb must be > 0"),
     (["--session-cache", "-1"], "--session-cache must be >= 1"),
+    (["--session-cache-mb", "-5"], "--session-cache-mb must be >= 0 MiB (0 = 40% of the physical memory), got -5 MiB"),
     (["--max-concurrent-runs", "-1"], "--max-concurrent-runs must be >= 0"),
     (["--model-repository", "/nonexistent/repository"], "--model-repository '/nonexistent/repository' is not a directory"),
     (["--log-level", "BOGUS"], "invalid choice"),

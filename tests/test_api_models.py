@@ -299,3 +299,53 @@ def test_session_cache_is_bounded_lru():
     assert built == ["a", "b", "c", "b"]
     rt.evict_model("m")
     assert rt.sessions_cached == 0
+
+
+def test_session_cache_is_bounded_by_the_weights_it_holds():
+    """Sessions of a large model hold ~1x (forward) to ~2x (backward graph) its weights: 32 of them
+    of a 0.5 GB VGG grew past 24 GB and the kernel killed the server. The cache also bounds the
+    weights it holds, and keeps each graph's structure only (onnxruntime has the weights)."""
+    from vis_service.graph.weights import constant_bytes, session_bytes
+    from vis_service.runtime.sessions import Runtime
+
+    proto = onnx.load(DEFAULT_MODEL_DIR / "model.onnx")
+    stored = sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+    assert constant_bytes(proto) == stored > 100_000
+    weights = session_bytes(proto)   # onnxruntime's copy and a packed one of each Conv / Gemm weight
+    assert stored < weights < 2 * stored + 1
+    rt = Runtime(provider="cpu", cache_size=32, cache_bytes=2 * weights + 1)
+    snapshot = proto.SerializeToString()
+    built = []
+
+    def build(tag):
+        def make():
+            built.append(tag)
+            return proto, tag
+        return make
+
+    a = rt.session("m", ("a",), build("a"))
+    rt.session("m", ("b",), build("b"))
+    assert rt.sessions_cached_bytes == 2 * weights
+    rt.session("m", ("a",), build("a"))
+    rt.session("m", ("c",), build("c"))               # three would exceed the bytes: b goes
+    assert rt.sessions_cached == 2 and rt.sessions_cached_bytes == 2 * weights
+    rt.session("m", ("b",), build("b"))
+    assert built == ["a", "b", "c", "b"]
+    # the builder's model is left whole; the session keeps its structure, and runs
+    assert proto.SerializeToString() == snapshot
+    assert all(not t.raw_data and not t.float_data for t in a.model.graph.initializer
+               if np.prod(t.dims) > 4096) and [i.name for i in a.model.graph.input] == [i.name for i in proto.graph.input]
+    x = np.zeros([1, 1, 32, 32], np.float32)
+    assert a.run(None, {proto.graph.input[0].name: x})[0].shape[0] == 1
+    # one session larger than the bound still stays (the newest always does)
+    small = Runtime(provider="cpu", cache_bytes=1)
+    small.session("m", ("a",), build("a"))
+    small.session("m", ("b",), build("b"))
+    assert small.sessions_cached == 1
+    rt.evict_model("m")
+    assert rt.sessions_cached == 0 and rt.sessions_cached_bytes == 0
+
+
+def test_server_info_reports_the_session_cache_bytes(client):
+    info = client.server_info()
+    assert info["session_cache_bytes"] > 0 and 0 <= info["sessions_cached_bytes"]

@@ -165,3 +165,27 @@ def test_light_constant_of_shape_weights_are_folded():
     assert conv.input[1] not in {t.name for t in m.graph.initializer}
     _, w, b = layer_weights(m, conv.output[0])
     assert w.shape == (96, 3, 11, 11) and b.shape == (96,)
+
+
+def test_session_bytes_count_a_packed_copy_per_reading_gemm_or_conv():
+    """A weight read by a forward Gemm and its adjoint is held three times by onnxruntime (its own
+    copy and one packed per op); ConstantOfShape weights (the light_* models') count too."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vis_service.graph.weights import constant_bytes, session_bytes, structure_only
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")          # 16 KiB, read by two Gemms
+    shape = numpy_helper.from_array(np.array([64, 64], np.int64), "shape")   # 16 bytes
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["v"], value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.5])),
+             helper.make_node("Gemm", ["x", "w"], ["a"]), helper.make_node("Gemm", ["a", "w"], ["b"], transB=1),
+             helper.make_node("MatMul", ["b", "v"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w, shape])
+    m = helper.make_model(g)
+    kib = 64 * 64 * 4
+    assert constant_bytes(m) == 2 * kib + 16
+    assert session_bytes(m) == 3 * kib + 2 * kib + 16
+    light = structure_only(m, keep=1000)
+    assert [t.name for t in light.graph.initializer] == ["w", "shape"] and not light.graph.initializer[0].raw_data
+    assert numpy_helper.to_array(light.graph.initializer[1]).tolist() == [64, 64]

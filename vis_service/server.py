@@ -16,6 +16,7 @@ from .api.servicers import Limits, ModelServicer, ServiceState, VisServicer
 from .gen import vis_pb2
 from .models.store import ModelStore
 from .runtime.providers import CUDA
+from .methods.limits import physical_memory_bytes
 from .runtime.sessions import Runtime
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class ServerConfig:
     intra_op_threads: int = 0
     limits: Limits = None  # type: ignore[assignment]
     max_concurrent_runs: int = 2   # onnxruntime runs at once (runtime.sessions.Runtime); 0 = no bound
+    # weights of the cached sessions, bytes (runtime.sessions.Runtime); 0 = 40% of the physical memory
+    session_cache_bytes: int = 0
 
     def __post_init__(self):
         if self.limits is None:
@@ -50,6 +53,9 @@ class ServerConfig:
             if value < low or (high is not None and value > high):
                 allowed = f"{low}..{high}" if high is not None else f">= {low}"
                 raise ValueError(f"{name} must be {allowed}, got {value}")
+        if self.session_cache_bytes < 0:   # in MiB, the unit of its flag
+            raise ValueError(f"session cache bytes must be >= 0 MiB (0 = 40% of the physical memory), got "
+                             f"{self.session_cache_bytes / (1 << 20):g} MiB")
         if self.model_repository is not None and not Path(self.model_repository).is_dir():
             raise ValueError(f"model repository {str(self.model_repository)!r} is not a directory")
 
@@ -78,7 +84,7 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
     """Start serving in background threads; `port=0` picks a free port (see `.port`)."""
     config = config or ServerConfig(**overrides)
     runtime = Runtime(config.provider, config.session_cache_size, config.intra_op_threads,
-                      config.max_concurrent_runs)
+                      config.max_concurrent_runs, config.session_cache_bytes or physical_memory_bytes() * 2 // 5)
     if config.provider == "cuda" and runtime.provider != CUDA:   # asked for by name: no silent CPU
         raise RuntimeError(f"--provider cuda: {runtime.choice.note}")
     store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes)

@@ -150,7 +150,8 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
             provider_note=rt.choice.note, rule_sets=gradient.rule_set_names(), chunk_bytes=lim.chunk_bytes,
             max_upload_bytes=lim.max_upload_bytes, max_request_bytes=lim.max_request_bytes,
             model_repository=str(self.s.store.repository or ""), sessions_built=rt.sessions_built,
-            sessions_cached=rt.sessions_cached, session_cache_size=rt.cache_size)
+            sessions_cached=rt.sessions_cached, session_cache_size=rt.cache_size,
+            session_cache_bytes=rt.cache_bytes, sessions_cached_bytes=rt.sessions_cached_bytes)
 
     @handles_errors
     def Activations(self, request, context):

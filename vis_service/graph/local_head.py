@@ -37,6 +37,7 @@ from .loading import tensor_infos
 from .paths import dependents
 from .receptive_field import image_input, receptive_fields
 from .subgraph import graph_after
+from .weights import structure_only
 
 _WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool"})
 _PER_POSITION = frozenset({
@@ -332,7 +333,7 @@ def plan_local_cuts(model: onnx.ModelProto, image: str, outputs: Sequence[str], 
     cut_cost = CUT_COST_MACS if cut_cost is None else cut_cost
     changed = tuple(tuple((t, t + patch[a] - 1) for t in range(0, shape[2 + a] - patch[a] + 1, stride[a]))
                     for a in range(2))
-    light = _without_weight_values(model)  # the search builds many graph_after models: shapes suffice
+    light = structure_only(model)  # the search builds many graph_after models: shapes suffice
     light_infos = tensor_infos(light)
     after: dict[str, tuple[onnx.ModelProto, dict]] = {}  # cut tensor -> graph after it, its infos
     best: dict[tuple, tuple[float, list[LocalCut]]] = {}
@@ -360,17 +361,6 @@ def plan_local_cuts(model: onnx.ModelProto, image: str, outputs: Sequence[str], 
 
     cost, chain = cheapest(model, tensor_infos(model), source, changed)
     return chain if chain and cost <= (1 - min_saving) * total else []
-
-
-def _without_weight_values(model: onnx.ModelProto, keep: int = 4096) -> onnx.ModelProto:
-    """A copy whose initializers of more than `keep` elements hold their type and shape only:
-    planning reads weight shapes and small constants (Reshape shapes, Slice starts, pads)."""
-    g = model.graph
-    inits = [t if int(np.prod(t.dims, dtype=np.int64)) <= keep
-             else onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in g.initializer]
-    # built from the parts, never copying the weights it drops (ResNet-50: 50 -> 1.5 ms)
-    light = helper.make_graph(g.node, g.name, g.input, g.output, initializer=inits, value_info=g.value_info)
-    return helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
 def head_model(model: onnx.ModelProto, cut: LocalCut) -> onnx.ModelProto:

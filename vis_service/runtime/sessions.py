@@ -7,6 +7,7 @@ creation), so requests never do it twice for the same key.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -23,6 +24,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from ..errors import Cancelled, InvalidArgument, ResourceExhausted
 from ..graph.hints import EXECUTION_ORDER, FORWARD_FIRST, get_hint
+from ..graph.weights import session_bytes, structure_only
 from .providers import CPU, ProviderChoice, select_provider
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,10 @@ class RunGate:
 
 @dataclass
 class Session:
-    """A built graph and its onnxruntime session; `meta` holds what the builder returned."""
+    """A built graph and its onnxruntime session; `meta` holds what the builder returned.
+
+    `model` is the graph's structure only (`graph.weights.structure_only`): onnxruntime holds the
+    weights. A dataclass `meta` whose `model` was the built graph gets the same structure-only copy."""
 
     key: tuple
     model: onnx.ModelProto
@@ -111,6 +116,7 @@ class Session:
     output_names: list[str] = field(default_factory=list)
 
     gate: RunGate | None = None   # the runtime's bound on runs in flight
+    weight_bytes: int = 0         # what its constants take in the session (graph.weights.session_bytes)
 
     def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._controlled(lambda options: self.ort_session.run(outputs, feeds, options))
@@ -217,18 +223,26 @@ class Runtime:
     """Execution provider plus the session cache shared by every request."""
 
     def __init__(self, provider: str = "auto", cache_size: int = 32, intra_op_threads: int = 0,
-                 max_concurrent_runs: int = 0):
+                 max_concurrent_runs: int = 0, cache_bytes: int = 0):
         """`max_concurrent_runs` > 0: at most that many session runs at once, the others wait (each
         run holds its whole graph's intermediate tensors; on a CPU every run already uses all
-        cores, so more at once only multiply memory). 0: no bound."""
+        cores, so more at once only multiply memory). 0: no bound.
+
+        The cache keeps at most `cache_size` sessions and, with `cache_bytes` > 0, sessions whose
+        weights (`graph.weights.session_bytes` of each built graph: onnxruntime's copies of them
+        dominate a session's memory) add up to at most that many bytes; the least recently used go first, the
+        newest always stays. A count alone let a 0.5 GB model's sessions (~1 GB per backward graph)
+        grow past the machine's memory: the kernel killed the server."""
         self.choice: ProviderChoice = select_provider(provider)
         if self.choice.note:
             log.warning("execution provider: %s (%s)", self.choice.name, self.choice.note)
         else:
             log.info("execution provider: %s", self.choice.name)
         self.cache_size = max(1, int(cache_size))
+        self.cache_bytes = max(0, int(cache_bytes))
         self.intra_op_threads = intra_op_threads
         self._cache: OrderedDict[tuple, Session] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
         self.sessions_built = 0
@@ -285,14 +299,27 @@ class Runtime:
             t0 = time.perf_counter()
             model, meta = build()
             sess = self.create_session(model)
-            built = Session(full_key, model, sess, meta, time.perf_counter() - t0,
-                            [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()], self.gate)
+            weight_bytes = session_bytes(model)
+            # onnxruntime has its own copy of the weights now: keep the graph's structure only
+            # (what is read of it from here on: inputs, outputs, names), also in the builder's meta
+            light = structure_only(model)
+            if dataclasses.is_dataclass(meta) and getattr(meta, "model", None) is model:
+                meta = dataclasses.replace(meta, model=light)
+            del model
+            built = Session(full_key, light, sess, meta, time.perf_counter() - t0,
+                            [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()], self.gate,
+                            weight_bytes)
             with self._lock:
                 self.sessions_built += 1
+                old = self._cache.pop(full_key, None)
+                if old is not None:
+                    self._cached_bytes -= old.weight_bytes
                 self._cache[full_key] = built
-                self._cache.move_to_end(full_key)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                self._cached_bytes += built.weight_bytes
+                while len(self._cache) > 1 and (len(self._cache) > self.cache_size or (
+                        self.cache_bytes and self._cached_bytes > self.cache_bytes)):
+                    _, evicted = self._cache.popitem(last=False)
+                    self._cached_bytes -= evicted.weight_bytes
                 self._building.pop(full_key, None)
             log.debug("built session %s in %.3fs", full_key, built.build_seconds)
             return built
@@ -300,9 +327,15 @@ class Runtime:
     def evict_model(self, model_id: str) -> None:
         with self._lock:
             for k in [k for k in self._cache if k[0] == model_id]:
-                del self._cache[k]
+                self._cached_bytes -= self._cache.pop(k).weight_bytes
 
     @property
     def sessions_cached(self) -> int:
         with self._lock:
             return len(self._cache)
+
+    @property
+    def sessions_cached_bytes(self) -> int:
+        """The cached sessions' weights, as the cache counts them (see __init__)."""
+        with self._lock:
+            return self._cached_bytes
