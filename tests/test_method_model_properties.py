@@ -328,3 +328,58 @@ def test_input_channels_a_conv_does_not_take_are_invalid_argument(client, digits
     assert e.value.details.startswith("input: the input's channels are not what the model's layers take"), \
         e.value.details
     _still_serves(client, digits)
+
+
+def convnext_like() -> bytes:
+    """x [N, 3, 16, 16] -> 4x4/4 stem conv ("stem", [N, 8, 4, 4]) -> a ConvNeXt block: Transpose to
+    channels-last ("nhwc"), LayerNormalization over channels ("ln"), MatMul 8 -> 16 ("fc1"), Relu,
+    MatMul 16 -> 8 ("fc2"), Transpose back ("back") + stem ("block") -> GAP -> Gemm."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 4, 4)).astype(np.float32), "w_stem"),
+             numpy_helper.from_array(np.ones(8, np.float32), "ln_scale"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "ln_bias"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 16)).astype(np.float32), "w_fc1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "w_fc2"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (3, 8)).astype(np.float32), "w_head")]
+    nodes = [helper.make_node("Conv", ["x", "w_stem"], ["stem"], strides=[4, 4], name="stem"),
+             helper.make_node("Transpose", ["stem"], ["nhwc"], perm=[0, 2, 3, 1], name="to_nhwc"),
+             helper.make_node("LayerNormalization", ["nhwc", "ln_scale", "ln_bias"], ["ln"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["ln", "w_fc1"], ["fc1"], name="fc1"),
+             helper.make_node("Relu", ["fc1"], ["act"], name="act"),
+             helper.make_node("MatMul", ["act", "w_fc2"], ["fc2"], name="fc2"),
+             helper.make_node("Transpose", ["fc2"], ["back"], perm=[0, 3, 1, 2], name="to_nchw"),
+             helper.make_node("Add", ["back", "stem"], ["block"], name="residual"),
+             helper.make_node("GlobalAveragePool", ["block"], ["pooled"], name="gap"),
+             helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "w_head"], ["logits"], transB=1, name="head")]
+    g = helper.make_graph(nodes, "convnext_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def test_channels_last_layers_are_refused_where_a_channel_is_picked(client, digits):
+    """ConvNeXt's blocks run channels-last [N, H, W, C] between two Transposes: a channel target, a
+    CAM, deconvnet, occlusion or maximize layer there read axis 1 (rows) as channels, with finite,
+    meaningless results. They are refused naming a channels-first tensor nearby; the receptive
+    fields pass the block's LayerNormalization and MatMuls (they were unknown after them)."""
+    model = _load(client, convnext_like(), "convnext_like")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, 16, 16)).astype(np.float32)
+    rfs = {n.name: n for n in model.inspect().nodes}
+    assert rfs["fc2"].receptive_fields["fc2"].size == (4, 4) and rfs["residual"].receptive_fields["block"].size == (4, 4)
+    for layer in ("nhwc", "ln", "fc1", "act", "fc2"):
+        for call, field in [(lambda: client.gradient(model, x, Target.channel(layer, 5)), "target.channel.layer"),
+                            (lambda: client.gradient(model, x, Target.neuron(layer, 1, 0, 0)), "target.neuron.layer"),
+                            (lambda: client.grad_cam(model, x, layer=layer), "layer"),
+                            (lambda: client.deconvnet(model, x, layer), "layer"),
+                            (lambda: client.occlusion(model, x, patch=8, stride=8, layer=layer), "layer"),
+                            (lambda: client.maximize(model, [Objective.channel(layer, 1)], steps=2), "objectives[0].channel.layer")]:
+            with pytest.raises(InvalidArgument) as e:
+                call()
+            assert e.value.details.startswith(f"{field}: {layer!r} is channels-last [N, H, W, C]"), e.value.details
+            assert "e.g. 'stem'" in e.value.details or "e.g. 'back'" in e.value.details, e.value.details
+    # the channels-first tensors work, and the default CAM layer is one
+    assert client.gradient(model, x, Target.channel("back", 5)).gradient.shape == x.shape
+    assert client.grad_cam(model, x).layer == "block"
+    _still_serves(client, digits)

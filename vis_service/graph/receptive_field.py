@@ -115,6 +115,17 @@ def receptive_fields(model: onnx.ModelProto, infos: dict | None = None) -> dict[
     are needed for auto_pad, Slice and Reshape). Nodes are visited in graph
     order, which ONNX requires to be topological.
     """
+    return {t: tr.rf for t, tr in _rank4_tracks(model, infos).items()}
+
+
+def spatial_axes(model: onnx.ModelProto, infos: dict | None = None) -> dict[str, tuple[int, int]]:
+    """tensor name -> its (row, column) axes, for the rank-4 float tensors `receptive_fields`
+    covers: (2, 3) for [N, C, H, W]; (1, 2) for a channels-last [N, H, W, C] tensor (tf2onnx's
+    NHWC image, ConvNeXt's blocks between their Transposes)."""
+    return {t: tr.axes for t, tr in _rank4_tracks(model, infos).items()}
+
+
+def _rank4_tracks(model: onnx.ModelProto, infos: dict | None) -> dict[str, _Track]:
     infos = tensor_infos(model) if infos is None else infos
     found = image_input(model, infos)
     if found is None:
@@ -144,11 +155,11 @@ def receptive_fields(model: onnx.ModelProto, infos: dict | None = None) -> dict[
             if tr is not None:
                 tracks[out] = tr
 
-    out: dict[str, ReceptiveField] = {}
+    out: dict[str, _Track] = {}
     for t, tr in tracks.items():
         info = infos.get(t)
         if info is not None and info.shape is not None and len(info.shape) == 4 and info.elem_type in _FLOAT_TYPES:
-            out[t] = tr.rf
+            out[t] = tr
     return out
 
 
@@ -215,6 +226,28 @@ def _propagate(node, tracks: dict[str, _Track], ctx: _Ctx) -> dict[str, _Track |
         axis = axis + rank if axis < 0 else axis
         reduced = {axis} if ctx.opset >= 13 else set(range(axis, rank))
         if reduced & set(main.axes) and tuple(main.hw) != (1, 1):
+            return {}
+        return {outs[0]: main}
+
+    if op == "LayerNormalization":
+        # normalizes axis..end: per position where those are not spatial (channels last: ConvNeXt)
+        if main is None:
+            return {}
+        rank = len(ctx.shape(node.input[0]) or ()) or 4
+        axis = _attrs(node).get("axis", -1)
+        axis = axis + rank if axis < 0 else axis
+        if set(range(axis, rank)) & set(main.axes):
+            return {}
+        return {outs[0]: main}
+
+    if op == "MatMul":
+        # x @ W with a constant 2-D W: a linear layer over x's last axis, per position where that
+        # axis is not spatial (ConvNeXt's pointwise layers on channels-last tensors)
+        if main is None or any(t is not None for t in ins[1:]):
+            return {}
+        rank = len(ctx.shape(node.input[0]) or ()) or 4
+        w = ctx.const(node.input[1])
+        if w is None or w.ndim != 2 or rank - 1 in main.axes:
             return {}
         return {outs[0]: main}
 

@@ -68,7 +68,7 @@ from . import batching
 from .activations import exposed_session
 from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import output_is_probability, require_activation, softmax
+from .targets import channels_last, output_is_probability, require_activation, require_channels_first, softmax
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -103,7 +103,8 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 def _is_feature_map(model: LoadedModel, name: str) -> bool:
     info = model.infos.get(name)
-    return bool(info and info.elem_type in FLOAT_TYPES and info.shape is not None and len(info.shape) == 4)
+    return bool(info and info.elem_type in FLOAT_TYPES and info.shape is not None and len(info.shape) == 4
+                and not channels_last(model, name))
 
 
 def _reduce_axes(model: LoadedModel, node: onnx.NodeProto) -> list[int] | None:
@@ -210,10 +211,7 @@ def resolve_cam_layer(model: LoadedModel, layer: str, scores: str, field: str = 
         return default_layer(model, scores).layer
     tensor = resolve_tensor(model.proto, layer, kind="layer")
     require_activation(model, tensor, field, layer)
-    source = _channels_first_source(model, _producers(model.proto.graph).get(tensor))
-    if source is not None:
-        raise InvalidArgument(field, f"{layer!r} (tensor {tensor!r}) is a channels-last view [N, H, W, C] of "
-                                     f"{source!r}; CAM layers are [N, C, H, W]: name {source!r}")
+    require_channels_first(model, tensor, field, layer)
     info = model.infos.get(tensor)
     if info is None or info.shape is None or len(info.shape) != 4 or info.elem_type not in FLOAT_TYPES:
         shape = "unknown" if info is None or info.shape is None else list(info.shape)

@@ -27,7 +27,7 @@ from ..runtime.sessions import Runtime
 from . import batching
 from .activations import compute_activations
 from .progress import NO_PROGRESS, Progress
-from .targets import class_scores_tensor, require_activation, top_channels
+from .targets import class_scores_tensor, require_activation, require_channels_first, top_channels
 
 INPUT_ALIAS = "input"
 
@@ -227,6 +227,7 @@ def make_cotangent(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.nda
     if obj.kind in ("channel", "neuron"):
         if len(shape) < 2:
             raise InvalidArgument("target.layer", f"tensor {tensor!r} of shape {list(shape)} has no channel axis")
+        require_channels_first(model, tensor, f"target.{obj.kind}.layer", obj.layer)
         ch = _per_sample(obj.channel, batch, f"target.{obj.kind}.channel")
         if ch is None and obj.kind == "channel":  # each sample's top channel, as for a top-1 output target
             values = compute_activations(runtime, model, feeds, [tensor])[tensor]

@@ -44,7 +44,7 @@ from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities,
 from . import batching
 from .gradient import Objective, objective_tensor_name, require_finite
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import require_activation
+from .targets import require_activation, require_channels_first
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     if layer:
         layer_t = resolve_tensor(model.proto, layer, kind="layer")
         require_activation(model, layer_t, "layer", layer)
+        require_channels_first(model, layer_t, "layer", layer)
         info = model.infos.get(layer_t)
         if info is None or info.shape is None or len(info.shape) < 2:
             raise InvalidArgument("layer", f"{layer!r} has no channel axis (shape "

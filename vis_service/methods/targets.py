@@ -8,7 +8,9 @@ scores before the Softmax; probabilities (occlusion maps) are taken after it.
 A target (or an objective, a CAM layer) is an activation: a tensor computed from the
 model's inputs. Weights (initializers) and tensors made from weights only are refused by
 name (`require_activation`), before the gradient engine would say that the input does
-not influence them.
+not influence them. What picks a channel takes [N, C, H, W] maps: a channels-last tensor
+(ConvNeXt's blocks, tf2onnx's NHWC views) is refused naming a channels-first one near it
+(`require_channels_first`): its axis 1 holds rows.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import onnx
 
 from ..errors import InvalidArgument
 from ..graph.paths import dependents
+from ..graph.receptive_field import spatial_axes
 from ..models.store import LoadedModel
 
 # ops that only reshape or pass the scores on their way to the graph output
@@ -87,3 +90,49 @@ def require_activation(model: LoadedModel, tensor: str, field: str, given: str =
     else:
         what = "is computed from weights only (a constant), not an activation"
     raise InvalidArgument(field, f"{named} {what}; name a layer output computed from the input")
+
+
+def channels_last(model: LoadedModel, tensor: str) -> bool:
+    """True for a rank-4 tensor traced with its rows and columns on axes other than 2 and 3."""
+    axes = model.memo("spatial_axes", lambda: spatial_axes(model.proto)).get(tensor)
+    return axes is not None and tuple(axes) != (2, 3)
+
+
+def require_channels_first(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:
+    """INVALID_ARGUMENT naming `field` for a rank-4 tensor whose rows and columns are not axes 2
+    and 3 (a channels-last [N, H, W, C] tensor, as `graph.receptive_field.spatial_axes` traces
+    them): channel and neuron targets, CAM and deconvnet layers read axis 1 as the channels,
+    which there are rows (a ConvNeXt block's channel 5 was its sixth row, without an error)."""
+    if not channels_last(model, tensor):
+        return
+    axes_of = model.memo("spatial_axes", lambda: spatial_axes(model.proto))
+    axes = axes_of[tensor]
+    named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
+    near = _nearest_channels_first(model, tensor, axes_of)
+    hint = f": e.g. {near!r}, the nearest channels-first tensor" if near else ""
+    raise InvalidArgument(field, f"{named} is channels-last [N, H, W, C] (rows and columns on axes {axes[0]} and "
+                                 f"{axes[1]}); channels are picked from [N, C, H, W] tensors{hint}")
+
+
+def _nearest_channels_first(model: LoadedModel, tensor: str, axes_of: dict) -> str | None:
+    """The channels-first tensor fewest nodes away from `tensor` in the graph, either way."""
+    g = model.proto.graph
+    producers = _producers(model.proto)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    seen, frontier = {tensor}, [tensor]
+    while frontier:
+        found = [t for t in frontier if tuple(axes_of.get(t, ())) == (2, 3)]
+        if found:
+            return found[0]
+        nxt = []
+        for t in frontier:
+            node = producers.get(t)
+            neighbours = list(node.input) if node is not None else []
+            neighbours += [o for n in consumers.get(t, []) for o in n.output]
+            nxt += [x for x in neighbours if x and x not in seen and x in axes_of]
+            seen.update(nxt)
+        frontier = nxt
+    return None

@@ -30,7 +30,7 @@ from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
 from ..activations import compute_activations
 from ..gradient import positions_phrase
-from ..targets import class_scores_tensor, require_activation, softmax_node
+from ..targets import class_scores_tensor, require_activation, require_channels_first, softmax_node
 
 KINDS = ("neuron", "channel", "layer", "class_score", "direction")
 
@@ -280,6 +280,7 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
             else:
                 if len(shape) < 2:
                     raise InvalidArgument(f"{f}.{term.kind}.layer", f"tensor {layer!r} of shape {list(shape)} has no channel axis")
+                require_channels_first(model, layer, f"{f}.{term.kind}.layer", term.layer)
                 channels = shape[1]
                 base = np.zeros(shape[1:], np.float64)
                 if term.kind == "direction":
