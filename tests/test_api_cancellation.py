@@ -159,7 +159,8 @@ def test_repository_without_models_is_reported(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vis_service"):
         cli._repository_warnings(store, tmp_path)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("ignored imagenet, loose.onnx" in m and "<name>/model.onnx" in m for m in messages), messages
+    assert any("ignored imagenet (no model.onnx in it, or not yet), loose.onnx (a file, not <name>/model.onnx)" in m
+               for m in messages), messages
     assert any("holds no models" in m for m in messages), messages
     caplog.clear()
     (tmp_path / "imagenet" / "model.onnx").write_bytes(b"")
@@ -167,6 +168,11 @@ def test_repository_without_models_is_reported(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vis_service"):
         cli._repository_warnings(store, tmp_path)
     assert not caplog.records
+    (tmp_path / "res net").mkdir()
+    (tmp_path / "res net" / "model.onnx").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="vis_service"):
+        cli._repository_warnings(store, tmp_path)
+    assert "ignored res net (its name has other characters)" in caplog.records[0].getMessage()
 
 
 def test_limits_values():

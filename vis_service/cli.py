@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from .api.servicers import Limits
 from .default_models import DEFAULT_REPOSITORY
+from .models.store import MODEL_FILE
 from .server import ServerConfig, start_server
 
 MB = 1 << 20
@@ -96,6 +97,14 @@ def _serve_usage_error(args: argparse.Namespace, message: str) -> NoReturn:
     raise AssertionError("unreachable: argparse's error exits")
 
 
+def _why_ignored(entry: Path) -> str:
+    if not entry.is_dir():
+        return " (a file, not <name>/model.onnx)"
+    if not (entry / MODEL_FILE).is_file():
+        return f" (no {MODEL_FILE} in it, or not yet)"
+    return " (its name has other characters)"
+
+
 def _repository_warnings(store, repository: Path | None) -> None:
     """Say what a repository holds that is not a model: an empty or mislaid repository would
     otherwise serve nothing without a word (a model is <name>/model.onnx)."""
@@ -104,12 +113,12 @@ def _repository_warnings(store, repository: Path | None) -> None:
     log = logging.getLogger("vis_service")
     names = store.repository_names()
     # directories that are not models, and models lying loose (other files, e.g. a README, are fine)
-    ignored = sorted(p.name for p in repository.iterdir()
-                     if p.name not in names and not p.name.startswith((".", "__"))
-                     and (p.is_dir() or p.suffix.lower() == ".onnx"))
+    ignored = sorted((p for p in repository.iterdir()
+                      if p.name not in names and not p.name.startswith((".", "__"))
+                      and (p.is_dir() or p.suffix.lower() == ".onnx")), key=lambda p: p.name)
     if ignored:
         log.warning("model repository %s: ignored %s (a model is <name>/model.onnx, name of letters, digits, "
-                    "'.', '_', '-')", repository, ", ".join(ignored))
+                    "'.', '_', '-')", repository, ", ".join(p.name + _why_ignored(p) for p in ignored))
     if not names:
         log.warning("model repository %s holds no models; uploads still work", repository)
 
