@@ -220,6 +220,7 @@ def run_error(exc: BaseException) -> Exception | None:
 
 Builder = Callable[[], "tuple[onnx.ModelProto, Any]"]
 
+
 def _malloc_trim():
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
@@ -283,9 +284,9 @@ class Runtime:
 
         The cache keeps at most `cache_size` sessions and, with `cache_bytes` > 0, sessions whose
         weights (`graph.weights.session_bytes` of each built graph: onnxruntime's copies of them
-        dominate a session's memory) add up to at most that many bytes; the least recently used go first, the
-        newest always stays. A count alone let a 0.5 GB model's sessions (~1 GB per backward graph)
-        grow past the machine's memory: the kernel killed the server."""
+        dominate a session's memory) add up to at most that many bytes; the least recently used
+        go first, the newest always stays. A count alone let a 0.5 GB model's sessions (~1.5 GB
+        per backward graph) grow past the machine's memory: the kernel killed the server."""
         self.choice: ProviderChoice = select_provider(provider)
         if self.choice.note:
             log.warning("execution provider: %s (%s)", self.choice.name, self.choice.note)
