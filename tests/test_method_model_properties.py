@@ -140,6 +140,27 @@ def test_a_failed_allocation_is_resource_exhausted(client, digits):
     _still_serves(client, digits)
 
 
+def test_results_over_a_quarter_of_memory_are_refused_before_running(client, digits):
+    """Activations holds every requested tensor until streamed: a static [N, C, 512, 512] layer
+    (over 1/16 of the machine's memory per image) for 8 images is refused before any run, naming
+    `layers`."""
+    from vis_service.methods.limits import physical_memory_bytes
+
+    side = 512
+    channels = max(1, physical_memory_bytes() // 4 // (side * side * 4) // 4 + 1)   # > 1/16 of memory per image
+    shape = numpy_helper.from_array(np.array([1, channels, side, side], np.int64), "shape")
+    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                  [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3], keepdims=1, name="mean"),
+                   helper.make_node("Expand", ["m", "shape"], ["big"], name="big"),
+                   helper.make_node("ReduceMean", ["big"], ["logits"], axes=[2, 3], keepdims=0, name="logits")],
+                  [shape])
+    m = client.load_model(data, "props_result_size")
+    with pytest.raises(ResourceExhausted) as e:
+        client.activations(m, np.ones((8, 1, 8, 8), np.float32), ["big"])
+    assert e.value.details.startswith("layers: the 1 requested tensors take") and "for 8 images" in e.value.details
+    _still_serves(client, digits)
+
+
 # ----------------------------------------------------------------------------
 # a fixed batch other than 1
 

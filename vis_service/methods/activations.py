@@ -15,12 +15,13 @@ import numpy as np
 import onnx
 
 from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted
 from ..graph.expose import expose_tensors, exposed_name
 from ..graph.loading import BATCH_DIM
 from ..graph.names import resolve_tensor
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
+from . import limits
 from .targets import class_scores_tensor
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,10 @@ def compute_activations(runtime: Runtime, model: LoadedModel, feeds: dict[str, n
     whose shapes are known before the run are written by onnxruntime straight into the arrays it
     gives, sparing an allocation and a copy per result."""
     plan = _plan(model, list(layers))
+    x = feeds.get(model.image_input)
+    _check_result_size(plan, x)
     session = exposed_session(runtime, model, plan.resolved.values())
     values = None
-    x = feeds.get(model.image_input)
     if allocate is not None and plan.specs is not None and x is not None and x.ndim:
         batch = x.shape[0]
         arrays = allocate([(dtype, tuple(batch if d is None else d for d in shape)) for dtype, shape in plan.specs])
@@ -112,6 +114,22 @@ def compute_activations(runtime: Runtime, model: LoadedModel, feeds: dict[str, n
     if values is None:
         values = session.run_dict(plan.outputs, feeds)
     return {name: values[out] for name, out in plan.by_name.items()}
+
+
+def _check_result_size(plan: _Plan, x: np.ndarray | None) -> None:
+    """RESOURCE_EXHAUSTED before running when the results (known shapes) would take more than a
+    quarter of the machine's memory: the server holds them all until streamed (every layer of a
+    VGG for 256 images is ~15 GB; the kernel would kill the server)."""
+    if plan.specs is None or x is None or not x.ndim:
+        return
+    batch = x.shape[0]
+    total = sum(int(np.prod([batch if d is None else d for d in shape], dtype=np.int64)) * np.dtype(dtype).itemsize
+                for dtype, shape in plan.specs)
+    limit = limits.physical_memory_bytes() // 4
+    if total > limit:
+        raise ResourceExhausted(f"layers: the {len(plan.specs)} requested tensors take {total / limits.GiB:.1f} GiB "
+                                f"for {batch} images, over the server's {limit / limits.GiB:.1f} GiB for one result "
+                                "(a quarter of its memory); request fewer layers or images per call")
 
 
 def _result_specs(model: LoadedModel, tensors: list[str]):
