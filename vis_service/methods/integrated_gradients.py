@@ -7,9 +7,11 @@ that fit a memory budget; the graph returns each chunk's weighted gradient sum
 (weights folded into the cotangent, see attribution_common.gradient_rows). Completeness says sum(attribution) = f(x) - f(b);
 "completeness_gap" = |sum(attribution) - (f(x) - f(b))| measures the quadrature error.
 
-Quadratures (`rule`): "riemann_trapezoid" (steps points 0..1 incl. both ends, Captum's
-trapezoid), "riemann_middle" (midpoints (k + 1/2) / steps), "gausslegendre" (Captum's
-default). f(x) and f(b) come from forward-only runs (no gradient rows spent on them).
+Quadratures (`rule`): "riemann_trapezoid" (steps points 0..1 incl. both ends, weights
+1/(steps-1) halved at the ends: the trapezoid rule, whose weights sum to 1; Captum's
+riemann_trapezoid weighs 1/steps, summing to (steps-1)/steps, so its attributions are
+(steps-1)/steps of these), "riemann_middle" (midpoints (k + 1/2) / steps), "gausslegendre"
+(Captum's default). f(x) and f(b) come from forward-only runs (no gradient rows spent on them).
 """
 from __future__ import annotations
 
