@@ -120,6 +120,18 @@ def assert_status(exc_info, code, *fragments: str):
         assert frag in err.details, f"{frag!r} not in {err.details!r}"
 
 
+def raw_status(server, stub_class, method: str, request) -> tuple:
+    """(code, details) of the error a raw gRPC stub gets for `request` (the client checks some
+    values itself; this asks the server directly). Streaming and unary methods alike."""
+    import grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            reply = getattr(stub_class(channel), method)(request)
+            list(reply) if hasattr(reply, "__iter__") else reply
+    return e.value.code(), e.value.details()
+
+
 def still_serving(client):
     """The server answers after an error (its info, and the embedded model)."""
     assert client.server_info()["provider"]

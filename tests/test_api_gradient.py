@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import SHARED_IMAGES, requires_shared
+from conftest import SHARED_IMAGES, raw_status, requires_shared
 from vis_client import Target, VisError
 
 
@@ -82,11 +82,8 @@ def test_gradient_memory_budget_is_checked(server, client, digits, digit_images)
     # the client refuses a negative budget itself: the server is asked directly
     request = vis_pb2.GradientRequest(model="digits", memory_budget_bytes=-1,
                                       input=vis_pb2.InputBatch(images=[digit_images[0].read_bytes()]))
-    with grpc.insecure_channel(server.address) as channel:
-        with pytest.raises(grpc.RpcError) as raw:
-            list(vis_pb2_grpc.VisServiceStub(channel).Gradient(request))
-    assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raw.value.details().startswith("memory_budget_bytes: must be >= 0"), raw.value.details()
+    code, details = raw_status(server, vis_pb2_grpc.VisServiceStub, "Gradient", request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("memory_budget_bytes: must be >= 0"), details
     with pytest.raises(VisError) as e:
         client.gradient(digits, digit_images[:1], memory_budget_bytes=1 << 62)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "physical memory" in str(e.value)

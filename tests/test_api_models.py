@@ -276,18 +276,23 @@ def test_bad_config_file_is_refused(client, repository):
     still_serving(client)
 
 
+def _recording_builder(proto, built: list):
+    """build(tag): a session builder of `proto` that appends `tag` to `built` when it runs."""
+    def build(tag):
+        def make():
+            built.append(tag)
+            return proto, tag
+        return make
+    return build
+
+
 def test_session_cache_is_bounded_lru():
     from vis_service.runtime.sessions import Runtime
 
     rt = Runtime(provider="cpu", cache_size=2)
     proto = onnx.load(DEFAULT_MODEL_DIR / "model.onnx")
     built = []
-
-    def build(tag):
-        def make():
-            built.append(tag)
-            return proto, tag
-        return make
+    build = _recording_builder(proto, built)
 
     a = rt.session("m", ("a",), build("a"))
     rt.session("m", ("b",), build("b"))
@@ -316,12 +321,7 @@ def test_session_cache_is_bounded_by_the_weights_it_holds():
     rt = Runtime(provider="cpu", cache_size=32, cache_bytes=2 * weights + 1)
     snapshot = proto.SerializeToString()
     built = []
-
-    def build(tag):
-        def make():
-            built.append(tag)
-            return proto, tag
-        return make
+    build = _recording_builder(proto, built)
 
     a = rt.session("m", ("a",), build("a"))
     rt.session("m", ("b",), build("b"))
