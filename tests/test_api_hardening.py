@@ -156,6 +156,14 @@ def test_malformed_request_bytes_are_invalid_argument(server):
                 call(b"\xff\xff\xff\xff", timeout=10)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
             assert "request bytes are not a valid vis.v1." in e.value.details()
+        # a client stream (Upload): the abort raised inside the handler's error wrapper came back
+        # as INTERNAL with a logged traceback
+        upload = channel.stream_unary("/vis.v1.ModelService/Upload", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as e:
+            upload(iter([b"\xff\xfe\xfd", b"\x01\x02"]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert "request bytes are not a valid vis.v1.UploadRequest" in e.value.details()
 
 
 def test_too_many_images_are_refused_before_decoding():

@@ -30,9 +30,18 @@ def _abort(context: grpc.ServicerContext, exc: BaseException):
     context.abort(grpc.StatusCode.INTERNAL, _details(f"internal error: {type(exc).__name__}: {exc}"))
 
 
-def _is_abort(exc: BaseException) -> bool:
-    # context.abort() raises a bare Exception subclass that must pass through
-    return type(exc).__name__ == "_AbortionError" or isinstance(exc, grpc.RpcError)
+def _is_abort(exc: BaseException, context) -> bool:
+    """True for what context.abort() raised, which must pass through: an _AbortionError, or (grpcio
+    1.85, from inside a client stream's request iterator) a bare Exception after the context got
+    its status; rewrapping it answered INTERNAL in place of that status."""
+    if type(exc).__name__ == "_AbortionError" or isinstance(exc, grpc.RpcError):
+        return True
+    code = getattr(context, "code", None)
+    try:
+        status = code() if callable(code) else None
+    except Exception:  # noqa: BLE001 - a context without the accessor
+        return False
+    return status is not None and status != grpc.StatusCode.OK
 
 
 def handles_errors(fn):
@@ -43,7 +52,7 @@ def handles_errors(fn):
             try:
                 yield from fn(self, request, context)
             except Exception as exc:  # noqa: BLE001
-                if _is_abort(exc):
+                if _is_abort(exc, context):
                     raise
                 _abort(context, exc)
         return gen_wrapper
@@ -53,7 +62,7 @@ def handles_errors(fn):
         try:
             return fn(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            if _is_abort(exc):
+            if _is_abort(exc, context):
                 raise
             _abort(context, exc)
     return wrapper
