@@ -349,3 +349,73 @@ def test_session_cache_is_bounded_by_the_weights_it_holds():
 def test_server_info_reports_the_session_cache_bytes(client):
     info = client.server_info()
     assert info["session_cache_bytes"] > 0 and 0 <= info["sessions_cached_bytes"]
+
+
+def test_unload_never_loads_and_inspect_loads_under_a_work_slot(tmp_path):
+    """Unload of a repository entry not loaded used to load it (seconds for a large model, on a
+    thread kept for health checks) and answer True; Inspect of one loaded it without a work slot,
+    past --workers. Unload now answers False without loading; Inspect that must load takes a slot."""
+    import shutil
+    import threading
+    import time
+
+    from vis_client import Client
+    from vis_client.optimization import Objective
+
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "digits")
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "digits2")
+    running = start_server(ServerConfig(port=0, model_repository=tmp_path, workers=1))
+    try:
+        with Client(running.address) as c:
+            built = c.server_info()["sessions_built"]
+            assert c.unload("digits2") is False
+            assert c.server_info()["sessions_built"] == built and not any("digits2" in m.names for m in c.list_models()[0])
+            with pytest.raises(VisError) as e:
+                c.unload("nothing-of-that-name")
+            assert_status(e, grpc.StatusCode.NOT_FOUND, "digits2")
+            digits = c.model("digits")
+            cancel, started = threading.Event(), threading.Event()
+            def long_call():
+                with pytest.raises(VisError):   # cancelled below
+                    c.maximize(digits, [Objective.channel("conv1", 0)], steps=100000, cancel=cancel,
+                               on_step=lambda *_: started.set())
+            worker = threading.Thread(target=long_call)
+            worker.start()
+            try:
+                assert started.wait(60)
+                assert digits.inspect().nodes   # loaded: a light call, answered while the slot is busy
+                with pytest.raises(VisError) as e:
+                    c.inspect("digits2")
+                assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy")
+            finally:
+                cancel.set()
+                worker.join(60)
+            deadline = time.monotonic() + 30
+            while True:   # the slot frees once the cancelled call has unwound
+                try:
+                    assert c.inspect("digits2").nodes
+                    break
+                except VisError as exc:
+                    if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                        raise
+            assert c.unload("digits2") is True
+    finally:
+        running.stop(grace=0)
+
+
+def test_sessions_of_an_unloaded_model_are_not_cached_again():
+    """Calls in flight when their model is unloaded build sessions afterwards: they were cached for
+    a model no call can name (GBs for a large one, until the LRU reached them)."""
+    from vis_service.runtime.sessions import Runtime
+
+    rt = Runtime(provider="cpu")
+    proto = onnx.load(DEFAULT_MODEL_DIR / "model.onnx")
+    build = _recording_builder(proto, [])
+    rt.session("m", ("a",), build("a"))
+    rt.evict_model("m")
+    late = rt.session("m", ("b",), build("b"))   # a call still running builds one more
+    assert rt.sessions_cached == 0 and rt.sessions_cached_bytes == 0
+    assert late.run(None, {proto.graph.input[0].name: np.zeros([1, 1, 32, 32], np.float32)})[0].shape[0] == 1
+    rt.revive_model("m")                          # loaded again
+    rt.session("m", ("b",), build("b"))
+    assert rt.sessions_cached == 1

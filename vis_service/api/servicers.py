@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import grpc
@@ -130,7 +131,12 @@ class ModelServicer(vis_pb2_grpc.ModelServiceServicer):
 
     @handles_errors
     def Inspect(self, request, context):
-        model = self.s.store.get(request.model)
+        # a light call (no work slot) unless it has to load a repository model first: that takes a
+        # slot like Load (it took one of the threads kept for health checks)
+        model = self.s.store.find(request.model)
+        if model is None:
+            with self.s.work_slots.held(context) if self.s.work_slots is not None else nullcontext():
+                model = self.s.store.get(request.model)
         return convert.inspect_response(model, inspection.summarize(model), self._info(model))
 
     @handles_errors

@@ -158,20 +158,26 @@ class ModelStore:
     # -- lookup -------------------------------------------------------------
     def get(self, ref: str, field: str = "model") -> LoadedModel:
         """A loaded model by id or name; a repository name not loaded yet is loaded now."""
+        model = self.find(ref, field)
+        if model is not None:
+            return model
+        if ref in self.repository_names():  # repository models load on first use
+            return self.load(ref)
+        raise NotFound("model", ref, self._known())
+
+    def find(self, ref: str, field: str = "model") -> LoadedModel | None:
+        """A loaded model by id or name, or None (nothing is loaded)."""
         if not ref:
             raise InvalidArgument(field, "empty; give a model id or name (see ModelService.List)")
         with self._lock:
             if ref in self._models:
                 return self._models[ref]
-            for m in self._models.values():
-                if ref in m.names:
-                    return m
+            return next((m for m in self._models.values() if ref in m.names), None)
+
+    def _known(self) -> list[str]:
+        with self._lock:
             known = [m.id for m in self._models.values()] + [n for m in self._models.values() for n in m.names]
-        repo = self.repository_names()
-        if ref in repo:  # repository models load on first use
-            return self.load(ref)
-        known += [n for n in repo if n not in known]
-        raise NotFound("model", ref, known)
+        return known + [n for n in self.repository_names() if n not in known]
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
@@ -238,7 +244,13 @@ class ModelStore:
                              config_field="header.config", cancelled=cancelled)
 
     def unload(self, ref: str) -> bool:
-        model = self.get(ref)
+        """True if `ref` was loaded and is no longer; False for a repository entry not loaded
+        (unloading never loads it); NOT_FOUND for a name nothing has."""
+        model = self.find(ref)
+        if model is None:
+            if ref in self.repository_names():
+                return False
+            raise NotFound("model", ref, self._known())
         with self._lock:
             self._models.pop(model.id, None)
             shared = any(m.graph_id == model.graph_id for m in self._models.values())
@@ -275,6 +287,7 @@ class ModelStore:
                 raise Cancelled("cancelled by the client; the model was not loaded")
 
         graph_id, mid = model_ids(data, config, labels, external_digest)
+        self.runtime.revive_model(graph_id)   # unloaded before: its sessions may be cached again
         with self._lock:
             existing = self._models.get(mid)
             if existing is not None:

@@ -297,6 +297,9 @@ class Runtime:
         self.intra_op_threads = intra_op_threads
         self._cache: OrderedDict[tuple, Session] = OrderedDict()
         self._cached_bytes = 0
+        # unloaded models: sessions their calls still in flight build are not cached (nothing could
+        # use or evict them but the LRU), until the model is loaded again (revive_model)
+        self._retired: set[str] = set()
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
         self.sessions_built = 0
@@ -367,6 +370,9 @@ class Runtime:
                             weight_bytes)
             with self._lock:
                 self.sessions_built += 1
+                if model_id in self._retired:
+                    self._building.pop(full_key, None)
+                    return built
                 old = self._cache.pop(full_key, None)
                 if old is not None:
                     self._cached_bytes -= old.weight_bytes
@@ -382,8 +388,15 @@ class Runtime:
             log.debug("built session %s in %.3fs", full_key, built.build_seconds)
             return built
 
-    def evict_model(self, model_id: str) -> None:
+    def revive_model(self, model_id: str) -> None:
+        """`model_id` is (being) loaded: its sessions are cached again (see evict_model)."""
         with self._lock:
+            self._retired.discard(model_id)
+
+    def evict_model(self, model_id: str) -> None:
+        """Drop the sessions of an unloaded model, and cache none built for it from now on."""
+        with self._lock:
+            self._retired.add(model_id)
             evicted = [self._cache.pop(k) for k in [k for k in self._cache if k[0] == model_id]]
             self._cached_bytes -= sum(s.weight_bytes for s in evicted)
         if sum(s.weight_bytes for s in evicted) >= RELEASE_AFTER_BYTES:
