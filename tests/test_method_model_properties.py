@@ -404,3 +404,30 @@ def test_channels_last_layers_are_refused_where_a_channel_is_picked(client, digi
     assert client.gradient(model, x, Target.channel("back", 5)).gradient.shape == x.shape
     assert client.grad_cam(model, x).layer == "block"
     _still_serves(client, digits)
+
+
+def test_a_free_size_model_refuses_images_whose_activations_exceed_memory(client, digits):
+    """A model whose height and width are symbolic takes any image size the request asks for:
+    a 100-byte PNG with preprocess size 4096 x 4096 meant ~270 GB of activations for this net
+    (8 GB for a small ResNet at 8192); refused before any run, naming the input."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.1, (2048, 1, 3, 3)).astype(np.float32), "w_wide"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (3, 2048)).astype(np.float32), "w_fc")]
+    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+                  [helper.make_node("Conv", ["x", "w_wide"], ["wide"], pads=[1, 1, 1, 1], name="wide"),
+                   helper.make_node("Relu", ["wide"], ["act"], name="act"),
+                   helper.make_node("GlobalAveragePool", ["act"], ["pooled"], name="gap"),
+                   helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+                   helper.make_node("Gemm", ["flat", "w_fc"], ["logits"], transB=1, name="fc")], inits)
+    m = _load(client, data, "props_free_size")
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG")
+    with pytest.raises(ResourceExhausted) as e:
+        client.activations(m, [buf.getvalue()], ["act"], preprocess={"preset": "raw255", "size": [4096, 4096]})
+    assert e.value.details.startswith("input: 1 images of 4096 x 4096 take an estimated"), e.value.details
+    small = client.activations(m, [buf.getvalue()], ["act"], preprocess={"preset": "raw255", "size": [48, 40]})
+    assert small["act"].shape == (1, 2048, 48, 40)
+    _still_serves(client, digits)

@@ -67,7 +67,9 @@ class ServiceState:
 
     def feeds(self, model, batch: vis_pb2.InputBatch, field: str = "input", region: SharedRegion | None = None):
         """Validated feeds; raw inputs the client sent in the call's shared memory `region` are read in place."""
-        return build_feeds(model, convert.input_request(batch, field, region), self.limits.max_batch, field)
+        feeds = build_feeds(model, convert.input_request(batch, field, region), self.limits.max_batch, field)
+        limits.check_free_size_input(model, feeds, field)
+        return feeds
 
     def shared_region(self, context: grpc.ServicerContext) -> SharedRegion | None:
         """The same-host shared memory region the call's metadata names (api/shared_memory.py), opened

@@ -83,3 +83,51 @@ def structure_only(model: onnx.ModelProto, keep: int = SMALL_CONSTANT_ELEMENTS) 
     out.metadata_props.extend(model.metadata_props)
     out.functions.extend(model.functions)
     return out
+
+
+def activation_bytes_per_input_byte(model: onnx.ModelProto, image: str, spatial: tuple[int, int],
+                                    axes: tuple[int, int] = (2, 3)) -> float | None:
+    """Bytes of the float tensors a forward run computes per byte of the image input, with the
+    image's spatial dims (`axes`) set to `spatial` and its other dims to 1 where not fixed; None
+    where shape inference leaves a rank-2+ float tensor without a size.
+
+    For a convolutional network whose image size is free, activations grow with the image's area,
+    so this ratio (at a typical size) times an input's bytes estimates what a run of it computes."""
+    import onnx.shape_inference
+
+    m = structure_only(model, keep=1 << 16)
+    graph_input = next((i for i in m.graph.input if i.name == image), None)
+    if graph_input is None or not graph_input.type.tensor_type.HasField("shape"):
+        return None
+    dims = graph_input.type.tensor_type.shape.dim
+    if len(dims) <= max(axes):
+        return None
+    sizes = []
+    for k, d in enumerate(dims):
+        value = spatial[axes.index(k)] if k in axes else (d.dim_value if d.HasField("dim_value") else 1)
+        d.Clear()
+        d.dim_value = int(value)
+        sizes.append(int(value))
+    for i in m.graph.input:   # other inputs keep what they have; their symbolic dims become 1
+        for d in i.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = 1
+    del m.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - no estimate where inference fails
+        return None
+    total = 0
+    for vi in inferred.graph.value_info:
+        tt = vi.type.tensor_type
+        if tt.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            continue
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if len(shape) < 2:
+            continue
+        if None in shape:
+            return None
+        total += int(np.prod(shape, dtype=np.int64)) * _elem_size(tt.elem_type)
+    input_bytes = int(np.prod(sizes, dtype=np.int64)) * _elem_size(graph_input.type.tensor_type.elem_type)
+    return total / max(1, input_bytes)

@@ -10,6 +10,8 @@ import math
 import os
 
 from ..errors import ResourceExhausted
+from ..graph.receptive_field import image_input
+from ..graph.weights import activation_bytes_per_input_byte
 
 # the server's --max-batch default; library callers without a server get the same bound
 DEFAULT_SERVER_MAX_BATCH = 256
@@ -61,3 +63,35 @@ def check_optimization_memory(field: str, images: int, image_shape: tuple[int, .
                                 f"optimization loop, more than the server's physical memory ({limit / GiB:.1f} GiB); "
                                 "use fewer, or a model with a smaller input")
     return need
+
+
+# the typical image size at which a free-size model's activations per input byte are measured
+_REFERENCE_SIDE = 224
+
+
+def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
+    """RESOURCE_EXHAUSTED naming `field` when a model whose image size is free (symbolic height /
+    width) gets images whose activations would take more than the machine's memory, estimated as
+    the input's bytes times the activations per input byte at 224 x 224
+    (`graph.weights.activation_bytes_per_input_byte`: every tensor of a run, what a backward run
+    keeps; a forward run reuses memory and peaks lower). A 91-byte PNG with preprocess size 8192 x
+    8192 took a small ResNet to 8 GB; a larger network would have had the kernel kill the server."""
+    found = model.memo("image_input_axes", lambda: image_input(model.proto, model.infos))
+    if found is None or found[0] not in feeds:
+        return
+    name, axes = found
+    shape = model.infos[name].shape
+    if all(isinstance(shape[a], int) for a in axes):
+        return   # a fixed image size: the run's memory is that of the model's shapes
+    ratio = model.memo("activation_bytes_per_input_byte", lambda: activation_bytes_per_input_byte(
+        model.proto, name, (_REFERENCE_SIDE, _REFERENCE_SIDE), axes))
+    x = feeds[name]
+    if ratio is None or x.ndim != 4:
+        return
+    estimate = ratio * x.nbytes
+    limit = physical_memory_bytes()
+    if estimate > limit:
+        raise ResourceExhausted(f"{field}: {x.shape[0]} images of {x.shape[axes[0]]} x {x.shape[axes[1]]} take an "
+                                f"estimated {estimate / GiB:.1f} GiB of activations in this model (its image size "
+                                f"is free), over the server's memory of {limit / GiB:.1f} GiB: send smaller or fewer "
+                                "images per call")
