@@ -1,7 +1,7 @@
 """Models the server accepts whose properties the methods must meet or refuse clearly, through the
 real server and the Python client: onnxruntime's run errors on the request's input, a fixed batch
 other than 1, a second input without a batch dimension, a float16 image input, a weight named as a
-layer, an image input without a batch dimension, a static input too large for any loop.
+layer, an image input without a batch dimension, a static input too large for any loop, a free image size.
 
 Every refusal is INVALID_ARGUMENT naming the field (RESOURCE_EXHAUSTED for memory), never INTERNAL,
 and the server goes on serving; where a method can run (a fixed batch, an unbatched input, float16)
@@ -430,4 +430,54 @@ def test_a_free_size_model_refuses_images_whose_activations_exceed_memory(client
     assert e.value.details.startswith("input: 1 images of 4096 x 4096 take an estimated"), e.value.details
     small = client.activations(m, [buf.getvalue()], ["act"], preprocess={"preset": "raw255", "size": [48, 40]})
     assert small["act"].shape == (1, 2048, 48, 40)
+    _still_serves(client, digits)
+
+
+def test_a_free_size_model_gets_gradients_at_each_image_size(client, digits):
+    """A model exported with a free height and width (SqueezeNet-style: convolutions, then global
+    pooling) gets gradients at whatever size its images have: the backward graph is built for that
+    size (its rules need static window sizes; this was UNIMPLEMENTED at GlobalAveragePool), once per
+    size, and every gradient method equals that of a twin whose input has the size fixed."""
+    free = _load(client, classifier(hw=("H", "W")), "props_free_hw")
+    assert free.gradients_supported, free
+    for hw in ((10, 10), (13, 7)):
+        twin = _load(client, classifier(hw=hw), f"props_fixed_{hw[0]}x{hw[1]}")
+        x = images(2, hw, seed=hw[1])
+        a, b = (client.gradient(m, x, Target.output(1)) for m in (free, twin))
+        assert a.gradient.shape == (2, 1, *hw)
+        _close(a.gradient, b.gradient)
+        _close(a.objective, b.objective)
+        a, b = (client.integrated_gradients(m, x, steps=4, baseline="zero") for m in (free, twin))
+        _close(a.attribution, b.attribution)
+        a, b = (client.grad_cam(m, x, layer="relu2") for m in (free, twin))
+        _close(a.cam, b.cam)
+        a, b = (client.guided_backprop(m, x) for m in (free, twin))
+        _close(a.attribution, b.attribution)
+        a, b = (client.deconvnet(m, x, "relu2", top_k=2) for m in (free, twin))
+        _close(a.projections, b.projections)
+    built = client.server_info()["sessions_built"]
+    client.gradient(free, images(3, (13, 7)), Target.output(1))
+    assert client.server_info()["sessions_built"] == built, "a size seen before reuses its gradient session"
+    for call in (lambda x: client.gradient(free, x), lambda x: client.activations(free, x, ["relu2"])):
+        with pytest.raises(InvalidArgument) as e:   # was INTERNAL (a division by the window's size 0)
+            call(np.ones((1, 1, 0, 4), np.float32))
+        assert e.value.details == ("input.tensors[x]: shape [1, 1, 0, 4] is empty along axis 2, which the model "
+                                   "leaves free; send at least one element there"), e.value.details
+    _still_serves(client, digits)
+
+
+def test_a_free_size_model_runs_the_optimization_loops_at_the_requested_size(client, digits):
+    """Maximize and invert optimize images of the size the request's preprocessing gives: on a
+    free-size model their gradient graph is built for it, and the results equal a fixed-size twin's."""
+    free, twin = _load(client, classifier(hw=("H", "W")), "props_free_hw"), \
+        _load(client, classifier(hw=(12, 9)), "props_fixed_12x9")
+    pre = {"preset": "raw255", "size": [12, 9]}
+    a, b = (client.maximize(m, [Objective.channel("relu2", 2)], steps=4, seed=1, preprocess=pre) for m in (free, twin))
+    assert a.x.shape == (1, 1, 12, 9)
+    _close(a.x, b.x)
+    _close(a.losses["loss"], b.losses["loss"])
+    reference = images(1, (12, 9), seed=4)
+    a, b = (client.invert(m, reference, ["relu1"], steps=3, seed=2, preprocess=pre) for m in (free, twin))
+    _close(a["relu1"].x, b["relu1"].x)
+    _close(a["relu1"].feature_error, b["relu1"].feature_error)
     _still_serves(client, digits)

@@ -159,6 +159,52 @@ def prepare_model(model: onnx.ModelProto, *, symbolic_batch: bool = True, field:
     return prepared
 
 
+
+def free_input_axes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Input name -> the axes of its shape that are free (symbolic or unknown), the batch excepted
+    (dim 0 of an input of rank >= 2 named by a batch symbol): a network whose image size is free
+    has its height and width here."""
+    batch = _batch_symbols(model)
+    out = {}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = tt.shape.dim
+        axes = tuple(k for k, d in enumerate(dims) if not d.HasField("dim_value")
+                     and not (k == 0 and len(dims) >= 2 and d.dim_param in batch))
+        if axes:
+            out[vi.name] = axes
+    return out
+
+
+def with_static_sizes(model: onnx.ModelProto, sizes: dict[str, dict[int, int]], field: str = "input") -> onnx.ModelProto:
+    """A copy of a prepared model whose inputs' free axes take the given sizes ({input: {axis: size}}),
+    shapes inferred again and what they decide folded (`_normalize`); the batch stays free.
+
+    Why: the backward rules need static spatial sizes (a pooling window's input size, a strided
+    Conv's output padding, a Slice's range), which a network exported with a free image size
+    lacks; specialized to the size of the images it is run on, its gradient can be built, once
+    per size. Sizes that do not fit the graph are the request's (INVALID_ARGUMENT on `field`).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    changed = False
+    for vi in m.graph.input:
+        given = sizes.get(vi.name)
+        if not given or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for axis, size in given.items():
+            if 0 <= axis < len(dims) and not dims[axis].HasField("dim_value"):
+                dims[axis].Clear()
+                dims[axis].dim_value = int(size)
+                changed = True
+    if not changed:
+        return model
+    _clear_inferred(m)
+    return _normalize(m, field, free=True)
+
 def _real_inputs_copy(model: onnx.ModelProto, field: str) -> onnx.ModelProto:
     """A copy with IR >= 4 and the initializers out of graph.input."""
     m = onnx.ModelProto()

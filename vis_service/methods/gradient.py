@@ -19,8 +19,9 @@ from onnx import TensorProto, helper
 
 from ..engine.backward import GradientGraph, build_gradient_model
 from ..errors import InvalidArgument
-from ..graph.loading import BATCH_DIM
+from ..graph.loading import BATCH_DIM, free_input_axes, with_static_sizes
 from ..graph.names import resolve_tensor
+from ..graph.receptive_field import image_input
 from ..models.inputs import all_finite
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
@@ -68,10 +69,35 @@ def resolve_wrt(model: LoadedModel, wrt: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def static_sizes(model: LoadedModel, feeds: Mapping[str, np.ndarray]) -> tuple:
+    """The sizes the feeds give the model's free input axes (the batch excepted), as a hashable
+    ((input, ((axis, size), ...)), ...); () for a model whose input sizes are all fixed.
+
+    A gradient graph needs static sizes (see graph.loading.with_static_sizes): a model whose image
+    size is free gets one graph, and session, per size it is run at."""
+    free = model.memo("free_input_axes", lambda: free_input_axes(model.proto))
+    out = []
+    for name, axes in free.items():
+        x = feeds.get(name)
+        if x is not None and x.ndim == len(model.infos[name].shape or ()):
+            out.append((name, tuple((a, int(x.shape[a])) for a in axes)))
+    return tuple(out)
+
+
+def specialized_proto(model: LoadedModel, sizes: tuple):
+    """The model's graph with `sizes` (from static_sizes) fixed: the graph to build gradients on."""
+    if not sizes:
+        return model.proto
+    return with_static_sizes(model.proto, {name: dict(axes) for name, axes in sizes})
+
+
 def gradient_session(runtime: Runtime, model: LoadedModel, objective_tensor: str, wrt_tensors: Sequence[str],
                      rule_set: str = "gradient", node_rules: Mapping[str, str] | None = None,
-                     forward_outputs: Sequence[str] = (), top1: bool = False, batch_summed: bool = False):
+                     forward_outputs: Sequence[str] = (), top1: bool = False, batch_summed: bool = False,
+                     sizes: tuple = ()):
     """Cached session of the forward+backward graph; `session.meta` is the GradientGraph.
+
+    `sizes`: the free input sizes of the run (`static_sizes`), for a model whose image size is free.
 
     `batch_summed`: the wrt gradients come out summed over the batch ([1, ...]; see
     build_gradient_model), for methods that add up many rows of one image.
@@ -82,10 +108,11 @@ def gradient_session(runtime: Runtime, model: LoadedModel, objective_tensor: str
     """
     rules = tuple(sorted((node_rules or {}).items()))
     key = ("gradient", (objective_tensor,), tuple(wrt_tensors), rule_set, rules, tuple(forward_outputs), top1,
-           batch_summed)
+           batch_summed) + ((sizes,) if sizes else ())
 
     def build():
-        gg = build_gradient_model(model.proto, [objective_tensor], list(wrt_tensors), rule_set=rule_set,
+        gg = build_gradient_model(specialized_proto(model, sizes), [objective_tensor], list(wrt_tensors),
+                                  rule_set=rule_set,
                                   node_rules=dict(rules), forward_outputs=list(forward_outputs),
                                   batch_summed=list(wrt_tensors) if batch_summed else ())
         if top1:
@@ -340,7 +367,7 @@ def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarr
         raise InvalidArgument("target", f"tensor {tensor!r} is a scalar; gradients are taken of [N, ...] tensors, "
                                         "one objective per sample")
     session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs, top1,
-                               batch_summed)
+                               batch_summed, static_sizes(model, feeds))
     gg: GradientGraph = session.meta
     run_feeds = {k: v for k, v in feeds.items() if k in session.input_names}
     names = [gg.gradient_outputs[t] for t in wrt_tensors] + [gg.forward_outputs[tensor]]
@@ -379,15 +406,36 @@ def gradient_support(model: LoadedModel) -> tuple[bool, str]:
     """Whether the input gradient of the first output can be built (once per model).
 
     Forward-only features keep working for a model without it; the reason names
-    the op type and node that lack a backward rule.
+    the op type and node that lack a backward rule. A model whose image size is free is
+    checked at its configured size, else at 224 x 224 (its graphs are built per size run).
     """
     from ..errors import VisError
 
     def check():
+        sizes = representative_sizes(model)
         try:
-            build_gradient_model(model.proto, [model.output_names[0]], [model.image_input])
+            build_gradient_model(specialized_proto(model, sizes), [model.output_names[0]], [model.image_input])
             return True, ""
         except VisError as exc:
-            return False, str(exc)
+            at = dict(dict(sizes).get(model.image_input, ()))
+            where = f" (checked at {' x '.join(str(v) for v in at.values())})" if at else ""
+            return False, str(exc) + where
 
     return model.memo("gradient_support", check)
+
+
+REPRESENTATIVE_SIDE = 224
+
+
+def representative_sizes(model: LoadedModel) -> tuple:
+    """static_sizes for a typical run: the image input's free height and width at the configured
+    size (model config `input.size`), else 224; any other free axis at 1."""
+    free = model.memo("free_input_axes", lambda: free_input_axes(model.proto))
+    found = model.memo("image_input_axes", lambda: image_input(model.proto, model.infos))
+    configured = list(model.config.input.size)
+    out = []
+    for name, axes in free.items():
+        spatial = found[1] if found is not None and found[0] == name else ()
+        side = dict(zip(spatial, configured if len(configured) == 2 else [REPRESENTATIVE_SIDE] * 2))
+        out.append((name, tuple((a, side.get(a, 1)) for a in axes)))
+    return tuple(out)

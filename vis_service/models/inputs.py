@@ -62,6 +62,10 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
             pass   # a scalar input (a Clip bound, a scale): no batch
         elif arr.ndim == 0 or arr.shape[0] == 0:
             raise InvalidArgument(where, "empty batch")
+        empty = [k for k, d in enumerate(shape or ()) if k and not isinstance(d, int) and arr.shape[k] == 0]
+        if empty:   # a free image size of 0: nothing to run, and no window a backward graph could have
+            raise InvalidArgument(where, f"shape {list(arr.shape)} is empty along axis {empty[0]}, which the model "
+                                         "leaves free; send at least one element there")
         # an input whose first dimension is not the image input's (a static [1] scale, a lookup
         # table) has no batch: it is not counted or matched against the images
         first = first_dim(model, name)

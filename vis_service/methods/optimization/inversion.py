@@ -121,7 +121,8 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
             raise InvalidArgument("layers", f"the reference's features at {layer!r} are all zero; nothing to invert")
         head = Head("squared_difference", layer)
         feats = np.broadcast_to(ref, (S,) + ref.shape[1:]).copy()
-        run = GradientRun(runtime, model, [head], {head.output: np.full((S,) + ref.shape[1:], 1.0 / ref_sq, np.float32)})
+        run = GradientRun(runtime, model, [head], {head.output: np.full((S,) + ref.shape[1:], 1.0 / ref_sq, np.float32)},
+                          reference)
         extra = {head.reference_input: feats}
         rng = np.random.default_rng([s.seed, li])
         z = rng.normal(0.0, s.init_std, size=(S, c, h, w))

@@ -24,12 +24,12 @@ from onnx import helper, numpy_helper, shape_inference
 
 from ...engine.backward import GradientGraph, build_gradient_model
 from ...errors import InvalidArgument
-from ...graph.loading import BATCH_DIM, opset_version
+from ...graph.loading import BATCH_DIM, opset_version, tensor_infos
 from ...graph.names import resolve_tensor
 from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
 from ..activations import compute_activations
-from ..gradient import positions_phrase
+from ..gradient import positions_phrase, specialized_proto, static_sizes
 from ..targets import class_scores_tensor, require_activation, require_channels_first, softmax_node
 
 KINDS = ("neuron", "channel", "layer", "class_score", "direction")
@@ -73,10 +73,12 @@ def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
     return name
 
 
-def with_heads(model: LoadedModel, heads: Sequence[Head]) -> onnx.ModelProto:
-    """A copy of the model's graph with the heads' nodes (and inputs) appended, shapes inferred."""
+def with_heads(model: LoadedModel, heads: Sequence[Head], base: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """A copy of the model's graph (or of `base`, that graph specialized to an image size) with the
+    heads' nodes (and inputs) appended, shapes inferred."""
     m = onnx.ModelProto()
-    m.CopyFrom(model.proto)
+    m.CopyFrom(model.proto if base is None else base)
+    infos = model.infos if base is None else tensor_infos(base)
     g = m.graph
     opset = opset_version(m)
     for h in heads:
@@ -87,7 +89,7 @@ def with_heads(model: LoadedModel, heads: Sequence[Head]) -> onnx.ModelProto:
             g.node.append(helper.make_node("Flatten", [t], [p + "flat"], axis=1, name=p + "flatten"))
             g.node.append(helper.make_node("Softmax", [p + "flat"], [out], axis=1, name=p + "softmax"))
         elif h.kind == "squared_difference":
-            info = model.infos[t]
+            info = infos[t]
             g.input.append(helper.make_tensor_value_info(h.reference_input, info.elem_type, list(info.shape)))
             g.node.append(helper.make_node("Sub", [t, h.reference_input], [p + "diff"], name=p + "sub"))
             g.node.append(helper.make_node("Mul", [p + "diff", p + "diff"], [out], name=p + "mul"))
@@ -138,14 +140,16 @@ def require_float_image(model: LoadedModel, field: str, method: str) -> None:
                                      "steps, so it needs a float image input")
 
 
-def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head], objectives: Sequence[str]):
-    """Cached session: model + heads, forward + d sum <objective, cotangent> / d image input."""
+def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head], objectives: Sequence[str],
+                      sizes: tuple = ()):
+    """Cached session: model + heads, forward + d sum <objective, cotangent> / d image input.
+    `sizes`: the image size of the loop where the model's is free (gradient.static_sizes)."""
     heads = tuple(sorted(set(heads), key=lambda h: (h.kind, h.tensor)))
     objectives = tuple(dict.fromkeys(objectives))
-    key = ("optimization", heads, objectives, model.image_input)
+    key = ("optimization", heads, objectives, model.image_input) + ((sizes,) if sizes else ())
 
     def build():
-        proto = with_heads(model, heads) if heads else model.proto
+        proto = with_heads(model, heads, specialized_proto(model, sizes)) if heads else specialized_proto(model, sizes)
         gg = build_gradient_model(proto, list(objectives), [model.image_input])
         return gg.model, gg
 
@@ -156,9 +160,10 @@ class GradientRun:
     """One cached graph with fixed cotangents: `run(x)` -> (d objective / dx, forward values)."""
 
     def __init__(self, runtime: Runtime, model: LoadedModel, heads: Sequence[Head],
-                 cotangents: dict[str, np.ndarray]):
+                 cotangents: dict[str, np.ndarray], x_example: np.ndarray):
         self.model = model
-        self.session = objective_session(runtime, model, heads, list(cotangents))
+        sizes = static_sizes(model, {model.image_input: x_example})
+        self.session = objective_session(runtime, model, heads, list(cotangents), sizes)
         gg: GradientGraph = self.session.meta
         self.gg = gg
         # the graph's inputs take their own float type (a float16 model's image and cotangents); the
@@ -329,5 +334,5 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
         div_tensor = heads[-1].output
         # maximize objective - diversity * sum_{i != j} S_ij / B
         cots[div_tensor] = -diversity * (1.0 - np.eye(batch)) / batch
-    run = GradientRun(runtime, model, heads, cots)
+    run = GradientRun(runtime, model, heads, cots, x_example)
     return CompiledObjective(run, term_tensors, term_cots, masks, weights, layers, div_tensor, diversity)
