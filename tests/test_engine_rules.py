@@ -484,6 +484,16 @@ def test_instance_and_layer_norm():
     check("LayerNormalization", {"x": (2, 3, 4, 5)}, {"scale": weights(4, 5), "bias": weights(4, 5)}, axis=-2)
 
 
+@pytest.mark.parametrize("opset, groups, scale_size", [(18, 2, 2), (18, 6, 6), (21, 3, 6), (21, 1, 6)])
+def test_group_norm(opset, groups, scale_size):
+    """Opset 18 scales per group, 21 per channel; 4-D and 3-D inputs. Opset 21 computes in its
+    stash_type, float32 by default: double here, so that the float64 check sees double's rounding."""
+    params = {"scale": weights(scale_size), "bias": weights(scale_size)}
+    stash = {"stash_type": 11} if opset >= 21 else {}   # TensorProto.DOUBLE
+    check("GroupNormalization", {"x": (2, 6, 3, 4)}, params, opset=opset, num_groups=groups, epsilon=1e-3, **stash)
+    check("GroupNormalization", {"x": (2, 6, 5)}, params, opset=opset, num_groups=groups, **stash)
+
+
 @pytest.mark.parametrize("axes", [None, [2, 3], [1], [0, 1, 2, 3]])
 def test_mean_variance_normalization(axes):
     check("MeanVarianceNormalization", {"x": (2, 3, 4, 5)}, **({} if axes is None else {"axes": axes}))

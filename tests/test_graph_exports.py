@@ -203,6 +203,31 @@ def test_torchscript_opset11_resize_sizes_from_shape_get_their_shape(dims):
     _check_gradient(prepared)
 
 
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_dynamo_group_norm_gets_its_shape_and_gradient(opset):
+    """torch.onnx's dynamo exporter writes nn.GroupNorm as GroupNormalization from opset 21 (scale
+    per channel; per group at 18). ONNX's inference leaves its output shapeless: every tensor after
+    it had an unknown rank, and no gradient could be built through it (it had no rule either)."""
+    scale = _w(4) if opset >= 21 else _w(2)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="/c/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GroupNormalization", ["c", "scale", "bias"], ["gn"], name="/gn/GroupNormalization",
+                              num_groups=2, epsilon=1e-5),
+             helper.make_node("Sigmoid", ["gn"], ["s"], name="/Sigmoid"),
+             helper.make_node("Mul", ["gn", "s"], ["silu"], name="/Mul"),
+             helper.make_node("Conv", ["silu", "w2"], ["c2"], name="/c2/Conv", strides=[2, 2]),
+             helper.make_node("ReduceMean", ["c2"] + (["axes"] if opset >= 18 else []), ["y"], name="/ReduceMean",
+                              keepdims=0)]
+    inits = [numpy_helper.from_array(_w(4, 2, 3, 3), "w"), numpy_helper.from_array(scale, "scale"),
+             numpy_helper.from_array(_w(*scale.shape, scale=0.1), "bias"), numpy_helper.from_array(_w(3, 4, 3, 3), "w2"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    original = _model(nodes, inits, [1, 2, 9, 10], opset=opset)
+    prepared = prepare_model(original)
+    batch = _batch(prepared)
+    assert tensor_infos(prepared)["gn"].shape == (batch, 4, 9, 10)
+    _check_forward(original, prepared, 3)
+    _check_gradient(prepared)
+
 def test_resize_rule_takes_batch_one_sizes_on_a_symbolic_batch():
     """The Resize rule itself: constant sizes [1, ...] on a symbolic batch (a graph prepare_model
     did not rewrite) keep the batch of the one image the graph runs with."""

@@ -391,15 +391,18 @@ def test_reflect_and_edge_pads_have_no_field(mode):
     assert x in rfs and pd not in rfs and out not in rfs
 
 
-def test_instance_normalization_is_global():
+@pytest.mark.parametrize("op", ["InstanceNormalization", "GroupNormalization"])
+def test_instance_and_group_normalization_are_global(op):
     net = Net(c=1, h=12, w=12, seed=13)
-    x = net.conv(cout=2, k=(3, 3))
-    inorm = net.node("InstanceNormalization", [x, net.const(np.ones(2, np.float32), "g"),
-                                               net.const(np.zeros(2, np.float32), "b")])
-    net.cur = inorm
+    x = net.conv(cout=4, k=(3, 3))
+    scale = 4 if op == "InstanceNormalization" else 2   # GroupNormalization-18: per group
+    attrs = {"num_groups": 2} if op == "GroupNormalization" else {}
+    norm = net.node(op, [x, net.const(np.ones(scale, np.float32), "g"), net.const(np.zeros(scale, np.float32), "b")],
+                    **attrs)
+    net.cur = norm
     out = net.conv(cout=2, k=(3, 3))
-    rfs = check_exact(net.model([out]), signed=True)   # normalized values are negative too
-    assert rfs[inorm].is_global and rfs[out].is_global
+    rfs = check_exact(net.model([out], opset=18), signed=True)   # normalized values are negative too
+    assert rfs[norm].is_global and rfs[out].is_global
 
 
 def test_a_window_covering_its_input_through_padding_is_global():

@@ -246,7 +246,7 @@ def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto
 
 # standard ops whose output has their input's shape, which ONNX inference leaves shapeless (it types
 # them only): every tensor downstream would have an unknown rank
-_SHAPE_KEEPING_UNINFERRED = frozenset({"MeanVarianceNormalization"})
+_SHAPE_KEEPING_UNINFERRED = frozenset({"MeanVarianceNormalization", "GroupNormalization"})
 
 
 def _infer(m: onnx.ModelProto, field: str) -> onnx.ModelProto:

@@ -46,7 +46,7 @@ _POINTWISE = frozenset({
 _CONV_LIKE = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "ConvInteger", "QLinearConv"})
 _GLOBAL_POOL = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 # ops whose statistics run over the whole spatial extent
-_SPATIAL_STATS = frozenset({"InstanceNormalization", "MeanVarianceNormalization"})
+_SPATIAL_STATS = frozenset({"InstanceNormalization", "GroupNormalization", "MeanVarianceNormalization"})
 
 
 @dataclass(frozen=True)

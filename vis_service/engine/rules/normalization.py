@@ -1,4 +1,4 @@
-"""BatchNormalization (inference), Instance/LayerNormalization, MeanVarianceNormalization,
+"""BatchNormalization (inference), Instance/Layer/GroupNormalization, MeanVarianceNormalization,
 LpNormalization, LRN."""
 from __future__ import annotations
 
@@ -24,15 +24,17 @@ def batch_norm_backward(ctx: RuleContext, node, grad_outputs):
     return [ctx.make_node("Mul", [grad_outputs[0], factor])] + no_grads
 
 
-def _normalized_backward(ctx: RuleContext, x: str, g_scaled: str, axes: list[int], epsilon: float) -> str:
+def _normalized_backward(ctx: RuleContext, x: str, g_scaled: str, axes: list[int], epsilon: float,
+                         dtype_of: str | None = None) -> str:
     """Jᵀ of x -> (x - mean) / sqrt(var + eps) over `axes`, applied to g_scaled.
 
-    dx = (g - mean(g) - x̂ mean(g x̂)) / std
+    dx = (g - mean(g) - x̂ mean(g x̂)) / std. `dtype_of`: a forward tensor of x's type, where x
+    is a tensor the rule made (its type is not recorded).
     """
     mean = ctx.reduce("ReduceMean", x, axes, keepdims=True)
     centered = ctx.make_node("Sub", [x, mean])
     var = ctx.reduce("ReduceMean", ctx.make_node("Mul", [centered, centered]), axes, keepdims=True)
-    std = ctx.make_node("Sqrt", [ctx.make_node("Add", [var, ctx.scalar(epsilon, x)])])
+    std = ctx.make_node("Sqrt", [ctx.make_node("Add", [var, ctx.scalar(epsilon, dtype_of or x)])])
     normalized = ctx.make_node("Div", [centered, std])
     g_mean = ctx.reduce("ReduceMean", g_scaled, axes, keepdims=True)
     gx_mean = ctx.reduce("ReduceMean", ctx.make_node("Mul", [g_scaled, normalized]), axes, keepdims=True)
@@ -63,6 +65,29 @@ def layer_norm_backward(ctx: RuleContext, node, grad_outputs):
     g_scaled = ctx.make_node("Mul", [grad_outputs[0], scale])
     dx = _normalized_backward(ctx, x, g_scaled, axes, attr(node, "epsilon", 1e-5))
     return [dx] + [None] * (len(node.input) - 1)
+
+
+@rule("GroupNormalization")
+def group_norm_backward(ctx: RuleContext, node, grad_outputs):
+    """y = scale * (x - mean) / sqrt(var + eps) + bias, the statistics over each group of C / G
+    channels and every spatial position (what torch.onnx's exporter emits for GroupNorm from opset
+    21). The scale is per group at opset 18 ([G]: each repeated over its group's channels), per
+    channel from opset 21 ([C])."""
+    x, scale = node.input[0], node.input[1]
+    if ctx.needs_grad(node, 1) or ctx.needs_grad(node, 2):
+        raise Unimplemented(f"gradient w.r.t. scale/bias of GroupNormalization node {node.name!r} is not supported")
+    rank = ctx.rank(x)
+    groups = attr(node, "num_groups")
+    channels = ctx.static_dims(x, [1], f"GroupNormalization node {node.name!r} backward")[0]
+    per_channel = scale
+    if ctx.opset < 21 and groups != channels:
+        repeated = ctx.make_node("Expand", [ctx.unsqueeze(scale, [1]), ctx.ints([groups, channels // groups])])
+        per_channel = ctx.make_node("Reshape", [repeated, ctx.ints([channels])])
+    g_scaled = ctx.make_node("Mul", [grad_outputs[0], ctx.unsqueeze(per_channel, list(range(1, rank - 1)))])
+    by_group = ctx.ints([0, groups, -1])
+    grouped = [ctx.make_node("Reshape", [t, by_group]) for t in (x, g_scaled)]
+    dx = _normalized_backward(ctx, grouped[0], grouped[1], [2], attr(node, "epsilon", 1e-5), dtype_of=x)
+    return [ctx.reshape_like(dx, x), None, None]
 
 
 @rule("MeanVarianceNormalization")
