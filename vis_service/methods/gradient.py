@@ -25,7 +25,7 @@ from ..graph.receptive_field import image_input
 from ..models.inputs import all_finite
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
-from . import batching
+from . import batching, limits
 from .activations import compute_activations
 from .progress import NO_PROGRESS, Progress
 from .targets import class_scores_tensor, require_activation, require_channels_first, top_channels
@@ -424,8 +424,6 @@ def gradient_support(model: LoadedModel) -> tuple[bool, str]:
     return model.memo("gradient_support", check)
 
 
-REPRESENTATIVE_SIDE = 224
-
 
 def representative_sizes(model: LoadedModel) -> tuple:
     """static_sizes for a typical run: the image input's free height and width at the configured
@@ -436,6 +434,6 @@ def representative_sizes(model: LoadedModel) -> tuple:
     out = []
     for name, axes in free.items():
         spatial = found[1] if found is not None and found[0] == name else ()
-        side = dict(zip(spatial, configured if len(configured) == 2 else [REPRESENTATIVE_SIDE] * 2))
+        side = dict(zip(spatial, configured if len(configured) == 2 else [limits.REFERENCE_SIDE] * 2))
         out.append((name, tuple((a, side.get(a, 1)) for a in axes)))
     return tuple(out)

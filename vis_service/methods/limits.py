@@ -65,8 +65,9 @@ def check_optimization_memory(field: str, images: int, image_shape: tuple[int, .
     return need
 
 
-# the typical image size at which a free-size model's activations per input byte are measured
-_REFERENCE_SIDE = 224
+# the typical image side of a free-size model: where its activations per input byte are measured, and
+# its gradient support checked (gradient.representative_sizes) when its config gives no size
+REFERENCE_SIDE = 224
 
 
 def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
@@ -84,7 +85,7 @@ def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
     if all(isinstance(shape[a], int) for a in axes):
         return   # a fixed image size: the run's memory is that of the model's shapes
     ratio = model.memo("activation_bytes_per_input_byte", lambda: activation_bytes_per_input_byte(
-        model.proto, name, (_REFERENCE_SIDE, _REFERENCE_SIDE), axes))
+        model.proto, name, (REFERENCE_SIDE, REFERENCE_SIDE), axes))
     x = feeds[name]
     if ratio is None or x.ndim != 4:
         return
