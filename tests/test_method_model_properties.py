@@ -437,7 +437,8 @@ def test_a_free_size_model_gets_gradients_at_each_image_size(client, digits):
     """A model exported with a free height and width (SqueezeNet-style: convolutions, then global
     pooling) gets gradients at whatever size its images have: the backward graph is built for that
     size (its rules need static window sizes; this was UNIMPLEMENTED at GlobalAveragePool), once per
-    size, and every gradient method equals that of a twin whose input has the size fixed."""
+    size, and every gradient method (and occlusion's grey fill, which read the config only with a
+    size) equals that of a twin whose input has the size fixed."""
     free = _load(client, classifier(hw=("H", "W")), "props_free_hw")
     assert free.gradients_supported, free
     for hw in ((10, 10), (13, 7)):
@@ -455,6 +456,9 @@ def test_a_free_size_model_gets_gradients_at_each_image_size(client, digits):
         _close(a.attribution, b.attribution)
         a, b = (client.deconvnet(m, x, "relu2", top_k=2) for m in (free, twin))
         _close(a.projections, b.projections)
+        # the grey fill reads the config's value range, mean and std: they resolved only with a size
+        a, b = (client.occlusion(m, x, patch=4, stride=3) for m in (free, twin))
+        _close(a.probability, b.probability)
     built = client.server_info()["sessions_built"]
     client.gradient(free, images(3, (13, 7)), Target.output(1))
     assert client.server_info()["sessions_built"] == built, "a size seen before reuses its gradient session"

@@ -310,17 +310,22 @@ def _linear_head_weights(model: LoadedModel, scores: str) -> np.ndarray:
 # Input geometry and resampling
 
 
-def input_spec(model: LoadedModel, preprocess=None) -> ImageSpec | None:
-    """The resolved preprocessing of the image input, or None where it cannot be resolved."""
-    info = model.infos[model.image_input]
+def input_spec(model: LoadedModel, preprocess=None, shape: tuple | None = None) -> ImageSpec | None:
+    """The resolved preprocessing of the image input, or None where it cannot be resolved.
+
+    `shape`: the image tensor's, which gives the size of a model whose image size is free (its
+    config's mean and std apply whatever the size; without a size the spec did not resolve)."""
+    dims = tuple(model.infos[model.image_input].shape or ())
+    if shape is not None and len(shape) == len(dims):
+        dims = tuple(d if isinstance(d, int) or k == 0 else int(n) for k, (d, n) in enumerate(zip(dims, shape)))
     try:
-        return resolve_image_spec(model.config, preprocess, model.image_input, info.shape or ())
+        return resolve_image_spec(model.config, preprocess, model.image_input, dims)
     except InvalidArgument:
         return None
 
 
 def image_layout(model: LoadedModel, x: np.ndarray, preprocess=None) -> str:
-    spec = input_spec(model, preprocess)
+    spec = input_spec(model, preprocess, x.shape)
     if spec is not None:
         return spec.layout
     return "NHWC" if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3) else "NCHW"

@@ -65,9 +65,10 @@ def _pair(values: Sequence[int], field: str, default: tuple[int, int]) -> tuple[
     return values[0], values[1]
 
 
-def grey_value(model: LoadedModel, preprocess, channels: int) -> np.ndarray:
-    """Model-space value of a mid-grey pixel per channel, from the preprocessing config."""
-    spec = input_spec(model, preprocess)
+def grey_value(model: LoadedModel, preprocess, channels: int, shape: tuple | None = None) -> np.ndarray:
+    """Model-space value of a mid-grey pixel per channel, from the preprocessing config (`shape`:
+    the images', for a model whose image size is free)."""
+    spec = input_spec(model, preprocess, shape)
     if spec is None:
         raise InvalidArgument("fill", "'grey' needs the model's preprocessing (its config or input.preprocess); "
                                       "use 'zero' or 'mean'")
@@ -83,7 +84,7 @@ def fill_values(x: np.ndarray, fill: str, layout: str, model: LoadedModel, prepr
     ch_axis = 3 if layout == "NHWC" else 1
     n, c = x.shape[0], x.shape[ch_axis]
     if fill == "grey":
-        return np.broadcast_to(grey_value(model, preprocess, c), (n, c)).copy()
+        return np.broadcast_to(grey_value(model, preprocess, c, x.shape), (n, c)).copy()
     if fill == "zero":
         return np.zeros((n, c))
     if fill == "mean":
