@@ -439,17 +439,21 @@ def test_a_free_size_model_gets_gradients_at_each_image_size(client, digits):
     size (its rules need static window sizes; this was UNIMPLEMENTED at GlobalAveragePool), once per
     size, and every gradient method (and occlusion's grey fill, which read the config only with a
     size) equals that of a twin whose input has the size fixed."""
-    free = _load(client, classifier(hw=("H", "W")), "props_free_hw")
+    # black is (0 - 100) / 50 in model space: IG's black baseline and the grey fill read the config
+    config = {"input": {"color": "GRAY", "value_range": [0, 255], "mean": [100], "std": [50]}}
+    free = client.load_model(classifier(hw=("H", "W")), "props_free_hw_normalized", config=config)
     assert free.gradients_supported, free
     for hw in ((10, 10), (13, 7)):
-        twin = _load(client, classifier(hw=hw), f"props_fixed_{hw[0]}x{hw[1]}")
+        twin = client.load_model(classifier(hw=hw), f"props_fixed_{hw[0]}x{hw[1]}_normalized", config=config)
         x = images(2, hw, seed=hw[1])
         a, b = (client.gradient(m, x, Target.output(1)) for m in (free, twin))
         assert a.gradient.shape == (2, 1, *hw)
         _close(a.gradient, b.gradient)
         _close(a.objective, b.objective)
-        a, b = (client.integrated_gradients(m, x, steps=4, baseline="zero") for m in (free, twin))
-        _close(a.attribution, b.attribution)
+        for baseline in ("zero", "black"):   # black was zeros on the free-size model
+            a, b = (client.integrated_gradients(m, x, steps=4, baseline=baseline) for m in (free, twin))
+            _close(a.attribution, b.attribution)
+            _close(a.extra["delta"], b.extra["delta"])
         a, b = (client.grad_cam(m, x, layer="relu2") for m in (free, twin))
         _close(a.cam, b.cam)
         a, b = (client.guided_backprop(m, x) for m in (free, twin))
@@ -481,7 +485,8 @@ def test_a_free_size_model_runs_the_optimization_loops_at_the_requested_size(cli
     _close(a.x, b.x)
     _close(a.losses["loss"], b.losses["loss"])
     reference = images(1, (12, 9), seed=4)
-    a, b = (client.invert(m, reference, ["relu1"], steps=3, seed=2, preprocess=pre) for m in (free, twin))
-    _close(a["relu1"].x, b["relu1"].x)
-    _close(a["relu1"].feature_error, b["relu1"].feature_error)
+    for given in (pre, None):   # a reference tensor gives the size (a preprocess size was required)
+        a, b = (client.invert(m, reference, ["relu1"], steps=3, seed=2, preprocess=given) for m in (free, twin))
+        _close(a["relu1"].x, b["relu1"].x)
+        _close(a["relu1"].feature_error, b["relu1"].feature_error)
     _still_serves(client, digits)

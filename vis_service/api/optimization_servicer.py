@@ -20,6 +20,7 @@ from ..methods.optimization.objectives import Term
 from ..methods.optimization.optimizers import OptimizerSettings
 from ..methods.optimization.transforms import TransformSettings
 from ..models.config import resolve_image_spec
+from ..models.inputs import image_dims_at
 from .errors import handles_errors
 from .registration import add_servicer
 from .servicers import ServiceState
@@ -110,9 +111,9 @@ class OptimizationServicer:
     def __init__(self, state: ServiceState):
         self.s = state
 
-    def _spec(self, model, preprocess, field: str):
-        info = model.infos[model.image_input]
-        return resolve_image_spec(model.config, preprocess, model.image_input, info.shape or (), field)
+    def _spec(self, model, preprocess, field: str, shape=None):
+        """`shape`: the reference image's, which sizes a model whose image size is free."""
+        return resolve_image_spec(model.config, preprocess, model.image_input, image_dims_at(model, shape), field)
 
     def _run(self, context, work, region) -> Iterator:
         """run_streaming, with the loop's snapshots streamed before the Progress of their step.
@@ -161,8 +162,8 @@ class OptimizationServicer:
         model = self.s.store.get(request.model)
         feeds = self.s.feeds(model, request.input, region=region)
         pre = request.input.preprocess if request.input.HasField("preprocess") else None
-        spec = self._spec(model, pre, "input.preprocess")
         reference = feeds[model.image_input]
+        spec = self._spec(model, pre, "input.preprocess", reference.shape)
 
         def work(progress, on_snapshot):
             return invert(self.s.runtime, model, spec, reference, settings, progress, on_snapshot)

@@ -17,6 +17,7 @@ from ..errors import InvalidArgument
 from ..gen import vis_pb2
 from ..graph.loading import BATCH_DIM
 from ..models.config import ImageSpec, resolve_image_spec
+from ..models.inputs import image_dims_at
 from ..models.preprocess import image_to_array
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
@@ -79,12 +80,10 @@ def _guess_layout(shape) -> str:
 def image_spec(model: LoadedModel, preprocess: vis_pb2.Preprocessing | None, x: np.ndarray) -> tuple[ImageSpec | None, str]:
     """The preprocessing that applies to the image input (also for raw-tensor requests)."""
     name = model.image_input
-    info = model.infos.get(name)
-    shape = tuple(info.shape) if info is not None and info.shape is not None else tuple(x.shape)
     if x.ndim != 4:
         return None, f"input {name!r} is not a 4-D image tensor"
-    try:
-        return resolve_image_spec(model.config, preprocess, name, shape), ""
+    try:   # at the images' size where the model's is free (it resolved only with a static size)
+        return resolve_image_spec(model.config, preprocess, name, image_dims_at(model, x.shape)), ""
     except InvalidArgument as exc:
         return None, f"no image preprocessing applies to input {name!r} ({exc})"
 

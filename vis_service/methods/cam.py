@@ -62,6 +62,7 @@ from ..graph.names import resolve_tensor
 from ..graph.paths import dependents
 from ..graph.subgraph import graph_after
 from ..models.config import ImageSpec, resolve_image_spec
+from ..models.inputs import image_dims_at
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from . import batching
@@ -315,11 +316,8 @@ def input_spec(model: LoadedModel, preprocess=None, shape: tuple | None = None) 
 
     `shape`: the image tensor's, which gives the size of a model whose image size is free (its
     config's mean and std apply whatever the size; without a size the spec did not resolve)."""
-    dims = tuple(model.infos[model.image_input].shape or ())
-    if shape is not None and len(shape) == len(dims):
-        dims = tuple(d if isinstance(d, int) or k == 0 else int(n) for k, (d, n) in enumerate(zip(dims, shape)))
     try:
-        return resolve_image_spec(model.config, preprocess, model.image_input, dims)
+        return resolve_image_spec(model.config, preprocess, model.image_input, image_dims_at(model, shape))
     except InvalidArgument:
         return None
 

@@ -81,6 +81,17 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
     return feeds
 
 
+
+def image_dims_at(model: LoadedModel, shape) -> tuple:
+    """The image input's declared dims with its free ones (all but the batch) taken from `shape`,
+    an image tensor's: a model whose image size is free resolves its preprocessing (value range,
+    mean, std: a grey fill, IG's black baseline) at the size of the images it is given."""
+    dims = tuple(model.infos[model.image_input].shape or ())
+    if shape is None or len(shape) != len(dims):
+        return dims if dims else tuple(shape or ())
+    return tuple(d if isinstance(d, int) or k == 0 else int(n) for k, (d, n) in enumerate(zip(dims, shape)))
+
+
 def first_dim(model: LoadedModel, name: str):
     """The declared first dimension of `name` (an int, a symbol or None): the batch of a batched input."""
     info = model.infos.get(name)
