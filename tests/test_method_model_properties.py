@@ -88,15 +88,18 @@ def _close(a, b):
 
 
 def test_an_input_smaller_than_a_kernel_is_invalid_argument_on_input(client, digits):
-    """A dynamic-size input smaller than the first Conv's 3x3 kernel: onnxruntime's shape error is the
-    request's input not fitting the model, INVALID_ARGUMENT on `input` with onnxruntime's reason."""
+    """A dynamic-size input smaller than the first Conv's 3x3 kernel: refused before any run, shape
+    inference at its size naming the tensor that would be empty. Where inference cannot see the size
+    (a Resize by scales fed at run time), onnxruntime's shape error is the request's input not fitting
+    the model: INVALID_ARGUMENT on `input` with onnxruntime's reason."""
     w = numpy_helper.from_array(W1, "w1")
-    data = _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
-                  [helper.make_node("Conv", ["x", "w1"], ["conv"], name="conv"),
-                   helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
-                   helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
-                   helper.make_node("Flatten", ["gap"], ["logits"], name="flat")], [w])
-    m = client.load_model(data, "props_dynamic")
+    head = [helper.make_node("Conv", ["xs", "w1"], ["conv"], name="conv"),
+            helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+            helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
+            helper.make_node("Flatten", ["gap"], ["logits"], name="flat")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])
+    m = client.load_model(_bytes([x], [helper.make_node("Identity", ["x"], ["xs"], name="id")] + head, [w]),
+                          "props_dynamic")
     small = np.ones((1, 1, 2, 2), np.float32)
     calls = [lambda: client.activations(m, small, ["logits"]),
              lambda: client.integrated_gradients(m, small, steps=2, baseline="zero"),
@@ -105,9 +108,17 @@ def test_an_input_smaller_than_a_kernel_is_invalid_argument_on_input(client, dig
     for call in calls:
         with pytest.raises(InvalidArgument) as e:
             call()
-        assert e.value.details.startswith("input: the input is too small for the model"), e.value.details
-        assert "Invalid input shape: {2,2}" in e.value.details
+        assert e.value.details == ("input: the input is too small for the model: with 'x' of shape ['N', 1, 2, 2], "
+                                   "tensor 'conv' would have shape ['N', 4, 0, 0]; send larger images"), e.value.details
     assert client.activations(m, np.ones((1, 1, 5, 5), np.float32), ["logits"])["logits"].shape == (1, 4)
+    scales = helper.make_tensor_value_info("k", TensorProto.FLOAT, [4])
+    resized = _bytes([x, scales], [helper.make_node("Resize", ["x", "", "k"], ["xs"], name="resize")] + head, [w])
+    m = client.load_model(resized, "props_dynamic_resized")
+    with pytest.raises(InvalidArgument) as e:
+        client.activations(m, {"x": np.ones((1, 1, 8, 8), np.float32), "k": np.array([1, 1, .25, .25], np.float32)},
+                           ["logits"])
+    assert e.value.details.startswith("input: the input is too small for the model"), e.value.details
+    assert "Invalid input shape: {2,2}" in e.value.details
     _still_serves(client, digits)
 
 

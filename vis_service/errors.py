@@ -25,6 +25,7 @@ class InvalidArgument(VisError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.detail = message
         super().__init__(f"{field}: {message}")
 
 

@@ -69,6 +69,7 @@ class ServiceState:
         """Validated feeds; raw inputs the client sent in the call's shared memory `region` are read in place."""
         feeds = build_feeds(model, convert.input_request(batch, field, region), self.limits.max_batch, field)
         limits.check_free_size_input(model, feeds, field)
+        limits.check_input_fits(model, {k: v.shape for k, v in feeds.items()}, field)
         return feeds
 
     def shared_region(self, context: grpc.ServicerContext) -> SharedRegion | None:

@@ -178,14 +178,16 @@ def free_input_axes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def with_static_sizes(model: onnx.ModelProto, sizes: dict[str, dict[int, int]], field: str = "input") -> onnx.ModelProto:
+def with_static_sizes(model: onnx.ModelProto, sizes: dict[str, dict[int, int]], field: str = "input", *,
+                      refuse_empty: bool = True) -> onnx.ModelProto:
     """A copy of a prepared model whose inputs' free axes take the given sizes ({input: {axis: size}}),
     shapes inferred again and what they decide folded (`_normalize`); the batch stays free.
 
     Why: the backward rules need static spatial sizes (a pooling window's input size, a strided
     Conv's output padding, a Slice's range), which a network exported with a free image size
     lacks; specialized to the size of the images it is run on, its gradient can be built, once
-    per size. Sizes that do not fit the graph are the request's (INVALID_ARGUMENT on `field`).
+    per size. Sizes that do not fit the graph are the request's (INVALID_ARGUMENT on `field`), also
+    sizes too small for it (`refuse_empty`: an empty feature map, see too_small).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -203,7 +205,36 @@ def with_static_sizes(model: onnx.ModelProto, sizes: dict[str, dict[int, int]], 
     if not changed:
         return model
     _clear_inferred(m)
-    return _normalize(m, field, free=True)
+    m = _normalize(m, field, free=True)
+    why = too_small(m, sizes) if refuse_empty else ""
+    if why:
+        raise InvalidArgument(field, why)
+    return m
+
+
+def too_small(specialized: onnx.ModelProto, sizes: dict[str, dict[int, int]]) -> str:
+    """Why inputs of `sizes` are too small for the model `specialized` to them ("" if they are not)."""
+    empty = empty_feature_map(specialized)
+    if empty is None:
+        return ""
+    at = ", ".join(f"{vi.name!r} of shape {list(_shape_of(vi))}" for vi in specialized.graph.input if vi.name in sizes)
+    return (f"the input is too small for the model: with {at}, tensor {empty[0]!r} would have shape "
+            f"{list(empty[1])}; send larger images")
+
+
+def empty_feature_map(model: onnx.ModelProto) -> tuple[str, tuple] | None:
+    """(name, shape) of the first float tensor of rank >= 3 whose inferred size along a spatial axis
+    (2 and on) is 0 or less, else None: a window or stride larger than what is left of an image too
+    small for the network. onnxruntime's optimized kernels divide by such sizes (a ceil-mode MaxPool
+    giving 0 x 0, then a pooling: SIGFPE, the whole server process gone)."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if tt.elem_type not in floats or not tt.HasField("shape") or len(tt.shape.dim) < 3:
+            continue
+        if any(d.HasField("dim_value") and d.dim_value <= 0 for d in tt.shape.dim[2:]):
+            return vi.name, _shape_of(vi)
+    return None
 
 def _real_inputs_copy(model: onnx.ModelProto, field: str) -> onnx.ModelProto:
     """A copy with IR >= 4 and the initializers out of graph.input."""

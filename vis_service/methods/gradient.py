@@ -22,7 +22,7 @@ from ..errors import InvalidArgument
 from ..graph.loading import BATCH_DIM, free_input_axes, with_static_sizes
 from ..graph.names import resolve_tensor
 from ..graph.receptive_field import image_input
-from ..models.inputs import all_finite
+from ..models.inputs import all_finite, static_sizes
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from . import batching, limits
@@ -69,23 +69,10 @@ def resolve_wrt(model: LoadedModel, wrt: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def static_sizes(model: LoadedModel, feeds: Mapping[str, np.ndarray]) -> tuple:
-    """The sizes the feeds give the model's free input axes (the batch excepted), as a hashable
-    ((input, ((axis, size), ...)), ...); () for a model whose input sizes are all fixed.
-
-    A gradient graph needs static sizes (see graph.loading.with_static_sizes): a model whose image
-    size is free gets one graph, and session, per size it is run at."""
-    free = model.memo("free_input_axes", lambda: free_input_axes(model.proto))
-    out = []
-    for name, axes in free.items():
-        x = feeds.get(name)
-        if x is not None and x.ndim == len(model.infos[name].shape or ()):
-            out.append((name, tuple((a, int(x.shape[a])) for a in axes)))
-    return tuple(out)
-
-
 def specialized_proto(model: LoadedModel, sizes: tuple):
-    """The model's graph with `sizes` (from static_sizes) fixed: the graph to build gradients on."""
+    """The model's graph with `sizes` (models.inputs.static_sizes) fixed: the graph to build gradients
+    on. A gradient graph needs static sizes (see graph.loading.with_static_sizes): a model whose image
+    size is free gets one graph, and session, per size it is run at."""
     if not sizes:
         return model.proto
     return with_static_sizes(model.proto, {name: dict(axes) for name, axes in sizes})
@@ -97,7 +84,7 @@ def gradient_session(runtime: Runtime, model: LoadedModel, objective_tensor: str
                      sizes: tuple = ()):
     """Cached session of the forward+backward graph; `session.meta` is the GradientGraph.
 
-    `sizes`: the free input sizes of the run (`static_sizes`), for a model whose image size is free.
+    `sizes`: the free input sizes of the run (models.inputs.static_sizes), for a model whose image size is free.
 
     `batch_summed`: the wrt gradients come out summed over the batch ([1, ...]; see
     build_gradient_model), for methods that add up many rows of one image.
@@ -367,7 +354,7 @@ def run_gradient(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarr
         raise InvalidArgument("target", f"tensor {tensor!r} is a scalar; gradients are taken of [N, ...] tensors, "
                                         "one objective per sample")
     session = gradient_session(runtime, model, tensor, wrt_tensors, rule_set, node_rules, forward_outputs, top1,
-                               batch_summed, static_sizes(model, feeds))
+                               batch_summed, static_sizes(model, {k: v.shape for k, v in feeds.items()}))
     gg: GradientGraph = session.meta
     run_feeds = {k: v for k, v in feeds.items() if k in session.input_names}
     names = [gg.gradient_outputs[t] for t in wrt_tensors] + [gg.forward_outputs[tensor]]
@@ -426,7 +413,7 @@ def gradient_support(model: LoadedModel) -> tuple[bool, str]:
 
 
 def representative_sizes(model: LoadedModel) -> tuple:
-    """static_sizes for a typical run: the image input's free height and width at the configured
+    """models.inputs.static_sizes for a typical run: the image input's free height and width at the configured
     size (model config `input.size`), else 224; any other free axis at 1."""
     free = model.memo("free_input_axes", lambda: free_input_axes(model.proto))
     found = model.memo("image_input_axes", lambda: image_input(model.proto, model.infos))

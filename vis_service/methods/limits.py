@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import os
 
-from ..errors import ResourceExhausted
+from ..errors import InvalidArgument, ResourceExhausted
+from ..graph.loading import too_small, with_static_sizes
 from ..graph.receptive_field import image_input
-from ..graph.weights import activation_bytes_per_input_byte
+from ..graph.weights import activation_bytes_per_input_byte, structure_only
+from ..models.inputs import static_sizes
 
 # the server's --max-batch default; library callers without a server get the same bound
 DEFAULT_SERVER_MAX_BATCH = 256
@@ -96,3 +98,26 @@ def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
                                 f"estimated {estimate / GiB:.1f} GiB of activations in this model (its image size "
                                 f"is free), over the server's memory of {limit / GiB:.1f} GiB: send smaller or fewer "
                                 "images per call")
+
+
+def check_input_fits(model, shapes: dict, field: str = "input") -> None:
+    """INVALID_ARGUMENT naming `field` when inputs of these shapes ({input: shape}) are too small for a
+    model whose input size is free: shape inference at their sizes (on the graph without its weights,
+    once per size) leaves a feature map empty. Checked before any run: onnxruntime's optimized
+    kernels divide by such sizes (a free-size SqueezeNet fed 8 x 8 images: a ceil-mode MaxPool gives
+    0 x 0, the next pooling divides by zero, SIGFPE: the server process was gone)."""
+    sizes = static_sizes(model, shapes)
+    if not sizes:
+        return
+    seen = model.memo("too_small_at", dict)   # sizes -> why they are too small ("" where they fit)
+    if sizes not in seen:
+        if len(seen) >= 256:
+            seen.clear()
+        given = {n: dict(a) for n, a in sizes}
+        try:
+            light = structure_only(model.proto, keep=1 << 16)
+            seen[sizes] = too_small(with_static_sizes(light, given, field, refuse_empty=False), given)
+        except Exception:  # noqa: BLE001 - where inference fails without the weights, onnxruntime judges
+            seen[sizes] = ""
+    if seen[sizes]:
+        raise InvalidArgument(field, seen[sizes])

@@ -8,6 +8,7 @@ import numpy as np
 from ..datatypes import datatype_of
 from ..errors import InvalidArgument, ResourceExhausted
 from ..gen import vis_pb2
+from ..graph.loading import free_input_axes
 from .config import resolve_image_spec
 from .preprocess import preprocess_images
 from .store import LoadedModel
@@ -90,6 +91,20 @@ def image_dims_at(model: LoadedModel, shape) -> tuple:
     if shape is None or len(shape) != len(dims):
         return dims if dims else tuple(shape or ())
     return tuple(d if isinstance(d, int) or k == 0 else int(n) for k, (d, n) in enumerate(zip(dims, shape)))
+
+
+
+def static_sizes(model: LoadedModel, shapes) -> tuple:
+    """The sizes that inputs of the given shapes ({input: shape}) give the model's free axes (the batch
+    excepted), as a hashable ((input, ((axis, size), ...)), ...); () for a model whose input sizes are
+    all fixed. What a graph specialized to them takes (graph.loading.with_static_sizes)."""
+    free = model.memo("free_input_axes", lambda: free_input_axes(model.proto))
+    out = []
+    for name, axes in free.items():
+        shape = shapes.get(name)
+        if shape is not None and len(shape) == len(model.infos[name].shape or ()):
+            out.append((name, tuple((a, int(shape[a])) for a in axes)))
+    return tuple(out)
 
 
 def first_dim(model: LoadedModel, name: str):

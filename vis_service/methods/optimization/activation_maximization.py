@@ -99,11 +99,12 @@ def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeS
     h, w = spec.size
     c = pmap.channels
     limits.check_optimization_memory("batch", s.batch, (c, h, w), "images")
+    x_example = pmap.to_model(np.full((s.batch, c, h, w), 0.5))
+    limits.check_input_fits(model, {model.image_input: x_example.shape}, "preprocess.size")
     rng = np.random.default_rng(s.seed)
     param = make_parameterization(s.parameterization, s.batch, c, h, w, rng, std=s.init_std,
                                   decay=s.fourier_decay, decorrelate=s.decorrelate)
-    compiled = compile_objective(runtime, model, s.terms, s.batch, pmap.to_model(np.full((s.batch, c, h, w), 0.5)),
-                                 s.diversity, s.diversity_layer)
+    compiled = compile_objective(runtime, model, s.terms, s.batch, x_example, s.diversity, s.diversity_layer)
     opt = Optimizer(s.optimizer)
     weights = compiled.weights
     columns = ["loss", "objective", "l2", "tv", "diversity", "lr"]

@@ -26,10 +26,11 @@ from ...engine.backward import GradientGraph, build_gradient_model
 from ...errors import InvalidArgument
 from ...graph.loading import BATCH_DIM, opset_version, tensor_infos
 from ...graph.names import resolve_tensor
+from ...models.inputs import static_sizes
 from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
 from ..activations import compute_activations
-from ..gradient import positions_phrase, specialized_proto, static_sizes
+from ..gradient import positions_phrase, specialized_proto
 from ..targets import class_scores_tensor, require_activation, require_channels_first, softmax_node
 
 KINDS = ("neuron", "channel", "layer", "class_score", "direction")
@@ -143,7 +144,7 @@ def require_float_image(model: LoadedModel, field: str, method: str) -> None:
 def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head], objectives: Sequence[str],
                       sizes: tuple = ()):
     """Cached session: model + heads, forward + d sum <objective, cotangent> / d image input.
-    `sizes`: the image size of the loop where the model's is free (gradient.static_sizes)."""
+    `sizes`: the image size of the loop where the model's is free (models.inputs.static_sizes)."""
     heads = tuple(sorted(set(heads), key=lambda h: (h.kind, h.tensor)))
     objectives = tuple(dict.fromkeys(objectives))
     key = ("optimization", heads, objectives, model.image_input) + ((sizes,) if sizes else ())
@@ -162,7 +163,7 @@ class GradientRun:
     def __init__(self, runtime: Runtime, model: LoadedModel, heads: Sequence[Head],
                  cotangents: dict[str, np.ndarray], x_example: np.ndarray):
         self.model = model
-        sizes = static_sizes(model, {model.image_input: x_example})
+        sizes = static_sizes(model, {model.image_input: x_example.shape})
         self.session = objective_session(runtime, model, heads, list(cotangents), sizes)
         gg: GradientGraph = self.session.meta
         self.gg = gg
