@@ -204,6 +204,27 @@ def test_torchscript_opset11_resize_sizes_from_shape_get_their_shape(dims):
 
 
 
+
+def test_dynamo_unoptimized_castlike_bias_is_a_constant():
+    """torch.onnx's dynamo exporter with optimize=False writes a bias-free Conv's zero bias as
+    Expand(CastLike(0.0, input), Shape(weight)[0:1]): CastLike reads the image for its type alone.
+    It made the bias depend on the image (no backward rule for CastLike: 7 of 8 torchvision
+    classifiers had no gradient) and a scalar computed from the batch kept the batch at 1."""
+    nodes = [helper.make_node("Shape", ["w"], ["wshape"], name="node_Shape_0", start=0, end=1),
+             _const("zero", 0.0, np.float32),
+             helper.make_node("CastLike", ["/zero", "input"], ["zero_like"], name="node_CastLike_4"),
+             helper.make_node("Expand", ["zero_like", "wshape"], ["bias"], name="node_Expand_5"),
+             helper.make_node("Conv", ["input", "w", "bias"], ["c"], name="node_Conv_6", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="node_Relu_7"),
+             helper.make_node("ReduceMean", ["r", "axes"], ["y"], name="node_ReduceMean_8", keepdims=0)]
+    inits = [numpy_helper.from_array(_w(3, 2, 3, 3), "w"), numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    original = _model(nodes, inits, [1, 2, 6, 7], opset=18)
+    prepared = prepare_model(original)
+    assert _batch(prepared) == "N"
+    assert "CastLike" not in {n.op_type for n in prepared.graph.node}
+    _check_forward(original, prepared, 3)
+    _check_gradient(prepared)
+
 @pytest.mark.parametrize("opset", [18, 21])
 def test_dynamo_group_norm_gets_its_shape_and_gradient(opset):
     """torch.onnx's dynamo exporter writes nn.GroupNorm as GroupNormalization from opset 21 (scale

@@ -255,6 +255,8 @@ def _real_inputs_copy(model: onnx.ModelProto, field: str) -> onnx.ModelProto:
 def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto:
     """Infer shapes; fold constants and free hard-coded batches until nothing changes."""
     m = _infer(m, field)
+    if _cast_likes_to_casts(m):
+        m = _infer(m, field)
     batch = _batch_symbols(m)
     _recover_batch_symbols(m, batch)
     # A freed Reshape can reveal the next hard-coded one downstream (ShuffleNet's channel
@@ -273,6 +275,37 @@ def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto
         m = _infer(m, field)
         _recover_batch_symbols(m, batch)
     return m
+
+
+
+def _cast_likes_to_casts(m: onnx.ModelProto) -> bool:
+    """CastLike(x, like) becomes Cast(x, to=like's type), where that type is known; True if any did.
+
+    CastLike reads `like` for its type alone, but as an input it made its result depend on `like`:
+    torch.onnx's dynamo exporter (optimize=False) writes a bias-free Conv's zero bias as
+    Expand(CastLike(0.0, input), [C]), so the bias looked computed from the image (no backward rule,
+    and a scalar made from a batch tensor kept the batch at 1)."""
+    types = {t.name: t.data_type for t in m.graph.initializer}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for node in m.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                types[node.output[0]] = value.data_type
+    changed = False
+    for node in m.graph.node:
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        to = types.get(node.input[1])
+        if not to:
+            continue
+        node.op_type = "Cast"
+        del node.input[1:]
+        node.attribute.append(onnx.helper.make_attribute("to", int(to)))
+        changed = True
+    return changed
 
 
 # standard ops whose output has their input's shape, which ONNX inference leaves shapeless (it types
