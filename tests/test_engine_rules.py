@@ -575,6 +575,12 @@ def test_pad_edge_and_reflect(mode, pads):
     check("Pad", {"x": (2, 4, 5)}, {"pads": np.array(pads, dtype=np.int64)}, kind=LINEAR, mode=mode)
 
 
+@pytest.mark.parametrize("pads", [[0, 1, 2, 0, 2, 1], [0, 0, 5, 0, 4, 0], [0, 4, 0, 0, 0, 5]])
+def test_pad_wrap(pads):
+    """Circular padding (torch's F.pad mode="circular" under the dynamo exporter), up to a whole axis."""
+    check("Pad", {"x": (2, 4, 5)}, {"pads": np.array(pads, dtype=np.int64)}, opset=19, kind=LINEAR, mode="wrap")
+
+
 def test_pad_opset_18_axes():
     check("Pad", {"x": (2, 4, 5)}, {"pads": np.array([1, 2, 0, 1], dtype=np.int64), "value": np.array(0.0),
                                     "axes": np.array([-1, 1], dtype=np.int64)}, opset=18, kind=LINEAR)

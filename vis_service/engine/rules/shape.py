@@ -117,7 +117,7 @@ def _spread(ctx: RuleContext, g: str, axis: int, stride: int, rank: int) -> str:
 
 @rule("Pad")
 def pad_backward(ctx: RuleContext, node, grad_outputs):
-    """constant: crop the padding off (Pad with negated pads); edge/reflect: also fold the
+    """constant: crop the padding off (Pad with negated pads); edge/reflect/wrap: also fold the
     padded border back onto the elements it copies, one axis at a time."""
     x, g = node.input[0], grad_outputs[0]
     mode = attr(node, "mode", "constant")
@@ -135,18 +135,21 @@ def pad_backward(ctx: RuleContext, node, grad_outputs):
     no_grads = [None] * (len(node.input) - 1)
     if mode == "constant":
         return [ctx.pad(g, [-p for p in pads])] + no_grads
-    if mode not in ("edge", "reflect") or min(pads) < 0:
+    if mode not in ("edge", "reflect", "wrap") or min(pads) < 0:
         raise Unimplemented(f"no backward rule for Pad mode {mode!r} with pads {pads} (node {node.name!r})")
     for axis in range(rank):
         before, after = pads[axis], pads[rank + axis]
         if before or after:
             dim = ctx.static_dims(x, [axis], "Pad backward")[0]
+            if mode == "wrap" and max(before, after) > dim:
+                raise Unimplemented(f"Pad node {node.name!r}: wrap pads {pads} wider than axis {axis} ({dim}) "
+                                    "have no backward rule")
             g = _fold_border(ctx, g, axis, rank, dim, before, after, mode)
     return [g] + no_grads
 
 
 def _fold_border(ctx: RuleContext, g: str, axis: int, rank: int, dim: int, before: int, after: int, mode: str) -> str:
-    """Adjoint of edge/reflect padding along one axis: [before | dim | after] -> dim."""
+    """Adjoint of edge/reflect/wrap padding along one axis: [before | dim | after] -> dim."""
     def placed(t: str, lead: int, trail: int) -> str:
         pads = [0] * (2 * rank)
         pads[axis], pads[rank + axis] = lead, trail
@@ -160,6 +163,11 @@ def _fold_border(ctx: RuleContext, g: str, axis: int, rank: int, dim: int, befor
         if after:
             tail = ctx.reduce("ReduceSum", ctx.slice(g, [before + dim], [before + dim + after], [axis]), [axis], keepdims=True)
             terms.append(placed(tail, dim - 1, 0))
+    elif mode == "wrap":   # the head copies x[dim - before:], the tail x[:after] (circular padding)
+        if before:
+            terms.append(placed(ctx.slice(g, [0], [before], [axis]), dim - before, 0))
+        if after:
+            terms.append(placed(ctx.slice(g, [before + dim], [before + dim + after], [axis]), 0, dim - after))
     else:
         # g[before - k] mirrors x[k] and g[before + dim - 1 + k] mirrors x[dim - 1 - k], k = 1.. pads
         if before:
