@@ -494,6 +494,14 @@ def test_group_norm(opset, groups, scale_size):
     check("GroupNormalization", {"x": (2, 6, 5)}, params, opset=opset, num_groups=groups, **stash)
 
 
+@pytest.mark.parametrize("axis", [-1, 1, 2])
+def test_rms_norm(axis):
+    """Opset 23 (torch's nn.RMSNorm under the dynamo exporter); stash_type double for the float64 check."""
+    shape = (2, 3, 4, 5)
+    scale = weights(*shape[axis:]) if axis != -1 else weights(5)
+    check("RMSNormalization", {"x": shape}, {"scale": scale}, opset=23, axis=axis, epsilon=1e-3, stash_type=11)
+
+
 @pytest.mark.parametrize("axes", [None, [2, 3], [1], [0, 1, 2, 3]])
 def test_mean_variance_normalization(axes):
     check("MeanVarianceNormalization", {"x": (2, 3, 4, 5)}, **({} if axes is None else {"axes": axes}))

@@ -405,6 +405,22 @@ def test_instance_and_group_normalization_are_global(op):
     assert rfs[norm].is_global and rfs[out].is_global
 
 
+def test_rms_normalization_over_channels_keeps_fields_over_space_drops_them():
+    """RMSNormalization (opset 23) normalizes axis..end: over a channels-last tensor's channels it is
+    per position, like LayerNormalization (ConvNeXt-style); over the spatial axes it is not local."""
+    net = Net(c=2, h=11, w=10, seed=16)
+    x = net.conv(cout=4, k=(3, 3))
+    nhwc = net.node("Transpose", [x], perm=[0, 2, 3, 1])
+    per_position = net.node("RMSNormalization", [nhwc, net.const(np.ones(4, np.float32), "g")], axis=-1)
+    back = net.node("Transpose", [per_position], perm=[0, 3, 1, 2])
+    over_space = net.node("RMSNormalization", [back, net.const(np.ones((9, 8), np.float32), "g")], axis=2)
+    net.cur = over_space
+    model = net.model([back, over_space], opset=23)
+    model.ir_version = 10
+    rfs = receptive_fields(prepare_model(model))
+    assert rfs[back] == rfs[x] and over_space not in rfs
+
+
 def test_a_window_covering_its_input_through_padding_is_global():
     net = Net(c=1, h=7, w=7, seed=14)
     mp = net.pool("MaxPool", k=(9, 9), s=(1, 1), pads=(1, 1, 1, 1))

@@ -734,7 +734,7 @@ def _mixes_batch(node: onnx.NodeProto, rank: int, ints, opset: int) -> bool:
     if op in ("Softmax", "LogSoftmax", "Hardmax"):
         # before opset 13 the op works on [prod(dims[:axis]), prod(dims[axis:])] (default axis 1)
         return batch_axis(_attr(node, "axis", -1 if opset >= 13 else 1))
-    if op in ("LpNormalization", "LayerNormalization"):   # LayerNormalization normalizes axis..end
+    if op in ("LpNormalization", "LayerNormalization", "RMSNormalization"):   # Layer/RMS: axis..end
         return batch_axis(_attr(node, "axis", -1))
     if op == "MeanVarianceNormalization":
         return any(batch_axis(a) for a in _attr(node, "axes", [0, 2, 3]))

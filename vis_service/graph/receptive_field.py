@@ -229,7 +229,7 @@ def _propagate(node, tracks: dict[str, _Track], ctx: _Ctx) -> dict[str, _Track |
             return {}
         return {outs[0]: main}
 
-    if op == "LayerNormalization":
+    if op in ("LayerNormalization", "RMSNormalization"):
         # normalizes axis..end: per position where those are not spatial (channels last: ConvNeXt)
         if main is None:
             return {}

@@ -1,4 +1,4 @@
-"""BatchNormalization (inference), Instance/Layer/GroupNormalization, MeanVarianceNormalization,
+"""BatchNormalization (inference), Instance/Layer/Group/RMSNormalization, MeanVarianceNormalization,
 LpNormalization, LRN."""
 from __future__ import annotations
 
@@ -88,6 +88,26 @@ def group_norm_backward(ctx: RuleContext, node, grad_outputs):
     grouped = [ctx.make_node("Reshape", [t, by_group]) for t in (x, g_scaled)]
     dx = _normalized_backward(ctx, grouped[0], grouped[1], [2], attr(node, "epsilon", 1e-5), dtype_of=x)
     return [ctx.reshape_like(dx, x), None, None]
+
+
+@rule("RMSNormalization")
+def rms_norm_backward(ctx: RuleContext, node, grad_outputs):
+    """y = scale * x / sqrt(mean(x^2) + eps) over axis..end (opset 23; torch's nn.RMSNorm).
+
+    With r = 1 / sqrt(mean(x^2) + eps) and gs = g * scale: dx = r * (gs - x * r^2 * mean(gs * x)).
+    """
+    x, scale = node.input[0], node.input[1]
+    if ctx.needs_grad(node, 1):
+        raise Unimplemented(f"gradient w.r.t. the scale of RMSNormalization node {node.name!r} is not supported")
+    rank = ctx.rank(x)
+    axes = list(range(normalize_axis(attr(node, "axis", -1), rank), rank))
+    g_scaled = ctx.make_node("Mul", [grad_outputs[0], scale])
+    mean_square = ctx.reduce("ReduceMean", ctx.make_node("Mul", [x, x]), axes, keepdims=True)
+    inv_rms = ctx.make_node("Reciprocal", [ctx.make_node("Sqrt", [ctx.make_node(
+        "Add", [mean_square, ctx.scalar(attr(node, "epsilon", 1e-5), x)])])])
+    along = ctx.reduce("ReduceMean", ctx.make_node("Mul", [g_scaled, x]), axes, keepdims=True)
+    correction = ctx.make_node("Mul", [x, ctx.make_node("Mul", [along, ctx.make_node("Mul", [inv_rms, inv_rms])])])
+    return [ctx.make_node("Mul", [inv_rms, ctx.make_node("Sub", [g_scaled, correction])])] + [None] * (len(node.input) - 1)
 
 
 @rule("MeanVarianceNormalization")
