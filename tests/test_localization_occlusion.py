@@ -216,3 +216,28 @@ def test_bad_requests(client, small):
         client.occlusion(model, x, batch=10 ** 6)
     assert "batch" in e.value.details and "limit of 256" in e.value.details
     assert client.occlusion(model, x[:1], patch=8).probability.ndim == 3
+
+
+def test_a_free_size_model_recomputes_patches_through_the_same_local_cuts(client, digits, every_cut):
+    """The digits model exported with a free height and width: its cuts are planned on the graph at
+    the images' size (it ran the whole network per patch), and its maps equal the fixed model's."""
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(DEFAULT_MODEL_DIR / "model.onnx"))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    for vi in list(proto.graph.output) + list(proto.graph.value_info):
+        vi.type.tensor_type.ClearField("shape")
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    config.pop("labels", None)
+    config.pop("name", None)
+    config["input"].pop("size")   # the free model's images come as tensors of their size
+    free = client.load_model(proto.SerializeToString(), "digits_free_size", config=config)
+    x = np.random.default_rng(4).uniform(0, 1, (2, 1, 32, 32)).astype(np.float32)
+    a, b = (client.occlusion(m, x, patch=(10, 8), stride=(8, 6)) for m in (free, digits))
+    assert "block1/add from " in a.result.text["recomputed"], a.result.text["recomputed"]
+    assert a.result.text["recomputed"] == b.result.text["recomputed"]
+    np.testing.assert_allclose(a.probability, b.probability, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.feature, b.feature, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..graph.loading import with_static_sizes
+from ..graph.weights import structure_only
+from ..models.inputs import image_dims_at, static_sizes
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from ..graph import local_head
@@ -146,11 +149,17 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
 
     cuts: list[LocalCut] = []
     static = model.infos[model.image_input].shape
+    # a free image size: the cuts are planned on the graph specialized to these images' size (the
+    # heads leave their crops' size open and the tail its input's, so they run on the model as it is)
+    sizes = static_sizes(model, {model.image_input: x.shape})
+    if sizes:
+        static = image_dims_at(model, x.shape)
     # (the heads and tail are built for a free batch: a fixed one runs the whole network per patch)
     if static and len(static) == 4 and set(feeds) == {model.image_input} and not batching.fixed_batch(model) and \
             tuple(static[1:3] if layout == "NHWC" else static[2:]) == tuple(hw):
-        cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw), layout, local_head.CUT_COST_MACS),
-                          lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw), layout))
+        cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw), layout, local_head.CUT_COST_MACS,
+                           sizes),
+                          lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw), layout, sizes))
     # unoccluded images: target class, strongest feature map, reference probability (and the cuts)
     ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
     # an NHWC image starts the cuts from its NCHW view (nchw_source): made once per call
@@ -216,11 +225,15 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
 
 
 def _plan_cuts(model: LoadedModel, outputs: list[str], patch: tuple[int, int], stride: tuple[int, int],
-               layout: str) -> list[LocalCut]:
+               layout: str, sizes: tuple = ()) -> list[LocalCut]:
     """The chain of local cuts, or none where planning fails: the cuts only save time, the
-    whole network per patch gives the same maps."""
+    whole network per patch gives the same maps. `sizes`: the images' (models.inputs.static_sizes)
+    where the model's image size is free; planning reads shapes only (a weightless graph)."""
     try:
-        return plan_local_cuts(model.proto, model.image_input, outputs, patch, stride, layout)
+        proto = model.proto
+        if sizes:
+            proto = with_static_sizes(structure_only(proto), {name: dict(axes) for name, axes in sizes})
+        return plan_local_cuts(proto, model.image_input, outputs, patch, stride, layout)
     except Exception as exc:  # noqa: BLE001 - an unforeseen graph shape must not fail the method
         log.warning("occlusion of %s runs the whole network per patch: planning local cuts failed (%s: %s)",
                     model.id, type(exc).__name__, exc)
