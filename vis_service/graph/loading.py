@@ -159,7 +159,6 @@ def prepare_model(model: onnx.ModelProto, *, symbolic_batch: bool = True, field:
     return prepared
 
 
-
 def free_input_axes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Input name -> the axes of its shape that are free (symbolic or unknown), the batch excepted
     (dim 0 of an input of rank >= 2 named by a batch symbol): a network whose image size is free
@@ -236,6 +235,7 @@ def empty_feature_map(model: onnx.ModelProto) -> tuple[str, tuple] | None:
             return vi.name, _shape_of(vi)
     return None
 
+
 def _real_inputs_copy(model: onnx.ModelProto, field: str) -> onnx.ModelProto:
     """A copy with IR >= 4 and the initializers out of graph.input."""
     m = onnx.ModelProto()
@@ -275,7 +275,6 @@ def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto
         m = _infer(m, field)
         _recover_batch_symbols(m, batch)
     return m
-
 
 
 def _cast_likes_to_casts(m: onnx.ModelProto) -> bool:

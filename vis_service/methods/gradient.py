@@ -411,10 +411,9 @@ def gradient_support(model: LoadedModel) -> tuple[bool, str]:
     return model.memo("gradient_support", check)
 
 
-
 def representative_sizes(model: LoadedModel) -> tuple:
-    """models.inputs.static_sizes for a typical run: the image input's free height and width at the configured
-    size (model config `input.size`), else 224; any other free axis at 1."""
+    """models.inputs.static_sizes for a typical run: the image input's free height and width at the
+    configured size (model config `input.size`), else 224; any other free axis at 1."""
     free = model.memo("free_input_axes", lambda: free_input_axes(model.proto))
     found = model.memo("image_input_axes", lambda: image_input(model.proto, model.infos))
     configured = list(model.config.input.size)

@@ -82,7 +82,6 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
     return feeds
 
 
-
 def image_dims_at(model: LoadedModel, shape) -> tuple:
     """The image input's declared dims with its free ones (all but the batch) taken from `shape`,
     an image tensor's: a model whose image size is free resolves its preprocessing (value range,
@@ -91,7 +90,6 @@ def image_dims_at(model: LoadedModel, shape) -> tuple:
     if shape is None or len(shape) != len(dims):
         return dims if dims else tuple(shape or ())
     return tuple(d if isinstance(d, int) or k == 0 else int(n) for k, (d, n) in enumerate(zip(dims, shape)))
-
 
 
 def static_sizes(model: LoadedModel, shapes) -> tuple:
