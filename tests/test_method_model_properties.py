@@ -501,3 +501,34 @@ def test_a_free_size_model_runs_the_optimization_loops_at_the_requested_size(cli
         _close(a["relu1"].x, b["relu1"].x)
         _close(a["relu1"].feature_error, b["relu1"].feature_error)
     _still_serves(client, digits)
+
+
+def _same_padded(hw) -> bytes:
+    """tf2onnx-style: x -> Conv 3x3/2 auto_pad SAME_UPPER -> Relu -> Conv 3x3 SAME_UPPER -> Relu -> GAP
+    -> Gemm; where the sizes are free, how a SAME pad splits (and so every receptive field) is not known."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["conv1"], strides=[2, 2], auto_pad="SAME_UPPER", name="conv1"),
+             helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+             helper.make_node("Conv", ["relu1", "w2"], ["conv2"], auto_pad="SAME_UPPER", name="conv2"),
+             helper.make_node("Relu", ["conv2"], ["relu2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["relu2"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "wfc", "bfc"], ["logits"], transB=1, name="fc")]
+    inits = [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(W2, "w2"),
+             numpy_helper.from_array(WFC, "wfc"), numpy_helper.from_array(BFC, "bfc")]
+    return _bytes([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, *hw])], nodes, inits)
+
+
+def test_a_free_size_model_with_same_pads_gets_deconvnet_boxes_at_the_images_size(client, digits):
+    """Deconvnet's boxes and crops come from receptive fields, which a SAME pad makes depend on the
+    size: on a free-size model they are taken at the images' size (they were unknown: whole-image
+    boxes and uncut crops), equal to a fixed-size twin's."""
+    free = _load(client, _same_padded(("H", "W")), "props_same_free")
+    for hw in ((13, 10), (16, 11)):
+        twin = _load(client, _same_padded(hw), f"props_same_{hw[0]}x{hw[1]}")
+        x = images(2, hw, seed=hw[0])
+        a, b = (client.deconvnet(m, x, "relu2", top_k=3, crop=True) for m in (free, twin))
+        assert "boxes" not in a.text, a.text
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert (a.boxes[..., 2:] - a.boxes[..., :2]).max() < max(hw), a.boxes   # not the whole image
+        _close(a.crops, b.crops)
+    _still_serves(client, digits)

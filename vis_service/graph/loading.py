@@ -211,6 +211,15 @@ def with_static_sizes(model: onnx.ModelProto, sizes: dict[str, dict[int, int]], 
     return m
 
 
+def shapes_at(model: onnx.ModelProto, sizes: dict[str, dict[int, int]], field: str = "input") -> onnx.ModelProto:
+    """The weightless graph (initializers of more than 64 Ki elements keep name, type and shape only)
+    with the inputs' free axes at `sizes`, shapes inferred: what planning reads where a size decides
+    (a SAME pad's split, a window's reach), without copying the weights."""
+    from .weights import structure_only
+
+    return with_static_sizes(structure_only(model, keep=1 << 16), sizes, field, refuse_empty=False)
+
+
 def too_small(specialized: onnx.ModelProto, sizes: dict[str, dict[int, int]]) -> str:
     """Why inputs of `sizes` are too small for the model `specialized` to them ("" if they are not)."""
     empty = empty_feature_map(specialized)

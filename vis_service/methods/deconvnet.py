@@ -20,8 +20,10 @@ import math
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..graph.loading import shapes_at
 from ..graph.names import resolve_tensor
 from ..graph.receptive_field import ReceptiveField, crop_box, receptive_fields
+from ..models.inputs import static_sizes
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from . import batching
@@ -139,7 +141,7 @@ def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray]
                           else f"{target.kind} target")}
     nhwc = channel_axis_of(image_spec(model, preprocess, x)[0], x) == 3
     in_hw = x.shape[1:3] if nhwc else x.shape[2:4]
-    rf = model.memo("receptive_fields", lambda: receptive_fields(model.proto)).get(tensor)
+    rf = _receptive_fields(model, x.shape).get(tensor)
     if rf is None:
         text["boxes"] = f"no receptive field known for {tensor!r}: boxes cover the whole image"
         boxes = np.tile(np.array([0, 0, in_hw[0], in_hw[1]], np.int64), (n, k, 1))
@@ -155,6 +157,21 @@ def deconvnet(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray]
         tensors["crops"] = crops.transpose(0, 1, 3, 4, 2) if nhwc else crops   # the projections' layout
     tensors["input"] = x
     return MethodResult(tensors=tensors, text=text)
+
+
+def _receptive_fields(model: LoadedModel, image_shape) -> dict[str, ReceptiveField]:
+    """The fields of the model's tensors; for a model whose image size is free, at this size (a
+    SAME pad's split, as tf2onnx writes every Keras padding, depends on it: the fields were unknown
+    and the boxes and crops the whole image), once per size."""
+    sizes = static_sizes(model, {model.image_input: image_shape})
+    if not sizes:
+        return model.memo("receptive_fields", lambda: receptive_fields(model.proto))
+    at = model.memo("receptive_fields_at", dict)
+    if sizes not in at:
+        if len(at) >= 64:
+            at.clear()
+        at[sizes] = receptive_fields(shapes_at(model.proto, {name: dict(axes) for name, axes in sizes}))
+    return at[sizes]
 
 
 def _crops(projections: np.ndarray, positions: np.ndarray, rf: ReceptiveField | None, in_hw) -> np.ndarray:

@@ -10,9 +10,9 @@ import math
 import os
 
 from ..errors import InvalidArgument, ResourceExhausted
-from ..graph.loading import too_small, with_static_sizes
+from ..graph.loading import shapes_at, too_small
 from ..graph.receptive_field import image_input
-from ..graph.weights import activation_bytes_per_input_byte, structure_only
+from ..graph.weights import activation_bytes_per_input_byte
 from ..models.inputs import static_sizes
 
 # the server's --max-batch default; library callers without a server get the same bound
@@ -115,8 +115,7 @@ def check_input_fits(model, shapes: dict, field: str = "input") -> None:
             seen.clear()
         given = {n: dict(a) for n, a in sizes}
         try:
-            light = structure_only(model.proto, keep=1 << 16)
-            seen[sizes] = too_small(with_static_sizes(light, given, field, refuse_empty=False), given)
+            seen[sizes] = too_small(shapes_at(model.proto, given, field), given)
         except Exception:  # noqa: BLE001 - where inference fails without the weights, onnxruntime judges
             seen[sizes] = ""
     if seen[sizes]:
