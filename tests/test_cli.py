@@ -54,6 +54,37 @@ def test_gradcam_and_occlusion_write_pngs(server, digit_images, tmp_path, capsys
     assert {p.name.rsplit("_", 1)[-1] for p in (tmp_path / "occ").glob("*.png")} >= {"probability.png", "feature.png"}
 
 
+def test_size_option_runs_a_free_size_model_on_image_files(server, client, digit_images, tmp_path, capsys):
+    """--size H W: the images' size in a model whose image size is free (its config gives none);
+    without it the command says so in one line."""
+    import json
+
+    import onnx
+
+    pytest.importorskip("matplotlib")
+    proto = onnx.load(str(DEFAULT_MODEL_DIR / "model.onnx"))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    for vi in proto.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    del proto.graph.value_info[:]
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    for key in ("labels", "name"):
+        config.pop(key, None)
+    config["input"].pop("size")
+    client.load_model(proto.SerializeToString(), "digits_free_cli", config=config)
+    img = str(digit_images[0])
+    assert run(server, "saliency", "digits_free_cli", "--images", img, "--out", str(tmp_path / "no_size")) == 1
+    assert "give size [H, W]" in capsys.readouterr().err
+    assert run(server, "saliency", "digits_free_cli", "--images", img, "--size", "40", "36",
+               "--out", str(tmp_path / "s")) == 0
+    pngs = list((tmp_path / "s").glob("*.png"))
+    assert pngs
+    assert run(server, "maximize", "digits_free_cli", "--layer", "block1/add", "--channel", "0", "--steps", "2",
+               "--size", "24", "20", "--out", str(tmp_path / "m")) == 0
+    assert np.asarray(Image.open(tmp_path / "m" / "block1_add_0_00.png")).shape[:2] == (24, 20)
+
+
 def test_local_onnx_file_is_uploaded(server, tmp_path, capsys):
     assert run(server, "inspect", str(DEFAULT_MODEL_DIR / "model.onnx")) == 0
     assert "head/gemm" in capsys.readouterr().out

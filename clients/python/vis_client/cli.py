@@ -121,6 +121,22 @@ def _out_dir(path: str) -> Path:
 # argparse types for rendering options: checked while parsing, before any server call
 
 
+def add_size(p) -> None:
+    """--size H W: the images' size in the model (a model whose image size is free needs it where its
+    config gives none)."""
+    p.add_argument("--size", type=at_least(1), nargs=2, metavar=("H", "W"), default=None,
+                   help="image size the model gets (default: the model's config or static input size; "
+                        "needed for a model whose image size is free)")
+
+
+def preprocessing(args):
+    """The preprocess argument of a client call from --preset / --size (None: the model's config)."""
+    preset, size = getattr(args, "preset", None), getattr(args, "size", None)
+    if size is None:
+        return preset
+    return {"preset": preset, "size": list(size)} if preset else {"size": list(size)}
+
+
 def at_least(lo: int):
     """argparse type: an int >= ``lo``."""
     def parse(text: str) -> int:
@@ -216,7 +232,7 @@ def cmd_activations(client: Client, args) -> None:
     out = _out_dir(args.out)
     progress = _Progress()
     try:
-        res = client.activations_result(model, args.images, args.layers, preprocess=args.preset, on_progress=progress)
+        res = client.activations_result(model, args.images, args.layers, preprocess=preprocessing(args), on_progress=progress)
     finally:
         progress.close()
     stems = _stems(args.images)
@@ -285,7 +301,7 @@ def cmd_gradient(client: Client, args) -> None:
     progress = _Progress()
     try:
         g = client.gradient(model, args.images, args.class_index, rule_set=args.rule_set,
-                            preprocess=args.preset, on_progress=progress)
+                            preprocess=preprocessing(args), on_progress=progress)
     finally:
         progress.close()
     grad = g.gradient
@@ -295,7 +311,7 @@ def cmd_gradient(client: Client, args) -> None:
     inputs = None
     if model.inputs:
         try:
-            inputs = client.activations(model, args.images, [model.inputs[0].name], preprocess=args.preset)
+            inputs = client.activations(model, args.images, [model.inputs[0].name], preprocess=preprocessing(args))
             inputs = next(iter(inputs.values()), None)
         except VisError:
             inputs = None
@@ -352,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="input image files")
         p.add_argument("--preset", choices=PRESETS, default=None,
                        help="preprocessing preset (default: the model's config)")
+        add_size(p)
 
     p = sub.add_parser("activations", help="render feature maps of layers")
     p.add_argument("model", metavar="MODEL")

@@ -27,7 +27,7 @@ def _run_cam(client, args, method: str) -> None:
     progress = cli._Progress()
     try:
         cam = client.grad_cam(model, args.images, args.class_index, layer=args.layer, method=method,
-                              batch=args.batch, preprocess=args.preset, on_progress=progress)
+                              batch=args.batch, preprocess=cli.preprocessing(args), on_progress=progress)
     finally:
         progress.close()
     print(f"{cam.method} at layer {cam.layer}: cam {tuple(cam.cam.shape[1:])} -> heat map "
@@ -76,8 +76,8 @@ def cmd_occlusion(client, args) -> None:
     progress = cli._Progress()
     try:
         occ = client.occlusion(model, args.images, args.class_index, patch=args.patch, stride=args.stride,
-                               fill=args.fill, layer=args.layer, batch=args.batch, preprocess=args.preset,
-                               on_progress=progress)
+                               fill=args.fill, layer=args.layer, batch=args.batch,
+                               preprocess=cli.preprocessing(args), on_progress=progress)
     finally:
         progress.close()
     rows, cols = occ.probability.shape[1:]

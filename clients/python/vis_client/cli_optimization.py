@@ -61,6 +61,9 @@ def _common_loop_args(p, steps: int) -> None:
 
 
 def _maximize_args(p) -> None:
+    from .cli import add_size
+
+    add_size(p)
     p.add_argument("--batch", type=int, default=1, help="images optimized together (default 1)")
     p.add_argument("--param", dest="parameterization", choices=("fourier", "pixel", "raw"), default=None,
                    help="image parameterization: fourier (default; Lucid), pixel, or raw (Simonyan: the "
@@ -82,7 +85,7 @@ def _maximize_kwargs(args) -> dict:
     kw = dict(steps=args.steps, lr=args.lr, batch=args.batch, decorrelate=not args.no_decorrelate,
               jitter=args.jitter, scale=args.scale, rotate=args.rotate, l2=args.l2, tv=args.tv,
               blur_every=args.blur_every, diversity=args.diversity, seed=args.seed,
-              snapshot_every=args.snapshot_every)
+              snapshot_every=args.snapshot_every, preprocess=_base().preprocessing(args))
     if args.optimizer:
         kw["optimizer"] = args.optimizer
     if args.parameterization:
@@ -164,7 +167,7 @@ def cmd_invert(client, args) -> None:
     model = cli._resolve_model(client, args.model)
     out = cli._out_dir(args.out)
     kw = dict(steps=args.steps, lr=args.lr, starts=args.starts, seed=args.seed, lambda_tv=args.lambda_tv,
-              lambda_alpha=args.lambda_alpha, snapshot_every=args.snapshot_every, preprocess=args.preset)
+              lambda_alpha=args.lambda_alpha, snapshot_every=args.snapshot_every, preprocess=cli.preprocessing(args))
     if args.optimizer:
         kw["optimizer"] = args.optimizer
     progress, on_step = _bar(cli)
