@@ -205,6 +205,39 @@ def test_torchscript_opset11_resize_sizes_from_shape_get_their_shape(dims):
 
 
 
+
+@pytest.mark.parametrize("order", ["in order", "reversed"])
+def test_dynamo_as_strided_flat_gather_is_freed(order):
+    """ConvNeXt under torch.onnx's dynamo exporter: the pooled channels-last view becomes
+    Gather(Reshape(mean, [-1]), arange(C).reshape(1, C, 1, 1)), which reads the first image only
+    at a larger batch: the model was kept at batch 1. It is the per-image Reshape(mean, [0, C, 1, 1]);
+    indices in another order are no Reshape, and keep the batch at 1."""
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="node_Conv_0", pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c"], ["nhwc"], name="node_Transpose_1", perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["nhwc", "lin"], ["mm"], name="node_MatMul_2"),
+             helper.make_node("Transpose", ["mm"], ["nchw"], name="node_Transpose_3", perm=[0, 3, 1, 2]),
+             helper.make_node("ReduceMean", ["nchw", "axes"], ["mean"], name="node_ReduceMean_4", keepdims=1),
+             helper.make_node("Reshape", ["mean", "flat"], ["flat_mean"], name="node_Reshape_5"),
+             helper.make_node("Gather", ["flat_mean", "idx"], ["as_strided"], name="node_Gather_6", axis=0),
+             helper.make_node("Reshape", ["as_strided", "view"], ["v"], name="node_Reshape_7"),
+             helper.make_node("Gemm", ["v", "fc"], ["y"], name="node_Gemm_8", transB=1)]
+    inits = [numpy_helper.from_array(_w(4, 2, 3, 3), "w"), numpy_helper.from_array(_w(4, 4), "lin"),
+             numpy_helper.from_array(np.array([-1, -2], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+             numpy_helper.from_array(np.arange(4, dtype=np.int64)[::1 if order == "in order" else -1].reshape(1, 4, 1, 1),
+                                     "idx"),
+             numpy_helper.from_array(np.array([1, 4], np.int64), "view"), numpy_helper.from_array(_w(3, 4), "fc")]
+    original = _model(nodes, inits, [1, 2, 6, 5], opset=18)
+    prepared = prepare_model(original)
+    if order == "reversed":
+        assert _batch(prepared) == 1
+        _check_forward(original, prepared, 1)
+        _check_gradient(prepared, batches=(1,))
+        return
+    assert _batch(prepared) == "N"
+    _check_forward(original, prepared, 3)
+    _check_gradient(prepared)
+
 def test_dynamo_unoptimized_castlike_bias_is_a_constant():
     """torch.onnx's dynamo exporter with optimize=False writes a bias-free Conv's zero bias as
     Expand(CastLike(0.0, input), Shape(weight)[0:1]): CastLike reads the image for its type alone.

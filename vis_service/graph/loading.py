@@ -278,6 +278,7 @@ def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto
         changed |= _rewrite_shape_targets(m, known, shapes)
         if free:
             changed |= _free_hardcoded_batch(m, known, shapes, batch)
+            changed |= _free_flat_gathers(m, known, shapes, batch)
         if not changed:
             break
         _clear_inferred(m)
@@ -651,6 +652,45 @@ def _free_hardcoded_batch(m: onnx.ModelProto, known: KnownValues, shapes: dict, 
             else:
                 node.input[3] = _batch_from_shape(m, node, sizes, opset)
             changed = True
+    return changed
+
+
+
+def _free_flat_gathers(m: onnx.ModelProto, known: KnownValues, shapes: dict, batch: set[str]) -> bool:
+    """Gather(Reshape(x, [-1]), arange(k).reshape([1, ...])), where x is [batch, ...] with k elements
+    per image, becomes Reshape(x, [0, ...]): torch's as_strided as the dynamo exporter writes it
+    (ConvNeXt's pooled channels-last view). At batch 1 the gather reads every element of x in
+    order; at a larger batch it read the first image's only, so the batch was kept at 1."""
+    changed = False
+    flats = []
+    for node in list(m.graph.node):
+        if (node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) != 2
+                or _attr(node, "axis", 0) != 0):
+            continue
+        flat = next((n for n in m.graph.node if node.input[0] in n.output), None)
+        if flat is None or flat.op_type != "Reshape" or len(flat.input) < 2:
+            continue
+        target, idx = known.value(flat.input[1]), known.value(node.input[1])
+        src = shapes.get(flat.input[0])
+        if (target is None or target.tolist() != [-1] or idx is None or idx.dtype.kind not in "iu" or idx.ndim < 1
+                or idx.shape[0] != 1 or not src or not (isinstance(src[0], str) and src[0] in batch)
+                or not all(isinstance(d, int) for d in src[1:])):
+            continue
+        per_image = int(np.prod(src[1:], dtype=np.int64))
+        if idx.size != per_image or not np.array_equal(idx.reshape(-1), np.arange(per_image)):
+            continue
+        node.op_type = "Reshape"
+        node.input[0] = flat.input[0]
+        node.input[1] = _new_initializer(m, np.array([0] + list(idx.shape[1:]), np.int64),
+                                         f"{node.input[1]}__per_image_{node.output[0]}")
+        del node.attribute[:]
+        flats.append(flat)
+        changed = True
+    outputs = {o.name for o in m.graph.output}
+    for flat in flats:   # read by nothing now (it merged the batch axis): removed
+        if flat in m.graph.node and flat.output[0] not in outputs and \
+                not any(flat.output[0] in n.input for n in m.graph.node):
+            m.graph.node.remove(flat)
     return changed
 
 
