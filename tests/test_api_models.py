@@ -286,6 +286,26 @@ def _recording_builder(proto, built: list):
     return build
 
 
+def test_a_failed_build_leaves_no_build_lock_behind():
+    """A build that raises (a request's sizes that do not fit, a model onnxruntime refuses) frees its
+    per-key build lock: requests with ever new keys (a free-size model's image sizes) kept one each."""
+    from vis_service.runtime.sessions import Runtime
+
+    rt = Runtime(provider="cpu")
+    proto = onnx.load(DEFAULT_MODEL_DIR / "model.onnx")
+
+    def failing():
+        raise ValueError("no graph for this key")
+
+    for k in range(3):
+        with pytest.raises(ValueError):
+            rt.session("m", ("size", k), failing)
+    assert not rt._building
+    built = []
+    rt.session("m", ("size", 0), _recording_builder(proto, built)("ok"))   # the key builds after a failure
+    assert built == ["ok"] and not rt._building
+
+
 def test_session_cache_is_bounded_lru():
     from vis_service.runtime.sessions import Runtime
 

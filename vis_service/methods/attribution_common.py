@@ -135,6 +135,10 @@ def per_sample_bytes(model: LoadedModel, x: np.ndarray) -> int:
 
     total, unknown = model.memo("attribution_per_sample_bytes", estimate)
     sample = int(x[0].nbytes)
+    if unknown:   # a free image size: the estimate at this size, where one exists
+        at_size = limits.free_size_image_bytes(model, x)
+        if at_size is not None:
+            return max(total, at_size, sample)
     return max(total, sample * UNKNOWN_SHAPE_FACTOR if unknown or total == 0 else 0, sample)
 
 

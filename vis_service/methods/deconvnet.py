@@ -166,12 +166,8 @@ def _receptive_fields(model: LoadedModel, image_shape) -> dict[str, ReceptiveFie
     sizes = static_sizes(model, {model.image_input: image_shape})
     if not sizes:
         return model.memo("receptive_fields", lambda: receptive_fields(model.proto))
-    at = model.memo("receptive_fields_at", dict)
-    if sizes not in at:
-        if len(at) >= 64:
-            at.clear()
-        at[sizes] = receptive_fields(shapes_at(model.proto, {name: dict(axes) for name, axes in sizes}))
-    return at[sizes]
+    return model.memo_per("receptive_fields_at", sizes, lambda: receptive_fields(
+        shapes_at(model.proto, {name: dict(axes) for name, axes in sizes})))
 
 
 def _crops(projections: np.ndarray, positions: np.ndarray, rf: ReceptiveField | None, in_hw) -> np.ndarray:

@@ -72,32 +72,50 @@ def check_optimization_memory(field: str, images: int, image_shape: tuple[int, .
 REFERENCE_SIDE = 224
 
 
-def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
-    """RESOURCE_EXHAUSTED naming `field` when a model whose image size is free (symbolic height /
-    width) gets images whose activations would take more than the machine's memory, estimated as
-    the input's bytes times the activations per input byte at 224 x 224
-    (`graph.weights.activation_bytes_per_input_byte`: every tensor of a run, what a backward run
-    keeps; a forward run reuses memory and peaks lower). A 91-byte PNG with preprocess size 8192 x
-    8192 took a small ResNet to 8 GB; a larger network would have had the kernel kill the server."""
+# what a gradient run of a free-size model took, measured, per byte of its activation estimate
+# (SqueezeNet at 4096 x 4096: 10.3 GB against 8.8 GiB estimated)
+RUN_BYTES_PER_ESTIMATED_BYTE = 1.25
+
+
+def free_size_image_bytes(model, x) -> int | None:
+    """Estimated bytes of one image's activations in a run of a model whose image size is free (the
+    input's bytes times the activations per input byte at 224 x 224, `graph.weights.
+    activation_bytes_per_input_byte`: every tensor of a run, what a backward run keeps); None for a
+    model of fixed image size or where no estimate exists."""
     found = model.memo("image_input_axes", lambda: image_input(model.proto, model.infos))
-    if found is None or found[0] not in feeds:
-        return
+    if found is None or x is None or x.ndim != 4:
+        return None
     name, axes = found
     shape = model.infos[name].shape
     if all(isinstance(shape[a], int) for a in axes):
-        return   # a fixed image size: the run's memory is that of the model's shapes
+        return None   # a fixed image size: the run's memory is that of the model's shapes
     ratio = model.memo("activation_bytes_per_input_byte", lambda: activation_bytes_per_input_byte(
         model.proto, name, (REFERENCE_SIDE, REFERENCE_SIDE), axes))
-    x = feeds[name]
-    if ratio is None or x.ndim != 4:
+    return None if ratio is None else int(ratio * x[:1].nbytes)
+
+
+def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
+    """RESOURCE_EXHAUSTED naming `field` when a model whose image size is free (symbolic height /
+    width) gets images one of which would take, in a run, more than half of the machine's memory
+    (`free_size_image_bytes` times RUN_BYTES_PER_ESTIMATED_BYTE): two runs go at once by default
+    (--max-concurrent-runs), beside the cached sessions. A 91-byte PNG with preprocess size 8192 x
+    8192 took a small ResNet to 8 GB; a SqueezeNet at 5600 x 5600 (estimated 16 GiB, under the
+    whole memory that was the bound) had the kernel kill the server."""
+    found = model.memo("image_input_axes", lambda: image_input(model.proto, model.infos))
+    if found is None or found[0] not in feeds:
         return
-    estimate = ratio * x.nbytes
-    limit = physical_memory_bytes()
-    if estimate > limit:
-        raise ResourceExhausted(f"{field}: {x.shape[0]} images of {x.shape[axes[0]]} x {x.shape[axes[1]]} take an "
-                                f"estimated {estimate / GiB:.1f} GiB of activations in this model (its image size "
-                                f"is free), over the server's memory of {limit / GiB:.1f} GiB: send smaller or fewer "
-                                "images per call")
+    x = feeds[found[0]]
+    one = free_size_image_bytes(model, x)
+    if one is None:
+        return
+    need = one * RUN_BYTES_PER_ESTIMATED_BYTE
+    limit = physical_memory_bytes() / 2
+    if need > limit:
+        axes = found[1]
+        raise ResourceExhausted(f"{field}: an image of {x.shape[axes[0]]} x {x.shape[axes[1]]} takes an estimated "
+                                f"{need / GiB:.1f} GiB in a run of this model (its image size is free), over half "
+                                f"of the server's memory ({limit / GiB:.1f} GiB of {2 * limit / GiB:.1f}): send "
+                                "smaller images")
 
 
 def check_input_fits(model, shapes: dict, field: str = "input") -> None:
@@ -109,14 +127,13 @@ def check_input_fits(model, shapes: dict, field: str = "input") -> None:
     sizes = static_sizes(model, shapes)
     if not sizes:
         return
-    seen = model.memo("too_small_at", dict)   # sizes -> why they are too small ("" where they fit)
-    if sizes not in seen:
-        if len(seen) >= 256:
-            seen.clear()
+    def judge() -> str:   # why these sizes are too small, "" where they fit
         given = {n: dict(a) for n, a in sizes}
         try:
-            seen[sizes] = too_small(shapes_at(model.proto, given, field), given)
+            return too_small(shapes_at(model.proto, given, field), given)
         except Exception:  # noqa: BLE001 - where inference fails without the weights, onnxruntime judges
-            seen[sizes] = ""
-    if seen[sizes]:
-        raise InvalidArgument(field, seen[sizes])
+            return ""
+
+    why = model.memo_per("too_small_at", sizes, judge, limit=256)
+    if why:
+        raise InvalidArgument(field, why)

@@ -156,9 +156,9 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     # (the heads and tail are built for a free batch: a fixed one runs the whole network per patch)
     if static and len(static) == 4 and set(feeds) == {model.image_input} and not batching.fixed_batch(model) and \
             tuple(static[1:3] if layout == "NHWC" else static[2:]) == tuple(hw):
-        cuts = model.memo(("occlusion_cuts", scores_t, layer_t, (ph, pw), (sh, sw), layout, local_head.CUT_COST_MACS,
-                           sizes),
-                          lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw), layout, sizes))
+        cuts = model.memo_per("occlusion_cuts", (scores_t, layer_t, (ph, pw), (sh, sw), layout,
+                                                 local_head.CUT_COST_MACS, sizes),
+                              lambda: _plan_cuts(model, [scores_t, layer_t], (ph, pw), (sh, sw), layout, sizes))
     # unoccluded images: target class, strongest feature map, reference probability (and the cuts)
     ctx = CamContext(runtime, model, feeds, layer_t, objective, layout, batch, progress)
     # an NHWC image starts the cuts from its NCHW view (nchw_source): made once per call

@@ -55,6 +55,19 @@ class LoadedModel:
             self.derived[key] = compute()
         return self.derived[key]
 
+    def memo_per(self, table: str, key, compute, limit: int = 64):
+        """compute() once per `key` in the table `table`, which keeps at most `limit` keys (it starts
+        over when full): facts that depend on a request's value, such as the image size of a model
+        whose size is free, of which a client could send without end."""
+        values = self.memo(table, dict)
+        value = values.get(key)
+        if value is None:
+            value = compute()
+            if len(values) >= limit:
+                values.clear()
+            values[key] = value
+        return value
+
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.proto.graph.input]

@@ -356,8 +356,13 @@ class Runtime:
                     self._cache.move_to_end(full_key)
                     return hit
             t0 = time.perf_counter()
-            model, meta = build()
-            sess = self.create_session(model)
+            try:
+                model, meta = build()
+                sess = self.create_session(model)
+            except BaseException:
+                with self._lock:   # (callers waiting on key_lock hold it already and build in turn)
+                    self._building.pop(full_key, None)
+                raise
             weight_bytes = session_bytes(model)
             # onnxruntime has its own copy of the weights now: keep the graph's structure only
             # (what is read of it from here on: inputs, outputs, names), also in the builder's meta
