@@ -663,11 +663,12 @@ def _free_flat_gathers(m: onnx.ModelProto, known: KnownValues, shapes: dict, bat
     order; at a larger batch it read the first image's only, so the batch was kept at 1."""
     changed = False
     flats = []
+    producer = {o: n for n in m.graph.node for o in n.output}
     for node in list(m.graph.node):
         if (node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) != 2
                 or _attr(node, "axis", 0) != 0):
             continue
-        flat = next((n for n in m.graph.node if node.input[0] in n.output), None)
+        flat = producer.get(node.input[0])
         if flat is None or flat.op_type != "Reshape" or len(flat.input) < 2:
             continue
         target, idx = known.value(flat.input[1]), known.value(node.input[1])

@@ -20,10 +20,9 @@ import math
 import numpy as np
 
 from ..errors import InvalidArgument
-from ..graph.loading import shapes_at
 from ..graph.names import resolve_tensor
 from ..graph.receptive_field import ReceptiveField, crop_box, receptive_fields
-from ..models.inputs import static_sizes
+from ..models.inputs import shapes_at_sizes, static_sizes
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from . import batching
@@ -166,8 +165,7 @@ def _receptive_fields(model: LoadedModel, image_shape) -> dict[str, ReceptiveFie
     sizes = static_sizes(model, {model.image_input: image_shape})
     if not sizes:
         return model.memo("receptive_fields", lambda: receptive_fields(model.proto))
-    return model.memo_per("receptive_fields_at", sizes, lambda: receptive_fields(
-        shapes_at(model.proto, {name: dict(axes) for name, axes in sizes})))
+    return model.memo_per("receptive_fields_at", sizes, lambda: receptive_fields(shapes_at_sizes(model, sizes)))
 
 
 def _crops(projections: np.ndarray, positions: np.ndarray, rf: ReceptiveField | None, in_hw) -> np.ndarray:

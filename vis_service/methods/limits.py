@@ -10,10 +10,10 @@ import math
 import os
 
 from ..errors import InvalidArgument, ResourceExhausted
-from ..graph.loading import shapes_at, too_small
+from ..graph.loading import too_small
 from ..graph.receptive_field import image_input
 from ..graph.weights import activation_bytes_per_input_byte
-from ..models.inputs import static_sizes
+from ..models.inputs import shapes_at_sizes, static_sizes
 
 # the server's --max-batch default; library callers without a server get the same bound
 DEFAULT_SERVER_MAX_BATCH = 256
@@ -128,9 +128,8 @@ def check_input_fits(model, shapes: dict, field: str = "input") -> None:
     if not sizes:
         return
     def judge() -> str:   # why these sizes are too small, "" where they fit
-        given = {n: dict(a) for n, a in sizes}
         try:
-            return too_small(shapes_at(model.proto, given, field), given)
+            return too_small(shapes_at_sizes(model, sizes), {n: dict(a) for n, a in sizes})
         except Exception:  # noqa: BLE001 - where inference fails without the weights, onnxruntime judges
             return ""
 

@@ -33,8 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InvalidArgument
-from ..graph.loading import shapes_at
-from ..models.inputs import image_dims_at, static_sizes
+from ..models.inputs import image_dims_at, shapes_at_sizes, static_sizes
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from ..graph import local_head
@@ -229,7 +228,7 @@ def _plan_cuts(model: LoadedModel, outputs: list[str], patch: tuple[int, int], s
     whole network per patch gives the same maps. `sizes`: the images' (models.inputs.static_sizes)
     where the model's image size is free; planning reads shapes only (a weightless graph)."""
     try:
-        proto = shapes_at(model.proto, {name: dict(axes) for name, axes in sizes}) if sizes else model.proto
+        proto = shapes_at_sizes(model, sizes) if sizes else model.proto
         return plan_local_cuts(proto, model.image_input, outputs, patch, stride, layout)
     except Exception as exc:  # noqa: BLE001 - an unforeseen graph shape must not fail the method
         log.warning("occlusion of %s runs the whole network per patch: planning local cuts failed (%s: %s)",

@@ -8,7 +8,7 @@ import numpy as np
 from ..datatypes import datatype_of
 from ..errors import InvalidArgument, ResourceExhausted
 from ..gen import vis_pb2
-from ..graph.loading import free_input_axes
+from ..graph.loading import free_input_axes, shapes_at
 from .config import resolve_image_spec
 from .preprocess import preprocess_images
 from .store import LoadedModel
@@ -103,6 +103,15 @@ def static_sizes(model: LoadedModel, shapes) -> tuple:
         if shape is not None and len(shape) == len(model.infos[name].shape or ()):
             out.append((name, tuple((a, int(shape[a])) for a in axes)))
     return tuple(out)
+
+
+
+def shapes_at_sizes(model: LoadedModel, sizes: tuple):
+    """The model's weightless graph at `sizes` (from static_sizes; graph.loading.shapes_at), made once
+    per size and shared by what reads shapes there: the too-small check, receptive fields, occlusion's
+    planning."""
+    return model.memo_per("shapes_at", sizes, lambda: shapes_at(model.proto, {n: dict(a) for n, a in sizes}),
+                          limit=16)   # graphs, if light ones: fewer kept than the small facts drawn from them
 
 
 def first_dim(model: LoadedModel, name: str):
