@@ -26,7 +26,8 @@ from vis_service.errors import Unimplemented
 from vis_service.graph.loading import prepare_model, tensor_infos
 from vis_service.graph.paths import dependents, float_path
 
-NEW_OPS = ["Sign", "Floor", "Ceil", "Round", "Sin", "Cos", "Atan", "CumSum", "GatherElements", "GatherND", "TopK"]
+NEW_OPS = ["Sign", "Floor", "Ceil", "Round", "Sin", "Cos", "Atan", "CumSum", "GatherElements", "GatherND", "TopK",
+           "Einsum", "ScatterElements", "ScatterND"]
 DOUBLE, FLOAT, INT64, BOOL = (onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT, onnx.TensorProto.INT64,
                               onnx.TensorProto.BOOL)
 
@@ -473,5 +474,133 @@ def test_chain_gather_elements_cos_round_central_differences():
                                                   _const("axes", np.array([0], np.int64))])
     x = np.array([[0.2, -1.3, 2.7, 0.9], [-0.4, 1.1, -2.2, 3.4], [1.6, -0.8, 0.3, -1.9]])
     g = np.random.default_rng(13).standard_normal((2, 4))
+    got = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": g})["x"]
+    np.testing.assert_allclose(got, _central_differences(model, x, g, 1e-6), rtol=1e-6, atol=1e-8)
+
+
+# ---- Einsum -----------------------------------------------------------------------------------------------------
+EINSUM_CASES = [
+    ("ij,jk->ik", [(2, 3), (3, 4)]),
+    ("bhid,bhjd->bhij", [(2, 2, 3, 4), (2, 2, 5, 4)]),      # attention scores (Keras EinsumDense, tf2onnx)
+    ("bhij,bhjd->bhid", [(2, 2, 3, 5), (2, 2, 5, 4)]),
+    ("ij,jk", [(2, 3), (3, 4)]),                            # implicit output
+    ("bij,bjk", [(2, 3, 4), (2, 4, 5)]),                    # implicit: b summed too
+    ("ij->", [(3, 4)]),                                     # letters only the operand has
+    ("ij->ji", [(3, 4)]),
+    ("i,j->ij", [(3,), (4,)]),
+    ("ab,bc,cd->ad", [(2, 3), (3, 4), (4, 2)]),
+    ("ijk,k->ij", [(2, 3, 4), (4,)]),
+    ("...ij,...jk->...ik", [(1, 3, 2, 3), (2, 3, 3, 4)]),  # broadcast ellipsis: summed back to size 1
+    ("...ij,jk->...ik", [(2, 3, 2, 3), (3, 4)]),            # an operand without the ellipsis
+    ("i...j,j->i...", [(3, 2, 4), (4,)]),
+    ("...i,i->...", [(2, 3, 4), (4,)]),
+]
+
+
+@pytest.mark.parametrize("equation,shapes", EINSUM_CASES, ids=[e for e, _ in EINSUM_CASES])
+def test_einsum(equation, shapes):
+    inputs = {f"x{i}": s for i, s in enumerate(shapes)}
+    opset = 12 if equation == "ij,jk->ik" else 17
+    check("Einsum", inputs, kind=LINEAR, opset=opset, equation=equation)
+    # the adjoint check's inner products would broadcast a gradient of the wrong shape
+    model = _model([helper.make_node("Einsum", list(inputs), ["y0"], equation=equation)], list(inputs.items()),
+                   opset=opset)
+    rng = np.random.default_rng(17)
+    feeds = {name: rng.standard_normal(shape) for name, shape in inputs.items()}
+    y = np.einsum(equation, *feeds.values())
+    got = run_gradient(build_gradient_model(model, ["y0"], list(inputs)), feeds, {"y0": np.ones_like(y)})
+    assert {name: got[name].shape for name in inputs} == inputs
+
+
+def test_einsum_wrt_one_operand_of_an_attention_chain_central_differences():
+    """softmax(q kᵀ) v written with Einsums, float64, every element of q (x)."""
+    nodes = [helper.make_node("Einsum", ["x", "k"], ["s"], equation="bid,bjd->bij"),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("Einsum", ["p", "v"], ["y0"], equation="bij,bjd->bid")]
+    rng = np.random.default_rng(14)
+    k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 3))
+    model = _model(nodes, [("x", [2, 4, 3])], inits=[_const("k", k), _const("v", v)])
+    x = rng.standard_normal((2, 4, 3))
+    g = rng.standard_normal((2, 4, 3))
+    got = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": g})["x"]
+    np.testing.assert_allclose(got, _central_differences(model, x, g, 1e-6), rtol=1e-6, atol=1e-8)
+
+
+def test_einsum_diagonal_operand_is_unimplemented_naming_the_node():
+    model = _model([helper.make_node("Einsum", ["x"], ["y0"], equation="ii->i", name="diag")], [("x", [3, 3])])
+    with pytest.raises(Unimplemented, match="Einsum node 'diag'.*repeated subscript"):
+        build_gradient_model(model, ["y0"], ["x"])
+
+
+def test_einsum_diagonal_of_a_constant_operand_is_fine():
+    w = np.random.default_rng(15).standard_normal((3, 3))
+    check("Einsum", {"x": (3, 4)}, {"w": w}, kind=LINEAR, input_order=["w", "x"], equation="ii,ij->ij")
+
+
+# ---- ScatterElements / ScatterND ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["none", "add"])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_scatter_elements(axis, reduction):
+    """Distinct indices per target for reduction none (ONNX leaves duplicates undefined there), with
+    repeats for add; both data and updates on the path."""
+    r = np.random.default_rng(500 + axis)
+    shape, update_shape = (4, 5), [3, 3]
+    dim = shape[axis]
+    columns = [r.permutation(dim)[:update_shape[axis]] for _ in range(update_shape[1 - axis % 2])]
+    indices = np.stack(columns, axis=1 - axis % 2 if axis % 2 == 0 else 0).astype(np.int64)
+    if reduction == "add":
+        indices = r.integers(-dim, dim, size=update_shape).astype(np.int64)
+    check("ScatterElements", {"data": shape, "updates": tuple(indices.shape)}, {"i": indices}, kind=LINEAR,
+          opset=16 if reduction == "add" else 13, input_order=["data", "i", "updates"], axis=axis,
+          **({"reduction": "add"} if reduction == "add" else {}))
+
+
+@pytest.mark.parametrize("case", ["rows", "elements", "negative"])
+@pytest.mark.parametrize("reduction", ["none", "add"])
+def test_scatter_nd(case, reduction):
+    shape = (4, 3, 2)
+    indices = {"rows": np.array([[3], [0]]), "elements": np.array([[1, 2, 0], [3, 0, 1], [0, 0, 0]]),
+               "negative": np.array([[-1, 0], [1, -2]])}[case].astype(np.int64)
+    if reduction == "add":
+        indices = np.concatenate([indices, indices[:1]])     # a duplicate: both updates add
+    update_shape = indices.shape[:-1] + shape[indices.shape[-1]:]
+    check("ScatterND", {"data": shape, "updates": update_shape}, {"i": indices}, kind=LINEAR,
+          opset=16 if reduction == "add" else 13, input_order=["data", "i", "updates"],
+          **({"reduction": "add"} if reduction == "add" else {}))
+
+
+def test_scatter_nd_gradient_values():
+    """reduction none: the overwritten places get no gradient from data; the updates get g there."""
+    model = _model([helper.make_node("ScatterND", ["x", "i", "u"], ["y0"])], [("x", [3, 2]), ("u", [1, 2])],
+                   inits=[_const("i", np.array([[1]], np.int64))])
+    g = np.arange(1.0, 7.0).reshape(3, 2)
+    graph = build_gradient_model(model, ["y0"], ["x", "u"])
+    got = run_gradient(graph, {"x": np.zeros((3, 2)), "u": np.zeros((1, 2))}, {"y0": g})
+    np.testing.assert_array_equal(got["x"], [[1, 2], [0, 0], [5, 6]])
+    np.testing.assert_array_equal(got["u"], [[3, 4]])
+
+
+@pytest.mark.parametrize("op", ["ScatterElements", "ScatterND"])
+def test_scatter_with_multiplying_reduction_is_unimplemented(op):
+    model = _model([helper.make_node(op, ["x", "i", "u"], ["y0"], reduction="mul", name="scatter")],
+                   [("x", [3, 2]), ("u", [1, 2])], inits=[_const("i", np.array([[1]], np.int64))], opset=16)
+    with pytest.raises(Unimplemented, match=f"{op} node 'scatter'.*reduction 'mul'"):
+        build_gradient_model(model, ["y0"], ["x"])
+
+
+def test_slice_assignment_as_dynamo_writes_it_central_differences():
+    """x[:, 1] = tanh(x[:, 0]) as torch's dynamo exporter writes it (ScatterND of a Gather), float64."""
+    nodes = [helper.make_node("Gather", ["x", "zero"], ["col"], axis=1),
+             helper.make_node("Tanh", ["col"], ["t"]),
+             helper.make_node("Unsqueeze", ["t", "one"], ["t1"]),
+             helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+             helper.make_node("Transpose", ["t1"], ["tt"], perm=[1, 0]),
+             helper.make_node("ScatterND", ["xt", "row", "tt"], ["st"]),
+             helper.make_node("Transpose", ["st"], ["y0"], perm=[1, 0])]
+    model = _model(nodes, [("x", [4, 3])], inits=[_const("zero", np.array(0, np.int64)),
+                                                  _const("one", np.array([1], np.int64)),
+                                                  _const("row", np.array([[1]], np.int64))])
+    rng = np.random.default_rng(16)
+    x, g = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
     got = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": g})["x"]
     np.testing.assert_allclose(got, _central_differences(model, x, g, 1e-6), rtol=1e-6, atol=1e-8)

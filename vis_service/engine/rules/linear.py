@@ -1,6 +1,7 @@
-"""Gemm and MatMul (both operands may be on the data path, e.g. attention)."""
+"""Gemm, MatMul and Einsum (both operands may be on the data path, e.g. attention)."""
 from __future__ import annotations
 
+from ...errors import Unimplemented
 from ..context import RuleContext, attr
 from ..registry import rule
 
@@ -76,3 +77,81 @@ def _broadcast(a: list, b: list) -> list:
     a = [1] * (rank - len(a)) + a
     b = [1] * (rank - len(b)) + b
     return [y if x == 1 else x for x, y in zip(a, b)]
+
+
+# ---- Einsum ---------------------------------------------------------------------------------------
+ELLIPSIS = "..."
+
+
+def einsum_terms(equation: str) -> tuple[list[str], str]:
+    """Input subscripts and output subscripts of an Einsum equation, the implicit output written out
+    (numpy's convention, which ONNX follows: the ellipsis first, then the letters used once, sorted)."""
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        letters = "".join(t.replace(ELLIPSIS, "") for t in terms)
+        once = sorted(c for c in set(letters) if letters.count(c) == 1)
+        rhs = (ELLIPSIS if any(ELLIPSIS in t for t in terms) else "") + "".join(once)
+    return terms, rhs
+
+
+def _axes(term: str, rank: int) -> list[str]:
+    """One label per axis of a tensor with subscripts `term`: its letters, and "0", "1", ... for the
+    axes the ellipsis stands for, numbered from the right (numpy aligns broadcast ellipses right)."""
+    if ELLIPSIS not in term:
+        return list(term)
+    before, _, after = term.partition(ELLIPSIS)
+    count = rank - len(before) - len(after)
+    return list(before) + [str(count - 1 - i) for i in range(count)] + list(after)
+
+
+@rule("Einsum")
+def einsum_backward(ctx: RuleContext, node, grad_outputs):
+    """y = Einsum(x_1, ..., x_n): linear in each operand, so dx_k = Einsum(g, the other operands) with
+    x_k's subscripts as output. What the output cannot name is put right afterwards: axes that only
+    x_k has (summed in the forward: the gradient is constant along them, Unsqueeze + Expand), and
+    axes where x_k was broadcast (size 1 against a larger size, or an ellipsis shorter than the
+    others: ReduceSum). An operand with a repeated subscript (a diagonal) is unimplemented."""
+    terms, rhs = einsum_terms(attr(node, "equation"))
+    g = grad_outputs[0]
+    grads: list = [None] * len(node.input)
+    for k, x in enumerate(node.input):
+        if not ctx.needs_grad(node, k):
+            continue
+        letters = terms[k].replace(ELLIPSIS, "")
+        if len(set(letters)) != len(letters):
+            raise Unimplemented(f"Einsum node {node.name!r} ({attr(node, 'equation')!r}): gradient w.r.t. an operand "
+                                "with a repeated subscript (a diagonal) is not supported")
+        sources = [(rhs, g, ctx.rank(node.output[0]))] + [
+            (terms[j], node.input[j], ctx.rank(node.input[j])) for j in range(len(node.input)) if j != k]
+        named = {label for term, _, rank in sources for label in _axes(term, rank)}
+        x_axes = _axes(terms[k], ctx.rank(x))
+        source_ellipsis = max((len(_axes(t, r)) - len(t.replace(ELLIPSIS, "")) for t, _, r in sources
+                               if ELLIPSIS in t), default=None)
+        # the gradient Einsum's output: x's letters that the sources name, with an ellipsis wherever a
+        # source has one (onnxruntime refuses an ellipsis summed away); leading if x has none
+        kept = "".join(c for c in letters if c in named)
+        if source_ellipsis is None:
+            out = kept
+        elif ELLIPSIS in terms[k]:
+            out = "".join(c for c in terms[k].replace(ELLIPSIS, "|") if c in named or c == "|").replace("|", ELLIPSIS)
+        else:
+            out = ELLIPSIS + kept
+        dx = ctx.make_node("Einsum", [s for _, s, _ in sources],
+                           equation=",".join(t for t, _, _ in sources) + "->" + out)
+        out_axes = _axes(out, len(out.replace(ELLIPSIS, "")) + (source_ellipsis or 0))
+        # sum what x does not have (ellipsis axes beyond its own) and where x was broadcast (size 1)
+        x_shape = ctx.shape(x)
+        size_of = dict(zip(x_axes, x_shape))
+        summed = [i for i, label in enumerate(out_axes) if label not in size_of or size_of[label] == 1]
+        if summed:
+            dx = ctx.reduce("ReduceSum", dx, summed, keepdims=True)
+            extra = [i for i in summed if out_axes[i] not in size_of]
+            if extra:
+                dx = ctx.squeeze(dx, extra)
+        missing = [i for i, label in enumerate(x_axes) if label not in out_axes]
+        if missing:
+            dx = ctx.expand_like(ctx.unsqueeze(dx, missing), x)
+        grads[k] = dx
+    return grads

@@ -1,5 +1,5 @@
 """Layout ops: Reshape family, Transpose, Concat/Split, Slice, Pad, Tile, DepthToSpace/SpaceToDepth, and indexing:
-Gather, GatherElements, GatherND, TopK (values)."""
+Gather, GatherElements, GatherND, ScatterElements, ScatterND, TopK (values)."""
 from __future__ import annotations
 
 import numpy as np
@@ -335,6 +335,38 @@ def gather_nd_backward(ctx: RuleContext, node, grad_outputs):
             positions.append(ctx.make_node("Expand", [along, grid]))
         index = ctx.make_node("Concat", positions + [index], axis=-1)
     return [ctx.make_node("ScatterND", [ctx.zeros_like(x), index, g], reduction="add"), None]
+
+
+def _scatter_backward(ctx: RuleContext, node, grad_outputs, gather: str, **axis) -> list:
+    """y = Scatter*(data, indices, updates): y is data with the addressed elements (slices) replaced
+    by updates (reduction none) or updates added to them (add). d updates = g read back where they
+    were written (the Gather twin of the op); d data = g where data survives: with reduction none
+    the addressed places are zeroed (the same Scatter writing zeros), with add all of g. Duplicate
+    indices with reduction none leave it to the runtime which update lands (ONNX leaves it
+    undefined); each then gets the gradient of that place. Torch's dynamo exporter writes
+    slice assignment and index_put this way."""
+    data, indices, updates = node.input[0], node.input[1], node.input[2]
+    g = grad_outputs[0]
+    reduction = attr(node, "reduction", "none")
+    if reduction not in ("none", "add"):
+        raise Unimplemented(f"{node.op_type} node {node.name!r}: gradient with reduction {reduction!r} is not supported "
+                            "(none and add are)")
+    grads: list = [None, None, None]
+    if ctx.needs_grad(node, 0):
+        grads[0] = g if reduction == "add" else ctx.make_node(node.op_type, [g, indices, ctx.zeros_like(updates)], **axis)
+    if ctx.needs_grad(node, 2):
+        grads[2] = ctx.make_node(gather, [g, indices], **axis)
+    return grads
+
+
+@rule("ScatterElements")
+def scatter_elements_backward(ctx: RuleContext, node, grad_outputs):
+    return _scatter_backward(ctx, node, grad_outputs, "GatherElements", axis=attr(node, "axis", 0))
+
+
+@rule("ScatterND")
+def scatter_nd_backward(ctx: RuleContext, node, grad_outputs):
+    return _scatter_backward(ctx, node, grad_outputs, "GatherND")
 
 
 @rule("TopK", min_opset=11)
