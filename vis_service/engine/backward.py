@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper, version_converter
 from ..errors import InvalidArgument, NotFound, Unimplemented
 from ..graph.hints import EXECUTION_ORDER, FORWARD_FIRST, set_hint
 from ..graph.loading import opset_version, prepare_model, tensor_infos
-from ..graph.paths import float_path, node_reads
+from ..graph.paths import dependents, float_path, node_reads
 from . import rules as _rules  # noqa: F401  (registers the rules)
 from .branches import inline_known_branches
 from .context import RuleContext
@@ -27,6 +27,10 @@ from .registry import RULE_SETS, RULES
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 STANDARD_DOMAINS = ("", "ai.onnx")
 CONTROL_FLOW = ("If", "Loop", "Scan")
+# ops that only move the integers of a quantized tensor (QuantizeLinear ... DequantizeLinear in a QDQ
+# graph): their rules apply unchanged to the float gradient the quantized tensor gets (see
+# rules/quantization.py)
+QUANTIZED_LAYOUT = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # The helpers emit ConstantOfShape/Where/Shape-based forms that exist from opset 9 on.
 MIN_OPSET = 9
@@ -137,6 +141,15 @@ class _ForwardGraph:
                 if a.name == "value":
                     self.constants[node.output[0]] = numpy_helper.to_array(a.t)
         self.graph_inputs = [i.name for i in self.graph.input]
+        # integer tensors holding quantized reals on the data path: QuantizeLinear outputs and
+        # their reshapes, until a DequantizeLinear (the straight-through estimator differentiates them)
+        self.quantized: set[str] = set()
+        for node in self.graph.node:
+            if node.domain not in STANDARD_DOMAINS or not node.output:
+                continue
+            if node.op_type == "QuantizeLinear" or (node.op_type in QUANTIZED_LAYOUT and node.input
+                                                    and node.input[0] in self.quantized):
+                self.quantized.add(node.output[0])
         # tensors computed from weights alone (onnxruntime folds them into constants)
         self.static = set(self.constants)
         for node in self.graph.node:
@@ -164,16 +177,39 @@ class _ForwardGraph:
                 raise NotFound("node", name, sorted(node_names))
 
     def is_float(self, name: str) -> bool:
+        """Whether `name` can carry a gradient: a float tensor or a quantized one."""
         info = self.infos.get(name)
-        return info is not None and info.elem_type in FLOAT_TYPES
+        return (info is not None and info.elem_type in FLOAT_TYPES) or name in self.quantized
 
     def path(self, objectives: Sequence[str], wrt: Sequence[str]) -> _Path:
-        nodes, relevant, _ = float_path(self.graph, wrt, objectives, self.is_float)
+        nodes, relevant, active = float_path(self.graph, wrt, objectives, self.is_float)
         for name in wrt:
             if name not in relevant:
+                self._unimplemented_integer_route(objectives, active)
                 raise InvalidArgument("wrt", f"tensor {name!r} does not influence any of the objectives "
                                              f"{', '.join(map(repr, objectives))}")
+        for node in nodes:
+            if (node.op_type not in QUANTIZED_LAYOUT | {"DequantizeLinear"}
+                    and any(i in self.quantized and i in relevant for i in node.input)):
+                raise Unimplemented(f"{node.op_type} node {node.name!r} computes on quantized integers; gradients of "
+                                    "quantized graphs go through QuantizeLinear -> DequantizeLinear pairs (QDQ form) "
+                                    "and reshapes between them only")
         return _Path(nodes, relevant)
+
+    def _unimplemented_integer_route(self, objectives: Sequence[str], active: set[str]) -> None:
+        """Unimplemented where the objectives depend on the wrt tensors only through a node that reads
+        a quantized tensor and writes integers (QLinearConv and the other operator-form quantized
+        ops): the wrt tensor does influence them, the gradient there is what is missing."""
+        for node in self.graph.node:
+            if not any(i in self.quantized and i in active for i in node.input):
+                continue
+            if any(self.is_float(o) for o in node.output if o):
+                continue
+            if set(objectives) & dependents(self.graph, [o for o in node.output if o]):
+                op = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
+                raise Unimplemented(f"{op} node {node.name!r} computes on quantized integers (a quantized graph in "
+                                    "operator form); gradients of quantized graphs go through QuantizeLinear -> "
+                                    "DequantizeLinear pairs (QDQ form) only")
 
 
 def _batch_linear(forward: _ForwardGraph, node: onnx.NodeProto, relevant: set[str]) -> bool:
@@ -322,7 +358,7 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
     declared = {v.name for v in graph.value_info} | {v.name for v in graph.input} | set(forward.produced)
     for g, (primal, summed) in gradient_shapes.items():
         info = infos.get(primal)
-        if g not in declared and info is not None and info.shape is not None:
+        if g not in declared and info is not None and info.shape is not None and primal not in forward.quantized:
             graph.value_info.append(_value_info(g, info, summed=summed))
             declared.add(g)
     graph.input.extend(new_inputs)
