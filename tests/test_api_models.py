@@ -306,6 +306,33 @@ def test_a_failed_build_leaves_no_build_lock_behind():
     assert built == ["ok"] and not rt._building
 
 
+def test_a_session_whose_first_run_does_not_fit_its_input_is_not_kept():
+    """A session built for a request that onnxruntime then refuses (a free channel count fed a
+    number the weights do not take) leaves the cache: requests with ever new wrong sizes kept one
+    each. A session that has run once stays, whatever a later request brings."""
+    from vis_service.errors import InvalidArgument
+    from vis_service.runtime.sessions import Runtime
+
+    w = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "C", 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    rt = Runtime(provider="cpu")
+    built = []
+    build = _recording_builder(proto, built)
+    for channels in (2, 4):
+        with pytest.raises(InvalidArgument, match="channels"):
+            rt.session("m", ("channels", channels), build(channels)).run(None, {"x": np.ones((1, channels, 8, 8), np.float32)})
+        assert rt.sessions_cached == 0
+    good = rt.session("m", ("channels", 3), build(3))
+    assert good.run(None, {"x": np.ones((1, 3, 8, 8), np.float32)})[0].shape == (1, 2, 6, 6)
+    with pytest.raises(InvalidArgument):
+        good.run(None, {"x": np.ones((1, 5, 8, 8), np.float32)})
+    assert rt.sessions_cached == 1 and rt.session("m", ("channels", 3), build(3)) is good
+    assert built == [2, 4, 3]
+
+
 def test_session_cache_is_bounded_lru():
     from vis_service.runtime.sessions import Runtime
 

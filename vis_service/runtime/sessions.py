@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import re
@@ -119,6 +120,10 @@ class Session:
 
     gate: RunGate | None = None   # the runtime's bound on runs in flight
     weight_bytes: int = 0         # what its constants take in the session (graph.weights.session_bytes)
+    # called with the session when its first run is refused for its input (see _controlled); set by
+    # the Runtime that caches it (not a closure over the session: no cycle delays freeing it)
+    discard: Callable[["Session"], None] | None = None
+    has_run: bool = False
 
     def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._controlled(lambda options: self.ort_session.run(outputs, feeds, options))
@@ -136,12 +141,18 @@ class Session:
         gate.enter(control)
         terminated = False
         try:
-            return call(options)
+            result = call(options)
+            self.has_run = True
+            return result
         except Exception as exc:
             if control is not None and control.cancelled:   # onnxruntime's "terminate flag" error
                 terminated = True
                 raise Cancelled("cancelled by the client") from None
             mapped = run_error(exc)
+            if isinstance(mapped, InvalidArgument) and not self.has_run and self.discard is not None:
+                # a session built for this input's sizes that cannot run them (a free channel count
+                # fed a wrong one, which shape inference does not judge) would only take a cache slot
+                self.discard(self)
             if mapped is not None:
                 raise mapped from None
             raise
@@ -373,6 +384,7 @@ class Runtime:
             built = Session(full_key, light, sess, meta, time.perf_counter() - t0,
                             [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()], self.gate,
                             weight_bytes)
+            built.discard = functools.partial(self._discard, full_key)
             with self._lock:
                 self.sessions_built += 1
                 if model_id in self._retired:
@@ -392,6 +404,13 @@ class Runtime:
                 release_freed_memory()
             log.debug("built session %s in %.3fs", full_key, built.build_seconds)
             return built
+
+    def _discard(self, full_key: tuple, session: Session) -> None:
+        """Drop `session` from the cache if it is still the one cached under `full_key`."""
+        with self._lock:
+            if self._cache.get(full_key) is session:
+                del self._cache[full_key]
+                self._cached_bytes -= session.weight_bytes
 
     def revive_model(self, model_id: str) -> None:
         """`model_id` is (being) loaded: its sessions are cached again (see evict_model)."""
