@@ -27,7 +27,7 @@ from vis_service.graph.loading import prepare_model, tensor_infos
 from vis_service.graph.paths import dependents, float_path
 
 NEW_OPS = ["Sign", "Floor", "Ceil", "Round", "Sin", "Cos", "Atan", "CumSum", "GatherElements", "GatherND", "TopK",
-           "Einsum", "ScatterElements", "ScatterND"]
+           "Einsum", "ScatterElements", "ScatterND", "LpPool", "GlobalLpPool"]
 DOUBLE, FLOAT, INT64, BOOL = (onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT, onnx.TensorProto.INT64,
                               onnx.TensorProto.BOOL)
 
@@ -604,3 +604,31 @@ def test_slice_assignment_as_dynamo_writes_it_central_differences():
     x, g = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
     got = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": g})["x"]
     np.testing.assert_allclose(got, _central_differences(model, x, g, 1e-6), rtol=1e-6, atol=1e-8)
+
+
+# ---- LpPool / GlobalLpPool ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("attrs", [dict(kernel_shape=[2, 2], strides=[2, 2]),
+                                   dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                                   dict(kernel_shape=[3, 2], strides=[1, 2], pads=[0, 1, 1, 0])],
+                         ids=["tiling", "overlapping-padded", "asymmetric"])
+def test_lp_pool(p, attrs):
+    # p = 1 is piecewise linear (|x|): values kept away from the kink at 0
+    kind = dict(kind=LINEAR, values="separated") if p == 1 else {}
+    check("LpPool", {"x": (2, 3, 6, 7)}, p=p, opset=11, **kind, **attrs)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_global_lp_pool(p):
+    kind = dict(kind=LINEAR, values="separated") if p == 1 else {}
+    check("GlobalLpPool", {"x": (2, 3, 4, 5)}, p=p, **kind)
+
+
+def test_lp_pool_of_a_zero_window_passes_zero_not_nan():
+    model = _model([helper.make_node("LpPool", ["x"], ["y0"], kernel_shape=[2, 2], strides=[2, 2], p=2)],
+                   [("x", [1, 1, 4, 4])], opset=11, elem=FLOAT)
+    x = np.ones((1, 1, 4, 4), np.float32)
+    x[:, :, :2, :2] = 0.0
+    got = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": np.ones((1, 1, 2, 2), np.float32)})["x"]
+    assert np.all(np.isfinite(got)) and np.all(got[:, :, :2, :2] == 0)
+    np.testing.assert_allclose(got[:, :, 2:, 2:], 0.5)     # d sqrt(sum of four ones) / dx = 1 / 2

@@ -1,4 +1,4 @@
-"""MaxPool through its switches, AveragePool through its adjoint, global pools."""
+"""MaxPool through its switches, AveragePool through its adjoint, Lp pools, global pools."""
 from __future__ import annotations
 
 import numpy as np
@@ -198,3 +198,52 @@ def global_max_pool_backward(ctx: RuleContext, node, grad_outputs):
     hit = ctx.not_mask("Less", x, y, x)
     share = ctx.make_node("Div", [grad_outputs[0], ctx.reduce("ReduceSum", hit, list(range(2, ctx.rank(x))), keepdims=True)])
     return [ctx.make_node("Mul", [share, hit])]
+
+
+# ---- LpPool / GlobalLpPool: y = (sum over the window of |x|^p)^(1/p) ---------------------------------
+def _lp_inputs(ctx: RuleContext, node) -> tuple[str, str, float]:
+    p = attr(node, "p", 2)
+    if not isinstance(p, (int, float)) or p < 1:
+        raise Unimplemented(f"{node.op_type} node {node.name!r}: gradient for p = {p} is not supported (p >= 1 is)")
+    return node.input[0], node.output[0], float(p)
+
+
+def _lp_outer(ctx: RuleContext, g: str, y: str, p: float) -> str:
+    """g * dy/d(sum) up to the factor p: g * y^(1 - p), zero where y is 0 (a window of zeros: the
+    subgradient 0, as torch gives for p > 1)."""
+    if p == 1.0:
+        return g
+    power = (ctx.make_node("Reciprocal", [y]) if p == 2.0
+             else ctx.make_node("Pow", [y, ctx.scalar(1.0 - p, y)]))
+    zero = ctx.scalar(0.0, y)
+    return ctx.make_node("Mul", [g, ctx.make_node("Where", [ctx.make_node("Greater", [y, zero]), power, zero])])
+
+
+def _lp_inner(ctx: RuleContext, x: str, p: float) -> str:
+    """d(|x|^p)/dx / p = |x|^(p - 1) sign(x)."""
+    if p == 2.0:
+        return x
+    sign = ctx.make_node("Sign", [x])
+    if p == 1.0:
+        return sign
+    return ctx.make_node("Mul", [ctx.make_node("Pow", [ctx.make_node("Abs", [x]), ctx.scalar(p - 1.0, x)]), sign])
+
+
+@rule("LpPool")
+def lp_pool_backward(ctx: RuleContext, node, grad_outputs):
+    """dx = SumPoolAdjoint(g * y^(1-p)) * |x|^(p-1) sign(x): the windows' sums of |x|^p spread back
+    as AveragePool's are (a depthwise ConvTranspose of ones), pads counting as zeros."""
+    x, y, p = _lp_inputs(ctx, node)
+    check_pool_geometry(ctx, node)
+    window = window_of(ctx, node, x, y, attr(node, "kernel_shape"))
+    channels = ctx.static_dims(x, [1], "LpPool backward")[0]
+    kernel = np.ones([channels, 1] + window.kernel, dtype=ctx.dtype(x))
+    spread = conv_input_adjoint(ctx, _lp_outer(ctx, grad_outputs[0], y, p), kernel, window, channels, kernel.shape)
+    return [ctx.make_node("Mul", [spread, _lp_inner(ctx, x, p)])]
+
+
+@rule("GlobalLpPool")
+def global_lp_pool_backward(ctx: RuleContext, node, grad_outputs):
+    """dx = g * y^(1-p) * |x|^(p-1) sign(x), the [N, C, 1, ...] factor broadcast over the map."""
+    x, y, p = _lp_inputs(ctx, node)
+    return [ctx.make_node("Mul", [_lp_outer(ctx, grad_outputs[0], y, p), _lp_inner(ctx, x, p)])]
