@@ -27,7 +27,7 @@ from vis_service.graph.loading import prepare_model, tensor_infos
 from vis_service.graph.paths import dependents, float_path
 
 NEW_OPS = ["Sign", "Floor", "Ceil", "Round", "Sin", "Cos", "Atan", "CumSum", "GatherElements", "GatherND", "TopK",
-           "Einsum", "ScatterElements", "ScatterND", "LpPool", "GlobalLpPool"]
+           "Einsum", "ScatterElements", "ScatterND", "LpPool", "GlobalLpPool", "Col2Im"]
 DOUBLE, FLOAT, INT64, BOOL = (onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT, onnx.TensorProto.INT64,
                               onnx.TensorProto.BOOL)
 
@@ -632,3 +632,21 @@ def test_lp_pool_of_a_zero_window_passes_zero_not_nan():
     got = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": np.ones((1, 1, 2, 2), np.float32)})["x"]
     assert np.all(np.isfinite(got)) and np.all(got[:, :, :2, :2] == 0)
     np.testing.assert_allclose(got[:, :, 2:, 2:], 0.5)     # d sqrt(sum of four ones) / dx = 1 / 2
+
+
+# ---- Col2Im (F.fold) ----------------------------------------------------------------------------------------------
+def _blocks(size, kernel, stride, pad_begin, pad_end, dilation):
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@pytest.mark.parametrize("attrs", [dict(), dict(strides=[2, 2]), dict(strides=[1, 2], pads=[1, 0, 1, 1]),
+                                   dict(dilations=[2, 1], pads=[1, 1, 1, 1])],
+                         ids=["plain", "strided", "padded", "dilated"])
+def test_col2im(attrs):
+    image, block, channels = [5, 6], [2, 3], 2
+    strides, dilations = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
+    pads = attrs.get("pads", [0, 0, 0, 0])
+    count = int(np.prod([_blocks(image[i], block[i], strides[i], pads[i], pads[i + 2], dilations[i]) for i in range(2)]))
+    check("Col2Im", {"x": (2, channels * 6, count)},
+          {"image_shape": np.array(image, np.int64), "block_shape": np.array(block, np.int64)},
+          kind=LINEAR, opset=18, **attrs)

@@ -394,3 +394,29 @@ def _conv_transpose_begin(node, in_sizes, out_sizes, kernel, strides, dilations)
         total = max(0, s * (i - 1) + op + (k - 1) * d + 1 - o)
         begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
     return begin
+
+
+@rule("Col2Im")
+def col2im_backward(ctx: RuleContext, node, grad_outputs):
+    """y = Col2Im(x, image_shape, block_shape): the blocks (columns of x, channel-major: c, then the
+    block's offsets) summed into the image at their sliding-window places (torch's F.fold). Its
+    adjoint cuts g into the same blocks (F.unfold): a depthwise Conv whose C * prod(block) output
+    channels each pick one offset of their channel (one-hot kernels), with Col2Im's strides, pads and
+    dilations, reshaped to x's [N, C * prod(block), L]."""
+    x = node.input[0]
+    block = ctx.constant_value(node.input[2])
+    if block is None:
+        raise Unimplemented(f"Col2Im node {node.name!r}: a block shape computed at run time is not supported")
+    block = [int(b) for b in block.reshape(-1)]
+    taps = int(np.prod(block))
+    rows = ctx.static_dims(x, [1], "Col2Im backward")[0]
+    channels = rows // taps
+    picks = np.zeros([rows, 1] + block, dtype=ctx.dtype(x))
+    for row in range(rows):
+        picks[(row, 0) + np.unravel_index(row % taps, block)] = 1
+    n = len(block)
+    blocks = ctx.make_node("Conv", [grad_outputs[0], ctx.const(picks, "unfold")], group=channels,
+                           strides=attr(node, "strides", None) or [1] * n,
+                           dilations=attr(node, "dilations", None) or [1] * n,
+                           pads=attr(node, "pads", None) or [0] * (2 * n))
+    return [ctx.reshape_like(blocks, x), None, None]
