@@ -7,10 +7,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from _engine_helpers import run_gradient
+from _engine_helpers import run_gradient, session
 from vis_service.default_models import DEFAULT_MODEL_DIR
 from vis_service.engine import build_gradient_model
 from vis_service.errors import Unimplemented
+from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import prepare_model
 
 FLOAT, UINT8, INT8 = onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8, onnx.TensorProto.INT8
@@ -149,10 +150,74 @@ def test_qdq_model_through_the_service(client):
     assert client.activations(operator_form, x[:1], ["y"])["y"].shape == (1, 1, 3, 3)
 
 
-def test_statically_quantized_default_model_follows_the_float_gradient(tmp_path, digit_images):
-    """onnxruntime's own static quantizer (QDQ, calibrated on the sample digits): the estimator's input
-    gradient of the predicted class points where the float model's does (cosine > 0.8 on each image;
-    measured 0.89-0.97; without the saturation mask, i.e. without the folded ReLUs, it fails)."""
+def _folded_relu_model(explicit_relu: bool) -> onnx.ModelProto:
+    """images -> Q/DQ (zero point 128: the data) -> Conv -> [Relu] -> Q/DQ (zero point 0: a folded
+    ReLU without the Relu) -> Conv -> y."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="quantize_images"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("Conv", ["xd", "w1"], ["a"], pads=[1, 1, 1, 1], name="conv1")]
+    if explicit_relu:
+        nodes.append(helper.make_node("Relu", ["a"], ["r"], name="relu"))
+    nodes += [helper.make_node("QuantizeLinear", ["r" if explicit_relu else "a", "as", "az"], ["aq"], name="quantize_relu"),
+              helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["ad"]),
+              helper.make_node("Conv", ["ad", "w2"], ["y"], name="conv2")]
+    inits = [_const("xs", np.float32(0.05)), _const("xz", np.uint8(128)), _const("as", np.float32(0.02)),
+             _const("az", np.uint8(0)), _const("w1", rng.standard_normal((4, 2, 3, 3)).astype(np.float32)),
+             _const("w2", rng.standard_normal((3, 4, 1, 1)).astype(np.float32))]
+    graph = helper.make_graph(nodes, "folded", [helper.make_tensor_value_info("x", FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+    return prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8),
+                         symbolic_batch=False)
+
+
+@pytest.mark.parametrize("rule_set", ["guided", "deconvnet"])
+def test_guided_and_deconvnet_rectify_at_a_relu_the_quantizer_folded(rule_set):
+    """onnxruntime's quantizer drops every ReLU into the next QuantizeLinear (zero point at qmin):
+    guided backprop and deconvnet rectify there as at the ReLU the float model had (equal to the same
+    graph with the Relu kept), not the plain gradient; the images' own QuantizeLinear rectifies nothing."""
+    folded, kept = _folded_relu_model(False), _folded_relu_model(True)
+    # images whose pre-activations avoid (-s/2, 0]: there round(a/s) = 0 is representable, so the
+    # estimator passes what the ReLU's mask stops (the one place the folded form differs)
+    forward = session(expose_tensors(folded, ["a"]))
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(-2, 2, (1, 2, 5, 5)).astype(np.float32)
+        a = forward.run(["a"], {"x": x})[0]
+        if not np.any((a > -0.01) & (a <= 0)):
+            break
+    g = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
+
+    def run(model, rules):
+        graph = build_gradient_model(model, ["y"], ["x"], rule_set=rules)
+        return run_gradient(graph, {"x": x}, {"y": g})["x"]
+
+    got = run(folded, rule_set)
+    np.testing.assert_allclose(got, run(kept, rule_set), rtol=1e-6, atol=1e-7)
+    assert np.abs(got - run(folded, "gradient")).max() > 0.1 * np.abs(got).max()
+    assert got.min() < 0 < got.max()        # not rectified at the images
+
+
+def test_contrib_domain_pairs_take_the_standard_rules(client):
+    """com.microsoft QuantizeLinear / DequantizeLinear (quantize_static with UseQDQContribOps) gave
+    'input does not influence the objectives': the same gradient as the standard pairs now."""
+    standard = _qdq_conv_model()
+    contrib = onnx.ModelProto()
+    contrib.CopyFrom(standard)
+    for node in contrib.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node.domain = "com.microsoft"
+    contrib.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    x = (np.random.default_rng(7).standard_normal((1, 2, 3, 3)) * 10).astype(np.float32)
+    cot = np.random.default_rng(8).standard_normal((1, 3, 3, 3)).astype(np.float32)
+    got = [client.gradient(client.load_model(m.SerializeToString()), x, "y", cotangent=cot).gradient
+           for m in (contrib, standard)]
+    np.testing.assert_array_equal(got[0], got[1])
+    assert np.count_nonzero(got[0]) > 0
+
+
+def _quantized_default_model(tmp_path, digit_images) -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
+    """(float model, onnxruntime's static QDQ quantization of it calibrated on the sample digits, images)."""
     from PIL import Image
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -172,7 +237,30 @@ def test_statically_quantized_default_model_follows_the_float_gradient(tmp_path,
     quantized_path = tmp_path / "digits_qdq.onnx"
     quantize_static(str(source), str(quantized_path), Samples(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    quantized = prepare_model(onnx.load(str(quantized_path)))
+    return float_model, onnx.load(str(quantized_path)), images
+
+
+def test_quantized_default_model_through_the_service(client, tmp_path, digit_images):
+    """CAM looks through the Q/DQ pair between the pooling and the linear head (it refused: 'not one
+    linear layer'), and equals Grad-CAM's map as on the float model; guided backprop differs from the
+    plain gradient (the quantizer folded every ReLU)."""
+    _, quantized, images = _quantized_default_model(tmp_path, digit_images)
+    model = client.load_model(quantized.SerializeToString())
+    cam = client.grad_cam(model, images[:2], 3, method="cam")
+    grad_cam = client.grad_cam(model, images[:2], 3, method="gradcam")
+    assert cam.heatmap.shape == grad_cam.heatmap.shape and np.abs(cam.heatmap).max() > 0
+    guided = client.guided_backprop(model, images[:2], 3).attribution
+    plain = client.gradient(model, images[:2], 3).gradient
+    assert np.abs(guided - plain).max() > 0.1 * np.abs(plain).max()
+
+
+def test_statically_quantized_default_model_follows_the_float_gradient(tmp_path, digit_images):
+    """onnxruntime's own static quantizer (QDQ, calibrated on the sample digits): the estimator's input
+    gradient of the predicted class points where the float model's does (cosine > 0.8 on each image;
+    measured 0.89-0.97; without the saturation mask, i.e. without the folded ReLUs, it fails)."""
+    float_model, quantized, images = _quantized_default_model(tmp_path, digit_images)
+    quantized = prepare_model(quantized)
+    image = float_model.graph.input[0].name
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in quantized.graph.node}
     logits = float_model.graph.output[0].name
     cotangent = np.zeros((len(images), 10), np.float32)

@@ -31,6 +31,9 @@ CONTROL_FLOW = ("If", "Loop", "Scan")
 # graph): their rules apply unchanged to the float gradient the quantized tensor gets (see
 # rules/quantization.py)
 QUANTIZED_LAYOUT = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
+# onnxruntime's contrib QuantizeLinear / DequantizeLinear (quantize_static with UseQDQContribOps, for
+# 16-bit and 4-bit types before opset 21) mean what the standard ones do and take their rules
+QUANTIZATION_DOMAINS = STANDARD_DOMAINS + ("com.microsoft",)
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # The helpers emit ConstantOfShape/Where/Shape-based forms that exist from opset 9 on.
 MIN_OPSET = 9
@@ -98,7 +101,9 @@ def build_gradient_model(model: onnx.ModelProto, objectives: Sequence[str], wrt:
 
 
 def _lookup_rule(node: onnx.NodeProto, rule_set: str):
-    found = RULES.lookup(node.op_type, rule_set) if node.domain in STANDARD_DOMAINS else None
+    standard = node.domain in STANDARD_DOMAINS or (
+        node.domain in QUANTIZATION_DOMAINS and node.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    found = RULES.lookup(node.op_type, rule_set) if standard else None
     if found is None:
         op = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
         why = ""
@@ -145,11 +150,17 @@ class _ForwardGraph:
         # their reshapes, until a DequantizeLinear (the straight-through estimator differentiates them)
         self.quantized: set[str] = set()
         for node in self.graph.node:
-            if node.domain not in STANDARD_DOMAINS or not node.output:
+            if not node.output:
                 continue
-            if node.op_type == "QuantizeLinear" or (node.op_type in QUANTIZED_LAYOUT and node.input
-                                                    and node.input[0] in self.quantized):
+            if (node.op_type == "QuantizeLinear" and node.domain in QUANTIZATION_DOMAINS) or (
+                    node.op_type in QUANTIZED_LAYOUT and node.domain in STANDARD_DOMAINS and node.input
+                    and node.input[0] in self.quantized):
                 self.quantized.add(node.output[0])
+        # the images and their reshapes: a QuantizeLinear of them is not a folded ReLU (rules/quantization.py)
+        self.data = {i.name for i in self.graph.input} - set(self.constants)
+        for node in self.graph.node:
+            if node.op_type in QUANTIZED_LAYOUT | {"Cast"} and node.input and node.input[0] in self.data:
+                self.data.update(o for o in node.output if o)
         # tensors computed from weights alone (onnxruntime folds them into constants)
         self.static = set(self.constants)
         for node in self.graph.node:
@@ -261,7 +272,7 @@ def _differentiate(forward: _ForwardGraph, path: _Path, rule_for, objectives, wr
         return producer[name]
 
     ctx = RuleContext(infos=infos, opset=forward.opset, constants=forward.constants, static=forward.static,
-                      taken_names=taken, needs_grad=needs_grad,
+                      taken_names=taken, needs_grad=needs_grad, data=forward.data,
                       forward_producers={o: n for n in graph.node for o in n.output if o in forward.static},
                       sole_route=sole_route,
                       rule_of=lambda node: rule_for[id(node)].fn if id(node) in rule_for else None)

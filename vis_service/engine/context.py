@@ -71,8 +71,10 @@ class RuleContext:
                  needs_grad: Callable[[onnx.NodeProto, int], bool],
                  forward_producers: dict[str, onnx.NodeProto] | None = None,
                  sole_route: Callable[[str, onnx.NodeProto], onnx.NodeProto | None] = lambda name, node: None,
-                 rule_of: Callable[[onnx.NodeProto], Callable | None] = lambda node: None):
+                 rule_of: Callable[[onnx.NodeProto], Callable | None] = lambda node: None,
+                 data: set[str] | frozenset[str] = frozenset()):
         self.opset = opset
+        self._data = data   # the graph's inputs and their reshapes (see is_data)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._infos = infos
@@ -202,6 +204,10 @@ class RuleContext:
             return _FOLDABLE_OPS[node.op_type](node, args)
         except (TypeError, ValueError):  # missing operand, unexpected attribute or shape
             return None
+
+    def is_data(self, name: str) -> bool:
+        """Whether `name` is a graph input (the images) or a reshape of one, not a computed activation."""
+        return name in self._data
 
     def is_static(self, name: str) -> bool:
         """True if the forward tensor depends on no graph input (weights and what is computed from them)."""

@@ -73,7 +73,9 @@ from .targets import channels_last, output_is_probability, require_activation, r
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-_PASS_THROUGH = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
+# (a QuantizeLinear -> DequantizeLinear pair of a QDQ model rounds the pooled value to its grid: the
+# head stays the linear layer it emulates)
+_PASS_THROUGH = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "QuantizeLinear", "DequantizeLinear"}
 _REDUCE_OPS = {"ReduceMean", "ReduceMax", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
                "ReduceMin", "ReduceProd", "ReduceSumSquare"}
 

@@ -182,7 +182,7 @@ class Session:
 _ALLOCATION = ("failed to allocate memory", "bad_alloc", "out of memory", "alloc_failed")
 _SHAPE = ("invalid input shape", "cannot be reshaped", "attempting to broadcast", "incompatible dimensions",
           "dimension mismatch", "invalid dimensions", "shape mismatch", "kernel channels", "must match",
-          "is not equal to", "invalid rank")
+          "is not equal to", "invalid rank", "must have the same shape")
 _WINDOWED = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv", "MaxPool", "AveragePool",
              "LpPool", "NchwcConv", "NchwcMaxPool", "NchwcAveragePool"}
 _STATUS_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
