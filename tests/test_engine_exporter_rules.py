@@ -151,6 +151,22 @@ def test_if_with_a_condition_known_at_build_time_takes_its_branch(value, how):
     assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1e-6).relative_error < 1e-6
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_if_on_the_rank_of_a_batch_tensor_takes_its_branch(rank):
+    """The TorchScript exporter writes If(Size(Shape(index)) == 0) around scatter_add / scatter_reduce:
+    Size(Shape(x)) is x's rank, known while the batch size is not (it was UNIMPLEMENTED control flow
+    on the gradient path for every model exported with a dynamic batch)."""
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"]), helper.make_node("Size", ["x_shape"], ["x_rank"]),
+             helper.make_node("Equal", ["x_rank", "rank"], ["cond"])]
+    model = _if_model(nodes, [_const("rank", np.array(rank, np.int64))], x_shape=("N", 3))
+    graph = build_gradient_model(model, ["y0"], ["x"])
+    assert not any(n.op_type == "If" for n in graph.model.graph.node)
+    rng = np.random.default_rng(4)
+    x, g = rng.standard_normal((3, 3)), rng.standard_normal((3, 3))
+    got = run_gradient(graph, {"x": x}, {"y0": g})["x"]
+    np.testing.assert_allclose(got, _expected_if_gradient(x, g, rank == 2), rtol=1e-12)
+
+
 def test_taken_branch_brings_its_own_initializers():
     then = helper.make_graph([helper.make_node("Mul", ["r", "K"], ["t"])], "then", [],
                              [helper.make_tensor_value_info("t", DOUBLE, None)], [_const("K", np.array([1.0, -2.0, 3.0]))])
@@ -650,3 +666,28 @@ def test_col2im(attrs):
     check("Col2Im", {"x": (2, channels * 6, count)},
           {"image_shape": np.array(image, np.int64), "block_shape": np.array(block, np.int64)},
           kind=LINEAR, opset=18, **attrs)
+
+
+@pytest.mark.parametrize("op", ["Einsum", "MatMul"])
+def test_batched_product_whose_symbolic_batch_is_1_at_run_time(op):
+    """x0 [N, 3, 4] times x1 [M, 4, 5] with N = 1 and M = 3 when run: x0's gradient is summed over the
+    batch it was broadcast to (it had x1's batch: a wrong shape, the symbols hid the broadcast)."""
+    node = (helper.make_node("Einsum", ["x0", "x1"], ["y0"], equation="bij,bjk->bik") if op == "Einsum"
+            else helper.make_node("MatMul", ["x0", "x1"], ["y0"]))
+    model = _model([node], [("x0", ["N", 3, 4]), ("x1", ["M", 4, 5])])
+    rng = np.random.default_rng(18)
+    x0, x1, g = rng.standard_normal((1, 3, 4)), rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 3, 5))
+    got = run_gradient(build_gradient_model(model, ["y0"], ["x0", "x1"]), {"x0": x0, "x1": x1}, {"y0": g})
+    np.testing.assert_allclose(got["x0"], (g @ x1.transpose(0, 2, 1)).sum(axis=0, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(got["x1"], x0.transpose(0, 2, 1) @ g, rtol=1e-12)
+
+
+def test_a_route_through_a_tensor_without_type_is_unimplemented_not_invalid():
+    """ONNX inference cannot size an Einsum whose ellipses broadcast at different ranks: its output has
+    no type; the input does influence the objective, so not 'does not influence' (INVALID_ARGUMENT)."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Einsum", ["r", "w"], ["e"], equation="...ij,...jk->...ik", name="unsized"),
+             helper.make_node("Exp", ["e"], ["y0"])]
+    model = _model(nodes, [("x", [2, 3, 2, 3])], inits=[_const("w", np.ones((3, 3, 4)))])
+    with pytest.raises(Unimplemented, match="Einsum node 'unsized': shape inference gives its output 'e' no type"):
+        build_gradient_model(model, ["y0"], ["x"])

@@ -197,6 +197,7 @@ class _ForwardGraph:
         for name in wrt:
             if name not in relevant:
                 self._unimplemented_integer_route(objectives, active)
+                self._unimplemented_untyped_route(objectives, active)
                 raise InvalidArgument("wrt", f"tensor {name!r} does not influence any of the objectives "
                                              f"{', '.join(map(repr, objectives))}")
         for node in nodes:
@@ -221,6 +222,18 @@ class _ForwardGraph:
                 raise Unimplemented(f"{op} node {node.name!r} computes on quantized integers (a quantized graph in "
                                     "operator form); gradients of quantized graphs go through QuantizeLinear -> "
                                     "DequantizeLinear pairs (QDQ form) only")
+
+    def _unimplemented_untyped_route(self, objectives: Sequence[str], active: set[str]) -> None:
+        """Unimplemented where the route from the wrt tensors to the objectives passes a tensor that
+        shape inference left without a type (an Einsum it cannot size): not 'does not influence'."""
+        for node in self.graph.node:
+            if not any(i in active for i in node_reads(node)):
+                continue
+            untyped = [o for o in node.output if o and o not in self.infos]
+            if untyped and set(objectives) & dependents(self.graph, untyped):
+                op = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
+                raise Unimplemented(f"{op} node {node.name!r}: shape inference gives its output {untyped[0]!r} no "
+                                    "type, so no gradient can be built through it")
 
 
 def _batch_linear(forward: _ForwardGraph, node: onnx.NodeProto, relevant: set[str]) -> bool:

@@ -113,7 +113,8 @@ class _BuildTimeValues:
         self._ops: dict[str, Callable] = {"Shape": self._shape, "Gather": self._gather, "Slice": self._slice,
                                           "Squeeze": self._reshaped, "Unsqueeze": self._reshaped,
                                           "Reshape": self._reshaped, "Identity": self._identity,
-                                          "Concat": self._concat, "Cast": self._cast, "Not": self._not}
+                                          "Concat": self._concat, "Cast": self._cast, "Not": self._not,
+                                          "Size": self._size}
 
     def __call__(self, name: str) -> np.ndarray | None:
         if name not in self._known:
@@ -148,6 +149,18 @@ class _BuildTimeValues:
         dims = np.array([d if isinstance(d, int) else None for d in info.shape], dtype=object)
         start, end = _attr(node, "start", 0), _attr(node, "end", None)
         return dims[start:end]
+
+    def _size(self, node) -> np.ndarray | None:
+        """The element count: of a known value (Size(Shape(x)) is x's rank, whatever its sizes; the
+        TorchScript exporter writes `If(Size(Shape(index)) == 0)` around every scatter_add), else of
+        a fully static shape."""
+        value = self(node.input[0])
+        if value is not None:
+            return np.asarray(value.size, np.int64)
+        info = self._infos.get(node.input[0])
+        if info is None or info.shape is None or not all(isinstance(d, int) for d in info.shape):
+            return None
+        return np.asarray(int(np.prod(info.shape, dtype=np.int64)), np.int64)
 
     def _gather(self, node) -> np.ndarray | None:
         data, indices = self(node.input[0]), self._fixed(node.input[1])

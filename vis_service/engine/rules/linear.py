@@ -73,10 +73,13 @@ def matmul_backward(ctx: RuleContext, node, grad_outputs):
 
 
 def _broadcast(a: list, b: list) -> list:
+    """numpy's broadcast of two shapes; None where it is not known statically (two different
+    symbols: either may be 1 at run time, and sum_to then reduces by run-time shapes)."""
     rank = max(len(a), len(b))
     a = [1] * (rank - len(a)) + a
     b = [1] * (rank - len(b)) + b
-    return [y if x == 1 else x for x, y in zip(a, b)]
+    return [x if x == y else y if x == 1 else x if y == 1 else None if not (isinstance(x, int) and isinstance(y, int))
+            else max(x, y) for x, y in zip(a, b)]
 
 
 # ---- Einsum ---------------------------------------------------------------------------------------
@@ -104,6 +107,17 @@ def _axes(term: str, rank: int) -> list[str]:
     before, _, after = term.partition(ELLIPSIS)
     count = rank - len(before) - len(after)
     return list(before) + [str(count - 1 - i) for i in range(count)] + list(after)
+
+
+def _maybe_broadcast(ctx: RuleContext, x_axes: list[str], x_shape, operands) -> bool:
+    """Whether an axis of x whose size is not a number may meet another size in the other operands or
+    the output ((subscripts, forward tensor, rank) each): a symbol of its own, e.g. a free batch of 1
+    against the images' batch."""
+    seen: dict[str, set] = {}
+    for term, tensor, rank in operands:
+        for label, dim in zip(_axes(term, rank), ctx.shape(tensor)):
+            seen.setdefault(label, set()).add(dim)
+    return any(not isinstance(dim, int) and seen.get(label, {dim}) != {dim} for label, dim in zip(x_axes, x_shape))
 
 
 @rule("Einsum")
@@ -153,5 +167,8 @@ def einsum_backward(ctx: RuleContext, node, grad_outputs):
         missing = [i for i, label in enumerate(x_axes) if label not in out_axes]
         if missing:
             dx = ctx.expand_like(ctx.unsqueeze(dx, missing), x)
+        if _maybe_broadcast(ctx, x_axes, x_shape, [(rhs, node.output[0], sources[0][2])] + sources[1:]):
+            # a size of x not known statically may be 1 against a larger one: reduce by run-time shapes
+            dx = ctx.sum_to(dx, x, [None] * len(x_axes))
         grads[k] = dx
     return grads
