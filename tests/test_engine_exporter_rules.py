@@ -691,3 +691,28 @@ def test_a_route_through_a_tensor_without_type_is_unimplemented_not_invalid():
     model = _model(nodes, [("x", [2, 3, 2, 3])], inits=[_const("w", np.ones((3, 3, 4)))])
     with pytest.raises(Unimplemented, match="Einsum node 'unsized': shape inference gives its output 'e' no type"):
         build_gradient_model(model, ["y0"], ["x"])
+
+
+@pytest.mark.parametrize("starts,ends", [([1, 0], [5, 3]), ([-3, 1], [100, -1]), ([-100, -2], [-2, 2 ** 62]),
+                                          ([4, 0], [2, 3]), ([0, 2], [2 ** 63 - 1, 3])],
+                         ids=["inside", "negative", "clamped", "empty", "to-the-end"])
+def test_slice_with_bounds_computed_at_run_time(starts, ends):
+    """torch's masked_scatter and boolean-mask assignment (TorchScript exporter) slice with ends computed
+    in the graph: the gradient pads back by amounts computed there too (was UNIMPLEMENTED)."""
+    node = helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"])
+    graph = helper.make_graph([node, helper.make_node("Sin", ["s"], ["y0"])], "runtime_slice",
+                              [helper.make_tensor_value_info("x", DOUBLE, ["N", 6, 4]),
+                               helper.make_tensor_value_info("starts", INT64, [2]),
+                               helper.make_tensor_value_info("ends", INT64, [2])],
+                              [helper.make_tensor_value_info("y0", DOUBLE, None)],
+                              [_const("axes", np.array([1, -1], np.int64))])
+    model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8))
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal((2, 6, 4))
+    feeds = {"x": x, "starts": np.array(starts, np.int64), "ends": np.array(ends, np.int64)}
+    rows, cols = slice(*np.clip([starts[0], ends[0]], -2 ** 62, 2 ** 62)), slice(*np.clip([starts[1], ends[1]], -2 ** 62, 2 ** 62))
+    g = rng.standard_normal(x[:, rows, cols].shape)
+    got = run_gradient(build_gradient_model(model, ["y0"], ["x"]), feeds, {"y0": g})["x"]
+    expected = np.zeros_like(x)
+    expected[:, rows, cols] = g * np.cos(x[:, rows, cols])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)

@@ -3,6 +3,7 @@ Gather, GatherElements, GatherND, ScatterElements, ScatterND, TopK (values)."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from ...errors import Unimplemented
 from ...graph.constants import slice_range
@@ -60,10 +61,13 @@ def slice_backward(ctx: RuleContext, node, grad_outputs):
     if ctx.opset < 10:
         starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes", None), None
     else:
-        starts = _constant_ints(ctx, node, 1, "starts")
-        ends = _constant_ints(ctx, node, 2, "ends")
         axes = _constant_ints(ctx, node, 3, "axes")
         steps = _constant_ints(ctx, node, 4, "steps")
+        if (ctx.constant_value(node.input[1]) is None or ctx.constant_value(node.input[2]) is None) and (
+                ctx.opset >= 11 and not any(s != 1 for s in steps or [])):
+            return [_pad_back_at_run_time(ctx, node, g, axes, rank)] + [None] * (len(node.input) - 1)
+        starts = _constant_ints(ctx, node, 1, "starts")
+        ends = _constant_ints(ctx, node, 2, "ends")
     axes = [normalize_axis(a, rank) for a in (axes if axes is not None else range(len(starts)))]
     steps = steps or [1] * len(axes)
     # axes sliced whole whatever their size (x[0:INT_MAX], exporters write it on the batch axis)
@@ -87,6 +91,32 @@ def slice_backward(ctx: RuleContext, node, grad_outputs):
     if any(pads):
         g = ctx.pad(g, pads)
     return [g] + [None] * (len(node.input) - 1)
+
+
+def _pad_back_at_run_time(ctx: RuleContext, node, g: str, axes: list[int] | None, rank: int) -> str:
+    """Slice with unit steps whose starts or ends are computed at run time (torch's masked_scatter and
+    boolean-mask assignment under the TorchScript exporter): the same padding back into zeros, its
+    amounts computed in the graph. Per sliced axis of run-time size d: s and e counted from the end
+    when negative and clamped to [0, d], pads s before and d - s - max(e - s, 0) after."""
+    starts, ends = node.input[1], node.input[2]
+    count = ctx.static_dims(starts, [0], "Slice backward")[0]
+    axes = [normalize_axis(a, rank) for a in (axes if axes is not None else range(count))]
+    dims = ctx.make_node("Gather", [ctx.shape_of(node.input[0]), ctx.ints(axes)])
+    zero = ctx.const(np.array(0, np.int64), "zero")
+
+    def position(value: str) -> str:
+        value = ctx.make_node("Cast", [value], to=onnx.TensorProto.INT64)
+        counted = ctx.make_node("Where", [ctx.make_node("Less", [value, zero]),
+                                          ctx.make_node("Add", [value, dims]), value])
+        return ctx.make_node("Min", [ctx.make_node("Max", [counted, zero]), dims])
+
+    begin, end = position(starts), position(ends)
+    taken = ctx.make_node("Max", [ctx.make_node("Sub", [end, begin]), zero])
+    after = ctx.make_node("Sub", [ctx.make_node("Sub", [dims, begin]), taken])
+    positions = ctx.ints(axes)
+    full = [ctx.make_node("ScatterElements", [ctx.ints([0] * rank), positions, amount], axis=0)
+            for amount in (begin, after)]
+    return ctx.make_node("Pad", [g, ctx.make_node("Concat", full, axis=0)])
 
 
 def _slice_positions(dim: int, start: int, end: int, step: int) -> tuple[int, int]:
