@@ -8,12 +8,15 @@ differences away from kinks) and well-separated inputs where an argmax could fli
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph as OrtInvalidGraph
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from _engine_helpers import adjoint_check, one_node_model, run_gradient
 from vis_service.engine import build_gradient_model
+from vis_service.graph.loading import prepare_model
 
 LINEAR = "linear"        # linear / piecewise linear: finite differences exact away from kinks
 SMOOTH = "smooth"
@@ -477,6 +480,35 @@ def test_batch_norm_inference():
     # ValueError at opset 11)
     for opset in (11, 17):
         check("BatchNormalization", {"x": (4, 3)}, params, opset=opset, kind=LINEAR)
+
+
+@pytest.mark.parametrize("shape,opset,attrs", [((2, 3, 4, 5), 17, {}), ((4, 3), 17, {}), ((2, 3, 4), 9, {})],
+                         ids=["NCHW", "NC", "NCL-opset9"])
+def test_batch_norm_with_every_parameter_fed_at_run_time(shape, opset, attrs):
+    """scale, bias, mean and var as graph inputs: each gets its gradient (the statistics' were dropped)."""
+    params = (3,) if attrs.get("spatial", 1) else shape[1:]
+    inputs = {"x": shape, "scale": params, "bias": params, "mean": params, "var": params}
+    check("BatchNormalization", inputs, opset=opset, values="positive", epsilon=1e-3, **attrs)
+
+
+def test_batch_norm_fed_the_moments_of_its_input_central_differences():
+    """tf2onnx's Keras LayerNormalization (epsilon >= 1.001e-5): a BatchNormalization whose mean and
+    variance are computed from x; the gradient flows through them too (it was the gradient with the
+    statistics frozen: 14% off)."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0, 2, 3], keepdims=0),
+             helper.make_node("Unsqueeze", ["mean", "axes"], ["mean_b"]),
+             helper.make_node("Sub", ["x", "mean_b"], ["centered"]),
+             helper.make_node("Mul", ["centered", "centered"], ["squared"]),
+             helper.make_node("ReduceMean", ["squared"], ["var"], axes=[0, 2, 3], keepdims=0),
+             helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y0"], epsilon=1e-3)]
+    graph = helper.make_graph(nodes, "moments", [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y0", onnx.TensorProto.DOUBLE, None)],
+                              [numpy_helper.from_array(weights(3), "scale"), numpy_helper.from_array(weights(3), "bias"),
+                               numpy_helper.from_array(np.array([0, 2, 3], np.int64), "axes")])
+    model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                          symbolic_batch=False)
+    x = np.random.default_rng(20).standard_normal((2, 3, 4, 4))
+    assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1e-6).relative_error < 1e-6
 
 
 def test_instance_and_layer_norm():

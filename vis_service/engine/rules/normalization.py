@@ -9,19 +9,53 @@ from ..registry import rule
 
 @rule("BatchNormalization")
 def batch_norm_backward(ctx: RuleContext, node, grad_outputs):
-    """Inference mode: y = x * scale / sqrt(var + eps) + const, per channel."""
+    """Inference mode: y = (x - mean) * scale / sqrt(var + eps) + bias, per channel.
+
+    The statistics and parameters are usually constants; where they are computed from the input
+    (tf2onnx writes Keras' LayerNormalization with epsilon >= 1.001e-5 as a BatchNormalization fed
+    the moments of a reshaped input) each gets its own gradient, which flows on to x through them
+    (dropping them gave a silently wrong input gradient)."""
     if attr(node, "training_mode", 0):
         raise Unimplemented(f"BatchNormalization node {node.name!r} in training mode has no backward rule")
-    x, scale, var = node.input[0], node.input[1], node.input[4]
+    x, scale, bias, mean, var = node.input[:5]
+    g = grad_outputs[0]
     std = ctx.make_node("Sqrt", [ctx.make_node("Add", [var, ctx.scalar(attr(node, "epsilon", 1e-5), x)])])
     factor = ctx.make_node("Div", [scale, std])
-    no_grads = [None] * (len(node.input) - 1)
+    grads: list = [None] * len(node.input)
     if ctx.rank(scale) == 1 and ctx.is_static(scale) and ctx.is_static(var):
-        return [ctx.scale_channels(grad_outputs[0], factor, x)] + no_grads
-    # per-activation parameters [C, D1, ...] (opset < 9, spatial=0), or parameters fed at run time
-    if ctx.rank(scale) == 1:
-        factor = ctx.unsqueeze(factor, list(range(1, ctx.rank(x) - 1)))
-    return [ctx.make_node("Mul", [grad_outputs[0], factor])] + no_grads
+        grads[0] = ctx.scale_channels(g, factor, x) if ctx.needs_grad(node, 0) else None
+    else:
+        grads[0] = ctx.make_node("Mul", [g, _per_channel(ctx, factor, x, scale)]) if ctx.needs_grad(node, 0) else None
+    if not any(ctx.needs_grad(node, i) for i in range(1, 5)):
+        return grads
+    # parameters [C] broadcast over the batch and the spatial axes, [C, D1, ...] (opset < 9,
+    # spatial=0) over the batch: their gradients sum over those axes
+    rank = ctx.rank(x)
+    axes = [0] + list(range(2, rank)) if ctx.rank(scale) == 1 else [0]
+    centered = ctx.make_node("Sub", [x, _per_channel(ctx, mean, x, mean)])
+    inverse = ctx.make_node("Reciprocal", [std])
+    if ctx.needs_grad(node, 1):
+        normalized = ctx.make_node("Mul", [centered, _per_channel(ctx, inverse, x, var)])
+        grads[1] = ctx.reduce("ReduceSum", ctx.make_node("Mul", [g, normalized]), axes, keepdims=False)
+    if ctx.needs_grad(node, 2):
+        grads[2] = ctx.reduce("ReduceSum", g, axes, keepdims=False)
+    if ctx.needs_grad(node, 3):
+        summed = ctx.reduce("ReduceSum", g, axes, keepdims=False)
+        grads[3] = ctx.make_node("Neg", [ctx.make_node("Mul", [summed, factor])])
+    if ctx.needs_grad(node, 4):
+        # d/dvar of scale * (x - mean) * (var + eps)^(-1/2) = -1/2 * scale * (x - mean) / std^3
+        summed = ctx.reduce("ReduceSum", ctx.make_node("Mul", [g, centered]), axes, keepdims=False)
+        cubed = ctx.make_node("Mul", [ctx.make_node("Mul", [inverse, inverse]), inverse])
+        grads[4] = ctx.make_node("Mul", [ctx.make_node("Mul", [summed, scale]),
+                                         ctx.make_node("Mul", [cubed, ctx.scalar(-0.5, x)])])
+    return grads
+
+
+def _per_channel(ctx: RuleContext, value: str, x: str, like: str) -> str:
+    """A BatchNormalization parameter (of the rank of forward input `like`) broadcastable against x:
+    [C] -> [C, 1, ...]; [C, D1, ...] as is."""
+    extra = ctx.rank(x) - 2
+    return ctx.unsqueeze(value, list(range(1, 1 + extra))) if ctx.rank(like) == 1 and extra > 0 else value
 
 
 def _normalized_backward(ctx: RuleContext, x: str, g_scaled: str, axes: list[int], epsilon: float,
