@@ -716,3 +716,23 @@ def test_slice_with_bounds_computed_at_run_time(starts, ends):
     expected = np.zeros_like(x)
     expected[:, rows, cols] = g * np.cos(x[:, rows, cols])
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_reshape_to_a_shape_computed_at_run_time_keeps_its_rank_at_opset_13():
+    """tf2onnx's Keras LayerNormalization folds the batch: Reshape(x, Concat([1], N * H * W, [C, 1])).
+    Opset-13 shape inference gives its output no rank, and every tensor after it none (the whole
+    model was UNIMPLEMENTED, 'unknown rank'): the rank is the target's length, its known elements sizes."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["n"]),
+             helper.make_node("Mul", ["n", "positions"], ["rows"]),
+             helper.make_node("Concat", ["one", "rows", "channels"], ["folded_shape"], axis=0),
+             helper.make_node("Reshape", ["x", "folded_shape"], ["folded"]),
+             helper.make_node("Sin", ["folded"], ["s"]),
+             helper.make_node("Reshape", ["s", "shape"], ["y0"])]
+    model = _model(nodes, [("x", ["N", 4, 3])], opset=13,
+                   inits=[_const("zero", np.array([0], np.int64)), _const("positions", np.array([4], np.int64)),
+                          _const("one", np.array([1], np.int64)), _const("channels", np.array([3, 1], np.int64))])
+    folded = tensor_infos(model)["folded"].shape
+    assert len(folded) == 4 and folded[0] == 1 and folded[2:] == (3, 1)
+    x = np.random.default_rng(21).standard_normal((2, 4, 3))
+    assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1e-6).relative_error < 1e-8

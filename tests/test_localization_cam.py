@@ -45,6 +45,22 @@ def tiny_model_bytes(head: str = "gap", seed: int = 0) -> bytes:
                   helper.make_node("Reshape", ["feat_nhwc", "flat_shape"], ["flat"], name="flatten")]
         inits.append(numpy_helper.from_array(np.array([-1, 6 * 8 * 8], np.int64), "flat_shape"))
         fan_in = 6 * 8 * 8
+    elif head == "tf_layernorm":
+        # like tf2onnx's Keras LayerNormalization then GlobalAveragePooling2D on NHWC: the batch folded
+        # into a [1, N*H*W, C, 1] tensor (normalized there), reshaped back to [N, H, W, C] (whose axes
+        # nothing traces), pooled by ReduceMean over axes 1, 2
+        nodes += [helper.make_node("Transpose", [LAYER], ["feat_nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+                  helper.make_node("Shape", ["feat_nhwc"], ["nhwc_shape"]),
+                  helper.make_node("Gather", ["nhwc_shape", "zero"], ["n"]),
+                  helper.make_node("Mul", ["n", "sixty_four"], ["positions"]),
+                  helper.make_node("Concat", ["one", "positions", "six_one"], ["folded_shape"], axis=0),
+                  helper.make_node("Reshape", ["feat_nhwc", "folded_shape"], ["folded"], name="fold"),
+                  helper.make_node("Sigmoid", ["folded"], ["normed"], name="ln"),
+                  helper.make_node("Reshape", ["normed", "nhwc_shape"], ["unfolded"], name="unfold"),
+                  helper.make_node("ReduceMean", ["unfolded"], ["flat"], name="gap", axes=[1, 2], keepdims=0)]
+        inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                  (("zero", [0]), ("sixty_four", [64]), ("one", [1]), ("six_one", [6, 1]))]
+        fan_in = 6
     else:
         nodes += [helper.make_node("Flatten", [LAYER], ["flat"], name="flatten")]
         fan_in = 6 * 8 * 8
@@ -177,6 +193,23 @@ def test_default_layer_of_a_tf2onnx_flatten_head_is_the_channels_first_map(clien
     with pytest.raises(InvalidArgument) as e:   # named, the NHWC view is refused, naming the map
         client.grad_cam(model, x, layer="feat_nhwc")
     assert "is channels-last [N, H, W, C]" in e.value.details and f"e.g. {LAYER!r}" in e.value.details
+
+
+def test_default_layer_is_a_traced_map_with_the_images_apart(client):
+    """Behind a tf2onnx Keras LayerNormalization the default layer was [1, N*H*W, C, 1] (the batch folded
+    in: Grad-CAM all zeros for one image of two, occlusion INTERNAL) or the NHWC map read as [N, H, W, C];
+    it is the last map traced to [N, C, H, W] now, and the folded tensor, named, is refused."""
+    x = np.random.default_rng(3).uniform(0, 255, (2, 3, 16, 16)).astype(np.float32)
+    proto = onnx.load_from_string(tiny_model_bytes("tf_layernorm"))
+    for value in (proto.graph.input[0], proto.graph.output[0]):   # a free batch, as tf2onnx exports
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    model = client.load_model(proto.SerializeToString(), "loc_tiny_tf_layernorm", config={"preset": "raw255"})
+    res = client.grad_cam(model, x)
+    assert res.layer == LAYER and res.cam.shape == (2, 8, 8)
+    assert client.occlusion(model, x, patch=8, stride=8).layer == LAYER
+    with pytest.raises(InvalidArgument) as e:
+        client.grad_cam(model, x, layer="normed")
+    assert "its first axis is not the images' batch" in e.value.details
 
 
 def test_guided_gradcam_is_guided_backprop_times_heatmap(client, tiny, x):

@@ -443,13 +443,21 @@ def _partial_result(node, known: KnownValues, shapes, opaque_dim0, attrs) -> tup
         parts, dtype = [], None
         for i in inp:
             e = known.elements(i) if i else None
-            if e is None or (i in known.partial and known.partial[i][1] != 1) or \
+            if e is None:
+                # a part computed at run time (the positions of a tf2onnx LayerNormalization's
+                # [1, N*H*W, C, 1]): unknown elements, as many as its static length
+                shape = shapes.get(i) if i else None
+                if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+                    return None
+                parts.extend([None] * shape[0])
+                continue
+            if (i in known.partial and known.partial[i][1] != 1) or \
                     (known.value(i) is not None and known.value(i).ndim != 1):
                 return None
             parts.extend(e)
             if dtype is None:
                 dtype = known.partial[i][2] if i in known.partial else known.value(i).dtype
-        return parts, 1, dtype
+        return (parts, 1, dtype) if dtype is not None else None
     if op in ("Unsqueeze", "Squeeze"):
         src = known.partial.get(inp[0])
         if src is None:

@@ -365,6 +365,9 @@ def _complete_shapes(m: onnx.ModelProto) -> bool:
     def dims_of(vi) -> list:
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
+    def rank_known(vi) -> bool:
+        return vi is not None and vi.type.tensor_type.HasField("shape")
+
     given = False
     known = None
     for node in m.graph.node:
@@ -373,6 +376,31 @@ def _complete_shapes(m: onnx.ModelProto) -> bool:
         source, out = infos.get(node.input[0]), infos.get(node.output[0])
         if node.op_type in _SHAPE_KEEPING_UNINFERRED and complete(source) and not complete(out):
             give(node.output[0], source.type.tensor_type.elem_type, dims_of(source))
+            given = True
+        elif (node.op_type == "Reshape" and len(node.input) > 1 and source is not None and not rank_known(out)
+              and source.type.tensor_type.elem_type):
+            # a target shape computed at run time: opset-13 inference gives no rank (tf2onnx's Keras
+            # LayerNormalization), though the target's length is the rank; the elements known
+            # before run time are sizes too, the others fresh symbols
+            target = infos.get(node.input[1])
+            if not complete(target) or len(target.type.tensor_type.shape.dim) != 1:
+                continue
+            length = target.type.tensor_type.shape.dim[0].dim_value
+            if not length:
+                continue
+            if known is None:
+                known = known_values(m, tensor_shapes(m))
+            elements = known.elements(node.input[1]) or [None] * length
+            source_dims = dims_of(source) if complete(source) else []
+            dims = []
+            for i, e in enumerate(elements):
+                if isinstance(e, str) or (isinstance(e, int) and e > 0):
+                    dims.append(e)
+                elif e == 0 and i < len(source_dims) and not _attr(node, "allowzero", 0):
+                    dims.append(source_dims[i])
+                else:
+                    dims.append(f"{node.output[0]}_dim{i}")
+            give(node.output[0], source.type.tensor_type.elem_type, dims)
             given = True
         elif node.op_type == "Resize" and len(node.input) > 3 and node.input[3] and source is not None:
             if known is None:

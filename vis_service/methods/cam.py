@@ -61,6 +61,7 @@ from ..graph.constants import constant_value
 from ..graph.names import resolve_tensor
 from ..graph.paths import dependents
 from ..graph.subgraph import graph_after
+from ..graph.receptive_field import spatial_axes
 from ..models.config import ImageSpec, resolve_image_spec
 from ..models.inputs import image_dims_at
 from ..models.store import LoadedModel
@@ -69,7 +70,7 @@ from . import batching
 from .activations import exposed_session
 from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import channels_last, output_is_probability, require_activation, require_channels_first, softmax
+from .targets import batch_axis_lost, channels_last, output_is_probability, require_activation, require_channels_first, softmax
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -107,7 +108,7 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 def _is_feature_map(model: LoadedModel, name: str) -> bool:
     info = model.infos.get(name)
     return bool(info and info.elem_type in FLOAT_TYPES and info.shape is not None and len(info.shape) == 4
-                and not channels_last(model, name))
+                and not channels_last(model, name) and not batch_axis_lost(model, name))
 
 
 def _reduce_axes(model: LoadedModel, node: onnx.NodeProto) -> list[int] | None:
@@ -176,7 +177,12 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
         # feature maps are computed from the inputs; weights made in the graph (ConstantOfShape,
         # a Reshape of a stored weight) may be 4-D too, e.g. light_inception_v1's classifier
         dependent = dependents(g, [i.name for i in g.input if i.name not in inits])
-        queue, seen, fallback = deque([scores]), {scores}, None
+        queue, seen, fallback, untraced, traced_map = deque([scores]), {scores}, None, None, None
+        axes_of = model.memo("spatial_axes", lambda: spatial_axes(model.proto))
+
+        def traced(x: str) -> bool:
+            return tuple(axes_of.get(x) or ()) == (2, 3)
+
         while queue:
             name = queue.popleft()
             node = producers.get(name)
@@ -195,11 +201,22 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
                         return FeatureHead(source, node, kind)
                 elif _is_feature_map(model, x) and tuple(model.infos[x].shape[2:]) != (1, 1):  # [N, C, 1, 1] is pooled
                     kind = pooling_kind(model, node, x)
-                    if kind is not None:
+                    if kind is not None and traced(x):
                         return FeatureHead(x, node, kind)
+                    if kind is not None and untraced is None:
+                        # rows and columns not traced to axes 2 and 3 (after tf2onnx's reshapes around a
+                        # Keras LayerNormalization, an NHWC map reads as [N, H, W, C]): a traced map
+                        # further back is the better default
+                        untraced = FeatureHead(x, node, kind)
+                    if traced(x) and traced_map is None:
+                        traced_map = x
                     if fallback is None:
                         fallback = x
                 queue.append(x)
+        if traced_map is not None and (untraced is not None or traced_map != fallback):
+            return FeatureHead(traced_map, None, None)
+        if untraced is not None:
+            return untraced
         if fallback is not None:
             return FeatureHead(fallback, None, None)
         raise InvalidArgument("layer", f"no 4-D feature map [N, C, H, W] found before the class scores {scores!r}; "

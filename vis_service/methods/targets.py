@@ -98,11 +98,30 @@ def channels_last(model: LoadedModel, tensor: str) -> bool:
     return axes is not None and tuple(axes) != (2, 3)
 
 
+def batch_axis_lost(model: LoadedModel, tensor: str) -> bool:
+    """True for a tensor whose first axis cannot be the images' batch: a fixed size where the image
+    input's batch is free, or another fixed size (tf2onnx's Keras LayerNormalization folds the batch
+    into a [1, N*H*W, C, 1] tensor, which looked like a feature map)."""
+    image = model.infos.get(model.image_input) if model.image_input else None
+    info = model.infos.get(tensor)
+    if image is None or not image.shape or info is None or not info.shape:
+        return False
+    batch, first = image.shape[0], info.shape[0]
+    return isinstance(first, int) and (isinstance(batch, str) or (isinstance(batch, int) and first != batch))
+
+
 def require_channels_first(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:
     """INVALID_ARGUMENT naming `field` for a rank-4 tensor whose rows and columns are not axes 2
     and 3 (a channels-last [N, H, W, C] tensor, as `graph.receptive_field.spatial_axes` traces
     them): channel and neuron targets, CAM and deconvnet layers read axis 1 as the channels,
-    which there are rows (a ConvNeXt block's channel 5 was its sixth row, without an error)."""
+    which there are rows (a ConvNeXt block's channel 5 was its sixth row, without an error); also
+    for a tensor whose first axis is not the batch (they read axis 0 as the images)."""
+    if batch_axis_lost(model, tensor):
+        named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
+        shape = list(model.infos[tensor].shape)
+        raise InvalidArgument(field, f"{named} has shape {shape}: its first axis is not the images' batch "
+                                     f"({model.infos[model.image_input].shape[0]!r}), the images are folded into "
+                                     "other axes; name a layer that keeps them apart")
     if not channels_last(model, tensor):
         return
     axes_of = model.memo("spatial_axes", lambda: spatial_axes(model.proto))
