@@ -736,3 +736,31 @@ def test_reshape_to_a_shape_computed_at_run_time_keeps_its_rank_at_opset_13():
     assert len(folded) == 4 and folded[0] == 1 and folded[2:] == (3, 1)
     x = np.random.default_rng(21).standard_normal((2, 4, 3))
     assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1e-6).relative_error < 1e-8
+
+
+def test_class_token_expanded_to_the_batch_as_torchscript_writes_it():
+    """torch's cls_token.expand(B, -1, -1) (a ViT) under the TorchScript exporter with a free batch:
+    Expand(token, Where(Equal(shape, -1), 1, shape)) with shape = [B, -1, -1]. The target was unknown
+    to shape inference, so the Concat with the patches had no static size (UNIMPLEMENTED); it is
+    [B, 1, C] from the partly known vector."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["batch"]),
+             helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch1"]),
+             helper.make_node("Concat", ["batch1", "minus_one", "minus_one"], ["wanted"], axis=0),
+             helper.make_node("Reshape", ["wanted", "flat"], ["target"]),
+             helper.make_node("Shape", ["target"], ["target_len"]),
+             helper.make_node("ConstantOfShape", ["target_len"], ["ones"],
+                              value=numpy_helper.from_array(np.array([1], np.int64))),
+             helper.make_node("Mul", ["ones", "minus_one"], ["minus_ones"]),
+             helper.make_node("Equal", ["target", "minus_ones"], ["keep"]),
+             helper.make_node("Where", ["keep", "ones", "target"], ["expanded_shape"]),
+             helper.make_node("Expand", ["token", "expanded_shape"], ["tokens"]),
+             helper.make_node("Concat", ["tokens", "x"], ["joined"], axis=1),
+             helper.make_node("Tanh", ["joined"], ["y0"])]
+    token = np.random.default_rng(22).standard_normal((1, 1, 4))
+    model = _model(nodes, [("x", ["N", 3, 4])], inits=[
+        _const("zero", np.array(0, np.int64)), _const("axes0", np.array([0], np.int64)),
+        _const("minus_one", np.array([-1], np.int64)), _const("flat", np.array([-1], np.int64)), _const("token", token)])
+    assert tensor_infos(model)["tokens"].shape == ("N", 1, 4)
+    x = np.random.default_rng(23).standard_normal((2, 3, 4))
+    assert adjoint_check(model, {"x": x}, ["y0"], ["x"], eps=1e-6).relative_error < 1e-8

@@ -378,6 +378,51 @@ def _evaluate(node, args: list, opset: int) -> list | None:
     return [np.asarray(o) for o in outs]
 
 
+def _vector(known: KnownValues, name: str) -> tuple[list, np.dtype] | None:
+    """Elements (ints, bools, dim symbols or None) and dtype of a 1-D (or 0-D) value, full or partial."""
+    if not name:
+        return None
+    if name in known.partial:
+        elements, rank, dtype = known.partial[name]
+        return (list(elements), dtype) if rank <= 1 else None
+    v = known.value(name)
+    if v is None or v.ndim > 1 or v.dtype.kind not in "iub":
+        return None
+    return [bool(e) if v.dtype.kind == "b" else int(e) for e in v.reshape(-1)], v.dtype
+
+
+def _partial_select(op: str, inp: list, known: KnownValues) -> tuple[list, int, np.dtype] | None:
+    """Equal / Where over shape vectors holding symbols: torch's expand(B, -1, -1) under the
+    TorchScript exporter is Where(Equal(shape, -1), 1, shape) (a class token's Expand in a ViT). A dim
+    symbol is a size, never negative, so it equals no negative number."""
+    vectors = [_vector(known, i) for i in inp]
+    if any(v is None for v in vectors):
+        return None
+    length = max(len(v[0]) for v in vectors)
+    if any(len(v[0]) not in (1, length) for v in vectors):
+        return None
+    columns = [v[0] * length if len(v[0]) == 1 else v[0] for v in vectors]
+    if op == "Equal":
+        out = []
+        for a, b in zip(*columns):
+            if a is None or b is None:
+                out.append(None)
+            elif isinstance(a, str) or isinstance(b, str):
+                if a == b:
+                    out.append(True)
+                elif (isinstance(a, int) and a < 0) or (isinstance(b, int) and b < 0):
+                    out.append(False)
+                else:
+                    out.append(None)
+            else:
+                out.append(a == b)
+        return out, 1, np.dtype(bool)
+    condition, a, b = columns
+    if any(not isinstance(c, bool) for c in condition):
+        return None
+    return [x if c else y for c, x, y in zip(condition, a, b)], 1, vectors[1][1]
+
+
 def _partial_result(node, known: KnownValues, shapes, opaque_dim0, attrs) -> tuple[list, int, np.dtype] | None:
     """(elements, rank, dtype) of a shape computation that may hold symbols, or None."""
     op = node.op_type
@@ -458,6 +503,16 @@ def _partial_result(node, known: KnownValues, shapes, opaque_dim0, attrs) -> tup
             if dtype is None:
                 dtype = known.partial[i][2] if i in known.partial else known.value(i).dtype
         return (parts, 1, dtype) if dtype is not None else None
+    if op == "Reshape":
+        # a 1-D vector reshaped to itself ([-1] or its length), as the TorchScript exporter writes
+        src = known.partial.get(inp[0])
+        target = known.value(inp[1]) if len(inp) > 1 and inp[1] else None
+        if src is None or src[1] != 1 or target is None or target.size != 1 or \
+                int(target.reshape(-1)[0]) not in (-1, len(src[0])):
+            return None
+        return src[0], 1, src[2]
+    if op in ("Equal", "Where"):
+        return _partial_select(op, inp, known)
     if op in ("Unsqueeze", "Squeeze"):
         src = known.partial.get(inp[0])
         if src is None:

@@ -365,6 +365,8 @@ def _complete_shapes(m: onnx.ModelProto) -> bool:
     def dims_of(vi) -> list:
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
+    weights = {t.name: t for t in m.graph.initializer}
+
     def rank_known(vi) -> bool:
         return vi is not None and vi.type.tensor_type.HasField("shape")
 
@@ -376,6 +378,25 @@ def _complete_shapes(m: onnx.ModelProto) -> bool:
         source, out = infos.get(node.input[0]), infos.get(node.output[0])
         if node.op_type in _SHAPE_KEEPING_UNINFERRED and complete(source) and not complete(out):
             give(node.output[0], source.type.tensor_type.elem_type, dims_of(source))
+            given = True
+        elif node.op_type == "Expand" and len(node.input) > 1 and (complete(source) or node.input[0] in weights):
+            # a target known partly before run time (torch's expand(B, -1, -1) under the TorchScript
+            # exporter: [batch, 1, 1]), which inference does not read: numpy broadcasting of the two
+            if known is None:
+                known = known_values(m, tensor_shapes(m))
+            target = known.elements(node.input[1])
+            if target is None or any(e is None for e in target):
+                continue
+            if node.input[0] in weights:   # a weight (a ViT's class token), not in value_info
+                dims, elem_type = list(weights[node.input[0]].dims), weights[node.input[0]].data_type
+            else:
+                dims, elem_type = dims_of(source), source.type.tensor_type.elem_type
+            rank = max(len(dims), len(target))
+            dims, target = [1] * (rank - len(dims)) + dims, [1] * (rank - len(target)) + target
+            shape = [t if d == 1 else d if t == 1 or t == d else None for d, t in zip(dims, target)]
+            if any(d is None or d == 0 for d in shape) or (out is not None and rank_known(out) and dims_of(out) == shape):
+                continue
+            give(node.output[0], elem_type, shape)
             given = True
         elif (node.op_type == "Reshape" and len(node.input) > 1 and source is not None and not rank_known(out)
               and source.type.tensor_type.elem_type):
