@@ -60,8 +60,8 @@ from ..errors import InvalidArgument
 from ..graph.constants import constant_value
 from ..graph.names import resolve_tensor
 from ..graph.paths import dependents
-from ..graph.subgraph import graph_after
 from ..graph.receptive_field import spatial_axes
+from ..graph.subgraph import graph_after
 from ..models.config import ImageSpec, resolve_image_spec
 from ..models.inputs import image_dims_at
 from ..models.store import LoadedModel
