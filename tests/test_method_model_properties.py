@@ -557,3 +557,19 @@ def test_a_free_size_model_with_same_pads_gets_deconvnet_boxes_at_the_images_siz
         assert (a.boxes[..., 2:] - a.boxes[..., :2]).max() < max(hw), a.boxes   # not the whole image
         _close(a.crops, b.crops)
     _still_serves(client, digits)
+
+
+def test_inspect_gives_a_free_size_model_receptive_fields_at_its_configured_size(client, digits):
+    """Inspect showed no receptive fields for a free-size model whose pads are SAME (every tf2onnx Keras
+    export): they are given at the configured size (else 224), which the response names, equal to a
+    fixed-size twin's; a fixed-size model names none."""
+    free = client.load_model(_same_padded(("H", "W")), "props_inspect_free", config={"input": {"size": [16, 11]}})
+    twin = _load(client, _same_padded((16, 11)), "props_inspect_16x11")
+    a, b = client.inspect(free), client.inspect(twin)
+    assert a.receptive_fields_at == (16, 11) and b.receptive_fields_at == ()
+    assert "receptive fields at an image size of 16 x 11" in a.summary()
+    for tensor in ("relu1", "relu2"):
+        rf_free, rf_twin = a.node(tensor).receptive_fields[tensor], b.node(tensor).receptive_fields[tensor]
+        assert rf_free == rf_twin and rf_free.size[0] > 1, (rf_free, rf_twin)
+    unconfigured = client.inspect(_load(client, _same_padded(("H", "W")), "props_inspect_free_224"))
+    assert unconfigured.receptive_fields_at == (224, 224) and unconfigured.node("relu2").receptive_fields

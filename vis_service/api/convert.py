@@ -75,7 +75,8 @@ def labels_for(model: LoadedModel, indices: np.ndarray) -> list[str] | None:
 def inspect_response(model: LoadedModel, summary, info: vis_pb2.ModelInfo) -> vis_pb2.InspectResponse:
     resp = vis_pb2.InspectResponse(model=info, parameter_count=summary.parameter_count, opset=summary.opset,
                                    ir_version=summary.ir_version,
-                                   producer=f"{summary.producer_name} {summary.producer_version}".strip())
+                                   producer=f"{summary.producer_name} {summary.producer_version}".strip(),
+                                   receptive_fields_at=list(summary.fields_at))
     for n in summary.nodes:
         node = resp.nodes.add(name=n.name, op_type=n.op_type, inputs=n.inputs, outputs=n.outputs,
                               parameter_count=n.parameter_count, constant=n.constant)

@@ -302,20 +302,22 @@ class NodeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_specs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., receptive_fields: _Optional[_Mapping[str, ReceptiveField]] = ..., constant: _Optional[bool] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
-    __slots__ = ("model", "nodes", "parameter_count", "opset", "ir_version", "producer")
+    __slots__ = ("model", "nodes", "parameter_count", "opset", "ir_version", "producer", "receptive_fields_at")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     OPSET_FIELD_NUMBER: _ClassVar[int]
     IR_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    RECEPTIVE_FIELDS_AT_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     parameter_count: int
     opset: int
     ir_version: int
     producer: str
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., opset: _Optional[int] = ..., ir_version: _Optional[int] = ..., producer: _Optional[str] = ...) -> None: ...
+    receptive_fields_at: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., opset: _Optional[int] = ..., ir_version: _Optional[int] = ..., producer: _Optional[str] = ..., receptive_fields_at: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()

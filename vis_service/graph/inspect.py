@@ -69,6 +69,7 @@ class ModelSummary:
     ir_version: int
     parameter_count: int
     nodes: tuple[NodeSummary, ...]
+    fields_at: tuple[int, ...] = ()     # [H, W] the receptive fields hold at (a free-size model), else ()
 
 
 def node_display_names(model: onnx.ModelProto) -> list[str]:
@@ -118,8 +119,9 @@ def constant_tensors(model: onnx.ModelProto) -> set[str]:
     return const
 
 
-def inspect_model(model: onnx.ModelProto) -> ModelSummary:
-    """Summary of a prepared model (see `loading.prepare_model`)."""
+def inspect_model(model: onnx.ModelProto, fields: tuple[dict | None, tuple[int, ...]] = (None, ())) -> ModelSummary:
+    """Summary of a prepared model (see `loading.prepare_model`). `fields`: receptive fields found for
+    it elsewhere and the [H, W] they hold at (a model whose image size is free), else computed here."""
     g = model.graph
     infos = tensor_infos(model)
     inits = {t.name: t for t in g.initializer}
@@ -163,7 +165,7 @@ def inspect_model(model: onnx.ModelProto) -> ModelSummary:
         sizes[name] = n
         return n
 
-    rfs = receptive_fields(model)
+    rfs = fields[0] if fields[0] is not None else receptive_fields(model)
     names = node_display_names(model)
     nodes = []
     frontier: set[str] = set()
@@ -201,4 +203,5 @@ def inspect_model(model: onnx.ModelProto) -> ModelSummary:
         ir_version=int(model.ir_version),
         parameter_count=int(total),
         nodes=tuple(nodes),
+        fields_at=tuple(fields[1]),
     )

@@ -211,6 +211,9 @@ class Inspection:
     opset: int
     ir_version: int
     producer: str
+    # (H, W) the receptive fields hold at, for a model whose image size is free (its configured
+    # size, else 224: a SAME pad's split, hence a field's offset, depends on it); () otherwise
+    receptive_fields_at: tuple[int, ...] = ()
 
     def node(self, name: str) -> NodeInfo:
         """The node called ``name``, or the node producing the tensor ``name``."""
@@ -234,6 +237,9 @@ class Inspection:
                 f"parameters: {self.parameter_count:,}   labels: {m.num_labels}   gradients: "
                 + ("yes" if m.gradients_supported else f"no ({m.gradients_unsupported_reason or 'unsupported'})"),
                 ""]
+        if self.receptive_fields_at:
+            head.insert(-1, "receptive fields at an image size of "
+                        + " x ".join(str(v) for v in self.receptive_fields_at) + " (the model's image size is free)")
         rows = [("name", "op", "output", "output shape", "params", "RF size", "RF jump")]
         hidden = 0 if constants else sum(n.constant for n in self.nodes)
         for n in self.nodes:
@@ -783,7 +789,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         return Inspection(model=Model.from_proto(resp.model, self),
                           nodes=[NodeInfo.from_proto(n) for n in resp.nodes],
                           parameter_count=int(resp.parameter_count), opset=int(resp.opset),
-                          ir_version=int(resp.ir_version), producer=resp.producer)
+                          ir_version=int(resp.ir_version), producer=resp.producer,
+                          receptive_fields_at=tuple(int(v) for v in resp.receptive_fields_at))
 
     # -- analysis
 
