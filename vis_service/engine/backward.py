@@ -22,6 +22,7 @@ from ..graph.paths import dependents, float_path, node_reads
 from . import rules as _rules  # noqa: F401  (registers the rules)
 from .branches import inline_known_branches
 from .context import RuleContext
+from .operator_form import has_operator_form, to_qdq
 from .registry import RULE_SETS, RULES
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -76,6 +77,8 @@ def build_gradient_model(model: onnx.ModelProto, objectives: Sequence[str], wrt:
     for name in batch_summed:
         if name not in wrt:
             raise InvalidArgument("batch_summed", f"tensor {name!r} is not among the wrt tensors")
+    if has_operator_form(model):
+        model = to_qdq(model)   # QLinearConv & co. as QuantizeLinear / DequantizeLinear around float ops
     forward = _ForwardGraph(model)
     forward.check_names(objectives, wrt, forward_outputs, node_rules)
     path = forward.path(objectives, wrt)
