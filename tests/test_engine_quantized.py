@@ -332,3 +332,52 @@ def test_operator_form_default_model_gets_its_qdq_twins_gradient(tmp_path, digit
     np.testing.assert_allclose(results[0][0][agree], results[1][0][agree], rtol=0, atol=1e-5 * scale)
     for a, b in zip(results[0][0], results[1][0]):
         assert float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+_CONTRIB = "com.microsoft"
+_S, _Z = np.float32(0.05), np.uint8(128)
+
+
+def _single_operator_form_op(op: str):
+    """x [1, 4, 6, 6] -> QuantizeLinear -> `op` in operator form -> DequantizeLinear -> y."""
+    rng = np.random.default_rng(10)
+    inits = [_const("s", _S), _const("z", _Z), _const("ys", np.float32(0.03)), _const("yz", np.uint8(100))]
+    q = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"])
+    if op == "QLinearMatMul":
+        inits += [_const("w", rng.integers(-20, 20, (6, 5)).astype(np.int8)), _const("ws", np.float32(0.02)),
+                  _const("wz", np.int8(0))]
+        node = helper.make_node(op, ["xq", "s", "z", "w", "ws", "wz", "ys", "yz"], ["yq"])
+    elif op in ("QLinearAdd", "QLinearMul"):
+        node = helper.make_node(op, ["xq", "s", "z", "xq", "s", "z", "ys", "yz"], ["yq"], domain=_CONTRIB)
+    elif op == "QLinearConcat":
+        node = helper.make_node(op, ["ys", "yz", "xq", "s", "z", "xq", "s", "z"], ["yq"], domain=_CONTRIB, axis=1)
+    elif op == "QLinearAveragePool":
+        node = helper.make_node(op, ["xq", "s", "z", "ys", "yz"], ["yq"], domain=_CONTRIB, kernel_shape=[2, 2],
+                                strides=[2, 2])
+    elif op == "QLinearLeakyRelu":
+        node = helper.make_node(op, ["xq", "s", "z", "ys", "yz"], ["yq"], domain=_CONTRIB, alpha=0.1)
+    else:   # QLinearSigmoid, QLinearGlobalAveragePool
+        node = helper.make_node(op, ["xq", "s", "z", "ys", "yz"], ["yq"], domain=_CONTRIB)
+    dq = helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])
+    graph = helper.make_graph([q, node, dq], op, [helper.make_tensor_value_info("x", FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(_CONTRIB, 1)],
+                              ir_version=8)
+    from vis_service.runtime.type_probe import complete_types
+    return complete_types(prepare_model(model, symbolic_batch=False))
+
+
+@pytest.mark.parametrize("op", ["QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+                                "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu"])
+def test_operator_form_ops_are_rewritten_faithfully(op):
+    """Each operator-form op's rewrite computes what onnxruntime's integer kernel computes (to one
+    quantization step, where the kernel rounds its own way: the Sigmoid's lookup table), and gets a
+    gradient: the float op's, masked where an integer saturates."""
+    model = _single_operator_form_op(op)
+    x = (np.random.default_rng(11).standard_normal((1, 4, 6, 6)) * 2).astype(np.float32)
+    graph = build_gradient_model(model, ["y"], ["x"])
+    kernels = session(model).run(["y"], {"x": x})[0]
+    y = session(graph.model).run([graph.forward_outputs["y"]], {"x": x, graph.cotangent_inputs["y"]: np.ones_like(kernels)})[0]
+    np.testing.assert_allclose(y, kernels, rtol=0, atol=0.03 + 1e-6)
+    g = run_gradient(graph, {"x": x}, {"y": np.ones_like(kernels)})["x"]
+    assert np.isfinite(g).all() and np.abs(g).max() > 0
