@@ -142,15 +142,16 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         elif contrib and op == "QGemm" and inp[0] in quant:
             w = weight(inp[3], inp[4], inp[5], 0 if attrs.get("transB", 0) else -1)
             b = bias(inp[6], inp[1], inp[4]) if inp[6] else None
-            if w is None or (inp[6] and b is None) or attrs.get("transA", 0):
+            # alpha 1 only (what onnxruntime's quantizer writes): how alpha scales the int32 C is not
+            # something to guess
+            if w is None or (inp[6] and b is None) or attrs.get("transA", 0) or float(attrs.get("alpha", 1.0)) != 1.0:
                 nodes.append(node)
                 continue
             gemm_inputs = [dq(inp[0], label, inp[1], inp[2]), add_constant(w, f"{label}_weight")]
             if b is not None:
                 gemm_inputs.append(add_constant(b, f"{label}_bias"))
             y = fresh(f"{label}_float") if inp[7] else node.output[0]
-            nodes.append(helper.make_node("Gemm", gemm_inputs, [y], name=label, alpha=float(attrs.get("alpha", 1.0)),
-                                          transB=int(attrs.get("transB", 0))))
+            nodes.append(helper.make_node("Gemm", gemm_inputs, [y], name=label, transB=int(attrs.get("transB", 0))))
             if inp[7]:
                 q(y, inp[7], inp[8], node.output[0], label)
             continue
