@@ -79,6 +79,7 @@ def structure_only(model: onnx.ModelProto, keep: int = SMALL_CONSTANT_ELEMENTS) 
     inits = [t if int(np.prod(t.dims, dtype=np.int64)) <= keep
              else onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in g.initializer]
     light = helper.make_graph(g.node, g.name, g.input, g.output, initializer=inits, value_info=g.value_info)
+    light.sparse_initializer.extend(g.sparse_initializer)   # rare, and small: kept whole
     out = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     out.metadata_props.extend(model.metadata_props)
     out.functions.extend(model.functions)
