@@ -381,3 +381,32 @@ def test_operator_form_ops_are_rewritten_faithfully(op):
     np.testing.assert_allclose(y, kernels, rtol=0, atol=0.03 + 1e-6)
     g = run_gradient(graph, {"x": x}, {"y": np.ones_like(kernels)})["x"]
     assert np.isfinite(g).all() and np.abs(g).max() > 0
+
+
+def test_operator_form_add_of_a_constant_operand():
+    """QLinearAdd(x, constant): the constant is dequantized by the scale the op names for it."""
+    inits = [_const("s", _S), _const("z", _Z), _const("ys", np.float32(0.03)), _const("yz", np.uint8(100)),
+             _const("c", np.random.default_rng(12).integers(0, 255, (1, 4, 6, 6)).astype(np.uint8)),
+             _const("cs", np.float32(0.01)), _const("cz", np.uint8(120))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("QLinearAdd", ["xq", "s", "z", "c", "cs", "cz", "ys", "yz"], ["yq"], domain=_CONTRIB),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "add_constant", [helper.make_tensor_value_info("x", FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+    from vis_service.runtime.type_probe import complete_types
+    model = complete_types(prepare_model(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(_CONTRIB, 1)], ir_version=8),
+        symbolic_batch=False))
+    x = (np.random.default_rng(13).standard_normal((1, 4, 6, 6)) * 2).astype(np.float32)
+    graph = build_gradient_model(model, ["y"], ["x"])
+    kernels = session(model).run(["y"], {"x": x})[0]
+    y = session(graph.model).run([graph.forward_outputs["y"]], {"x": x, graph.cotangent_inputs["y"]: np.ones_like(kernels)})[0]
+    np.testing.assert_allclose(y, kernels, rtol=0, atol=0.03 + 1e-6)
+    g = run_gradient(graph, {"x": x}, {"y": np.ones_like(kernels)})["x"]
+    # the gradient passes (as 1) where both the input and the sum are representable
+    constant = (numpy_helper.to_array(inits[4]).astype(np.float32) - 120) * np.float32(0.01)
+    x_real = (np.clip(np.round(x / _S) + 128, 0, 255) - 128) * _S
+    sum_level = np.round((x_real + constant) / np.float32(0.03)) + 100
+    expected = _representable(x, _S, 128, 0, 255) & (sum_level >= 0) & (sum_level <= 255)
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_allclose(g, expected.astype(np.float32), rtol=1e-5, atol=1e-6)

@@ -104,7 +104,7 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         inp = list(node.input) + [""] * 9
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         standard, contrib = node.domain in STANDARD, node.domain == CONTRIB
-        if standard and op == "QuantizeLinear":
+        if (standard or contrib) and op == "QuantizeLinear":
             quant[node.output[0]] = (inp[1], inp[2])
         elif standard and op in _PASS and node.input and node.input[0] in quant:
             if op == "MaxPool":
@@ -155,7 +155,7 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             if inp[7]:
                 q(y, inp[7], inp[8], node.output[0], label)
             continue
-        elif contrib and op in _ELEMENTWISE and inp[0] in quant and inp[3] in quant:
+        elif contrib and op in _ELEMENTWISE and inp[0] in quant and (inp[3] in quant or inp[3] in constants):
             y = fresh(f"{label}_float")
             nodes.append(helper.make_node(_ELEMENTWISE[op], [dq(inp[0], label, inp[1], inp[2]),
                                                              dq(inp[3], label, inp[4], inp[5])], [y], name=label))
