@@ -40,7 +40,7 @@ def layer_tensor(model: LoadedModel, layer: str) -> str:
     if not layer:
         raise InvalidArgument("layer", "required: a 4-D feature tensor or its node")
     tensor = resolve_tensor(model.proto, layer, kind="layer")
-    require_activation(model, tensor, "layer", layer)
+    require_activation(model, tensor, "layer", layer, differentiable=True)
     require_channels_first(model, tensor, "layer", layer)
     info = model.infos.get(tensor)
     if info is not None and info.shape is not None and len(info.shape) != 4:

@@ -168,12 +168,12 @@ def objective_tensor_name(model: LoadedModel, obj: Objective) -> str:
         if not obj.layer:
             return class_scores_tensor(model)
         tensor = resolve_tensor(model.proto, obj.layer, kind="output")
-        require_activation(model, tensor, "target.output.output", obj.layer)
+        require_activation(model, tensor, "target.output.output", obj.layer, differentiable=True)
         return tensor
     if not obj.layer:
         raise InvalidArgument("target.layer", "required for channel, neuron and tensor targets")
     tensor = resolve_tensor(model.proto, obj.layer, kind="layer")
-    require_activation(model, tensor, f"target.{obj.kind}.layer", obj.layer)
+    require_activation(model, tensor, f"target.{obj.kind}.layer", obj.layer, differentiable=True)
     return tensor
 
 

@@ -94,13 +94,14 @@ def free_size_image_bytes(model, x) -> int | None:
     return None if ratio is None else int(ratio * x[:1].nbytes)
 
 
-def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
+def check_free_size_input(model, feeds: dict, field: str = "input", images: int = 1) -> None:
     """RESOURCE_EXHAUSTED naming `field` when a model whose image size is free (symbolic height /
     width) gets images one of which would take, in a run, more than half of the machine's memory
     (`free_size_image_bytes` times RUN_BYTES_PER_ESTIMATED_BYTE): two runs go at once by default
     (--max-concurrent-runs), beside the cached sessions. A 91-byte PNG with preprocess size 8192 x
     8192 took a small ResNet to 8 GB; a SqueezeNet at 5600 x 5600 (estimated 16 GiB, under the
-    whole memory that was the bound) had the kernel kill the server."""
+    whole memory that was the bound) had the kernel kill the server. `images`: how many of them one
+    run takes together (activation maximization runs its whole batch at once)."""
     found = model.memo("image_input_axes", lambda: image_input(model.proto, model.infos))
     if found is None or found[0] not in feeds:
         return
@@ -108,11 +109,13 @@ def check_free_size_input(model, feeds: dict, field: str = "input") -> None:
     one = free_size_image_bytes(model, x)
     if one is None:
         return
-    need = one * RUN_BYTES_PER_ESTIMATED_BYTE
+    need = one * RUN_BYTES_PER_ESTIMATED_BYTE * max(1, images)
     limit = physical_memory_bytes() / 2
     if need > limit:
         axes = found[1]
-        raise ResourceExhausted(f"{field}: an image of {x.shape[axes[0]]} x {x.shape[axes[1]]} takes an estimated "
+        what = "an image" if images <= 1 else f"{images} images"
+        verb = "takes" if images <= 1 else "take"
+        raise ResourceExhausted(f"{field}: {what} of {x.shape[axes[0]]} x {x.shape[axes[1]]} {verb} an estimated "
                                 f"{need / GiB:.1f} GiB in a run of this model (its image size is free), over half "
                                 f"of the server's memory ({limit / GiB:.1f} GiB of {2 * limit / GiB:.1f}): send "
                                 "smaller images")

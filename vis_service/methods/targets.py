@@ -80,11 +80,23 @@ def computed_from_inputs(model: LoadedModel) -> set[str]:
     return model.memo("computed_from_inputs", lambda: dependents(model.proto.graph, model.input_names))
 
 
-def require_activation(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:
-    """INVALID_ARGUMENT naming `field` unless `tensor` is computed from the model's inputs."""
-    if tensor in computed_from_inputs(model):
-        return
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def require_activation(model: LoadedModel, tensor: str, field: str, given: str = "",
+                       differentiable: bool = False) -> None:
+    """INVALID_ARGUMENT naming `field` unless `tensor` is computed from the model's inputs, and, where
+    it is differentiated (`differentiable`), a float tensor (a quantized model's integer tensors were
+    refused deep in the engine, naming its own field and an internal tensor)."""
     named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
+    if tensor in computed_from_inputs(model):
+        info = model.infos.get(tensor)
+        if differentiable and info is not None and info.elem_type not in _FLOAT_TYPES:
+            kind = onnx.TensorProto.DataType.Name(info.elem_type)
+            raise InvalidArgument(field, f"{named} is an integer tensor ({kind}, e.g. a quantized model's), which no "
+                                         "gradient flows through; name a float layer (in a QDQ model a "
+                                         "DequantizeLinear output; an operator-form quantized model has none inside)")
+        return
     if any(t.name == tensor for t in model.proto.graph.initializer):
         what = "is a weight (initializer), not an activation"
     else:
@@ -122,11 +134,22 @@ def require_channels_first(model: LoadedModel, tensor: str, field: str, given: s
         raise InvalidArgument(field, f"{named} has shape {shape}: its first axis is not the images' batch "
                                      f"({model.infos[model.image_input].shape[0]!r}), the images are folded into "
                                      "other axes; name a layer that keeps them apart")
+    axes_of = model.memo("spatial_axes", lambda: spatial_axes(model.proto))
+    named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
+    info = model.infos.get(tensor)
+    if (tensor not in axes_of and info is not None and info.shape is not None and len(info.shape) == 4
+            and tuple(axes_of.get(model.image_input or "", ())) not in ((), (2, 3))):
+        # a channels-last model (Keras via tf2onnx) whose tensor lost its trace at a reshape or a Dense
+        # layer (a LayerNormalization's, a ConvNeXt block's): [N, H, W, C] there as elsewhere in it, read
+        # as [N, C, H, W] it had its rows taken for channels, without an error
+        near = _nearest_channels_first(model, tensor, axes_of)
+        hint = f": e.g. {near!r}, the nearest channels-first tensor" if near else ""
+        raise InvalidArgument(field, f"{named} could not be traced to [N, C, H, W] (its axes are lost at a reshape "
+                                     f"or a Dense layer) in a model that takes channels-last images: it is likely "
+                                     f"[N, H, W, C]; channels are picked from tensors traced to [N, C, H, W]{hint}")
     if not channels_last(model, tensor):
         return
-    axes_of = model.memo("spatial_axes", lambda: spatial_axes(model.proto))
     axes = axes_of[tensor]
-    named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
     near = _nearest_channels_first(model, tensor, axes_of)
     hint = f": e.g. {near!r}, the nearest channels-first tensor" if near else ""
     raise InvalidArgument(field, f"{named} is channels-last [N, H, W, C] (rows and columns on axes {axes[0]} and "
@@ -151,7 +174,8 @@ def _nearest_channels_first(model: LoadedModel, tensor: str, axes_of: dict) -> s
             node = producers.get(t)
             neighbours = list(node.input) if node is not None else []
             neighbours += [o for n in consumers.get(t, []) for o in n.output]
-            nxt += [x for x in neighbours if x and x not in seen and x in axes_of]
+            # through untraced tensors too (a LayerNormalization's reshapes), to the traced ones
+            nxt += [x for x in neighbours if x and x not in seen and (x in axes_of or x in model.infos)]
             seen.update(nxt)
         frontier = nxt
     return None

@@ -101,6 +101,9 @@ def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeS
     limits.check_optimization_memory("batch", s.batch, (c, h, w), "images")
     x_example = pmap.to_model(np.full((s.batch, c, h, w), 0.5))
     limits.check_input_fits(model, {model.image_input: x_example.shape}, "preprocess.size")
+    # the images never pass the servicer's input checks (they are made here): a free-size model at a
+    # large preprocess size took the server to all of its memory
+    limits.check_free_size_input(model, {model.image_input: x_example}, "preprocess.size", images=s.batch)
     rng = np.random.default_rng(s.seed)
     param = make_parameterization(s.parameterization, s.batch, c, h, w, rng, std=s.init_std,
                                   decay=s.fourier_decay, decorrelate=s.decorrelate)

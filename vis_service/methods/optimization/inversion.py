@@ -95,7 +95,7 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
         raise InvalidArgument("input", f"send exactly one reference image, got a batch of {reference.shape[0]}")
     layers = [resolve_tensor(model.proto, name, kind="layer") for name in s.layers] or [class_scores_tensor(model)]
     for i, (name, layer) in enumerate(zip(s.layers, layers)):
-        require_activation(model, layer, f"layers[{i}]", name)
+        require_activation(model, layer, f"layers[{i}]", name, differentiable=True)
     pmap = PixelMap(spec)
     h, w = spec.size
     c = pmap.channels

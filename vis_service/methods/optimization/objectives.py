@@ -250,19 +250,20 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
         mask[images if images else slice(None)] = True
         masks[:, i] = mask
         if term.kind == "class_score":
+            # a node's name (e.g. the Softmax's) stands for its output, in both branches
+            output = resolve_tensor(model.proto, term.layer, kind="output") if term.layer else None
             if term.probability:
-                sm = softmax_node(model, term.layer or None)
+                sm = softmax_node(model, output)
                 if sm is not None:
-                    tensor = term.layer or model.output_names[0]
+                    tensor = output or model.output_names[0]
                     layer = tensor
                 else:
-                    scores = class_scores_tensor(model, term.layer or None)
+                    scores = class_scores_tensor(model, output)
                     heads.append(Head("softmax", scores))
                     tensor, layer = heads[-1].output, scores
                     shape = (batch, int(np.prod(shape_of(scores)[1:])))
             else:
-                tensor = class_scores_tensor(model, resolve_tensor(model.proto, term.layer, kind="output")
-                                             if term.layer else None)
+                tensor = class_scores_tensor(model, output)
                 layer = tensor
             if not tensor.startswith("__opt_"):
                 shape = shape_of(tensor)
@@ -276,7 +277,7 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
             if not term.layer:
                 raise InvalidArgument(f"{f}.{term.kind}.layer", "required")
             layer = resolve_tensor(model.proto, term.layer, kind="layer")
-            require_activation(model, layer, f"{f}.{term.kind}.layer", term.layer)
+            require_activation(model, layer, f"{f}.{term.kind}.layer", term.layer, differentiable=True)
             shape = shape_of(layer)
             tensor = layer
             if term.kind == "layer":
@@ -325,7 +326,7 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
     if diversity > 0:
         dl = resolve_tensor(model.proto, diversity_layer, kind="layer") if diversity_layer else layers[0]
         if diversity_layer:  # a weight has a 4-D shape too, and no rows of the batch to compare
-            require_activation(model, dl, "diversity_layer", diversity_layer)
+            require_activation(model, dl, "diversity_layer", diversity_layer, differentiable=True)
         dshape = shape_of(dl)
         if len(dshape) != 4:
             raise InvalidArgument("diversity_layer", f"needs a 4-D feature map; {dl!r} has shape {list(dshape)}")
