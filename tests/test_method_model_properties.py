@@ -610,6 +610,8 @@ def test_an_untraced_map_of_a_channels_last_model_is_not_read_as_channels_first(
     x = images(2, (8, 8), seed=3).transpose(0, 2, 3, 1).repeat(3, axis=3)
     for call in (lambda: client.gradient(m, x, Target.channel("untraced", 1)),
                  lambda: client.maximize(m, [Objective.channel("untraced", 1)], steps=1),
+                 lambda: client.maximize(m, [Objective.channel("r", 1)], steps=1, batch=2, diversity=1.0,
+                                         diversity_layer="untraced"),
                  lambda: client.deconvnet(m, x, "untraced")):
         with pytest.raises(InvalidArgument) as e:
             call()

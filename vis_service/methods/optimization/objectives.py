@@ -330,6 +330,8 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
         dshape = shape_of(dl)
         if len(dshape) != 4:
             raise InvalidArgument("diversity_layer", f"needs a 4-D feature map; {dl!r} has shape {list(dshape)}")
+        # its Gram matrices read [N, C, H*W]: a channels-last map would compare rows
+        require_channels_first(model, dl, "diversity_layer", diversity_layer or dl)
         if batch < 2:
             raise InvalidArgument("diversity", "needs batch >= 2")
         heads.append(Head("gram_similarity", dl))
