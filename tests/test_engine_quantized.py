@@ -367,6 +367,17 @@ def _single_operator_form_op(op: str):
     return complete_types(prepare_model(model, symbolic_batch=False))
 
 
+def _against_the_integer_kernel(model, x: np.ndarray) -> np.ndarray:
+    """The rewritten graph's y equals onnxruntime's integer kernel's to one output step (0.03); returns
+    the input gradient of sum(y)."""
+    graph = build_gradient_model(model, ["y"], ["x"])
+    kernels = session(model).run(["y"], {"x": x})[0]
+    ones = np.ones_like(kernels)
+    y = session(graph.model).run([graph.forward_outputs["y"]], {"x": x, graph.cotangent_inputs["y"]: ones})[0]
+    np.testing.assert_allclose(y, kernels, rtol=0, atol=0.03 + 1e-6)
+    return run_gradient(graph, {"x": x}, {"y": ones})["x"]
+
+
 @pytest.mark.parametrize("op", ["QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
                                 "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu"])
 def test_operator_form_ops_are_rewritten_faithfully(op):
@@ -375,11 +386,7 @@ def test_operator_form_ops_are_rewritten_faithfully(op):
     gradient: the float op's, masked where an integer saturates."""
     model = _single_operator_form_op(op)
     x = (np.random.default_rng(11).standard_normal((1, 4, 6, 6)) * 2).astype(np.float32)
-    graph = build_gradient_model(model, ["y"], ["x"])
-    kernels = session(model).run(["y"], {"x": x})[0]
-    y = session(graph.model).run([graph.forward_outputs["y"]], {"x": x, graph.cotangent_inputs["y"]: np.ones_like(kernels)})[0]
-    np.testing.assert_allclose(y, kernels, rtol=0, atol=0.03 + 1e-6)
-    g = run_gradient(graph, {"x": x}, {"y": np.ones_like(kernels)})["x"]
+    g = _against_the_integer_kernel(model, x)
     assert np.isfinite(g).all() and np.abs(g).max() > 0
 
 
@@ -398,11 +405,7 @@ def test_operator_form_add_of_a_constant_operand():
         graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(_CONTRIB, 1)], ir_version=8),
         symbolic_batch=False))
     x = (np.random.default_rng(13).standard_normal((1, 4, 6, 6)) * 2).astype(np.float32)
-    graph = build_gradient_model(model, ["y"], ["x"])
-    kernels = session(model).run(["y"], {"x": x})[0]
-    y = session(graph.model).run([graph.forward_outputs["y"]], {"x": x, graph.cotangent_inputs["y"]: np.ones_like(kernels)})[0]
-    np.testing.assert_allclose(y, kernels, rtol=0, atol=0.03 + 1e-6)
-    g = run_gradient(graph, {"x": x}, {"y": np.ones_like(kernels)})["x"]
+    g = _against_the_integer_kernel(model, x)
     # the gradient passes (as 1) where both the input and the sum are representable
     constant = (numpy_helper.to_array(inits[4]).astype(np.float32) - 120) * np.float32(0.01)
     x_real = (np.clip(np.round(x / _S) + 128, 0, 255) - 128) * _S
