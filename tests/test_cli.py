@@ -75,7 +75,7 @@ def test_size_option_runs_a_free_size_model_on_image_files(server, client, digit
     client.load_model(proto.SerializeToString(), "digits_free_cli", config=config)
     img = str(digit_images[0])
     assert run(server, "saliency", "digits_free_cli", "--images", img, "--out", str(tmp_path / "no_size")) == 1
-    assert "give size [H, W]" in capsys.readouterr().err
+    assert "give size [H, W] (on the command line: --size H W)" in capsys.readouterr().err
     assert run(server, "saliency", "digits_free_cli", "--images", img, "--size", "40", "36",
                "--out", str(tmp_path / "s")) == 0
     pngs = list((tmp_path / "s").glob("*.png"))
@@ -119,12 +119,38 @@ def test_inspect_leaves_out_constant_nodes_unless_asked(server, client, tmp_path
     (["inspect", "no-such-model"], "NOT_FOUND"),
     (["activations", "digits", "--images", "missing.png", "--layers", "conv1", "--out", "x"], "missing.png"),
     (["filters", "digits", "--layer", "relu1", "--out", "x"], "INVALID_ARGUMENT"),
+    (["maximize", "digits", "--layer", "conv1", "--neuron", "3", "3", "--steps", "2", "--out", "x"],
+     "give --channel C with --neuron Y X"),
 ])
 def test_errors_exit_1_with_one_line(server, args, fragment, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run(server, *args) == 1
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["saliency", "digits", "--images", "missing.png", "--out", "x"],
+                                  ["maximize", "digits", "--layer", "conv1", "--steps", "2", "--out", "x"]])
+def test_errors_are_one_line_when_run_as_python_m_vis_client_cli(server, args, tmp_path):
+    """Run as `python -m vis_client.cli` the module is loaded twice (__main__ and vis_client.cli): the
+    subcommand modules' CliError was another class than the one main() catches, and users got a
+    traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vis_client.cli", "--address", server.address, *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr and done.stderr.startswith("error: "), done.stderr
+
+
+def test_gradient_command_finds_the_channels_of_a_model_without_a_layout_in_its_config():
+    """`vis gradient` took the max over the image's rows of an NHWC gradient (no config: the layout
+    defaulted to NCHW) and drew stripes; the layout is the server's: colours on the last axis."""
+    from vis_client.cli import _image_layout
+
+    assert _image_layout(np.zeros((2, 64, 64, 3))) == "NHWC"
+    assert _image_layout(np.zeros((2, 3, 64, 64))) == "NCHW" and _image_layout(np.zeros((2, 1, 28, 28))) == "NCHW"
 
 
 def test_connection_options_after_the_command(server, capsys):

@@ -413,3 +413,20 @@ def test_operator_form_add_of_a_constant_operand():
     expected = _representable(x, _S, 128, 0, 255) & (sum_level >= 0) & (sum_level <= 255)
     assert 0 < expected.sum() < expected.size
     np.testing.assert_allclose(g, expected.astype(np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_operator_form_model_through_the_service_cam_refuses_the_input_as_its_layer(client, tmp_path, digit_images):
+    """An operator-form model has no float map between its input and its scores: Grad-CAM's default
+    layer was the input itself (a 'CAM' of the pixels, status OK); refused now, naming `layer`. Its
+    input-gradient methods run."""
+    float_model, operator_form, images = _quantized_default_model(tmp_path, digit_images, "QOperator")
+    model = client.load_model(operator_form.SerializeToString())
+    assert model.gradients_supported
+    # Inspect counts its integer weights (it counted none: 52 "parameters" for an 11.7 MB ResNet-18)
+    float_count = client.inspect(client.load_model(float_model.SerializeToString())).parameter_count
+    assert client.inspect(model).parameter_count >= float_count
+    with pytest.raises(Exception) as e:
+        client.grad_cam(model, images[:2], 3)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "no 4-D float feature map" in e.value.details
+    saliency = client.saliency(model, images[:2], 3)
+    assert np.isfinite(saliency.attribution).all() and np.abs(saliency.attribution).max() > 0

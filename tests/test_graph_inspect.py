@@ -89,3 +89,24 @@ def test_parameter_counting_rules():
     assert c.output_shapes == (("N", 4, 4, 4),)
     assert c.receptive_fields["c"].size == (5, 5) and c.receptive_fields["c"].jump == (1, 1)
     assert not s.nodes[4].receptive_fields     # 2-D output
+
+
+def test_layer_suggestions_leave_out_weights_listed_as_graph_inputs():
+    """An export that lists its weights among the graph inputs (keep_initializers_as_inputs) offered
+    them as close matches for a layer name, each then refused as a constant."""
+    import numpy as np
+    import onnx
+    import pytest
+    from onnx import helper, numpy_helper
+
+    from vis_service.errors import NotFound
+    from vis_service.graph.names import resolve_tensor
+
+    w = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "stages.0.conv.weight")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "stages.0.conv.weight"], ["stages.0.conv.out"], name="stages.0.conv")],
+                              "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8]),
+                                    helper.make_tensor_value_info("stages.0.conv.weight", onnx.TensorProto.FLOAT, [2, 1, 3, 3])],
+                              [helper.make_tensor_value_info("stages.0.conv.out", onnx.TensorProto.FLOAT, None)], [w])
+    with pytest.raises(NotFound) as e:
+        resolve_tensor(helper.make_model(graph), "stages.0")
+    assert "stages.0.conv.weight" not in str(e.value) and "stages.0.conv" in str(e.value)

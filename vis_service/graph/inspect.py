@@ -27,6 +27,11 @@ _DATATYPES = {
     onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.STRING: "BYTES",
 }
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+# parameters counted: float weights, and a quantized model's integer ones (its int32 biases included;
+# shape constants are int64)
+_PARAMETER_TYPES = _FLOATS | {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                              onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.INT4,
+                              onnx.TensorProto.UINT4}
 
 
 def datatype_name(elem_type: int) -> str:
@@ -143,7 +148,7 @@ def inspect_model(model: onnx.ModelProto, fields: tuple[dict | None, tuple[int, 
         n = 0
         if name in inits:
             t = inits[name]
-            if t.data_type in _FLOATS:
+            if t.data_type in _PARAMETER_TYPES:
                 n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
         else:
             info = infos.get(name)

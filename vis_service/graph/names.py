@@ -32,4 +32,6 @@ def resolve_tensor(model: onnx.ModelProto, name: str, *, kind: str = "layer") ->
     for node, shown in zip(model.graph.node, display):
         if name in (node.name, shown) and node.output:
             return node.output[0]
-    raise NotFound(kind, name, produced + display)
+    # suggestions: no weights (exports that list them among the graph inputs offered only biases and
+    # norm weights for a block's name, each then refused as a constant)
+    raise NotFound(kind, name, [n for n in produced if n not in init] + display)

@@ -226,17 +226,27 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
 
 
 def resolve_cam_layer(model: LoadedModel, layer: str, scores: str, field: str = "layer") -> str:
-    """The tensor of a named layer (NOT_FOUND with suggestions) or the default; must be 4-D."""
+    """The tensor of a named layer (NOT_FOUND with suggestions) or the default; must be 4-D. A default
+    that is the image input itself (no float map between it and the scores: an operator-form quantized
+    model keeps its maps as integers) is refused: a map of the input explains nothing."""
+    inputs = {i.name for i in model.proto.graph.input}
     if not layer:
-        return default_layer(model, scores).layer
+        default = default_layer(model, scores).layer
+        if default in inputs:
+            raise InvalidArgument(field, f"no 4-D float feature map [N, C, H, W] between the input and the class "
+                                         f"scores {scores!r} (a quantized model in operator form keeps its maps as "
+                                         "integers); name one in `layer`")
+        return default
     tensor = resolve_tensor(model.proto, layer, kind="layer")
     require_activation(model, tensor, field, layer)
     require_channels_first(model, tensor, field, layer)
     info = model.infos.get(tensor)
     if info is None or info.shape is None or len(info.shape) != 4 or info.elem_type not in FLOAT_TYPES:
         shape = "unknown" if info is None or info.shape is None else list(info.shape)
+        default = default_layer(model, scores).layer
+        hint = f"; try the default {default!r}" if default not in inputs else ""
         raise InvalidArgument(field, f"{layer!r} (tensor {tensor!r}, shape {shape}) is not a 4-D float feature map "
-                                     f"[N, C, H, W]; try the default {default_layer(model, scores).layer!r}")
+                                     f"[N, C, H, W]{hint}")
     return tensor
 
 

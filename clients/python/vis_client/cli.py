@@ -23,14 +23,10 @@ import numpy as np
 from . import cli_attribution, cli_localization, cli_optimization
 from .client import PRESETS, Client, Model
 from .display import display_image, model_color
-from .errors import VisError
+from .errors import CliError, VisError
 from .tensors import CorruptStream
 
 DEFAULT_ADDRESS = os.environ.get("VIS_ADDRESS", "127.0.0.1:50051")
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 1."""
 
 
 # ----------------------------------------------------------------------------
@@ -293,6 +289,14 @@ def cmd_filters(client: Client, args) -> None:
     print(f"wrote {path}  ({how})")
 
 
+def _image_layout(batch: np.ndarray) -> str:
+    """NHWC where the last axis holds the colours (1 or 3) and axis 1 does not, as the server decides
+    for a model without a layout in its config (tf2onnx's Keras models); else NCHW."""
+    if batch.ndim == 4 and batch.shape[-1] in (1, 3) and batch.shape[1] not in (1, 3):
+        return "NHWC"
+    return "NCHW"
+
+
 def cmd_gradient(client: Client, args) -> None:
     _check_images(args.images)
     render = _render()
@@ -315,7 +319,7 @@ def cmd_gradient(client: Client, args) -> None:
             inputs = next(iter(inputs.values()), None)
         except VisError:
             inputs = None
-    layout = str(model.config.get("input", {}).get("layout", "") or "NCHW").upper()
+    layout = str(model.config.get("input", {}).get("layout", "") or "").upper() or _image_layout(grad)
     ch_axis = -1 if layout == "NHWC" else 0
     for i, (path_in, stem) in enumerate(zip(args.images, _stems(args.images))):
         gi = grad[i]
@@ -433,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.address, timeout=args.timeout) as client:
             args.func(client, args)
     except VisError as e:
-        print(f"error: {e.code.name}: {e.details or 'request failed'}", file=sys.stderr)
+        details = e.details or "request failed"
+        if "give size [H, W]" in details:   # the API field; here the flag is the way to give it
+            details += " (on the command line: --size H W)"
+        print(f"error: {e.code.name}: {details}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # the reader went away (vis inspect M | head): nothing left to say, and nobody to say it to

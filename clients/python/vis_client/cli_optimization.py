@@ -119,6 +119,8 @@ def cmd_maximize(client, args) -> None:
         terms = [Objective.layer_l2(args.layer)]
         what = f"deep dream {args.layer}"
     elif args.neuron:
+        if args.channel is None:
+            raise cli.CliError("give --channel C with --neuron Y X")
         terms = [Objective.neuron(args.layer, args.channel, args.neuron[0], args.neuron[1])]
         what = f"{args.layer} channel {args.channel} at {tuple(args.neuron)}"
     else:
@@ -193,7 +195,7 @@ def register(sub, add_input) -> None:
     p = sub.add_parser("maximize", help="activation maximization of a channel / neuron / layer (Lucid-style)")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--layer", required=True, help="tensor or node whose activation is maximized")
-    p.add_argument("--channel", type=int, default=None, help="channel of the layer (default: the whole layer's mean)")
+    p.add_argument("--channel", type=int, default=None, help="channel of the layer (required unless --deepdream)")
     p.add_argument("--neuron", type=int, nargs=2, metavar=("Y", "X"), default=None,
                    help="a single unit of the channel instead of the channel mean")
     p.add_argument("--deepdream", action="store_true", help="maximize the mean square of the whole layer")

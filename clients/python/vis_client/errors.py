@@ -81,3 +81,9 @@ def from_rpc_error(err: grpc.RpcError) -> VisError:
     if code == grpc.StatusCode.CANCELLED:
         return Cancelled(details or "cancelled")
     return _BY_CODE.get(code, VisError)(code, details or "")
+
+
+class CliError(Exception):
+    """A user-facing error of the `vis` command line: printed as one line, exit code 1. Here, not in
+    cli.py: run as `python -m vis_client.cli`, that module is loaded twice (as __main__ and as the
+    package's cli the subcommand modules import), and a class of its own would be two classes."""
