@@ -153,6 +153,26 @@ def test_gradient_command_finds_the_channels_of_a_model_without_a_layout_in_its_
     assert _image_layout(np.zeros((2, 3, 64, 64))) == "NCHW" and _image_layout(np.zeros((2, 1, 28, 28))) == "NCHW"
 
 
+def test_activations_command_draws_an_nhwc_image_tensor_as_its_colour_maps(server, client, digit_images, tmp_path,
+                                                                          capsys):
+    """`vis activations` drew a channels-last model's input [N, H, W, 3] as 32 maps of W x 3: it is 3
+    maps of H x W (the layout rule of `vis gradient`)."""
+    import onnx
+    from onnx import helper
+
+    pytest.importorskip("matplotlib")
+    graph = helper.make_graph([helper.make_node("Transpose", ["x"], ["xc"], perm=[0, 3, 1, 2]),
+                               helper.make_node("GlobalAveragePool", ["xc"], ["p"]),
+                               helper.make_node("Flatten", ["p"], ["logits"])], "nhwc",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32, 32, 3])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)])
+    client.load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+                      .SerializeToString(), "cli_nhwc")
+    assert run(server, "activations", "cli_nhwc", "--images", str(digit_images[0]), "--layers", "x",
+               "--out", str(tmp_path / "a")) == 0
+    assert "(3 of 3 maps" in capsys.readouterr().out
+
+
 def test_connection_options_after_the_command(server, capsys):
     """`vis models --address H:P` works as `vis --address H:P models` does; given after the command it wins."""
     assert cli.main(["models", "--address", server.address]) == 0

@@ -249,6 +249,8 @@ def cmd_activations(client: Client, args) -> None:
         if a.ndim == 3:
             print("  (not a 4-D feature map; no image written)")
             continue
+        if _image_layout(a) == "NHWC":   # an image-like channels-last tensor (a Keras model's input)
+            a = a.transpose(0, 3, 1, 2)
         h, w = a.shape[2:]
         up = min(8, max(1, math.ceil(32 / max(1, min(h, w)))))
         for i, stem in enumerate(stems[:a.shape[0]]):
