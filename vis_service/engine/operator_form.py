@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
+
+from ..graph.loading import infer
 
 STANDARD = ("", "ai.onnx")
 CONTRIB = "com.microsoft"
@@ -176,5 +178,6 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    # the new float tensors typed by inference (the rewritten ops are standard ones)
-    return shape_inference.infer_shapes(out, check_type=False, strict_mode=False, data_prop=True)
+    # the new float tensors typed by inference (the rewritten ops are standard ones), on the weightless
+    # graph as prepare_model infers
+    return infer(out)

@@ -263,9 +263,9 @@ def _real_inputs_copy(model: onnx.ModelProto, field: str) -> onnx.ModelProto:
 
 def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto:
     """Infer shapes; fold constants and free hard-coded batches until nothing changes."""
-    m = _infer(m, field)
+    m = infer(m, field)
     if _cast_likes_to_casts(m):
-        m = _infer(m, field)
+        m = infer(m, field)
     batch = _batch_symbols(m)
     _recover_batch_symbols(m, batch)
     # A freed Reshape can reveal the next hard-coded one downstream (ShuffleNet's channel
@@ -282,7 +282,7 @@ def _normalize(m: onnx.ModelProto, field: str, *, free: bool) -> onnx.ModelProto
         if not changed:
             break
         _clear_inferred(m)
-        m = _infer(m, field)
+        m = infer(m, field)
         _recover_batch_symbols(m, batch)
     return m
 
@@ -322,7 +322,7 @@ def _cast_likes_to_casts(m: onnx.ModelProto) -> bool:
 _SHAPE_KEEPING_UNINFERRED = frozenset({"MeanVarianceNormalization", "GroupNormalization"})
 
 
-def _infer(m: onnx.ModelProto, field: str) -> onnx.ModelProto:
+def infer(m: onnx.ModelProto, field: str = "model") -> onnx.ModelProto:
     """A copy of `m` with shapes inferred. Inference runs on the weightless graph (what it reads of a
     large initializer is its type and shape; small ones, the shape constants, keep their values):
     it serializes the model it is given, weights and all, and prepare_model infers once per folding

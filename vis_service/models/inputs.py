@@ -105,7 +105,6 @@ def static_sizes(model: LoadedModel, shapes) -> tuple:
     return tuple(out)
 
 
-
 def shapes_at_sizes(model: LoadedModel, sizes: tuple):
     """The model's weightless graph at `sizes` (from static_sizes; graph.loading.shapes_at), made once
     per size and shared by what reads shapes there: the too-small check, receptive fields, occlusion's
