@@ -103,7 +103,7 @@ def test_conv(attrs, group):
 ])
 @pytest.mark.parametrize("opset", [17, 9])
 def test_conv_large_kernel_strided(kernel, stride, pads, size, opset):
-    """The polyphase adjoint (one Conv over all output phases, then DepthToSpace); opset 9:
+    """The polyphase adjoint (one Conv over all output phases, then interleaved); opset 9:
     the light_* graphs' form (Slice and Pad as attributes)."""
     check("Conv", {"x": (2, 3) + size}, {"w": weights(5, 3, kernel, kernel)}, kind=LINEAR, opset=opset,
           strides=[stride, stride], pads=pads)
@@ -157,7 +157,7 @@ def test_conv_weights_computed_in_graph():
 def test_strided_stem_scaled_by_batchnorm_takes_the_polyphase_adjoint():
     """A 7x7/2 stem whose BatchNorm the model did not fold (the light_* graphs): the rule scales the
     weights by the BatchNorm factor in emitted nodes, and folded_value evaluates them at build time
-    so that the polyphase adjoint (Conv + DepthToSpace) applies instead of a ConvTranspose."""
+    so that the polyphase adjoint (Conv, then the phases interleaved) applies instead of a ConvTranspose."""
     import onnx
     from onnx import helper, numpy_helper
     from _engine_helpers import adjoint_check as check_model
@@ -177,8 +177,11 @@ def test_strided_stem_scaled_by_batchnorm_takes_the_polyphase_adjoint():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     model = prepare_model(model)
-    ops = {n.op_type for n in build_gradient_model(model, ["r"], ["x"]).model.graph.node}
-    assert "DepthToSpace" in ops and "ConvTranspose" not in ops
+    nodes = build_gradient_model(model, ["r"], ["x"]).model.graph.node
+    assert any(n.op_type == "Conv" and "phase_weight" in n.input[1] for n in nodes)
+    # the only ConvTranspose interleaves the phases (a one-hot 2x2/2 kernel), none is the 7x7 adjoint
+    transposed = [n for n in nodes if n.op_type == "ConvTranspose"]
+    assert len(transposed) == 1 and "interleave" in transposed[0].input[1]
     x = r.standard_normal((2, 3, 15, 14)).astype(np.float32)
     assert check_model(model, {"x": x}, ["r"], ["x"], eps=1e-2).relative_error < 1e-3
 
