@@ -173,6 +173,20 @@ def test_activations_command_draws_an_nhwc_image_tensor_as_its_colour_maps(serve
     assert "(3 of 3 maps" in capsys.readouterr().out
 
 
+def test_activations_command_draws_a_channels_last_feature_map_as_its_channels(server, client, digit_images,
+                                                                               tmp_path, capsys):
+    """A ConvNeXt block's [N, H, W, C] map (4 x 4 positions, 16 channels) was drawn as 4 maps of 4 x 16;
+    the server's traced layout makes it 16 maps of 4 x 4."""
+    pytest.importorskip("matplotlib")
+    from test_method_model_properties import convnext_like
+
+    client.load_model(convnext_like(), "cli_convnext")
+    assert run(server, "activations", "cli_convnext", "--images", str(digit_images[0]), "--layers", "fc1", "stem",
+               "--size", "16", "16", "--out", str(tmp_path / "a")) == 0
+    out = capsys.readouterr().out
+    assert "(16 of 16 maps" in out and "(8 of 8 maps" in out, out
+
+
 def test_connection_options_after_the_command(server, capsys):
     """`vis models --address H:P` works as `vis --address H:P models` does; given after the command it wins."""
     assert cli.main(["models", "--address", server.address]) == 0

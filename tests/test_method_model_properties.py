@@ -417,6 +417,18 @@ def test_channels_last_layers_are_refused_where_a_channel_is_picked(client, digi
     _still_serves(client, digits)
 
 
+def test_activations_name_the_layout_the_server_traced(client, digits):
+    """Activations say which results are [N, H, W, C] (the ConvNeXt block's, traced through its
+    Transposes, LayerNormalization and MatMuls) and which [N, C, H, W]: a client reading axis 1 as
+    channels drew the block's maps as 4 rows of 4 x 16. Vectors and untraced tensors get none."""
+    model = _load(client, convnext_like(), "convnext_layouts")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, 16, 16)).astype(np.float32)
+    res = client.activations_result(model, x, ["stem", "to_nhwc", "fc1", "back", "logits"])
+    assert res.layouts == {"stem": "NCHW", "to_nhwc": "NHWC", "fc1": "NHWC", "back": "NCHW"}
+    assert res.tensors["fc1"].shape == (2, 4, 4, 16) and res.tensors["back"].shape == (2, 8, 4, 4)
+    _still_serves(client, digits)
+
+
 def test_a_free_size_model_refuses_images_whose_activations_exceed_memory(client, digits):
     """A model whose height and width are symbolic takes any image size the request asks for:
     a 100-byte PNG with preprocess size 4096 x 4096 meant ~270 GB of activations for this net

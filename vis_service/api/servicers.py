@@ -170,7 +170,8 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
         with cancellable(context):
             values = activations.compute_activations(self.s.runtime, model, feeds, list(request.layers),
                                                      allocate=region.allocate if region is not None else None)
-        yield from self.s.stream(values, region, labels=activations.class_labels(model, values))
+        yield from self.s.stream(values, region, labels=activations.class_labels(model, values),
+                                 layouts=activations.layouts(model, values))
 
     @handles_errors
     def Filters(self, request, context):

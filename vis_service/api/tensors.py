@@ -105,7 +105,7 @@ def shared_memory_chunk(name: str, arr: np.ndarray, shm_offset: int) -> vis_pb2.
 
 def result_stream(tensors: Mapping[str, np.ndarray], *, scalars: Mapping[str, float] | None = None,
                   labels: Mapping[str, list[str]] | None = None, text: Mapping[str, str] | None = None,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  layouts: Mapping[str, str] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                   region: SharedRegion | None = None) -> Iterator[vis_pb2.ResultChunk | bytes]:
     """The tail of every analysis stream: the tensors' chunks (pre-serialized), then one ResultInfo.
 
@@ -134,4 +134,6 @@ def result_stream(tensors: Mapping[str, np.ndarray], *, scalars: Mapping[str, fl
         info.labels[k].values.extend(v)
     for k, v in (text or {}).items():
         info.text[k] = v
+    for k, v in (layouts or {}).items():
+        info.layouts[k] = v
     yield vis_pb2.ResultChunk(info=info)

@@ -69,7 +69,7 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResultInfo(_message.Message):
-    __slots__ = ("scalars", "labels", "text", "tensors")
+    __slots__ = ("scalars", "labels", "text", "tensors", "layouts")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,15 +91,24 @@ class ResultInfo(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LayoutsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUTS_FIELD_NUMBER: _ClassVar[int]
     scalars: _containers.ScalarMap[str, float]
     labels: _containers.MessageMap[str, StringList]
     text: _containers.ScalarMap[str, str]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
-    def __init__(self, scalars: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, StringList]] = ..., text: _Optional[_Mapping[str, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+    layouts: _containers.ScalarMap[str, str]
+    def __init__(self, scalars: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, StringList]] = ..., text: _Optional[_Mapping[str, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., layouts: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ResultChunk(_message.Message):
     __slots__ = ("progress", "tensor", "info")

@@ -22,7 +22,7 @@ from ..graph.names import resolve_tensor
 from ..models.store import LoadedModel
 from ..runtime.sessions import Runtime
 from . import limits
-from .targets import class_scores_tensor
+from .targets import class_scores_tensor, layout_of
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +173,16 @@ def class_labels(model: LoadedModel, values: dict[str, np.ndarray]) -> dict[str,
             named[name] = [model.label(i) or "" for i in range(size)]
     return named
 
+
+
+def layouts(model: LoadedModel, values: dict[str, np.ndarray]) -> dict[str, str]:
+    """Requested name -> "NCHW" or "NHWC" for the rank-4 results whose axes are traced from the image
+    input: a channels-last model's maps (Keras via tf2onnx, a ConvNeXt block) are [N, H, W, C], which a
+    client reading axis 1 as the channels drew as H maps of W x C."""
+    resolved = resolve_layers(model, list(values))
+    found = {}
+    for name, arr in values.items():
+        layout = layout_of(model, resolved[name]) if np.ndim(arr) == 4 else None
+        if layout is not None:
+            found[name] = layout
+    return found

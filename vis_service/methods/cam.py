@@ -60,7 +60,6 @@ from ..errors import InvalidArgument
 from ..graph.constants import constant_value
 from ..graph.names import resolve_tensor
 from ..graph.paths import dependents
-from ..graph.receptive_field import spatial_axes
 from ..graph.subgraph import graph_after
 from ..models.config import ImageSpec, resolve_image_spec
 from ..models.inputs import image_dims_at
@@ -70,7 +69,8 @@ from . import batching
 from .activations import exposed_session
 from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import batch_axis_lost, channels_last, output_is_probability, require_activation, require_channels_first, softmax
+from .targets import (batch_axis_lost, channels_last, output_is_probability, require_activation, require_channels_first,
+                      softmax, traced_axes)
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -178,7 +178,7 @@ def default_layer(model: LoadedModel, scores: str) -> FeatureHead:
         # a Reshape of a stored weight) may be 4-D too, e.g. light_inception_v1's classifier
         dependent = dependents(g, [i.name for i in g.input if i.name not in inits])
         queue, seen, fallback, untraced, traced_map = deque([scores]), {scores}, None, None, None
-        axes_of = model.memo("spatial_axes", lambda: spatial_axes(model.proto))
+        axes_of = traced_axes(model)
 
         def traced(x: str) -> bool:
             return tuple(axes_of.get(x) or ()) == (2, 3)

@@ -104,9 +104,19 @@ def require_activation(model: LoadedModel, tensor: str, field: str, given: str =
     raise InvalidArgument(field, f"{named} {what}; name a layer output computed from the input")
 
 
+def traced_axes(model: LoadedModel) -> dict[str, tuple[int, int]]:
+    """Rank-4 tensor -> its (row, column) axes as traced from the image input (computed once per model)."""
+    return model.memo("spatial_axes", lambda: spatial_axes(model.proto))
+
+
+def layout_of(model: LoadedModel, tensor: str) -> str | None:
+    """"NCHW" or "NHWC" for a rank-4 tensor traced from the image input; None where not traced."""
+    return {(2, 3): "NCHW", (1, 2): "NHWC"}.get(tuple(traced_axes(model).get(tensor, ())))
+
+
 def channels_last(model: LoadedModel, tensor: str) -> bool:
     """True for a rank-4 tensor traced with its rows and columns on axes other than 2 and 3."""
-    axes = model.memo("spatial_axes", lambda: spatial_axes(model.proto)).get(tensor)
+    axes = traced_axes(model).get(tensor)
     return axes is not None and tuple(axes) != (2, 3)
 
 
@@ -134,7 +144,7 @@ def require_channels_first(model: LoadedModel, tensor: str, field: str, given: s
         raise InvalidArgument(field, f"{named} has shape {shape}: its first axis is not the images' batch "
                                      f"({model.infos[model.image_input].shape[0]!r}), the images are folded into "
                                      "other axes; name a layer that keeps them apart")
-    axes_of = model.memo("spatial_axes", lambda: spatial_axes(model.proto))
+    axes_of = traced_axes(model)
     named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
     info = model.infos.get(tensor)
     if (tensor not in axes_of and info is not None and info.shape is not None and len(info.shape) == 4

@@ -234,6 +234,10 @@ def cmd_activations(client: Client, args) -> None:
     stems = _stems(args.images)
     for layer, a in res.tensors.items():
         print(f"{layer}: shape {_shape(a)}  {_stats(a)}")
+        # the server's trace of the axes (a channels-last model's maps are [N, H, W, C]); else an
+        # image-like channels-last tensor is recognised by its colours on the last axis
+        if a.ndim == 4 and (res.layouts.get(layer) or _image_layout(a)) == "NHWC":
+            a = a.transpose(0, 3, 1, 2)
         if a.ndim < 2 or a.ndim > 4 or (a.ndim == 4 and a.shape[2] * a.shape[3] == 1) or a.ndim == 2:
             # a vector per sample (logits, probabilities, pooled features): show its top entries,
             # with their label names when the answer carries them (one per entry of the vector)
@@ -249,8 +253,6 @@ def cmd_activations(client: Client, args) -> None:
         if a.ndim == 3:
             print("  (not a 4-D feature map; no image written)")
             continue
-        if _image_layout(a) == "NHWC":   # an image-like channels-last tensor (a Keras model's input)
-            a = a.transpose(0, 3, 1, 2)
         h, w = a.shape[2:]
         up = min(8, max(1, math.ceil(32 / max(1, min(h, w)))))
         for i, stem in enumerate(stems[:a.shape[0]]):

@@ -804,9 +804,10 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
 
     def activations_result(self, model: ModelRef, x, layers: str | Sequence[str] = (), *, preprocess=None,
                            on_progress: ProgressFn | None = None, cancel=None) -> Result:
-        """:meth:`activations` as the whole answer: ``.tensors`` (layer -> array) and ``.labels``:
+        """:meth:`activations` as the whole answer: ``.tensors`` (layer -> array), ``.labels``:
         for layers that hold class scores or probabilities (the class scores, graph outputs) of a
-        model with labels, one label name per entry."""
+        model with labels, one label name per entry, and ``.layouts``: "NCHW" or "NHWC" for the
+        4-D feature maps whose axes the server traced (a channels-last model's are [N, H, W, C])."""
         batch, inputs = _input_batch(x, preprocess, model)
         req = vis_pb2.ActivationsRequest(model=_model_ref(model), input=batch, layers=_names(layers, "layers"))
         return self._stream(self._vis.Activations, req, on_progress, cancel, inputs)

@@ -23,6 +23,8 @@ class Result:
     scalars: dict[str, float] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)
+    # rank-4 result -> "NCHW" or "NHWC", where the server traced its axes (Activations)
+    layouts: dict[str, str] = field(default_factory=dict)
 
 
 def is_cancelled(cancel: Any) -> bool:
@@ -101,6 +103,7 @@ def collect(call: Iterable[vis_pb2.ResultChunk], *,
                 result.scalars.update(info.scalars)
                 result.labels.update({k: list(v.values) for k, v in info.labels.items()})
                 result.text.update(info.text)
+                result.layouts.update(info.layouts)
                 if finish is not None:
                     # ResultInfo closes the stream: all that follows is the OK status. Return now
                     # rather than wait for it (a round of wake-ups on both sides)
