@@ -5,7 +5,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from _engine_helpers import run_gradient, session
 from vis_service.default_models import DEFAULT_MODEL_DIR
@@ -430,3 +430,69 @@ def test_operator_form_model_through_the_service_cam_refuses_the_input_as_its_la
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "no 4-D float feature map" in e.value.details
     saliency = client.saliency(model, images[:2], 3)
     assert np.isfinite(saliency.attribution).all() and np.abs(saliency.attribution).max() > 0
+
+
+def test_filters_of_integer_layers_are_their_dequantized_weights(client, tmp_path, digit_images):
+    """`filters` on a QLinearConv / QGemm (onnxruntime's operator form) said the layer has no filters:
+    they are (w - zero_point) * scale per output channel, the bias int32 * input scale * weight
+    scale: the QDQ twin's folded weights, within half a quantization step of the float model's
+    (its weights scaled per tensor)."""
+    float_model, operator_form, _ = _quantized_default_model(tmp_path, digit_images, "QOperator")
+    _, qdq, _ = _quantized_default_model(tmp_path, digit_images, "QDQ")
+    models = [client.load_model(m.SerializeToString()) for m in (operator_form, qdq, float_model)]
+    layers = []
+    for m, kinds in zip((operator_form, qdq, float_model), (("QLinearConv", "QGemm"), ("Conv", "Gemm"), ("Conv", "Gemm"))):
+        layers.append([n.output[0] for n in m.graph.node if n.op_type in kinds])
+    assert len(layers[0]) == len(layers[1]) == len(layers[2]) >= 3
+    for integer, qdq_layer, float_layer in zip(*layers):
+        got = client.filters(models[0], integer)
+        twin = client.filters(models[1], qdq_layer)
+        ref = client.filters(models[2], float_layer)
+        assert set(got) == set(twin) == {"weight", "bias"}
+        for key in ("weight", "bias"):
+            assert got[key].dtype == np.float32 and got[key].shape == ref[key].shape, (integer, key)
+            np.testing.assert_allclose(got[key], twin[key], rtol=1e-6, atol=1e-7)
+        step = np.abs(ref["weight"]).max() / 127  # the quantizer's per-tensor symmetric int8 scale
+        assert np.abs(got["weight"] - ref["weight"]).max() <= 0.51 * step, integer
+
+
+def test_integer_layer_weights_per_channel_and_orientation():
+    """Per-channel scales and zero points go along each op's output-channel axis (QLinearConv's
+    axis 0, QLinearMatMul's / MatMulInteger's columns, QGemm's rows with transB); the weights come
+    out oriented as their float forms' (Conv as stored, matrices as (out, in))."""
+    from vis_service.graph.constants import layer_weights
+
+    r = np.random.default_rng(5)
+    w4 = r.integers(-128, 128, (3, 2, 2, 2)).astype(np.int8)
+    b2 = r.integers(0, 256, (4, 3)).astype(np.uint8)  # [K=4, N=3]
+    scales, zps = np.array([0.1, 0.2, 0.4], np.float32), np.array([1, -2, 3], np.int8)
+    uzps = np.array([100, 128, 7], np.uint8)
+    bias = np.array([10, -20, 30], np.int32)
+    inits = {"w4": w4, "w_scale": scales, "w_zp": zps, "bias": bias, "x_scale": np.float32(0.5),
+             "x_zp": np.uint8(0), "y_scale": np.float32(1), "y_zp": np.uint8(0), "b2": b2, "b_scale": scales,
+             "b_zp": uzps, "b2t": np.ascontiguousarray(b2.T), "w_zp0": np.int8(4)}
+    nodes = [helper.make_node("QLinearConv", ["xq", "x_scale", "x_zp", "w4", "w_scale", "w_zp", "y_scale", "y_zp",
+                                              "bias"], ["conv"], name="qconv"),
+             helper.make_node("QLinearMatMul", ["aq", "x_scale", "x_zp", "b2", "b_scale", "b_zp", "y_scale", "y_zp"],
+                              ["mm"], name="qmm"),
+             helper.make_node("MatMulInteger", ["aq", "b2", "x_zp", "b_zp"], ["mmi"], name="mmi"),
+             helper.make_node("ConvInteger", ["xq", "w4", "x_zp", "w_zp0"], ["convi"], name="convi"),
+             helper.make_node("QGemm", ["aq", "x_scale", "x_zp", "b2t", "b_scale", "b_zp", "bias", "y_scale", "y_zp"],
+                              ["gemm"], name="qgemm", domain=_CONTRIB, transB=1, alpha=2.0)]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [1, 2, 4, 4]),
+                                           helper.make_tensor_value_info("aq", TensorProto.UINT8, [1, 4])],
+                              [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
+                               for o in ("conv", "mm", "mmi", "convi", "gemm")],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(_CONTRIB, 1)])
+    conv = (w4.astype(np.float32) - zps[:, None, None, None]) * scales[:, None, None, None]
+    matrix = ((b2.astype(np.float32) - uzps) * scales).T  # (out, in)
+    expected = {"qconv": (conv, bias * 0.5 * scales), "qmm": (matrix, None),
+                "mmi": ((b2.astype(np.float32) - uzps).T, None), "convi": (w4.astype(np.float32) - 4, None),
+                "qgemm": (2 * matrix, 2 * bias * 0.5 * scales)}
+    for layer, (weight, b) in expected.items():
+        _, got_w, got_b = layer_weights(model, layer)
+        np.testing.assert_allclose(got_w, weight, rtol=1e-6, err_msg=layer)
+        assert (got_b is None) == (b is None), layer
+        if b is not None:
+            np.testing.assert_allclose(got_b, b, rtol=1e-6, err_msg=layer)

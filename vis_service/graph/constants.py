@@ -7,7 +7,7 @@ DequantizeLinear, arithmetic, ...) through `onnx.reference.ReferenceEvaluator`,
 with onnxruntime as a fallback. Nothing is cached; the model is never modified.
 
 `layer_weights` returns the filters (and bias) of a Conv / ConvTranspose / Gemm /
-MatMul layer.
+MatMul layer, or of its integer form, dequantized.
 """
 from __future__ import annotations
 
@@ -25,6 +25,27 @@ NONDETERMINISTIC_OPS = frozenset({
 })
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _STANDARD_DOMAINS = ("", "ai.onnx")
+# integer layers of quantized models (the ONNX model zoo's int8 form, onnxruntime's quantizer):
+# op type -> (input index of the integer weight, of its scale or None, of its zero point, of the
+# int32 bias or None, of the input's scale or None, the weight's output-channel axis)
+_QUANTIZED_WEIGHT_OPS = {
+    "QLinearConv": (3, 4, 5, 8, 1, 0),
+    "ConvInteger": (1, None, 3, None, None, 0),
+    "QLinearMatMul": (3, 4, 5, None, None, 1),
+    "MatMulInteger": (1, None, 3, None, None, 1),
+    "QGemm": (3, 4, 5, 6, 1, 1),  # com.microsoft; the axis is 0 with transB
+}
+_QUANTIZED_DOMAINS = _STANDARD_DOMAINS + ("com.microsoft",)
+
+
+def is_weight_layer(node: onnx.NodeProto) -> bool:
+    """A node whose filters `layer_weights` gives: Conv / ConvTranspose / Gemm / MatMul, or an integer
+    form of one (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger, com.microsoft QGemm)."""
+    if node.op_type in WEIGHT_OPS:
+        return node.domain in _STANDARD_DOMAINS
+    if node.op_type == "QGemm":
+        return node.domain == "com.microsoft"
+    return node.op_type in _QUANTIZED_WEIGHT_OPS and node.domain in _STANDARD_DOMAINS
 
 
 def _subgraph_outer_names(node: onnx.NodeProto) -> list[str]:
@@ -161,7 +182,7 @@ def _subgraph_model(model: onnx.ModelProto, nodes, init_names: set[str], output:
 def _weight_layer_names(model: onnx.ModelProto) -> list[str]:
     out: list[str] = []
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and node.domain in _STANDARD_DOMAINS:
+        if is_weight_layer(node):
             if node.name:
                 out.append(node.name)
             out.extend(o for o in node.output[:1] if o)
@@ -207,11 +228,11 @@ def layer_weights(model: onnx.ModelProto, layer: str) -> tuple[onnx.NodeProto, n
     InvalidArgument(field="layer") for a layer without constant weights.
     """
     node = find_layer_node(model, layer)
-    if node.op_type not in WEIGHT_OPS or node.domain not in _STANDARD_DOMAINS:
+    if not is_weight_layer(node):
         raise InvalidArgument(
             "layer",
             f"layer {layer!r} is a {node.op_type} node, which has no filters; "
-            f"only {', '.join(WEIGHT_OPS)} layers have weights",
+            f"only {', '.join(WEIGHT_OPS)} layers (and their integer forms) have weights",
         )
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -223,6 +244,9 @@ def layer_weights(model: onnx.ModelProto, layer: str) -> tuple[onnx.NodeProto, n
     def missing(what: str) -> InvalidArgument:
         return InvalidArgument("layer", f"the {what} of {node.op_type} layer {layer!r} depend on a graph input; "
                                         "only layers with constant weights can be shown")
+
+    if node.op_type in _QUANTIZED_WEIGHT_OPS:
+        return _quantized_layer_weights(node, attrs, const, missing)
 
     if node.op_type in ("Conv", "ConvTranspose"):
         w = const(1)
@@ -260,6 +284,44 @@ def layer_weights(model: onnx.ModelProto, layer: str) -> tuple[onnx.NodeProto, n
     if w.ndim == 2:
         w = np.ascontiguousarray(w.T)
     return node, w, None
+
+
+def _quantized_layer_weights(node: onnx.NodeProto, attrs: dict, const, missing):
+    """(node, weight, bias) of an integer layer, dequantized to the float values it applies:
+    (w - zero_point) * scale per output channel, the int32 bias times input scale * weight scale,
+    oriented as for its float form. ConvInteger / MatMulInteger carry no scale: their weights are the
+    integer offsets from the zero point (the scale is applied by the nodes after them)."""
+    w_at, scale_at, zp_at, bias_at, x_scale_at, axis = _QUANTIZED_WEIGHT_OPS[node.op_type]
+    transposed = node.op_type == "QGemm" and attrs.get("transB", 0)
+    if transposed:
+        axis = 0
+    q = const(w_at)
+    if q is None:
+        raise missing("weights")
+
+    def per_channel(v: np.ndarray | None, default: float) -> np.ndarray:
+        v = np.asarray(default if v is None else v, np.float32)
+        if v.size > 1:  # per output channel, along `axis` of the weight
+            shape = [1] * q.ndim
+            shape[axis] = v.size
+            v = v.reshape(shape)
+        return v
+
+    scale = per_channel(const(scale_at) if scale_at is not None else None, 1.0)
+    w = ((q.astype(np.float32) - per_channel(const(zp_at), 0.0)) * scale).astype(np.float32)
+    bias = const(bias_at) if bias_at is not None else None
+    if bias is not None:
+        x_scale = const(x_scale_at)
+        bias = (bias.astype(np.float32) * np.float32(1.0 if x_scale is None else x_scale)
+                * scale.reshape(-1)).astype(np.float32)
+    if node.op_type == "QGemm":
+        w = w if transposed else w.T
+        alpha = float(attrs.get("alpha", 1.0))
+        if alpha != 1.0:
+            w, bias = w * np.float32(alpha), None if bias is None else bias * np.float32(alpha)
+    elif node.op_type in ("QLinearMatMul", "MatMulInteger") and w.ndim == 2:
+        w = w.T
+    return node, np.ascontiguousarray(w), bias
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Filters: the weights of a Conv / ConvTranspose / Gemm / MatMul layer.
+"""Filters: the weights of a Conv / ConvTranspose / Gemm / MatMul layer (or of its integer form).
 
 Weights stored as initializers and weights computed by constant subgraphs
 (Constant, ConstantOfShape, Cast, dequantize chains) are both folded to arrays.
@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..errors import InvalidArgument, NotFound
-from ..graph.constants import WEIGHT_OPS, layer_weights
+from ..graph.constants import is_weight_layer, layer_weights
 from ..graph.inspect import node_display_names
 from ..graph.names import tensor_names
 from ..models.store import LoadedModel
@@ -23,7 +23,7 @@ def _weight_layer_names(proto: onnx.ModelProto, display: list[str]) -> list[str]
     """Names to suggest for an unknown layer: weight-bearing nodes as Inspect shows them, and their outputs."""
     out: list[str] = []
     for node, shown in zip(proto.graph.node, display):
-        if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx"):
+        if is_weight_layer(node):
             out.append(shown)
             out.extend(o for o in node.output[:1] if o)
     return out
