@@ -174,7 +174,6 @@ def class_labels(model: LoadedModel, values: dict[str, np.ndarray]) -> dict[str,
     return named
 
 
-
 def layouts(model: LoadedModel, values: dict[str, np.ndarray]) -> dict[str, str]:
     """Requested name -> "NCHW" or "NHWC" for the rank-4 results whose axes are traced from the image
     input: a channels-last model's maps (Keras via tf2onnx, a ConvNeXt block) are [N, H, W, C], which a
