@@ -69,8 +69,8 @@ from . import batching
 from .activations import exposed_session
 from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import (batch_axis_lost, channels_last, output_is_probability, require_activation, require_channels_first,
-                      softmax, traced_axes)
+from .targets import (batch_axis_lost, channels_last, class_probabilities, require_activation, require_batch_first,
+                      require_channels_first, traced_axes)
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -433,7 +433,9 @@ def _class_target(ctx: CamContext) -> str:
     """Score tensor of an output target (forward variants need a class index)."""
     if ctx.objective.kind != "output":
         raise InvalidArgument("target", f"this method needs a class (output) target, got a {ctx.objective.kind} target")
-    return objective_tensor_name(ctx.model, ctx.objective)
+    tensor = objective_tensor_name(ctx.model, ctx.objective)
+    require_batch_first(ctx.model, tensor, "target", ctx.objective.layer)
+    return tensor
 
 
 def class_indices(ctx: CamContext, scores: np.ndarray) -> np.ndarray:
@@ -461,9 +463,6 @@ def forward_tensors(ctx: CamContext, feeds: dict[str, np.ndarray], tensors: list
     return out
 
 
-def class_probabilities(ctx: CamContext, tensor: str, values: np.ndarray) -> np.ndarray:
-    flat = values.reshape(values.shape[0], -1)
-    return flat.astype(np.float64) if output_is_probability(ctx.model, tensor) else softmax(flat)
 
 
 def _repeat_feeds(ctx: CamContext, rows: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -602,7 +601,7 @@ class ScoreCam(CamVariant):
             masks = minmax(upsample(a[rows, chans], hw))
             masked = (ctx.x[rows] * _channel_broadcast(masks, ctx.layout)).astype(ctx.x.dtype)
             out = forward_tensors(ctx, _repeat_feeds(ctx, rows, masked), [scores_t])[scores_t][:len(rows)]
-            probs = class_probabilities(ctx, scores_t, out)
+            probs = class_probabilities(ctx.model, scores_t, out).reshape(len(rows), -1)
             weights[rows, chans] = probs[np.arange(len(rows)), idx[rows]]
             ctx.progress.update(sl.stop, total, "masked inputs")
         return CamParts(np.einsum("nc,nchw->nhw", weights, a), weights, idx)

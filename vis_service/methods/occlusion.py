@@ -3,11 +3,12 @@
 A patch (grey, zero or the image's channel mean) is slid over the image; for
 every position the occluded image is classified and three maps are recorded:
 
-(a) "probability": the target class's probability (softmax of the class scores;
-    an output that already is a Softmax is taken as is);
+(a) "probability": the target class's probability, as the model makes it (targets.class_probabilities:
+    its Softmax / LogSoftmax / Sigmoid; a single logit's sigmoid; per position for dense outputs);
 (b) "feature": the total activation (sum over positions) of one feature map of
     `layer`, the one strongest (by total activation) on the unoccluded image;
-(c) "top_class": the most probable class, with its label names.
+(c) "top_class": the most probable class (at the target's position for dense outputs), with its
+    label names.
 
 Positions: top = r * stride_h for r in 0 .. (H - patch_h) // stride_h (same for
 columns), so every patch lies inside the image. The occluded copies of all
@@ -40,12 +41,12 @@ from ..graph import local_head
 from ..graph.local_head import LocalCut, head_model, plan_local_cuts
 from ..graph.names import resolve_tensor
 from ..graph.subgraph import graph_after
-from .cam import (DEFAULT_BATCH, CamContext, class_indices, class_probabilities, default_layer, forward_tensors,
+from .cam import (DEFAULT_BATCH, CamContext, class_indices, default_layer, forward_tensors,
                   image_layout, input_spec, spatial_size)
 from . import batching
 from .gradient import Objective, objective_tensor_name, require_finite
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import require_activation, require_channels_first
+from .targets import class_probabilities, require_activation, require_batch_first, require_channels_first
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,15 @@ def fill_values(x: np.ndarray, fill: str, layout: str, model: LoadedModel, prepr
     raise InvalidArgument("fill", f"unknown fill {fill!r}; allowed: {', '.join(FILLS)}")
 
 
+def _top_classes(p: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row's most probable class: over all its entries, or for [N, classes, ...] scores per
+    position (dense prediction) over the classes at the position of its target entry."""
+    if p.ndim < 3:
+        return p.reshape(len(p), -1).argmax(axis=1)
+    per_class = p.reshape(len(p), p.shape[1], -1)
+    return per_class[np.arange(len(p)), :, targets % per_class.shape[2]].argmax(axis=1)
+
+
 def occlusion_positions(hw: tuple[int, int], patch: tuple[int, int], stride: tuple[int, int]):
     rows = (hw[0] - patch[0]) // stride[0] + 1
     cols = (hw[1] - patch[1]) // stride[1] + 1
@@ -133,6 +143,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         raise InvalidArgument("patch", f"patch {[ph, pw]} is larger than the image {list(hw)}")
     sh, sw = _pair(stride, "stride", (max(1, ph // 2), max(1, pw // 2)))
     scores_t = objective_tensor_name(model, objective)
+    require_batch_first(model, scores_t, "target", objective.layer)
     if layer:
         layer_t = resolve_tensor(model.proto, layer, kind="layer")
         require_activation(model, layer_t, "layer", layer)
@@ -169,7 +180,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         require_finite(f"tensor {t!r}", base[t])
     n = x.shape[0]
     idx = class_indices(ctx, base[scores_t])
-    probs0 = class_probabilities(ctx, scores_t, base[scores_t])
+    probs0 = class_probabilities(model, scores_t, base[scores_t]).reshape(n, -1)
     totals0 = base[layer_t].reshape(n, base[layer_t].shape[1], -1).astype(np.float64).sum(axis=2)
     channel = totals0.argmax(axis=1).astype(np.int64)
 
@@ -193,9 +204,9 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
                                  for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
             out = forward_tensors(ctx, batching.row_feeds(model, feeds, img, occluded), [scores_t, layer_t])
             out = {t: v[:len(items)] for t, v in out.items()}  # without a fixed batch's padding
-        p = class_probabilities(ctx, scores_t, out[scores_t])
-        prob_map[start:stop] = p[np.arange(len(items)), idx[img]]
-        top_map[start:stop] = p.argmax(axis=1)
+        p = class_probabilities(model, scores_t, out[scores_t])
+        prob_map[start:stop] = p.reshape(len(items), -1)[np.arange(len(items)), idx[img]]
+        top_map[start:stop] = _top_classes(p, idx[img])
         act = out[layer_t]
         feat_map[start:stop] = act[np.arange(len(items)), channel[img]].reshape(len(items), -1).astype(np.float64).sum(axis=1)
         progress.update(stop, total, "patches")

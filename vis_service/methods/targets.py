@@ -1,9 +1,10 @@
 """Which tensor holds the class scores, turning scores into probabilities, and what a
 target may name.
 
-Many exported classifiers end in a Softmax (SqueezeNet, MobileNet from TF). Gradients
-of a probability saturate and mix classes, so methods differentiate the class
-scores before the Softmax; probabilities (occlusion maps) are taken after it.
+Many exported classifiers end in a Softmax (SqueezeNet, MobileNet from TF), a LogSoftmax, or
+a Sigmoid (multi-label). Gradients of a probability saturate and mix classes, so methods
+differentiate the class scores before it; probabilities (occlusion maps, Score-CAM) are
+taken as the model takes them (`class_probabilities`).
 
 A target (or an objective, a CAM layer) is an activation: a tensor computed from the
 model's inputs. Weights (initializers) and tensors made from weights only are refused by
@@ -18,6 +19,7 @@ import numpy as np
 import onnx
 
 from ..errors import InvalidArgument
+from ..graph.loading import opset_version
 from ..graph.paths import dependents
 from ..graph.receptive_field import spatial_axes
 from ..models.store import LoadedModel
@@ -30,13 +32,17 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output if o}
 
 
-def softmax_node(model: LoadedModel, output: str | None = None) -> onnx.NodeProto | None:
-    """The Softmax that `output` (default: first output) is made by, through reshapes."""
+_PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+def probability_node(model: LoadedModel, output: str | None = None) -> onnx.NodeProto | None:
+    """The Softmax, LogSoftmax or Sigmoid (multi-label) that `output` (default: first output) is made
+    by, through reshapes."""
     producers = _producers(model.proto)
     name = output or model.output_names[0]
     while name in producers:
         node = producers[name]
-        if node.op_type == "Softmax":
+        if node.op_type in _PROBABILITY_OPS:
             return node
         if node.op_type not in _PASS_THROUGH:
             return None
@@ -45,9 +51,10 @@ def softmax_node(model: LoadedModel, output: str | None = None) -> onnx.NodeProt
 
 
 def class_scores_tensor(model: LoadedModel, output: str | None = None) -> str:
-    """Pre-softmax scores if the output is a Softmax of them, else the output itself."""
+    """Pre-activation scores if the output is a Softmax, LogSoftmax or Sigmoid of them, else the output
+    itself (gradients of probabilities saturate)."""
     def find():
-        node = softmax_node(model, output)
+        node = probability_node(model, output)
         return node.input[0] if node is not None else (output or model.output_names[0])
 
     if output:
@@ -55,16 +62,39 @@ def class_scores_tensor(model: LoadedModel, output: str | None = None) -> str:
     return model.memo("class_scores_tensor", find)
 
 
-def output_is_probability(model: LoadedModel, output: str | None = None) -> bool:
-    return softmax_node(model, output) is not None
+def class_probabilities(model: LoadedModel, tensor: str, values: np.ndarray) -> np.ndarray:
+    """Class probabilities (float64, the shape of `values`) from the values of `tensor`, a class-scores
+    tensor or an output made of one:
+    - made by a Softmax or Sigmoid (a probability output named as the target): the values;
+      by a LogSoftmax: their exp;
+    - read by the model's own Softmax / LogSoftmax / Sigmoid (the pre-activation scores the methods
+      target): that function, along its axis (a segmentation model's classes per pixel);
+    - neither: one score per sample is a binary logit (its sigmoid; a softmax over one entry was a
+      constant 1); [N, classes, ...] scores per position (dense prediction) take a softmax over the
+      classes at each position; else over all entries of a sample.
+    """
+    v = values.astype(np.float64)
+    made_by = probability_node(model, tensor)
+    if made_by is not None:
+        return np.exp(v) if made_by.op_type == "LogSoftmax" else v
+    reader = next((n for n in model.proto.graph.node if n.op_type in _PROBABILITY_OPS and n.input and n.input[0] == tensor
+                   and n.domain in ("", "ai.onnx")), None)
+    if (reader is not None and reader.op_type == "Sigmoid") or (reader is None and v[0].size == 1):
+        return 1.0 / (1.0 + np.exp(-v))
+    if reader is not None:
+        opset = opset_version(model.proto)
+        axis = next((a.i for a in reader.attribute if a.name == "axis"), -1 if opset >= 13 else 1) % max(1, v.ndim)
+        if opset < 13:  # Softmax-1/11: the input coerced to 2-D at `axis`, a softmax over the rest
+            return _softmax_along(v.reshape(v.shape[:axis] + (-1,)), -1).reshape(v.shape)
+        return _softmax_along(v, axis)
+    if v.ndim >= 3:
+        return _softmax_along(v, 1)
+    return _softmax_along(v.reshape(v.shape[0], -1), 1).reshape(v.shape)
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over all non-batch entries of each sample."""
-    flat = scores.reshape(scores.shape[0], -1).astype(np.float64)
-    flat = flat - flat.max(axis=1, keepdims=True)
-    e = np.exp(flat)
-    return (e / e.sum(axis=1, keepdims=True)).reshape(scores.shape)
+def _softmax_along(v: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(v - v.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def top_channels(values: np.ndarray) -> np.ndarray:
@@ -130,6 +160,20 @@ def batch_axis_lost(model: LoadedModel, tensor: str) -> bool:
         return False
     batch, first = image.shape[0], info.shape[0]
     return isinstance(first, int) and (isinstance(batch, str) or (isinstance(batch, int) and first != batch))
+
+
+def require_batch_first(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:
+    """INVALID_ARGUMENT naming `field` for a tensor declared without the images' batch as its first
+    axis (a scalar, a rank-1 [classes] output of a model exported for one image): what is taken per
+    sample of it (a class score, a probability, an inverted layer's features) was an IndexError or a
+    broadcast error (INTERNAL) in the methods that run it forward."""
+    info = model.infos.get(tensor)
+    shape = None if info is None else info.shape
+    if shape is None or (len(shape) and not batch_axis_lost(model, tensor)):
+        return
+    named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
+    raise InvalidArgument(field, f"{named} of shape {list(shape)} has no batch dimension; it is taken per sample "
+                                 "of [N, ...] tensors (export the model with the batch axis kept)")
 
 
 def require_channels_first(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:

@@ -29,7 +29,7 @@ from .. import batching, limits
 from ..activations import compute_activations
 from ..gradient import require_finite
 from ..progress import MethodResult, Progress
-from ..targets import class_scores_tensor, require_activation
+from ..targets import class_scores_tensor, require_activation, require_batch_first
 from . import regularizers
 from .objectives import GradientRun, Head, require_float_image, require_image_input_only
 from .optimizers import Optimizer, OptimizerSettings, all_finite, diverged, learning_rate
@@ -94,8 +94,10 @@ def invert(runtime: Runtime, model: LoadedModel, spec: ImageSpec, reference: np.
     if reference.shape[0] != 1:
         raise InvalidArgument("input", f"send exactly one reference image, got a batch of {reference.shape[0]}")
     layers = [resolve_tensor(model.proto, name, kind="layer") for name in s.layers] or [class_scores_tensor(model)]
-    for i, (name, layer) in enumerate(zip(s.layers, layers)):
-        require_activation(model, layer, f"layers[{i}]", name, differentiable=True)
+    for i, layer in enumerate(layers):
+        field, name = (f"layers[{i}]", s.layers[i]) if s.layers else ("layers", "")
+        require_activation(model, layer, field, name, differentiable=True)
+        require_batch_first(model, layer, field, name)
     pmap = PixelMap(spec)
     h, w = spec.size
     c = pmap.channels

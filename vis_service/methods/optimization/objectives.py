@@ -31,7 +31,8 @@ from ...models.store import LoadedModel
 from ...runtime.sessions import Runtime
 from ..activations import compute_activations
 from ..gradient import positions_phrase, specialized_proto
-from ..targets import class_scores_tensor, require_activation, require_channels_first, softmax_node
+from ..targets import (class_scores_tensor, probability_node, require_activation, require_batch_first,
+                       require_channels_first)
 
 KINDS = ("neuron", "channel", "layer", "class_score", "direction")
 
@@ -57,7 +58,7 @@ class Term:
 class Head:
     """A small subgraph appended to the model: `kind` of `tensor`."""
 
-    kind: str    # "square", "softmax", "gram_similarity", "squared_difference"
+    kind: str    # "square", "softmax", "sigmoid", "gram_similarity", "squared_difference"
     tensor: str
 
     @property
@@ -89,6 +90,9 @@ def with_heads(model: LoadedModel, heads: Sequence[Head], base: onnx.ModelProto 
         elif h.kind == "softmax":
             g.node.append(helper.make_node("Flatten", [t], [p + "flat"], axis=1, name=p + "flatten"))
             g.node.append(helper.make_node("Softmax", [p + "flat"], [out], axis=1, name=p + "softmax"))
+        elif h.kind == "sigmoid":
+            g.node.append(helper.make_node("Flatten", [t], [p + "flat"], axis=1, name=p + "flatten"))
+            g.node.append(helper.make_node("Sigmoid", [p + "flat"], [out], name=p + "sigmoid"))
         elif h.kind == "squared_difference":
             info = infos[t]
             g.input.append(helper.make_tensor_value_info(h.reference_input, info.elem_type, list(info.shape)))
@@ -253,18 +257,21 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
             # a node's name (e.g. the Softmax's) stands for its output, in both branches
             output = resolve_tensor(model.proto, term.layer, kind="output") if term.layer else None
             if term.probability:
-                sm = softmax_node(model, output)
-                if sm is not None:
+                made_by = probability_node(model, output)
+                if made_by is not None and made_by.op_type != "LogSoftmax":  # the model's own probabilities
                     tensor = output or model.output_names[0]
                     layer = tensor
                 else:
                     scores = class_scores_tensor(model, output)
-                    heads.append(Head("softmax", scores))
+                    per = int(np.prod(shape_of(scores)[1:]))
+                    # a single score per sample is a binary logit (a softmax over it was a constant 1)
+                    heads.append(Head("sigmoid" if per == 1 and made_by is None else "softmax", scores))
                     tensor, layer = heads[-1].output, scores
-                    shape = (batch, int(np.prod(shape_of(scores)[1:])))
+                    shape = (batch, per)
             else:
                 tensor = class_scores_tensor(model, output)
                 layer = tensor
+            require_batch_first(model, layer, f"{f}.class_score.layer", term.layer)
             if not tensor.startswith("__opt_"):
                 shape = shape_of(tensor)
             per = int(np.prod(shape[1:], dtype=np.int64))

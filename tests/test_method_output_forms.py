@@ -1,0 +1,139 @@
+"""Class outputs other than one logits vector per image, through the server and the client: outputs
+without a batch axis (a model exported for one image with its batch squeezed away, a scalar score),
+a Sigmoid (multi-label) end, a LogSoftmax end, a single logit, a dense [N, classes, H, W] output.
+What a method takes per sample of them is refused naming the field, and a class probability is what
+the model makes of its scores (a softmax over a single logit was a constant 1; over a Sigmoid's
+outputs, or over every pixel of a segmentation map, a meaningless small number)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vis_client import Target
+from vis_client.errors import InvalidArgument
+from vis_client.optimization import Objective
+
+R = np.random.default_rng(11)
+W_CONV = R.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+
+
+def _model(end: str | None = None, classes: int = 4, batch="N", squeeze: bool = False, dense: bool = False) -> bytes:
+    """x [batch, 3, 8, 8] -> Conv 3x3 + Relu ("feat") -> GAP -> Gemm -> "logits" [N, classes] (or, `dense`,
+    a 1x1 Conv -> "logits" [N, classes, 8, 8]) -> `end` ("out"); `squeeze`: the batch axis squeezed
+    away ([classes]) and a scalar second output "score"."""
+    inits = [numpy_helper.from_array(W_CONV, "w"),
+             numpy_helper.from_array(R.normal(0, 0.5, (classes, 4)).astype(np.float32), "wfc"),
+             numpy_helper.from_array(R.normal(0, 0.5, (classes, 4, 1, 1)).astype(np.float32), "w1x1")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["conv"], ["feat"], name="feat")]
+    if dense:
+        nodes.append(helper.make_node("Conv", ["feat", "w1x1"], ["logits"], name="head"))
+    else:
+        nodes += [helper.make_node("GlobalAveragePool", ["feat"], ["gap"], name="gap"),
+                  helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+                  helper.make_node("Gemm", ["flat", "wfc"], ["logits"], transB=1, name="fc")]
+    outputs = ["logits"]
+    if end:
+        nodes.append(helper.make_node(end, ["logits"], ["out"], name="end", **({"axis": 1} if "Softmax" in end else {})))
+        outputs = ["out"]
+    if squeeze:
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+        nodes += [helper.make_node("Squeeze", [outputs[0], "axis0"], ["squeezed"], name="squeeze"),
+                  helper.make_node("ReduceSum", ["squeezed"], ["score"], keepdims=0, name="score")]
+        outputs = ["squeezed", "score"]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _load(client, name, **kw):
+    return client.load_model(_model(**kw), f"forms_{name}", config={"preset": "raw255"})
+
+
+def _images(n=2):
+    return np.random.default_rng(3).uniform(0, 255, (n, 3, 8, 8)).astype(np.float32)
+
+
+def _sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+def _softmax(v, axis):
+    e = np.exp(v - v.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_outputs_without_a_batch_axis_are_refused_naming_the_field(client, digits):
+    """A model exported for one image with its batch squeezed away ([classes]) and a scalar output:
+    Score-CAM, Ablation-CAM and occlusion were INTERNAL (IndexError, reshape), inversion a broadcast
+    error, class models a confusing range; the gradient already said it."""
+    model = _load(client, "squeezed", batch=1, squeeze=True)
+    x = _images(1)
+    calls = [("target", lambda: client.grad_cam(model, x, method="scorecam")),
+             ("target", lambda: client.grad_cam(model, x, method="ablationcam")),
+             ("target", lambda: client.occlusion(model, x, patch=4, stride=4)),
+             ("target", lambda: client.occlusion(model, x, Target.output(output="score"), patch=4, stride=4)),
+             ("target", lambda: client.grad_cam(model, x, Target.output(output="score"), method="scorecam")),
+             ("layers", lambda: client.invert(model, x, steps=2)),
+             ("objectives[0].class_score.layer", lambda: client.class_model(model, 1, steps=2)),
+             ("objectives[0].class_score.layer", lambda: client.class_model(model, 1, steps=2, probability=True))]
+    for field, call in calls:
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert e.value.details.startswith(f"{field}: ") and "has no batch dimension" in e.value.details, e.value.details
+    assert client.activations(digits, np.zeros((1, 1, 32, 32), np.float32), ["logits"])["logits"].shape == (1, 10)
+
+
+def test_a_sigmoid_end_gives_its_own_probabilities(client):
+    """Multi-label: occlusion's and Score-CAM's probability is the Sigmoid's output (it was a softmax
+    over the sigmoids), the default gradient target is the logit before it, and a class model's
+    probability objective is the Sigmoid's value."""
+    model = _load(client, "sigmoid", end="Sigmoid")
+    x = _images()
+    acts = client.activations(model, x, ["logits", "out"])
+    target = 2
+    occ = client.occlusion(model, x, Target.output(target), patch=4, stride=4)
+    np.testing.assert_allclose(occ.probability_unoccluded, acts["out"][:, target], rtol=1e-5)
+    assert client.gradient(model, x, target).result.text["objective_tensor"] == "logits"
+    grad = client.gradient(model, x, Target.output(target)).gradient
+    cot = np.zeros((2, 4), np.float32)
+    cot[:, target] = 1
+    np.testing.assert_allclose(grad, client.gradient(model, x, "logits", cotangent=cot).gradient, rtol=1e-5, atol=1e-7)
+    result = client.class_model(model, target, steps=1, probability=True, jitter=0, seed=0)
+    value = client.activations(model, result.x, ["out"])["out"][:, target]
+    np.testing.assert_allclose(result.terms[:, 0], value, rtol=1e-4)
+
+
+def test_a_single_logit_and_a_logsoftmax_end(client):
+    """One score per image is a binary logit: its probability is the sigmoid (a softmax over one entry
+    was 1 everywhere). A LogSoftmax end: the default target is the logit before it, its probability the
+    softmax of the logits."""
+    single = _load(client, "single", classes=1)
+    x = _images() / 255  # logits of a few units: sigmoids short of 1
+    logit = client.activations(single, x, ["logits"])["logits"][:, 0]
+    occ = client.occlusion(single, x, patch=4, stride=4)
+    np.testing.assert_allclose(occ.probability_unoccluded, _sigmoid(logit.astype(np.float64)), rtol=1e-5)
+    assert occ.probability.std() > 0
+
+    log_model = _load(client, "logsoftmax", end="LogSoftmax")
+    logits = client.activations(log_model, x, ["logits"])["logits"]
+    assert client.gradient(log_model, x, 1).result.text["objective_tensor"] == "logits"
+    occ = client.occlusion(log_model, x, Target.output(1), patch=4, stride=4)
+    np.testing.assert_allclose(occ.probability_unoccluded, _softmax(logits.astype(np.float64), 1)[:, 1], rtol=1e-5)
+
+
+def test_a_dense_output_takes_probabilities_over_the_classes_at_each_pixel(client):
+    """[N, classes, H, W] scores without a final op: the target pixel's probability is a softmax over the
+    classes there (it was over all classes x pixels: ~1e-4), and the top class is a class at that pixel
+    (it was a flat index)."""
+    model = _load(client, "dense", classes=3, dense=True)
+    x = _images()
+    logits = client.activations(model, x, ["logits"])["logits"].astype(np.float64)
+    flat = 1 * 64 + 5 * 8 + 6  # class 1 at pixel (5, 6)
+    occ = client.occlusion(model, x, Target.output(flat), patch=2, stride=2)
+    np.testing.assert_allclose(occ.probability_unoccluded, _softmax(logits, 1)[:, 1, 5, 6], rtol=1e-5)
+    assert occ.top_class.max() < 3 and occ.probability.min() > 0.01
