@@ -3,7 +3,9 @@ without a batch axis (a model exported for one image with its batch squeezed awa
 a Sigmoid (multi-label) end, a LogSoftmax end, a single logit, a dense [N, classes, H, W] output.
 What a method takes per sample of them is refused naming the field, and a class probability is what
 the model makes of its scores (a softmax over a single logit was a constant 1; over a Sigmoid's
-outputs, or over every pixel of a segmentation map, a meaningless small number)."""
+outputs, or over every pixel of a segmentation map, a meaningless small number). Then layers and
+inputs a method cannot use (another input's branch, a map of one position, a 1-D CNN's input for
+the image-making methods): refused naming the field."""
 from __future__ import annotations
 
 import numpy as np
@@ -137,3 +139,88 @@ def test_a_dense_output_takes_probabilities_over_the_classes_at_each_pixel(clien
     occ = client.occlusion(model, x, Target.output(flat), patch=2, stride=2)
     np.testing.assert_allclose(occ.probability_unoccluded, _softmax(logits, 1)[:, 1, 5, 6], rtol=1e-5)
     assert occ.top_class.max() < 3 and occ.probability.min() > 0.01
+
+
+# ----------------------------------------------------------------------------
+# layers and inputs a method cannot use: refused naming the field (they returned blank or
+# meaningless maps, or a wrong reason)
+
+
+def _siamese() -> bytes:
+    """Inputs a and b [N, 3, 8, 8], each Conv + Relu ("fa", "fb"), pooled and summed -> Gemm."""
+    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(R.normal(0, 0.5, (3, 4)).astype(np.float32), "wfc")]
+    nodes = [helper.make_node("Conv", ["a", "w"], ["ca"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["ca"], ["fa"]),
+             helper.make_node("Conv", ["b", "w"], ["cb"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["cb"], ["fb"]),
+             helper.make_node("Add", ["fa", "fb"], ["both"]), helper.make_node("GlobalAveragePool", ["both"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]), helper.make_node("Gemm", ["flat", "wfc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "siamese", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 8, 8])
+                                                 for n in ("a", "b")],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_maps_of_layers_the_image_does_not_reach_or_of_one_position_are_refused(client):
+    """A siamese model's other branch as the CAM / occlusion layer (Grad-CAM drew image b's map over
+    image a); a [N, C, 1, 1] layer (every CAM method's map was blank); CAM with a layer on a model
+    without a pooled linear head (it was told to name 'the pooled feature map' of a pooling it has
+    not)."""
+    siamese = client.load_model(_siamese(), "forms_siamese", config={"preset": "raw255"})
+    feeds = {"a": _images(), "b": _images()[::-1].copy()}
+    assert client.grad_cam(siamese, feeds, layer="fa").heatmap.shape == (2, 8, 8)
+    for call in (lambda: client.grad_cam(siamese, feeds, layer="fb"),
+                 lambda: client.occlusion(siamese, feeds, layer="fb", patch=4, stride=4)):
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert e.value.details.startswith("layer: 'fb' is not computed from the image input 'a'"), e.value.details
+
+    model = _load(client, "one_position")
+    for method in ("gradcam", "scorecam", "ablationcam"):
+        with pytest.raises(InvalidArgument) as e:
+            client.grad_cam(model, _images(), layer="gap", method=method)
+        assert e.value.details.startswith("layer: 'gap'") and "has one position" in e.value.details, e.value.details
+
+    dense = _load(client, "dense_cam", classes=3, dense=True)
+    for layer in (None, "feat"):
+        with pytest.raises(InvalidArgument) as e:
+            client.grad_cam(dense, _images(), Target.output(5), layer=layer, method="cam")
+        assert "CAM needs a global-average-pooling + linear head" in e.value.details, e.value.details
+
+
+def test_a_1d_cnn_is_told_that_images_need_a_4d_input(client):
+    """maximize / class_model / invert on a 1-D CNN said 'give size [H, W]' (its input is static), and
+    given one, that the model takes another rank; image files to it said the same."""
+    inits = [numpy_helper.from_array(R.normal(0, 0.5, (4, 2, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(R.normal(0, 0.5, (3, 4)).astype(np.float32), "wfc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wfc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "net1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    model = client.load_model(proto.SerializeToString(), "forms_net1d")
+    x = np.random.default_rng(0).standard_normal((1, 2, 16)).astype(np.float32)
+    assert client.saliency(model, x, 1).attribution.shape == x.shape
+    for call in (lambda: client.maximize(model, [Objective.channel("r", 1)], steps=2),
+                 lambda: client.class_model(model, 1, steps=2),
+                 lambda: client.invert(model, x, ["r"], steps=2)):
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert "4-D image input" in e.value.details and "['N', 2, 16]" in e.value.details, e.value.details
+    png = _png()
+    with pytest.raises(InvalidArgument) as e:
+        client.activations(model, [png], ["r"])
+    assert e.value.details.startswith("input.preprocess: model input 'x' of shape ['N', 2, 16] is not a 4-D image"), \
+        e.value.details
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

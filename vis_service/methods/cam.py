@@ -70,7 +70,7 @@ from .activations import exposed_session
 from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
 from .targets import (batch_axis_lost, channels_last, class_probabilities, require_activation, require_batch_first,
-                      require_channels_first, traced_axes)
+                      require_channels_first, require_from_image, traced_axes)
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -239,6 +239,7 @@ def resolve_cam_layer(model: LoadedModel, layer: str, scores: str, field: str = 
         return default
     tensor = resolve_tensor(model.proto, layer, kind="layer")
     require_activation(model, tensor, field, layer)
+    require_from_image(model, tensor, field, layer)
     require_channels_first(model, tensor, field, layer)
     info = model.infos.get(tensor)
     if info is None or info.shape is None or len(info.shape) != 4 or info.elem_type not in FLOAT_TYPES:
@@ -248,6 +249,15 @@ def resolve_cam_layer(model: LoadedModel, layer: str, scores: str, field: str = 
         raise InvalidArgument(field, f"{layer!r} (tensor {tensor!r}, shape {shape}) is not a 4-D float feature map "
                                      f"[N, C, H, W]{hint}")
     return tensor
+
+
+def require_positions(model: LoadedModel, layer: str, tensor: str, field: str = "layer") -> None:
+    """INVALID_ARGUMENT naming `field` for a map of one position (a squeeze-excitation vector, a pooled
+    map [N, C, 1, 1]): every CAM method's map of it was blank."""
+    shape = model.infos[tensor].shape
+    if tuple(shape[2:]) == (1, 1):
+        raise InvalidArgument(field, f"{layer!r} (tensor {tensor!r}, shape {list(shape)}) has one position: "
+                                     "its map is a single value; name a feature map with rows and columns")
 
 
 def require_before(model: LoadedModel, layer: str, tensor: str, target: str, scores: str,
@@ -566,11 +576,13 @@ class ClassCam(CamVariant):
 
     def compute(self, ctx: CamContext) -> CamParts:
         scores_t = _class_target(ctx)
+        # the head first: a model without one is told so, whatever layer is named (naming a layer
+        # was told to name "the pooled feature map" of a pooling the model does not have)
+        weight = _linear_head_weights(ctx.model, scores_t)
         head = default_layer(ctx.model, scores_t)
         if ctx.layer != head.layer:
             raise InvalidArgument("layer", f"CAM uses the weights of the linear layer after the global pooling, so the "
                                            f"layer must be the pooled feature map {head.layer!r}, not {ctx.layer!r}")
-        weight = _linear_head_weights(ctx.model, scores_t)
         values = forward_tensors(ctx, ctx.feeds, [ctx.layer, scores_t])
         idx = class_indices(ctx, values[scores_t])
         if (idx >= weight.shape[0]).any():
@@ -669,6 +681,8 @@ def compute_cam(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarra
         require_before(model, layer, tensor, scores, scores)
     elif issubclass(VARIANTS[method], GradientCam):  # forward variants refuse other targets themselves
         require_before(model, layer, tensor, objective_tensor_name(model, objective), scores)
+    if layer:
+        require_positions(model, layer, tensor)
     ctx = CamContext(runtime, model, feeds, tensor, objective, layout,
                      batching.run_size(model, batch or DEFAULT_BATCH), progress)
     progress.check()

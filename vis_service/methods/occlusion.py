@@ -46,7 +46,8 @@ from .cam import (DEFAULT_BATCH, CamContext, class_indices, default_layer, forwa
 from . import batching
 from .gradient import Objective, objective_tensor_name, require_finite
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import class_probabilities, require_activation, require_batch_first, require_channels_first
+from .targets import (class_probabilities, require_activation, require_batch_first, require_channels_first,
+                      require_from_image)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     if layer:
         layer_t = resolve_tensor(model.proto, layer, kind="layer")
         require_activation(model, layer_t, "layer", layer)
+        require_from_image(model, layer_t, "layer", layer)
         require_channels_first(model, layer_t, "layer", layer)
         info = model.infos.get(layer_t)
         if info is None or info.shape is None or len(info.shape) < 2:

@@ -162,6 +162,18 @@ def batch_axis_lost(model: LoadedModel, tensor: str) -> bool:
     return isinstance(first, int) and (isinstance(batch, str) or (isinstance(batch, int) and first != batch))
 
 
+def require_from_image(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:
+    """INVALID_ARGUMENT naming `field` for a tensor the image input does not influence (a siamese
+    model's other branch, an auxiliary input's): its map drawn over the image explains nothing (a
+    Grad-CAM of the other image's branch was returned over this one, occlusion a near-constant map)."""
+    image = model.image_input
+    if not image or tensor in model.memo("computed_from_image", lambda: dependents(model.proto.graph, [image])):
+        return
+    named = repr(given or tensor) + (f" (tensor {tensor!r})" if given and given != tensor else "")
+    raise InvalidArgument(field, f"{named} is not computed from the image input {image!r} (it depends on the "
+                                 "model's other inputs only); name a layer on the image's path")
+
+
 def require_batch_first(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:
     """INVALID_ARGUMENT naming `field` for a tensor declared without the images' batch as its first
     axis (a scalar, a rank-1 [classes] output of a model exported for one image): what is taken per

@@ -134,6 +134,12 @@ def resolve_image_spec(cfg: vis_pb2.ModelConfig, request: vis_pb2.Preprocessing 
     A request naming a preset replaces the model's config; its explicit fields
     override either.
     """
+    if len(input_shape) not in (0, 4):
+        # a 1-D (audio) or 3-D (video) CNN: told to give an image size, and given one, that the model
+        # takes another rank
+        raise InvalidArgument(field, f"model input {input_name!r} of shape {list(input_shape)} is not a 4-D image input "
+                                     "[N, C, H, W] (or NHWC): images (files, encoded, or made by the server) need one; "
+                                     "send the input as a tensor")
     if request is not None and request.preset:
         if request.preset not in PRESETS:
             raise InvalidArgument(f"{field}.preset", f"unknown preset {request.preset!r}; allowed: {', '.join(PRESETS)}")

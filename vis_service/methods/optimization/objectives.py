@@ -137,12 +137,17 @@ def require_image_input_only(model: LoadedModel, field: str, method: str) -> Non
 
 
 def require_float_image(model: LoadedModel, field: str, method: str) -> None:
-    """INVALID_ARGUMENT naming `field` unless the image input is a float tensor (float16 is cast to at
-    the feed): the loops move the image by gradient steps."""
-    dtype = model.infos[model.image_input].dtype
-    if dtype.kind != "f":
-        raise InvalidArgument(field, f"input {model.image_input!r} is {dtype}; {method} moves the image by gradient "
+    """INVALID_ARGUMENT naming `field` unless the image input is a 4-D float tensor (float16 is cast to at
+    the feed): the loops move an image by gradient steps."""
+    info = model.infos[model.image_input]
+    if info.dtype.kind != "f":
+        raise InvalidArgument(field, f"input {model.image_input!r} is {info.dtype}; {method} moves the image by gradient "
                                      "steps, so it needs a float image input")
+    if info.shape is not None and len(info.shape) != 4:
+        # a 1-D (audio) or 3-D (video) CNN: the loops make images; they were told to give an image size,
+        # and given one, that the model takes another rank
+        raise InvalidArgument(field, f"{method} needs a 4-D image input [N, C, H, W] (or NHWC), got "
+                                     f"{model.image_input!r} of shape {list(info.shape)}")
 
 
 def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head], objectives: Sequence[str],
