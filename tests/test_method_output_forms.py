@@ -224,3 +224,58 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------
+# several inputs
+
+
+def _image_and(other: str, other_shape: list, first: bool) -> bytes:
+    """An image [N, 3, 8, 8] and another input: "mask" [N, 1, 8, 8] multiplied in, or "meta" (a vector
+    per image, concatenated to the pooled features); `first`: the other input listed first."""
+    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(R.normal(0, 0.5, (3, 9)).astype(np.float32), "wfc9"),
+             numpy_helper.from_array(R.normal(0, 0.5, (3, 4)).astype(np.float32), "wfc")]
+    nodes = []
+    x = "x"
+    if other == "mask":
+        nodes.append(helper.make_node("Mul", ["x", "mask"], ["masked"]))
+        x = "masked"
+    nodes += [helper.make_node("Conv", [x, "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["feat"]),
+              helper.make_node("GlobalAveragePool", ["feat"], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"])]
+    if other == "meta":
+        nodes += [helper.make_node("Concat", ["flat", "meta"], ["joined"], axis=1),
+                  helper.make_node("Gemm", ["joined", "wfc9"], ["logits"], transB=1)]
+    else:
+        nodes.append(helper.make_node("Gemm", ["flat", "wfc"], ["logits"], transB=1))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+              helper.make_tensor_value_info(other, TensorProto.FLOAT, other_shape)]
+    graph = helper.make_graph(nodes, "two_inputs", inputs[::-1] if first else inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_the_image_input_is_the_colour_one_when_a_mask_comes_first(client):
+    """A mask [N, 1, H, W] listed before the RGB image took the images: every method ran on the mask."""
+    model = client.load_model(_image_and("mask", [1, 1, 8, 8], first=True), "forms_mask_first")
+    feeds = {"mask": np.ones((2, 1, 8, 8), np.float32), "x": _images() / 255}
+    assert client.saliency(model, feeds, 1).attribution.shape == (2, 3, 8, 8)
+    assert client.grad_cam(model, feeds, 1).heatmap.shape == (2, 8, 8)
+
+
+def test_one_row_of_another_input_is_shared_by_every_image(client):
+    """A vector input exported as [1, 5] beside images made free-batch: three images with that one row
+    were refused (its batch is made free with the images'); the row is now each image's, as
+    onnxruntime broadcasts it; rows of another count still are refused."""
+    model = client.load_model(_image_and("meta", [1, 5], first=False), "forms_meta")
+    x = _images(3) / 255
+    meta = np.random.default_rng(1).standard_normal((1, 5)).astype(np.float32)
+    shared = client.activations(model, {"x": x, "meta": meta}, ["logits"])["logits"]
+    repeated = client.activations(model, {"x": x, "meta": np.repeat(meta, 3, axis=0)}, ["logits"])["logits"]
+    np.testing.assert_array_equal(shared, repeated)
+    grads = client.gradient(model, {"x": x, "meta": meta}, 1, wrt=["x"]).gradient
+    assert grads.shape == x.shape and np.abs(grads).max() > 0
+    with pytest.raises(InvalidArgument) as e:
+        client.activations(model, {"x": x, "meta": np.repeat(meta, 2, axis=0)}, ["logits"])
+    assert e.value.details == "input.tensors[meta]: batch size 2 differs from the other inputs' 3", e.value.details

@@ -94,18 +94,23 @@ def _mk(size, jump, offset, is_global=False, approximate=False) -> ReceptiveFiel
 
 
 def image_input(model: onnx.ModelProto, infos: dict | None = None) -> tuple[str, tuple[int, int]] | None:
-    """(name, spatial axes) of the first rank-4 float graph input, or None. `infos`:
-    the model's tensor_infos where the caller has them."""
+    """(name, spatial axes) of the image input, or None: the first rank-4 float graph input with three
+    (colour) channels, else the first rank-4 float input (a mask or a depth map given before the
+    RGB image took the images: every method ran on the mask). `infos`: the model's tensor_infos
+    where the caller has them."""
     infos = tensor_infos(model) if infos is None else infos
+    found = []
     for vi in model.graph.input:
         info = infos.get(vi.name)
         if info is None or info.shape is None or len(info.shape) != 4 or info.elem_type not in _FLOAT_TYPES:
             continue
         s = info.shape
-        if s[3] in (1, 3) and s[1] not in (1, 3):
-            return vi.name, (1, 2)
-        return vi.name, (2, 3)
-    return None
+        axes = (1, 2) if s[3] in (1, 3) and s[1] not in (1, 3) else (2, 3)
+        found.append((vi.name, axes, s[3] if axes == (1, 2) else s[1]))
+    if not found:
+        return None
+    name, axes, _ = next((f for f in found if f[2] == 3), found[0])
+    return name, axes
 
 
 def receptive_fields(model: onnx.ModelProto, infos: dict | None = None) -> dict[str, ReceptiveField]:

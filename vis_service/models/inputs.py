@@ -46,7 +46,7 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
     missing = [n for n in model.input_names if n not in feeds]
     if missing:
         raise InvalidArgument(field_name, f"no value for model input(s) {missing}; send images or tensors")
-    batch = None
+    batches: dict[str, int] = {}
     image_first = first_dim(model, image_input)
     for name, arr in feeds.items():
         info = model.infos[name]
@@ -74,11 +74,22 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
             # the limit counts a batch the request chooses, not a size the model fixes
             if arr.shape[0] > max_batch and not isinstance(first, int):
                 raise ResourceExhausted(f"{where}: batch of {arr.shape[0]} exceeds the limit of {max_batch}")
-            if batch is not None and arr.shape[0] != batch:
-                raise InvalidArgument(where, f"batch size {arr.shape[0]} differs from the other inputs' {batch}")
-            batch = arr.shape[0]
+            batches[name] = arr.shape[0]
         if arr.dtype.kind == "f" and not all_finite(arr):
             raise InvalidArgument(where, "contains NaN or Inf; only finite values are allowed")
+    if batches:
+        batch = batches.get(image_input, max(batches.values()))
+        for name, n in batches.items():
+            if n == batch:
+                continue
+            if n == 1 and name != image_input and not isinstance(first_dim(model, name), int):
+                # one row of another input (metadata, a class to condition on) for a batch of images: shared
+                # by every image, as onnxruntime broadcasts it where the model was exported with that input [1, ...]
+                # (its batch is made free on load, with the images')
+                feeds[name] = np.ascontiguousarray(np.broadcast_to(feeds[name], (batch,) + feeds[name].shape[1:]))
+                continue
+            raise InvalidArgument(f"{field_name}.tensors[{name}]", f"batch size {n} differs from the other inputs' "
+                                                                   f"{batch}")
     return feeds
 
 

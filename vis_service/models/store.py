@@ -22,6 +22,7 @@ from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
 from ..errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, ResourceExhausted, shorten
 from ..gen import vis_pb2
 from ..graph.loading import TensorInfo, parse_model_files, prepare_model, tensor_infos
+from ..graph.receptive_field import image_input
 from ..runtime.sessions import Runtime
 from ..runtime.type_probe import complete_types
 from .config import check_config_input, read_config_file, validate_config
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # whole names only: fullmatch (a $ admits "name\n")
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
 @dataclass
@@ -78,14 +78,12 @@ class LoadedModel:
 
     @property
     def image_input(self) -> str:
-        """The input that images go to: the configured one, else the first float input of rank 4, else the first."""
+        """The input that images go to: the configured one, else graph.receptive_field.image_input's
+        choice (the first rank-4 float input with three channels, else the first of rank 4), else the first."""
         if self.config.input.name:
             return self.config.input.name
-        for name in self.input_names:
-            info = self.infos.get(name)
-            if info and info.elem_type in FLOAT_TYPES and info.shape is not None and len(info.shape) == 4:
-                return name
-        return self.input_names[0]
+        found = self.memo("image_input", lambda: image_input(self.proto, self.infos))
+        return found[0] if found is not None else self.input_names[0]
 
     def label(self, index: int) -> str | None:
         if not self.labels:
