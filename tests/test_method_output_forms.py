@@ -279,3 +279,14 @@ def test_one_row_of_another_input_is_shared_by_every_image(client):
     with pytest.raises(InvalidArgument) as e:
         client.activations(model, {"x": x, "meta": np.repeat(meta, 2, axis=0)}, ["logits"])
     assert e.value.details == "input.tensors[meta]: batch size 2 differs from the other inputs' 3", e.value.details
+
+
+def test_an_attribution_target_the_image_does_not_reach_names_the_target(client):
+    """Saliency of a target computed from the other input only was refused naming `wrt`, a field the
+    attribution request has not."""
+    model = client.load_model(_image_and("meta", [1, 5], first=False), "forms_meta_target")
+    feeds = {"x": _images(2) / 255, "meta": np.ones((2, 5), np.float32)}
+    with pytest.raises(InvalidArgument) as e:
+        client.saliency(model, feeds, Target.channel("meta", 0))
+    assert e.value.details.startswith("target.channel.layer: 'meta' is not computed from the image input 'x'"), \
+        e.value.details

@@ -27,6 +27,7 @@ from .activations import compute_activations
 from .gradient import (Objective, make_cotangent, objective_tensor_name, require_finite, resolve_wrt,
                        run_gradient)
 from .progress import NO_PROGRESS, MethodResult, Progress
+from .targets import require_from_image
 
 MiB = 1 << 20
 # ResNet-50 (torchvision): ~19 rows per run by the per-sample estimate, which counts ~2.3x what
@@ -96,6 +97,10 @@ def prepare(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarray], 
     # a map per image: the targets, and the copies SmoothGrad and IG stack, run along the batch dimension
     batching.require_batched_image(model, x, "attributions")
     tensor = objective_tensor_name(model, obj)
+    # attributions are of the image input: a target it does not reach (another input's branch) was
+    # refused by the engine naming `wrt`, which the request does not have
+    require_from_image(model, tensor, "target.output.output" if obj.kind == "output" else f"target.{obj.kind}.layer",
+                       obj.layer)
     spec, note = image_spec(model, preprocess, x)
     if obj.kind == "output" and not obj.index:  # top-1: resolved by the first gradient run (see ensure_target)
         return AttributionInput(feeds, model.image_input, tensor, None, None, spec, note)
