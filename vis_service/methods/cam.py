@@ -473,8 +473,6 @@ def forward_tensors(ctx: CamContext, feeds: dict[str, np.ndarray], tensors: list
     return out
 
 
-
-
 def _repeat_feeds(ctx: CamContext, rows: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for a perturbed batch: `image` for the image input, rows of the other batched inputs
     (padded to a fixed batch: the caller drops the padding's results, see batching)."""

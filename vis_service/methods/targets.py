@@ -80,7 +80,7 @@ def class_probabilities(model: LoadedModel, tensor: str, values: np.ndarray) -> 
     reader = next((n for n in model.proto.graph.node if n.op_type in _PROBABILITY_OPS and n.input and n.input[0] == tensor
                    and n.domain in ("", "ai.onnx")), None)
     if (reader is not None and reader.op_type == "Sigmoid") or (reader is None and v[0].size == 1):
-        return 1.0 / (1.0 + np.exp(-v))
+        return 0.5 * (1.0 + np.tanh(0.5 * v))  # the sigmoid, without exp's overflow far below 0
     if reader is not None:
         opset = opset_version(model.proto)
         axis = next((a.i for a in reader.attribute if a.name == "axis"), -1 if opset >= 13 else 1) % max(1, v.ndim)
