@@ -187,6 +187,34 @@ def test_activations_command_draws_a_channels_last_feature_map_as_its_channels(s
     assert "(16 of 16 maps" in out and "(8 of 8 maps" in out, out
 
 
+def test_other_model_inputs_come_from_npy_files(server, client, tmp_path, capsys):
+    """A model with an image and a metadata vector: the CLI had no way to give the vector ('send images
+    or tensors'); --tensor NAME=FILE.npy gives it, one row shared by every image or one per image,
+    and the Python client takes image files beside arrays in one dict."""
+    from test_method_output_forms import _image_and
+
+    client.load_model(_image_and("meta", [1, 5], first=False), "cli_meta")
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images[-1])
+    meta = np.random.default_rng(5).standard_normal((1, 5)).astype(np.float32)
+    np.save(tmp_path / "meta.npy", meta)
+    args = ["--images", *map(str, images), "--tensor", f"meta={tmp_path / 'meta.npy'}", "--size", "8", "8"]
+    assert run(server, "saliency", "cli_meta", *args, "--out", str(tmp_path / "s")) == 0
+    assert run(server, "activations", "cli_meta", *args, "--layers", "logits", "--out", str(tmp_path / "a")) == 0
+    out = capsys.readouterr().out
+    assert "logits: shape (2, 3)" in out, out
+    assert run(server, "saliency", "cli_meta", "--images", str(images[0]), "--size", "8", "8",
+               "--out", str(tmp_path / "s")) == 1
+    assert "no value for model input(s) ['meta']" in capsys.readouterr().err
+    assert run(server, "saliency", "cli_meta", *args[:3], "--tensor", "meta", "--out", str(tmp_path / "s")) == 1
+    assert "--tensor 'meta': give NAME=FILE.npy" in capsys.readouterr().err
+    by_dict = client.activations("cli_meta", {"x": [str(p) for p in images], "meta": meta}, ["logits"],
+                                 preprocess={"size": [8, 8]})["logits"]
+    assert by_dict.shape == (2, 3) and f"{by_dict[0, 0]:.4g}" in out
+
+
 def test_connection_options_after_the_command(server, capsys):
     """`vis models --address H:P` works as `vis --address H:P models` does; given after the command it wins."""
     assert cli.main(["models", "--address", server.address]) == 0

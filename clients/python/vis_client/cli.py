@@ -108,6 +108,25 @@ def _check_images(paths: list[str]) -> None:
         raise CliError(f"image file not found: {', '.join(missing)}")
 
 
+def _inputs(args):
+    """What the command sends: its image files, with the other model inputs given by --tensor
+    NAME=FILE.npy (metadata, a mask: a batch of rows, or one row shared by every image)."""
+    if not getattr(args, "tensor", None):
+        return args.images
+    inputs = {"": args.images}
+    for item in args.tensor:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"--tensor {item!r}: give NAME=FILE.npy")
+        if name in inputs:
+            raise CliError(f"--tensor: input {name!r} given twice")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--tensor {name}: cannot read {path!r} as a .npy array ({exc})") from None
+    return inputs
+
+
 def _out_dir(path: str) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +247,7 @@ def cmd_activations(client: Client, args) -> None:
     out = _out_dir(args.out)
     progress = _Progress()
     try:
-        res = client.activations_result(model, args.images, args.layers, preprocess=preprocessing(args), on_progress=progress)
+        res = client.activations_result(model, _inputs(args), args.layers, preprocess=preprocessing(args), on_progress=progress)
     finally:
         progress.close()
     stems = _stems(args.images)
@@ -308,7 +327,7 @@ def cmd_gradient(client: Client, args) -> None:
     out = _out_dir(args.out)
     progress = _Progress()
     try:
-        g = client.gradient(model, args.images, args.class_index, rule_set=args.rule_set,
+        g = client.gradient(model, _inputs(args), args.class_index, rule_set=args.rule_set,
                             preprocess=preprocessing(args), on_progress=progress)
     finally:
         progress.close()
@@ -319,7 +338,8 @@ def cmd_gradient(client: Client, args) -> None:
     inputs = None
     if model.inputs:
         try:
-            inputs = client.activations(model, args.images, [model.inputs[0].name], preprocess=preprocessing(args))
+            # the gradient's key is the image input (a model may list another input first)
+            inputs = client.activations(model, _inputs(args), [next(iter(g.gradients))], preprocess=preprocessing(args))
             inputs = next(iter(inputs.values()), None)
         except VisError:
             inputs = None
@@ -374,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_input(p):
         p.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="input image files")
+        p.add_argument("--tensor", action="append", default=[], metavar="NAME=FILE.npy",
+                       help="a value for another input of the model (a .npy array: one row per image, or one "
+                            "row for all); repeat for several inputs")
         p.add_argument("--preset", choices=PRESETS, default=None,
                        help="preprocessing preset (default: the model's config)")
         add_size(p)

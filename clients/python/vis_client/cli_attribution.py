@@ -29,7 +29,7 @@ def _stats(a: np.ndarray) -> str:
 
 
 def _run_attribution(client, args) -> None:
-    from .cli import _Progress, _check_images, _out_dir, _render, _resolve_model, _safe, _stems, preprocessing
+    from .cli import _Progress, _check_images, _inputs, _out_dir, _render, _resolve_model, _safe, _stems, preprocessing
 
     _check_images(args.images)
     _render()
@@ -45,7 +45,7 @@ def _run_attribution(client, args) -> None:
         kwargs.update(steps=args.steps, baseline=args.baseline, blur_sigma=args.blur_sigma, batch=args.batch)
     progress = _Progress()
     try:
-        a = getattr(client, method)(model, args.images, args.class_index, preprocess=preprocessing(args),
+        a = getattr(client, method)(model, _inputs(args), args.class_index, preprocess=preprocessing(args),
                                     on_progress=progress, **kwargs)
     finally:
         progress.close()
@@ -65,7 +65,7 @@ def _run_attribution(client, args) -> None:
 
 
 def _run_deconvnet(client, args) -> None:
-    from .cli import _Progress, _check_images, _out_dir, _render, _resolve_model, _safe, _stems, preprocessing
+    from .cli import _Progress, _check_images, _inputs, _out_dir, _render, _resolve_model, _safe, _stems, preprocessing
 
     _check_images(args.images)
     _render()
@@ -73,7 +73,7 @@ def _run_deconvnet(client, args) -> None:
     out = _out_dir(args.out)
     progress = _Progress()
     try:
-        d = client.deconvnet(model, args.images, args.layer, top_k=args.top_k, target=args.channel,
+        d = client.deconvnet(model, _inputs(args), args.layer, top_k=args.top_k, target=args.channel,
                              crop=args.crop, rule_set=args.rule_set, preprocess=preprocessing(args),
                              on_progress=progress)
     finally:

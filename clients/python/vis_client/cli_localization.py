@@ -26,7 +26,7 @@ def _run_cam(client, args, method: str) -> None:
     out = cli._out_dir(args.out)
     progress = cli._Progress()
     try:
-        cam = client.grad_cam(model, args.images, args.class_index, layer=args.layer, method=method,
+        cam = client.grad_cam(model, cli._inputs(args), args.class_index, layer=args.layer, method=method,
                               batch=args.batch, preprocess=cli.preprocessing(args), on_progress=progress)
     finally:
         progress.close()
@@ -75,7 +75,7 @@ def cmd_occlusion(client, args) -> None:
     out = cli._out_dir(args.out)
     progress = cli._Progress()
     try:
-        occ = client.occlusion(model, args.images, args.class_index, patch=args.patch, stride=args.stride,
+        occ = client.occlusion(model, cli._inputs(args), args.class_index, patch=args.patch, stride=args.stride,
                                fill=args.fill, layer=args.layer, batch=args.batch,
                                preprocess=cli.preprocessing(args), on_progress=progress)
     finally:

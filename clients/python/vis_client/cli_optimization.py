@@ -165,6 +165,8 @@ def cmd_invert(client, args) -> None:
     cli._check_images(args.images)
     if len(args.images) != 1:
         raise cli.CliError("give exactly one reference image")
+    if args.tensor:
+        raise cli.CliError("--tensor: inversion feeds the image input alone (models with one input)")
     render = cli._render()
     model = cli._resolve_model(client, args.model)
     out = cli._out_dir(args.out)

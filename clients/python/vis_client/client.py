@@ -495,7 +495,8 @@ def build_input_batch(x, preprocess=None, model=None) -> vis_pb2.InputBatch:
 
     ``x`` is a numpy array (raw tensor for the model's single/first input), a dict
     input name -> array, or a list of images (file paths, PIL images or encoded bytes; a
-    single one is accepted too). Float arrays are cast to the model input's float type when
+    single one is accepted too); in a dict, images for the image input (under its name, or "")
+    beside arrays for the model's other inputs. Float arrays are cast to the model input's float type when
     ``model`` is a :class:`Model`, else float64 is sent as FP32.
     """
     batch, deferred = _input_batch(x, preprocess, model)
@@ -508,6 +509,7 @@ def _input_batch(x, preprocess=None, model=None) -> tuple[vis_pb2.InputBatch, De
     (see ``_send_inputs``)."""
     batch = vis_pb2.InputBatch()
     deferred: DeferredInputs = []
+    image_key = ""
     if isinstance(x, vis_pb2.InputBatch):
         batch.CopyFrom(x)
     elif isinstance(x, np.ndarray):
@@ -520,7 +522,13 @@ def _input_batch(x, preprocess=None, model=None) -> tuple[vis_pb2.InputBatch, De
         for name, arr in x.items():
             if not isinstance(name, str):
                 raise TypeError(f"input dict keys must be input names (str), got {name!r}")
-            _add_raw_tensor(batch, name, arr, model, deferred)
+            if _is_images(arr):  # image files for the image input, beside the model's other inputs
+                if batch.images:
+                    raise ValueError("images go to one input (the model's image input); got them for two keys")
+                image_key = name
+                batch.images.extend(_encode_image(item) for item in (arr if isinstance(arr, (list, tuple)) else [arr]))
+            else:
+                _add_raw_tensor(batch, name, arr, model, deferred)
     elif isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_pil_image(x):
         batch.images.append(_encode_image(x))
     elif isinstance(x, (list, tuple)):
@@ -535,7 +543,18 @@ def _input_batch(x, preprocess=None, model=None) -> tuple[vis_pb2.InputBatch, De
     pre = build_preprocessing(preprocess)
     if pre is not None:
         batch.preprocess.CopyFrom(pre)
+    if image_key and not batch.preprocess.config.name:
+        batch.preprocess.config.name = image_key  # the server checks that the images' input is its image input
     return batch, deferred
+
+
+def _is_images(value) -> bool:
+    """An image (a path, PIL image or encoded bytes) or a non-empty list of them."""
+    def one(v):
+        return isinstance(v, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_pil_image(v)
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(one(v) for v in value)
+    return one(value)
 
 
 def _model_ref(model) -> str:
