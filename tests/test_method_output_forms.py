@@ -17,8 +17,12 @@ from vis_client import Target
 from vis_client.errors import InvalidArgument
 from vis_client.optimization import Objective
 
-R = np.random.default_rng(11)
-W_CONV = R.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+W_CONV = np.random.default_rng(11).normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+
+
+def _weights(*shape) -> np.ndarray:
+    """Fixed random weights of `shape` (the same in every test order: other modules build these models too)."""
+    return np.random.default_rng(list(shape)).normal(0, 0.5, shape).astype(np.float32)
 
 
 def _model(end: str | None = None, classes: int = 4, batch="N", squeeze: bool = False, dense: bool = False) -> bytes:
@@ -26,8 +30,8 @@ def _model(end: str | None = None, classes: int = 4, batch="N", squeeze: bool = 
     a 1x1 Conv -> "logits" [N, classes, 8, 8]) -> `end` ("out"); `squeeze`: the batch axis squeezed
     away ([classes]) and a scalar second output "score"."""
     inits = [numpy_helper.from_array(W_CONV, "w"),
-             numpy_helper.from_array(R.normal(0, 0.5, (classes, 4)).astype(np.float32), "wfc"),
-             numpy_helper.from_array(R.normal(0, 0.5, (classes, 4, 1, 1)).astype(np.float32), "w1x1")]
+             numpy_helper.from_array(_weights(classes, 4), "wfc"),
+             numpy_helper.from_array(_weights(classes, 4, 1, 1), "w1x1")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
              helper.make_node("Relu", ["conv"], ["feat"], name="feat")]
     if dense:
@@ -133,10 +137,10 @@ def test_a_dense_output_takes_probabilities_over_the_classes_at_each_pixel(clien
     classes there (it was over all classes x pixels: ~1e-4), and the top class is a class at that pixel
     (it was a flat index)."""
     model = _load(client, "dense", classes=3, dense=True)
-    x = _images()
+    x = _images() / 255  # logits of a few units: probabilities short of 0 and 1
     logits = client.activations(model, x, ["logits"])["logits"].astype(np.float64)
     flat = 1 * 64 + 5 * 8 + 6  # class 1 at pixel (5, 6)
-    occ = client.occlusion(model, x, Target.output(flat), patch=2, stride=2)
+    occ = client.occlusion(model, x, Target.output(flat), patch=2, stride=2, fill="zero")
     np.testing.assert_allclose(occ.probability_unoccluded, _softmax(logits, 1)[:, 1, 5, 6], rtol=1e-5)
     assert occ.top_class.max() < 3 and occ.probability.min() > 0.01
 
@@ -148,7 +152,7 @@ def test_a_dense_output_takes_probabilities_over_the_classes_at_each_pixel(clien
 
 def _siamese() -> bytes:
     """Inputs a and b [N, 3, 8, 8], each Conv + Relu ("fa", "fb"), pooled and summed -> Gemm."""
-    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(R.normal(0, 0.5, (3, 4)).astype(np.float32), "wfc")]
+    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(_weights(3, 4), "wfc")]
     nodes = [helper.make_node("Conv", ["a", "w"], ["ca"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["ca"], ["fa"]),
              helper.make_node("Conv", ["b", "w"], ["cb"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["cb"], ["fb"]),
              helper.make_node("Add", ["fa", "fb"], ["both"]), helper.make_node("GlobalAveragePool", ["both"], ["gap"]),
@@ -191,8 +195,8 @@ def test_maps_of_layers_the_image_does_not_reach_or_of_one_position_are_refused(
 def test_a_1d_cnn_is_told_that_images_need_a_4d_input(client):
     """maximize / class_model / invert on a 1-D CNN said 'give size [H, W]' (its input is static), and
     given one, that the model takes another rank; image files to it said the same."""
-    inits = [numpy_helper.from_array(R.normal(0, 0.5, (4, 2, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(R.normal(0, 0.5, (3, 4)).astype(np.float32), "wfc")]
+    inits = [numpy_helper.from_array(_weights(4, 2, 3), "w"),
+             numpy_helper.from_array(_weights(3, 4), "wfc")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1]), helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
              helper.make_node("Gemm", ["f", "wfc"], ["logits"], transB=1)]
@@ -233,8 +237,8 @@ def _png() -> bytes:
 def _image_and(other: str, other_shape: list, first: bool) -> bytes:
     """An image [N, 3, 8, 8] and another input: "mask" [N, 1, 8, 8] multiplied in, or "meta" (a vector
     per image, concatenated to the pooled features); `first`: the other input listed first."""
-    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(R.normal(0, 0.5, (3, 9)).astype(np.float32), "wfc9"),
-             numpy_helper.from_array(R.normal(0, 0.5, (3, 4)).astype(np.float32), "wfc")]
+    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(_weights(3, 9), "wfc9"),
+             numpy_helper.from_array(_weights(3, 4), "wfc")]
     nodes = []
     x = "x"
     if other == "mask":
@@ -290,3 +294,45 @@ def test_an_attribution_target_the_image_does_not_reach_names_the_target(client)
         client.saliency(model, feeds, Target.channel("meta", 0))
     assert e.value.details.startswith("target.channel.layer: 'meta' is not computed from the image input 'x'"), \
         e.value.details
+
+
+def _detector() -> bytes:
+    """A detection-like output first: the positive class scores of every image, flattened and selected
+    by NonZero ("scores" [k], k set by the data: 4 per image here, each logit biased to > 0)."""
+    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(_weights(4, 4), "wfc"),
+             numpy_helper.from_array(np.full(4, 100, np.float32), "bfc"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"),
+             numpy_helper.from_array(np.zeros((), np.float32), "zero")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["feat"]),
+             helper.make_node("GlobalAveragePool", ["feat"], ["gap"]), helper.make_node("Flatten", ["gap"], ["f"]),
+             helper.make_node("Gemm", ["f", "wfc", "bfc"], ["logits"], transB=1),
+             helper.make_node("Reshape", ["logits", "flat_shape"], ["all"]),
+             helper.make_node("Greater", ["all", "zero"], ["positive"]), helper.make_node("NonZero", ["positive"], ["nz"]),
+             helper.make_node("Reshape", ["nz", "flat_shape"], ["kept"]),
+             helper.make_node("Gather", ["all", "kept"], ["scores"])]
+    graph = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_detection_output_whose_rows_are_not_the_images(client):
+    """Detections [k] first in the outputs, k varying with the input (shape inference names it with a
+    symbol of its own): occlusion and Score-CAM were IndexErrors (INTERNAL) or, where k happened to fit,
+    some detection's score; Grad-CAM of a backbone channel looked for its default layer before the
+    detections ('no 4-D feature map') instead of before the channel's layer."""
+    model = client.load_model(_detector(), "forms_detector", config={"preset": "raw255"})
+    x = _images(1) / 255  # logits of 100 +- a few: all four kept
+    assert client.activations(model, x, ["scores"])["scores"].shape == (4,)
+    for call in (lambda: client.occlusion(model, x, patch=4, stride=4),
+                 lambda: client.grad_cam(model, x, method="scorecam"),
+                 lambda: client.grad_cam(model, x, Target.output(0, output="scores"), method="ablationcam")):
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert e.value.details.startswith("target: tensor 'scores' came out of shape [4] for 1 images"), e.value.details
+    cam = client.grad_cam(model, _images(2) / 255, Target.channel("feat", 1))
+    assert cam.heatmap.shape == (2, 8, 8) and cam.layer == "c"
+    occ = client.occlusion(model, x, Target.output(1, output="logits"), patch=4, stride=4)
+    assert occ.probability.shape == (1, 2, 2)

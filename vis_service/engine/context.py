@@ -163,7 +163,10 @@ class RuleContext:
         shape = self.shape(name)
         dims = [shape[a] for a in axes]
         if not all(isinstance(d, int) for d in dims):
-            raise Unimplemented(f"{why} needs static sizes of axes {list(axes)} of tensor {name!r}, got shape {shape}")
+            # the node being differentiated, as UNIMPLEMENTED names it elsewhere (its label while its rule runs)
+            node = f" (node {self.node_label[len('grad/'):]!r})" if self.node_label.startswith("grad/") else ""
+            raise Unimplemented(f"{why}{node} needs static sizes of axes {list(axes)} of tensor {name!r}, got shape "
+                                f"{shape}")
         return dims
 
     def dtype(self, name: str) -> np.dtype:

@@ -70,7 +70,7 @@ from .activations import exposed_session
 from .gradient import Objective, make_cotangent, objective_tensor_name, require_finite, run_gradient
 from .progress import NO_PROGRESS, MethodResult, Progress
 from .targets import (batch_axis_lost, channels_last, class_probabilities, require_activation, require_batch_first,
-                      require_channels_first, require_from_image, traced_axes)
+                      require_channels_first, require_from_image, require_rows, traced_axes)
 
 DEFAULT_BATCH = 32
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -448,7 +448,8 @@ def _class_target(ctx: CamContext) -> str:
     return tensor
 
 
-def class_indices(ctx: CamContext, scores: np.ndarray) -> np.ndarray:
+def class_indices(ctx: CamContext, scores: np.ndarray, tensor: str) -> np.ndarray:
+    require_rows(tensor, scores, ctx.n)
     flat = scores.reshape(ctx.n, -1)
     idx = list(ctx.objective.index)
     if not idx:
@@ -582,7 +583,7 @@ class ClassCam(CamVariant):
             raise InvalidArgument("layer", f"CAM uses the weights of the linear layer after the global pooling, so the "
                                            f"layer must be the pooled feature map {head.layer!r}, not {ctx.layer!r}")
         values = forward_tensors(ctx, ctx.feeds, [ctx.layer, scores_t])
-        idx = class_indices(ctx, values[scores_t])
+        idx = class_indices(ctx, values[scores_t], scores_t)
         if (idx >= weight.shape[0]).any():
             raise InvalidArgument("target.output.index", f"must be in [0, {weight.shape[0]})")
         w = weight[idx].astype(np.float64)
@@ -596,7 +597,7 @@ class ScoreCam(CamVariant):
     def compute(self, ctx: CamContext) -> CamParts:
         scores_t = _class_target(ctx)
         values = forward_tensors(ctx, ctx.feeds, [ctx.layer, scores_t])
-        idx = class_indices(ctx, values[scores_t])
+        idx = class_indices(ctx, values[scores_t], scores_t)
         a = values[ctx.layer].astype(np.float64)
         n, c = a.shape[:2]
         hw = spatial_size(ctx.x, ctx.layout)
@@ -610,7 +611,10 @@ class ScoreCam(CamVariant):
             rows, chans = pairs[sl, 0], pairs[sl, 1]
             masks = minmax(upsample(a[rows, chans], hw))
             masked = (ctx.x[rows] * _channel_broadcast(masks, ctx.layout)).astype(ctx.x.dtype)
-            out = forward_tensors(ctx, _repeat_feeds(ctx, rows, masked), [scores_t])[scores_t][:len(rows)]
+            run_feeds = _repeat_feeds(ctx, rows, masked)
+            out = forward_tensors(ctx, run_feeds, [scores_t])[scores_t]
+            require_rows(scores_t, out, len(run_feeds[ctx.model.image_input]))
+            out = out[:len(rows)]
             probs = class_probabilities(ctx.model, scores_t, out).reshape(len(rows), -1)
             weights[rows, chans] = probs[np.arange(len(rows)), idx[rows]]
             ctx.progress.update(sl.stop, total, "masked inputs")
@@ -623,7 +627,7 @@ class AblationCam(CamVariant):
     def compute(self, ctx: CamContext) -> CamParts:
         scores_t = _class_target(ctx)
         values = forward_tensors(ctx, ctx.feeds, [ctx.layer, scores_t])
-        idx = class_indices(ctx, values[scores_t])
+        idx = class_indices(ctx, values[scores_t], scores_t)
         a = values[ctx.layer]
         n, c = a.shape[:2]
         y = values[scores_t].reshape(n, -1)[np.arange(n), idx].astype(np.float64)
@@ -645,7 +649,9 @@ class AblationCam(CamVariant):
             ablated[np.arange(len(rows)), chans] = 0
             feeds = {k: v for k, v in batching.row_feeds(ctx.model, ctx.feeds, rows).items() if k in sub.extra_inputs}
             feeds[ctx.layer] = batching.padded(ctx.model, ablated)
-            out = session.run_dict([scores_t], feeds)[scores_t][:len(rows)].reshape(len(rows), -1)
+            out = session.run_dict([scores_t], feeds)[scores_t]
+            require_rows(scores_t, out, len(feeds[ctx.layer]))
+            out = out[:len(rows)].reshape(len(rows), -1)
             y_k[rows, chans] = out[np.arange(len(rows)), idx[rows]]
             ctx.progress.update(sl.stop, total, "ablated channels")
         # the paper's relative drop; an absolute drop where the score itself is ~0
@@ -672,8 +678,10 @@ def compute_cam(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarra
     x = feeds[model.image_input]
     layout = image_layout(model, x, preprocess)
     spatial_size(x, layout)
+    # where the default layer is looked for: back from the class scores, or from a channel / neuron /
+    # tensor target's own layer (from the first output, a detection model's boxes, it found none)
     scores = objective_tensor_name(model, Objective("output", objective.layer)) \
-        if objective.kind == "output" else objective_tensor_name(model, Objective())
+        if objective.kind == "output" else objective_tensor_name(model, objective)
     tensor = resolve_cam_layer(model, layer, scores)
     if objective.kind == "output":
         require_before(model, layer, tensor, scores, scores)

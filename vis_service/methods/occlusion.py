@@ -47,7 +47,7 @@ from . import batching
 from .gradient import Objective, objective_tensor_name, require_finite
 from .progress import NO_PROGRESS, MethodResult, Progress
 from .targets import (class_probabilities, require_activation, require_batch_first, require_channels_first,
-                      require_from_image)
+                      require_from_image, require_rows)
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
     for t in (scores_t, layer_t):  # (forward_tensors checks its own; the cuts' runs are checked here)
         require_finite(f"tensor {t!r}", base[t])
     n = x.shape[0]
-    idx = class_indices(ctx, base[scores_t])
+    idx = class_indices(ctx, base[scores_t], scores_t)
     probs0 = class_probabilities(model, scores_t, base[scores_t]).reshape(n, -1)
     totals0 = base[layer_t].reshape(n, base[layer_t].shape[1], -1).astype(np.float64).sum(axis=2)
     channel = totals0.argmax(axis=1).astype(np.int64)
@@ -201,10 +201,13 @@ def compute_occlusion(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.
         if cuts:
             out = _forward_through_cuts(ctx, cuts, base, x_cut, values, img, r, c, (ph, pw), (sh, sw),
                                         [scores_t, layer_t])
+            require_rows(scores_t, out[scores_t], len(items))
         else:
             occluded = np.stack([occlude(x[i], values[i], rr * sh, cc * sw, (ph, pw), layout)
                                  for i, rr, cc in zip(img, r, c)]).astype(x.dtype)
-            out = forward_tensors(ctx, batching.row_feeds(model, feeds, img, occluded), [scores_t, layer_t])
+            run_feeds = batching.row_feeds(model, feeds, img, occluded)
+            out = forward_tensors(ctx, run_feeds, [scores_t, layer_t])
+            require_rows(scores_t, out[scores_t], len(run_feeds[model.image_input]))
             out = {t: v[:len(items)] for t, v in out.items()}  # without a fixed batch's padding
         p = class_probabilities(model, scores_t, out[scores_t])
         prob_map[start:stop] = p.reshape(len(items), -1)[np.arange(len(items)), idx[img]]

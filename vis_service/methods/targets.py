@@ -162,6 +162,17 @@ def batch_axis_lost(model: LoadedModel, tensor: str) -> bool:
     return isinstance(first, int) and (isinstance(batch, str) or (isinstance(batch, int) and first != batch))
 
 
+def require_rows(tensor: str, values: np.ndarray, rows: int) -> None:
+    """INVALID_ARGUMENT on `target` unless a run's values of `tensor` have one row per image fed: a
+    detection model's outputs ([detections, ...], their count varying with the input; declared with a
+    symbol shape inference made up) were an IndexError deep in occlusion and the forward CAMs, or, where
+    the count happened to fit, silently some detection's score."""
+    if values.ndim == 0 or values.shape[0] != rows:
+        raise InvalidArgument("target", f"tensor {tensor!r} came out of shape {list(values.shape)} for {rows} images: "
+                                        "its first axis is not the batch (e.g. a detection model's detections), and "
+                                        "targets are taken per sample of [N, ...] tensors")
+
+
 def require_from_image(model: LoadedModel, tensor: str, field: str, given: str = "") -> None:
     """INVALID_ARGUMENT naming `field` for a tensor the image input does not influence (a siamese
     model's other branch, an auxiliary input's): its map drawn over the image explains nothing (a
