@@ -166,15 +166,16 @@ def _siamese() -> bytes:
 
 
 def test_maps_of_layers_the_image_does_not_reach_or_of_one_position_are_refused(client):
-    """A siamese model's other branch as the CAM / occlusion layer (Grad-CAM drew image b's map over
-    image a); a [N, C, 1, 1] layer (every CAM method's map was blank); CAM with a layer on a model
+    """A siamese model's other branch as the CAM / occlusion / deconvnet layer (Grad-CAM drew image b's
+    map over image a; deconvnet named `wrt`, a field it has not); a [N, C, 1, 1] layer (every CAM method's map was blank); CAM with a layer on a model
     without a pooled linear head (it was told to name 'the pooled feature map' of a pooling it has
     not)."""
     siamese = client.load_model(_siamese(), "forms_siamese", config={"preset": "raw255"})
     feeds = {"a": _images(), "b": _images()[::-1].copy()}
     assert client.grad_cam(siamese, feeds, layer="fa").heatmap.shape == (2, 8, 8)
     for call in (lambda: client.grad_cam(siamese, feeds, layer="fb"),
-                 lambda: client.occlusion(siamese, feeds, layer="fb", patch=4, stride=4)):
+                 lambda: client.occlusion(siamese, feeds, layer="fb", patch=4, stride=4),
+                 lambda: client.deconvnet(siamese, feeds, "fb")):
         with pytest.raises(InvalidArgument) as e:
             call()
         assert e.value.details.startswith("layer: 'fb' is not computed from the image input 'a'"), e.value.details

@@ -233,9 +233,10 @@ def resolve_cam_layer(model: LoadedModel, layer: str, scores: str, field: str = 
     if not layer:
         default = default_layer(model, scores).layer
         if default in inputs:
-            raise InvalidArgument(field, f"no 4-D float feature map [N, C, H, W] between the input and the class "
-                                         f"scores {scores!r} (a quantized model in operator form keeps its maps as "
-                                         "integers); name one in `layer`")
+            raise InvalidArgument(field, f"no 4-D float feature map [N, C, H, W], the images' batch first, between "
+                                         f"the input and {scores!r} (a quantized model in operator form keeps its maps "
+                                         "as integers; a detection model's backbone takes its images one by one, "
+                                         "[1, C, H, W]); name one in `layer`")
         return default
     tensor = resolve_tensor(model.proto, layer, kind="layer")
     require_activation(model, tensor, field, layer)

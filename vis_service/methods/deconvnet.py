@@ -31,7 +31,7 @@ from .attribution_common import channel_axis_of, chunks, image_spec, rows_per_ru
 from .gradient import Objective, require_finite, resolve_wrt, run_gradient
 from .limits import DEFAULT_SERVER_MAX_BATCH
 from .progress import NO_PROGRESS, MethodResult, Progress
-from .targets import require_activation, require_channels_first, top_channels
+from .targets import require_activation, require_channels_first, require_from_image, top_channels
 
 DEFAULT_TOP_K = 9
 
@@ -41,6 +41,7 @@ def layer_tensor(model: LoadedModel, layer: str) -> str:
         raise InvalidArgument("layer", "required: a 4-D feature tensor or its node")
     tensor = resolve_tensor(model.proto, layer, kind="layer")
     require_activation(model, tensor, "layer", layer, differentiable=True)
+    require_from_image(model, tensor, "layer", layer)
     require_channels_first(model, tensor, "layer", layer)
     info = model.infos.get(tensor)
     if info is not None and info.shape is not None and len(info.shape) != 4:
