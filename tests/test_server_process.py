@@ -12,10 +12,10 @@ import pytest
 from vis_service.default_models import DEFAULT_REPOSITORY
 
 
-def _serve(repository=DEFAULT_REPOSITORY) -> tuple[subprocess.Popen, str]:
+def _serve(repository=DEFAULT_REPOSITORY, *flags: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "vis_service", "serve", "--port", "0", "--log-level", "WARNING",
-         "--model-repository", str(repository)],
+         "--model-repository", str(repository), *flags],
         stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     match = re.search(r"listening on (\S+)", line)
@@ -88,6 +88,59 @@ def test_images_too_small_for_a_free_size_model_are_refused_and_the_process_live
                 assert process.poll() is None, "the server process died"
             assert client.activations(m, np.ones((1, 3, 5, 5), np.float32), ["logits"])["logits"].shape == (1, 32)
             assert client.gradient(m, np.ones((2, 3, 9, 6), np.float32)).gradient.shape == (2, 3, 9, 6)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _bomb(kind: str) -> bytes:
+    """A tiny model with a side branch that makes one huge constant: `concat` doubles a 1-element
+    tensor by Concat 30 times (2^30 floats, 4 GiB: onnxruntime folds it while it builds the session);
+    `constant_of_shape` and `range` make 2^31 floats (8 GiB) from constants; the branch's sum is added to x."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ones(1, np.float32), "c0")]
+    nodes = []
+    if kind == "concat":
+        for i in range(30):
+            nodes.append(helper.make_node("Concat", [f"c{i}", f"c{i}"], [f"c{i + 1}"], axis=0))
+        big = "c30"
+    elif kind == "constant_of_shape":
+        inits.append(numpy_helper.from_array(np.array([1 << 31], np.int64), "shape"))
+        nodes.append(helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                                      value=numpy_helper.from_array(np.ones(1, np.float32))))
+        big = "big"
+    else:
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("a", 0), ("b", 1 << 31), ("d", 1))]
+        nodes.append(helper.make_node("Range", ["a", "b", "d"], ["big"]))
+        big = "big"
+    nodes += [helper.make_node("ReduceSum", [big], ["s"], keepdims=1), helper.make_node("Add", ["x", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_model_that_makes_a_huge_constant_is_resource_exhausted():
+    """A 2 KB upload whose constant folding took 64 GB killed the server during its upload; a 0.9 KB
+    ConstantOfShape or Range of 12-20 GB on its first request (the kernel's OOM killer). onnxruntime's
+    runs and session builds share one memory arena, bounded by --max-run-mb (default half the physical
+    memory; 64 MiB here, against 4-8 GiB constants: onnxruntime's arena lets the folding take ~2.5 GiB
+    before it refuses, the single allocations nothing)."""
+    from vis_client import Client
+    from vis_client.errors import ResourceExhausted
+
+    process, address = _serve(DEFAULT_REPOSITORY, "--max-run-mb", "64")
+    try:
+        with Client(address) as client:
+            for kind in ("concat", "constant_of_shape", "range"):
+                with pytest.raises(ResourceExhausted) as e:
+                    model = client.load_model(_bomb(kind), f"bomb_{kind}")
+                    client.activations(model, np.zeros((1, 4), np.float32), ["y"])  # where folding left it to the run
+                assert "--max-run-mb" in e.value.details or "could not allocate" in e.value.details, e.value.details
+            digits = client.model("digits")
+            assert client.activations(digits, np.zeros((1, 1, 32, 32), np.float32), ["logits"])["logits"].shape == (1, 10)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -41,6 +41,8 @@ class ServerConfig:
     max_concurrent_runs: int = 2   # onnxruntime runs at once (runtime.sessions.Runtime); 0 = no bound
     # weights of the cached sessions, bytes (runtime.sessions.Runtime); 0 = 40% of the physical memory
     session_cache_bytes: int = 0
+    # what onnxruntime's runs take at once (its shared CPU arena), bytes; 0 = half the physical memory
+    run_memory_bytes: int = 0
 
     def __post_init__(self):
         if self.limits is None:
@@ -56,6 +58,9 @@ class ServerConfig:
         if self.session_cache_bytes < 0:   # in MiB, the unit of its flag
             raise ValueError(f"session cache bytes must be >= 0 MiB (0 = 40% of the physical memory), got "
                              f"{self.session_cache_bytes / (1 << 20):g} MiB")
+        if self.run_memory_bytes < 0:
+            raise ValueError(f"run memory bytes must be >= 0 MiB (0 = half the physical memory), got "
+                             f"{self.run_memory_bytes / (1 << 20):g} MiB")
         if self.model_repository is not None and not Path(self.model_repository).is_dir():
             raise ValueError(f"model repository {str(self.model_repository)!r} is not a directory")
 
@@ -84,7 +89,8 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
     """Start serving in background threads; `port=0` picks a free port (see `.port`)."""
     config = config or ServerConfig(**overrides)
     runtime = Runtime(config.provider, config.session_cache_size, config.intra_op_threads,
-                      config.max_concurrent_runs, config.session_cache_bytes or physical_memory_bytes() * 2 // 5)
+                      config.max_concurrent_runs, config.session_cache_bytes or physical_memory_bytes() * 2 // 5,
+                      config.run_memory_bytes or physical_memory_bytes() // 2)
     if config.provider == "cuda" and runtime.provider != CUDA:   # asked for by name: no silent CPU
         raise RuntimeError(f"--provider cuda: {runtime.choice.note}")
     store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes)

@@ -485,6 +485,11 @@ def _partial_select(op: str, inp: list, known: KnownValues) -> tuple[list, int, 
     return [x if c else y for c, x, y in zip(condition, a, b)], 1, vectors[1][1]
 
 
+# partial vectors are shape computations: a few elements. A static 1-D float tensor of 2^30 elements
+# (a Concat-doubling bomb) was listed as 2^30 unknowns, taking the server past its memory
+_PARTIAL_MAX_ELEMENTS = 4096
+
+
 def _partial_result(node, known: KnownValues, shapes, opaque_dim0, attrs) -> tuple[list, int, np.dtype] | None:
     """(elements, rank, dtype) of a shape computation that may hold symbols, or None."""
     op = node.op_type
@@ -554,12 +559,14 @@ def _partial_result(node, known: KnownValues, shapes, opaque_dim0, attrs) -> tup
                 # a part computed at run time (the positions of a tf2onnx LayerNormalization's
                 # [1, N*H*W, C, 1]): unknown elements, as many as its static length
                 shape = shapes.get(i) if i else None
-                if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+                if shape is None or len(shape) != 1 or not isinstance(shape[0], int) or \
+                        len(parts) + shape[0] > _PARTIAL_MAX_ELEMENTS:
                     return None
                 parts.extend([None] * shape[0])
                 continue
             if (i in known.partial and known.partial[i][1] != 1) or \
-                    (known.value(i) is not None and known.value(i).ndim != 1):
+                    (known.value(i) is not None and known.value(i).ndim != 1) or \
+                    len(parts) + len(e) > _PARTIAL_MAX_ELEMENTS:
                 return None
             parts.extend(e)
             if dtype is None:

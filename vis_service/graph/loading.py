@@ -17,6 +17,7 @@ mixed, selected or dropped), the input keeps its batch of 1.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from onnx import numpy_helper, shape_inference
 
 from ..errors import InvalidArgument
 from .constants import KnownValues, _subgraph_outer_names, fold_constants, known_values
+
+log = logging.getLogger(__name__)
 
 BATCH_DIM = "N"
 
@@ -330,12 +333,14 @@ def infer(m: onnx.ModelProto, field: str = "model") -> onnx.ModelProto:
     from .weights import structure_only
 
     try:
-        inferred = shape_inference.infer_shapes(structure_only(m, keep=1 << 16), check_type=False,
-                                                strict_mode=False, data_prop=True)
+        light = structure_only(m, keep=1 << 16)
+        data_prop = _data_propagation_bounded(light)
+        inferred = shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=data_prop)
         for _ in range(32):   # each given shape can let inference reach the next gap
             if not _complete_shapes(inferred):
                 break
-            inferred = shape_inference.infer_shapes(inferred, check_type=False, strict_mode=False, data_prop=True)
+            inferred = shape_inference.infer_shapes(inferred, check_type=False, strict_mode=False,
+                                                    data_prop=data_prop)
     except Exception as exc:
         raise InvalidArgument(field, f"shape inference failed: {exc}") from None
     out = onnx.ModelProto()
@@ -345,6 +350,27 @@ def infer(m: onnx.ModelProto, field: str = "model") -> onnx.ModelProto:
     del out.graph.output[:]
     out.graph.output.extend(inferred.graph.output)
     return out
+
+
+# ONNX's data propagation keeps the values of every 1-D tensor it can compute (shape vectors, but
+# also any other), each element a TensorShapeProto dim of ~150 bytes
+DATA_PROPAGATION_MAX_ELEMENTS = 1 << 16
+
+
+def _data_propagation_bounded(m: onnx.ModelProto) -> bool:
+    """Whether inference with data propagation is safe for `m`: no 0-D / 1-D tensor of more than
+    DATA_PROPAGATION_MAX_ELEMENTS elements, by a plain inference first. A 2 KB upload doubling a
+    one-element constant by Concat 34 times took the server past its memory in that propagation
+    (4 M elements already took 0.6 GB); without it such a model loads, with fewer shapes known."""
+    plain = shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=False)
+    for vi in list(plain.graph.value_info) + list(plain.graph.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
+        if dims is not None and len(dims) == 1 and dims[0].HasField("dim_value") \
+                and dims[0].dim_value > DATA_PROPAGATION_MAX_ELEMENTS:
+            log.info("shape inference without data propagation: tensor %r has %d elements", vi.name,
+                     dims[0].dim_value)
+            return False
+    return True
 
 
 def _complete_shapes(m: onnx.ModelProto) -> bool:

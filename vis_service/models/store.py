@@ -322,6 +322,8 @@ class ModelStore:
         # Validation by onnxruntime itself, and the forward session every request needs anyway.
         try:
             self.runtime.session(graph_id, ("forward",), lambda: (proto, None))
+        except ResourceExhausted as exc:   # its constant folding past the run memory's bound
+            raise ResourceExhausted(f"model: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InvalidArgument("model", f"onnxruntime cannot load the model: {str(exc).strip()[:500]}") from None
         check()

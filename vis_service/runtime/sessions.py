@@ -179,7 +179,8 @@ class Session:
 # others through ORT_ENFORCE, as FAIL: those are told apart by their wording. A failed allocation
 # (FAIL from the arena, a bad_alloc, CUDA out of memory) is a limit. Anything else stays an internal
 # error.
-_ALLOCATION = ("failed to allocate memory", "bad_alloc", "out of memory", "alloc_failed")
+_ALLOCATION = ("failed to allocate memory", "bad_alloc", "out of memory", "alloc_failed",
+               "available memory of")   # the bounded arena: "Available memory of N is smaller than requested bytes"
 _SHAPE = ("invalid input shape", "cannot be reshaped", "attempting to broadcast", "incompatible dimensions",
           "dimension mismatch", "invalid dimensions", "shape mismatch", "kernel channels", "must match",
           "is not equal to", "invalid rank", "must have the same shape")
@@ -204,6 +205,12 @@ def short_reason(exc: BaseException) -> tuple[str, str]:
     text = _ENFORCE.sub("", text).replace("Please fix either the inputs/outputs or the model.", "")
     text = " ".join(text.split()).rstrip(" .")
     return op, text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
+
+
+def allocation_failure(exc: BaseException) -> bool:
+    """An onnxruntime exception that is a failed allocation (the bounded arena, a bad_alloc)."""
+    return isinstance(exc, (ort_errors.Fail, ort_errors.RuntimeException, ort_errors.EPFail)) and \
+        any(p in short_reason(exc)[1].lower() for p in _ALLOCATION)
 
 
 def run_error(exc: BaseException) -> Exception | None:
@@ -263,9 +270,15 @@ _shared_arena_lock = threading.Lock()
 _shared_arena: bool | None = None   # registered in this process (None: not tried yet)
 
 
-def shared_cpu_arena() -> bool:
+def shared_cpu_arena(limit_bytes: int = 0) -> bool:
     """One CPU memory arena for every session of the process (onnxruntime's environment
-    allocator), registered on first use; False where onnxruntime refuses it.
+    allocator), registered on first use, holding at most `limit_bytes` (0: no bound; the first
+    call's bound stays); False where onnxruntime refuses it.
+
+    The bound makes a run, or a session build whose constant folding, that would take more memory
+    RESOURCE_EXHAUSTED where it killed the process: a 2 KB upload that doubles a constant by Concat
+    34 times (64 GB folded while its validation session was built), a ConstantOfShape or Range of
+    12-20 GB on its first request (the kernel's OOM killer, on a 24 GB machine).
 
     Each session's own arena keeps the most its runs ever took: a cache of sessions that each
     ran a SmoothGrad batch held that memory once per session (VGG-11 at batch 4: ~0.35 GB more
@@ -276,7 +289,7 @@ def shared_cpu_arena() -> bool:
         if _shared_arena is None:
             try:
                 info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(max(0, int(limit_bytes)), -1, -1, -1))
                 _shared_arena = True
             except Exception as exc:  # noqa: BLE001 - an older build or a registered one: own arenas
                 log.info("no shared CPU arena (%s); each session keeps its own", exc)
@@ -288,7 +301,7 @@ class Runtime:
     """Execution provider plus the session cache shared by every request."""
 
     def __init__(self, provider: str = "auto", cache_size: int = 32, intra_op_threads: int = 0,
-                 max_concurrent_runs: int = 0, cache_bytes: int = 0):
+                 max_concurrent_runs: int = 0, cache_bytes: int = 0, run_memory_bytes: int = 0):
         """`max_concurrent_runs` > 0: at most that many session runs at once, the others wait (each
         run holds its whole graph's intermediate tensors; on a CPU every run already uses all
         cores, so more at once only multiply memory). 0: no bound.
@@ -297,7 +310,9 @@ class Runtime:
         weights (`graph.weights.session_bytes` of each built graph: onnxruntime's copies of them
         dominate a session's memory) add up to at most that many bytes; the least recently used
         go first, the newest always stays. A count alone let a 0.5 GB model's sessions (~1.5 GB
-        per backward graph) grow past the machine's memory: the kernel killed the server."""
+        per backward graph) grow past the machine's memory: the kernel killed the server.
+
+        `run_memory_bytes` > 0 bounds the CPU arena all sessions' runs share (see shared_cpu_arena)."""
         self.choice: ProviderChoice = select_provider(provider)
         if self.choice.note:
             log.warning("execution provider: %s (%s)", self.choice.name, self.choice.note)
@@ -315,6 +330,7 @@ class Runtime:
         self._building: dict[tuple, threading.Lock] = {}
         self.sessions_built = 0
         self.gate = RunGate(max_concurrent_runs)
+        self.run_memory_bytes = max(0, int(run_memory_bytes))
 
     @property
     def provider(self) -> str:
@@ -329,7 +345,7 @@ class Runtime:
         # a multi-tenant server must not burn cores spinning between requests
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if shared_cpu_arena():
+        if shared_cpu_arena(self.run_memory_bytes):
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
 
@@ -370,9 +386,13 @@ class Runtime:
             try:
                 model, meta = build()
                 sess = self.create_session(model)
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:   # (callers waiting on key_lock hold it already and build in turn)
                     self._building.pop(full_key, None)
+                if allocation_failure(exc):   # constant folding past the arena's bound (shared_cpu_arena)
+                    raise ResourceExhausted(f"building an onnxruntime session of this model needs more memory "
+                                            f"than the server's runs may take ({self.run_memory_bytes >> 20} MiB, "
+                                            f"--max-run-mb): {short_reason(exc)[1]}") from None
                 raise
             weight_bytes = session_bytes(model)
             # onnxruntime has its own copy of the weights now: keep the graph's structure only
