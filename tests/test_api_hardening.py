@@ -229,6 +229,48 @@ def test_long_calls_on_every_work_slot_leave_health_and_light_calls_answered():
         running.stop(grace=0)
 
 
+def test_a_taken_work_slot_lets_two_calls_wait_and_refuses_the_others_at_once():
+    """Each call waiting out WorkSlots.GRACE_S holds a server thread: eight refused callers at once held
+    the threads kept for health checks and List (2 s answers; 32 callers: 8 s). Two may wait; a third
+    is refused without waiting, and the two get the slot in turn."""
+    from vis_service.api.registration import WorkSlots
+
+    class Refused(Exception):
+        pass
+
+    class Context:
+        def time_remaining(self):
+            return None
+
+        def abort(self, code, details):
+            raise Refused(code, details)
+
+    slots = WorkSlots(1)
+    slots.GRACE_S = 60.0
+    served = []
+
+    def waiter(i):
+        with slots.held(Context()):
+            served.append(i)
+
+    with slots.held(Context()):
+        waiters = [threading.Thread(target=waiter, args=(i,)) for i in range(2)]
+        for t in waiters:
+            t.start()
+        deadline = time.monotonic() + 30
+        while slots._waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slots._waiting == 2
+        started = time.monotonic()
+        with pytest.raises(Refused) as e:
+            with slots.held(Context()):
+                pass
+        assert time.monotonic() - started < 30 and e.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for t in waiters:
+        t.join(30)
+    assert sorted(served) == [0, 1] and slots._waiting == 0
+
+
 def test_back_to_back_calls_on_one_work_slot_are_never_refused():
     """A call's reply reaches the client a moment before its handler frees the work slot: with
     --workers 1, about 3 in 1000 back-to-back Gradient calls were refused RESOURCE_EXHAUSTED

@@ -136,13 +136,34 @@ def test_external_data_counts_toward_the_model_size_limit(tmp_path):
         with Client(running.address) as c:
             with pytest.raises(VisError) as e:
                 c.model("big-weights")
-            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "limit of 2000 bytes")
+            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "external data of 4096 bytes exceeds the",
+                          "model size limit")
     finally:
         running.stop(grace=0)
 
 
+def test_external_data_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A 3 GiB sparse data file was read whole (33 s, 9 GB of memory) before the size limit refused
+    the model; so were fifteen tensors naming one 200 MiB range. The declared ranges are summed first."""
+    import builtins
+
+    from vis_service.errors import ResourceExhausted
+    from vis_service.graph.loading import parse_model_files
+
+    (tmp_path / "w.bin").write_bytes(b"")
+    with open(tmp_path / "w.bin", "r+b") as fh:
+        fh.truncate(3 << 30)   # sparse: no disk
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    with pytest.raises(ResourceExhausted) as e:
+        parse_model_files(_matmul_model("w.bin", "0", str(3 << 30)), base_dir=tmp_path, max_model_bytes=1 << 20)
+    assert "external data of 3221225472 bytes exceeds the" in str(e.value)
+    assert not any(f.endswith("w.bin") for f in opened), opened
+
+
 @pytest.mark.parametrize("offset,length,fragment", [("0", "abc", "must be integers"), ("-8", "64", "do not lie inside"),
-                                                    ("32", "64", "do not lie inside")])
+                                                    ("32", "64", "do not lie inside"), ("1000000", "", "do not lie inside")])
 def test_bad_external_data_ranges(client, repository, offset, length, fragment):
     d = _entry(repository, f"ext-range-{abs(hash((offset, length))) % 10000}")
     (d / "w.bin").write_bytes(np.ones(16, np.float32).tobytes())
@@ -191,6 +212,18 @@ def test_unreadable_config_and_labels_are_invalid_argument(client, repository):
     with pytest.raises(VisError) as e:
         client.model(d.name)
     assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "both config.json and config.pbtxt")
+    still_serving(client)
+
+
+def test_labels_are_one_per_line(client, repository):
+    """A blank line in labels.txt is a class without a name, and only a newline ends a line: both
+    shifted every later class's name (blank lines were dropped; U+2028 split a label in two)."""
+    d = _digits_entry(repository, "labels-lines")
+    (d / "labels.txt").write_text("zero\n\ntwo\u2028two-b\r\nthree\n\n", encoding="utf-8")
+    model = client.model(d.name)
+    assert model.num_labels == 4
+    result = client.gradient(model, np.zeros((1, 1, 32, 32), np.float32), [2])
+    assert result.labels == ["two\u2028two-b"]
     still_serving(client)
 
 

@@ -49,18 +49,33 @@ class WorkSlots:
     # calls on a --workers 1 server was refused): a call waits this long for a slot, less if its
     # deadline is nearer.
     GRACE_S = 1.0
+    # Calls waiting out the grace at once; more are refused at once. Each waiter holds one of the
+    # server's few threads beyond the slots: with eight refused callers waiting, health checks and
+    # List waited behind them (2 s and more; 32 callers: 8 s).
+    MAX_WAITERS = 2
 
     def __init__(self, size: int):
         self.size = size
         self._free = threading.BoundedSemaphore(size)
+        self._waiting = 0
+        self._lock = threading.Lock()
 
     @contextmanager
     def held(self, context: grpc.ServicerContext):
-        remaining = context.time_remaining()
-        wait = self.GRACE_S if remaining is None else max(0.0, min(self.GRACE_S, remaining))
-        if not self._free.acquire(timeout=wait):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the server is busy: {self.size} calls are running (its --workers); retry later")
+        if not self._free.acquire(blocking=False):
+            remaining = context.time_remaining()
+            wait = self.GRACE_S if remaining is None else max(0.0, min(self.GRACE_S, remaining))
+            with self._lock:
+                waiting = self._waiting < self.MAX_WAITERS
+                self._waiting += waiting
+            try:
+                got = waiting and self._free.acquire(timeout=wait)
+            finally:
+                with self._lock:
+                    self._waiting -= waiting
+            if not got:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the server is busy: {self.size} calls are running (its --workers); retry later")
         try:
             yield
         finally:

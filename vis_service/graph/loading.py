@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted
 from .constants import KnownValues, _subgraph_outer_names, fold_constants, known_values
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,15 @@ def parse_model(data: bytes, *, base_dir: Path | None = None, field: str = "mode
     return parse_model_files(data, base_dir=base_dir, field=field)[0]
 
 
-def parse_model_files(data: bytes, *, base_dir: Path | None = None,
-                      field: str = "model") -> tuple[onnx.ModelProto, ExternalData]:
+def parse_model_files(data: bytes, *, base_dir: Path | None = None, field: str = "model",
+                      max_model_bytes: int | None = None) -> tuple[onnx.ModelProto, ExternalData]:
     """Deserialize model bytes and read their external data, only inside `base_dir`.
 
     External data that points outside `base_dir` (absolute paths, `..`, symlinks
     escaping it) is refused before any byte of it is read; so is any external data
-    when `base_dir` is None (uploads). Subgraphs and sparse tensors are searched too.
+    when `base_dir` is None (uploads). Subgraphs and sparse tensors are searched too. A model whose
+    bytes and external data add up to more than `max_model_bytes` is RESOURCE_EXHAUSTED before any
+    of its external data is read.
     """
     if not data:
         raise InvalidArgument(field, "empty model bytes")
@@ -65,7 +67,8 @@ def parse_model_files(data: bytes, *, base_dir: Path | None = None,
         raise InvalidArgument(field, "not an ONNX model: no graph or an empty graph")
     if len(model.graph.output) == 0:
         raise InvalidArgument(field, "ONNX graph has no outputs")
-    return model, _load_external_data(model, base_dir, field)
+    budget = None if max_model_bytes is None else max_model_bytes - len(data)
+    return model, _load_external_data(model, base_dir, field, budget)
 
 
 def _graph_tensors(graph: onnx.GraphProto):
@@ -96,8 +99,11 @@ def _external_tensors(model: onnx.ModelProto):
             yield t
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: str) -> ExternalData:
-    """Read every external tensor into the model.
+def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: str,
+                        max_bytes: int | None = None) -> ExternalData:
+    """Read every external tensor into the model, once every location and byte range is checked
+    and their sum is within `max_bytes` (a 3 GiB sparse file was read whole before the model's size
+    limit refused it; fifteen tensors naming one 200 MiB range, 3 GB).
 
     Done here, not by onnxruntime: loaded from bytes, it would resolve relative locations
     against the server's working directory.
@@ -108,8 +114,7 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: st
     if base_dir is None:
         raise InvalidArgument(field, "model uses external data, which is only allowed for models in the repository")
     root = Path(base_dir).resolve()
-    total = 0
-    digest = hashlib.sha256()
+    ranges = []
     for t in tensors:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
@@ -128,13 +133,19 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, field: st
                                          f"length {info.get('length')!r} must be integers") from None
         size = path.stat().st_size
         end = size if length is None else offset + length
-        if offset < 0 or (length is not None and length < 0) or end > size:
+        if offset < 0 or offset > size or (length is not None and length < 0) or end > size:
             raise InvalidArgument(field, f"external data of tensor {t.name!r}: bytes {offset}..{end} do not lie "
                                          f"inside {loc!r} ({size} bytes)")
+        ranges.append((t, path, offset, end))
+    total = sum(end - offset for _, _, offset, end in ranges)
+    if max_bytes is not None and total > max_bytes:
+        raise ResourceExhausted(f"{field}: its external data of {total} bytes exceeds the {max_bytes} bytes the model "
+                                "size limit leaves beside the model file")
+    digest = hashlib.sha256()
+    for t, path, offset, end in ranges:
         with open(path, "rb") as fh:
             fh.seek(offset)
             t.raw_data = fh.read(end - offset)
-        total += end - offset
         digest.update(f"{t.name}\0{end - offset}\0".encode() + t.raw_data)
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT

@@ -30,6 +30,7 @@ from .config import check_config_input, read_config_file, validate_config
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+MAX_LABELS_BYTES = 16 << 20   # ~1 M class names of 16 characters; a 400 MiB labels file loaded whole
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # whole names only: fullmatch (a $ admits "name\n")
 
 
@@ -227,7 +228,7 @@ class ModelStore:
         # parsed before the id is known: the id covers the external data, which is read (and
         # confined to the model directory) on every load, whatever is loaded already
         with self._build_lock:
-            parsed, external = parse_model_files(data, base_dir=model_dir)
+            parsed, external = parse_model_files(data, base_dir=model_dir, max_model_bytes=self.max_model_bytes)
             self._check_size(size + external.size_bytes)
             return self._add(data, name, config, labels, source="repository", parsed=parsed,
                              external_digest=external.digest, cancelled=cancelled)
@@ -283,11 +284,20 @@ class ModelStore:
             raise InvalidArgument("config.labels", f"labels file {fname!r} is outside the model directory; refused")
         if not path.is_file():
             raise InvalidArgument("config.labels", f"labels file {fname!r} does not exist")
+        if path.stat().st_size > MAX_LABELS_BYTES:
+            raise ResourceExhausted(f"config.labels: labels file {fname!r} of {path.stat().st_size} bytes exceeds the "
+                                    f"limit of {MAX_LABELS_BYTES} bytes")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidArgument("config.labels", f"labels file {fname!r} is not UTF-8 text (byte {exc.start})") from None
-        return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
+        # line k is class k (+ label_offset): a blank line is a class without a name, and only "\n"
+        # ends a line (str.splitlines also split at U+2028, form feeds, ...: a blank line or such a
+        # character moved every later class's name); blank lines at the end are no classes
+        lines = [line.rstrip("\r") for line in text.split("\n")]
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return lines
 
     def _add(self, data: bytes | bytearray, name: str, config, labels, *, source: str, parsed: onnx.ModelProto | None = None,
              external_digest: bytes = b"", config_field: str = "config", cancelled=None) -> LoadedModel:
