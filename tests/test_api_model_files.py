@@ -142,6 +142,34 @@ def test_external_data_counts_toward_the_model_size_limit(tmp_path):
         running.stop(grace=0)
 
 
+def test_loaded_models_are_bounded_in_bytes(tmp_path):
+    """Distinct uploads stayed loaded without bound (ten of the default 1 GiB limit outgrew the
+    machine): past --max-loaded-mb an upload is RESOURCE_EXHAUSTED until another is unloaded; the
+    same graph under another config shares its parse and counts once."""
+    from vis_client import Client
+
+    def model(n: int) -> bytes:
+        w = numpy_helper.from_array(np.full((n, n), 1.0 / n, np.float32), "w")
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", FLOAT, ["N", n])],
+                              [helper.make_tensor_value_info("y", FLOAT, ["N", n])], [w])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+    running = start_server(ServerConfig(port=0, model_repository=tmp_path, loaded_model_bytes=5 << 19))
+    try:
+        with Client(running.address) as c:
+            first, second = c.load_model(model(512), "first"), c.load_model(model(511), "second")  # ~1 MiB each
+            c.load_model(model(512), "first-again", labels=[str(i) for i in range(512)])  # the same graph
+            with pytest.raises(VisError) as e:
+                c.load_model(model(510), "third")
+            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "past the limit of 2621440 bytes", "--max-loaded-mb")
+            assert c.unload(second)
+            assert c.load_model(model(510), "third").id
+            assert c.activations(first, np.ones((1, 512), np.float32), ["y"])["y"].shape == (1, 512)
+    finally:
+        running.stop(grace=0)
+
+
 def test_external_data_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
     """A 3 GiB sparse data file was read whole (33 s, 9 GB of memory) before the size limit refused
     the model; so were fifteen tensors naming one 200 MiB range. The declared ranges are summed first."""
@@ -224,6 +252,27 @@ def test_labels_are_one_per_line(client, repository):
     assert model.num_labels == 4
     result = client.gradient(model, np.zeros((1, 1, 32, 32), np.float32), [2])
     assert result.labels == ["two\u2028two-b"]
+    still_serving(client)
+
+
+def test_config_byte_order_mark_label_offset_and_a_vanished_entry(client, repository):
+    """A config.json saved with a byte-order mark was 'not one JSON object'; a negative label_offset was
+    taken; Load of an entry whose files were removed while it is loaded suggested its own name."""
+    d = _digits_entry(repository, "cfg-bom")
+    (d / "config.json").write_bytes('{"preset": "raw255"}'.encode("utf-8-sig"))
+    assert client.model(d.name).config["preset"] == "raw255"
+    d = _digits_entry(repository, "cfg-offset")
+    (d / "config.json").write_text('{"label_offset": -5}')
+    with pytest.raises(VisError) as e:
+        client.model(d.name)
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "config.label_offset: must be >= 0")
+    d = _digits_entry(repository, "vanishing")
+    client.model(d.name)
+    shutil.rmtree(d)
+    with pytest.raises(VisError) as e:
+        client._unary(client._models.Load, vis_pb2.LoadRequest(name=d.name))   # Load itself (model() finds it loaded)
+    assert_status(e, grpc.StatusCode.NOT_FOUND, "'vanishing'")
+    assert "did you mean 'vanishing'" not in e.value.details
     still_serving(client)
 
 

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session-cache-mb", type=mebibytes, default="0",
                    help="memory the kept sessions' weights take, summed (LRU; estimated: a session holds its "
                         "model's weights about twice, a backward graph three times); 0 = 40%% of the physical memory")
+    s.add_argument("--max-loaded-mb", type=mebibytes, default="0",
+                   help="model files loaded at once, summed (each keeps its parsed graph, ~2x its size); a model "
+                        "past it is RESOURCE_EXHAUSTED until others are unloaded; 0 = a quarter of the physical memory")
     s.add_argument("--max-run-mb", type=mebibytes, default="0",
                    help="memory onnxruntime's runs may take at once, summed (its shared CPU memory arena; a run or "
                         "a session build that needs more is RESOURCE_EXHAUSTED); 0 = half the physical memory")
@@ -80,7 +83,7 @@ FLAGS = {"max_request_bytes": "--max-request-mb", "chunk_bytes": "--chunk-mb", "
          "max_batch": "--max-batch", "port": "--port", "workers": "--workers", "session cache size": "--session-cache",
          "intra-op threads": "--threads", "max concurrent runs": "--max-concurrent-runs",
          "model repository": "--model-repository", "session cache bytes": "--session-cache-mb",
-         "run memory bytes": "--max-run-mb"}
+         "run memory bytes": "--max-run-mb", "loaded model bytes": "--max-loaded-mb"}
 
 
 def _version() -> str:
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_request_bytes=args.max_request_mb, max_batch=args.max_batch)
         cfg = ServerConfig(args.host, args.port, args.model_repository, args.provider, args.workers,
                            args.session_cache, args.threads, limits, args.max_concurrent_runs,
-                           args.session_cache_mb, args.max_run_mb)
+                           args.session_cache_mb, args.max_run_mb, args.max_loaded_mb)
         running = start_server(cfg)
     except (ValueError, OSError, RuntimeError) as exc:
         _serve_usage_error(args, str(exc))

@@ -43,6 +43,8 @@ class ServerConfig:
     session_cache_bytes: int = 0
     # what onnxruntime's runs take at once (its shared CPU arena), bytes; 0 = half the physical memory
     run_memory_bytes: int = 0
+    # model files loaded at once, summed (models.store.ModelStore), bytes; 0 = a quarter of the physical memory
+    loaded_model_bytes: int = 0
 
     def __post_init__(self):
         if self.limits is None:
@@ -58,6 +60,9 @@ class ServerConfig:
         if self.session_cache_bytes < 0:   # in MiB, the unit of its flag
             raise ValueError(f"session cache bytes must be >= 0 MiB (0 = 40% of the physical memory), got "
                              f"{self.session_cache_bytes / (1 << 20):g} MiB")
+        if self.loaded_model_bytes < 0:
+            raise ValueError(f"loaded model bytes must be >= 0 MiB (0 = a quarter of the physical memory), got "
+                             f"{self.loaded_model_bytes / (1 << 20):g} MiB")
         if self.run_memory_bytes < 0:
             raise ValueError(f"run memory bytes must be >= 0 MiB (0 = half the physical memory), got "
                              f"{self.run_memory_bytes / (1 << 20):g} MiB")
@@ -93,7 +98,8 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
                       config.run_memory_bytes or physical_memory_bytes() // 2)
     if config.provider == "cuda" and runtime.provider != CUDA:   # asked for by name: no silent CPU
         raise RuntimeError(f"--provider cuda: {runtime.choice.note}")
-    store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes)
+    store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes,
+                       config.loaded_model_bytes or physical_memory_bytes() // 4)
     state = ServiceState(runtime, store, config.limits)
     state.work_slots = WorkSlots(config.workers)
     max_msg = config.limits.max_request_bytes  # what GetServerInfo reports is what is enforced

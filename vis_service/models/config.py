@@ -55,8 +55,11 @@ def read_config_file(model_dir: Path) -> vis_pb2.ModelConfig:
         real = path.resolve()
         if real.parent != model_dir.resolve():
             raise InvalidArgument(f"config ({fname})", "is a link out of the model directory; refused")
+        if real.stat().st_size > MAX_CONFIG_BYTES:
+            raise InvalidArgument(f"config ({fname})", f"of {real.stat().st_size} bytes is over the "
+                                                       f"{MAX_CONFIG_BYTES} bytes a config may take")
         try:
-            text = real.read_text(encoding="utf-8")
+            text = real.read_text(encoding="utf-8-sig")   # a byte-order mark (Windows editors) is not content
         except UnicodeDecodeError as exc:
             raise InvalidArgument(f"config ({fname})", f"is not UTF-8 text (byte {exc.start})") from None
         try:
@@ -72,9 +75,15 @@ def read_config_file(model_dir: Path) -> vis_pb2.ModelConfig:
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def validate_config(cfg: vis_pb2.ModelConfig, field: str = "config") -> None:
     if cfg.preset and cfg.preset not in PRESETS:
         raise InvalidArgument(f"{field}.preset", f"unknown preset {cfg.preset!r}; allowed: {', '.join(PRESETS)}")
+    if cfg.label_offset < 0:
+        raise InvalidArgument(f"{field}.label_offset", f"must be >= 0 (the class index of the labels' first line), "
+                                                       f"got {cfg.label_offset}")
     validate_input_config(cfg.input, f"{field}.input")
 
 

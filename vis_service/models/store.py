@@ -156,10 +156,14 @@ def _carried(elem_type: int) -> bool:
 
 
 class ModelStore:
-    def __init__(self, runtime: Runtime, repository: Path | None = None, max_model_bytes: int = 1 << 30):
+    def __init__(self, runtime: Runtime, repository: Path | None = None, max_model_bytes: int = 1 << 30,
+                 max_loaded_bytes: int = 0):
+        """`max_loaded_bytes` > 0: the models loaded at once may add up to that many bytes of model files
+        (each keeps its parsed graph: ~2x its bytes in memory); a model past it is RESOURCE_EXHAUSTED."""
         self.runtime = runtime
         self.repository = Path(repository).resolve() if repository else None
         self.max_model_bytes = int(max_model_bytes)
+        self.max_loaded_bytes = max(0, int(max_loaded_bytes))
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.RLock()
         # One model is parsed, prepared and given its first session at a time: each holds several
@@ -215,8 +219,8 @@ class ModelStore:
         path = model_dir / MODEL_FILE
         if model_dir.parent != self.repository:
             raise InvalidArgument("name", f"{name!r} resolves outside the model repository; refused")
-        if not path.is_file():  # a typo of an uploaded model's name is suggested too
-            raise NotFound("model", name, self.repository_names() + self._loaded_names())
+        if not path.is_file():  # a typo of an uploaded model's name is suggested too (the name itself is not)
+            raise NotFound("model", name, [n for n in self.repository_names() + self._loaded_names() if n != name])
         real = path.resolve()
         if real.parent != model_dir:
             raise InvalidArgument("name", f"{name}/{MODEL_FILE} is a link out of the model directory; refused")
@@ -271,6 +275,20 @@ class ModelStore:
         return True
 
     # -- internals ----------------------------------------------------------
+    def _check_loaded_bytes(self, size: int) -> None:
+        """RESOURCE_EXHAUSTED where a new graph of `size` bytes would take the loaded models past
+        max_loaded_bytes (distinct uploads stayed loaded without bound: ten of 1 GiB, the default upload
+        limit, outgrew a 24 GB machine; re-uploads under one name keep the old version by its id)."""
+        if not self.max_loaded_bytes:
+            return
+        with self._lock:
+            graphs = {m.graph_id: m.size_bytes for m in self._models.values()}
+        held = sum(graphs.values())
+        if held + size > self.max_loaded_bytes:
+            raise ResourceExhausted(f"model: loading {size} more bytes of model would take the {len(graphs)} models "
+                                    f"loaded ({held} bytes) past the limit of {self.max_loaded_bytes} bytes "
+                                    "(--max-loaded-mb); unload some first (ModelService.Unload, the client's unload())")
+
     def _check_size(self, size: int) -> None:
         if size > self.max_model_bytes:
             raise ResourceExhausted(f"model of {size} bytes exceeds the limit of {self.max_model_bytes} bytes")
@@ -318,6 +336,7 @@ class ModelStore:
         if twin is not None:  # same graph under another config: share the parsed graph and its sessions
             proto, infos = twin.proto, twin.infos
         else:
+            self._check_loaded_bytes(len(data))
             parsed = parsed if parsed is not None else parse_model_files(data)[0]
             check()
             proto = complete_types(prepare_model(parsed))
