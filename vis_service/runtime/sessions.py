@@ -275,10 +275,12 @@ def shared_cpu_arena(limit_bytes: int = 0) -> bool:
     allocator), registered on first use, holding at most `limit_bytes` (0: no bound; the first
     call's bound stays); False where onnxruntime refuses it.
 
-    The bound makes a run, or a session build whose constant folding, that would take more memory
-    RESOURCE_EXHAUSTED where it killed the process: a 2 KB upload that doubles a constant by Concat
-    34 times (64 GB folded while its validation session was built), a ConstantOfShape or Range of
-    12-20 GB on its first request (the kernel's OOM killer, on a 24 GB machine).
+    With the bound, a run or a session build (onnxruntime's constant folding) that would need more
+    memory is RESOURCE_EXHAUSTED where the kernel's OOM killer ended the process (a 24 GB machine): a
+    ConstantOfShape or Range of 12-20 GB on a model's first request, a 2 KB upload that doubles a
+    constant by Concat 34 times (64 GB, folded while its session is built). onnxruntime checks it per
+    allocation, from its own accounting: measured, a 64 MiB bound let a folding reach ~2.5 GB of
+    memory before it refused, a 4 GiB bound ~3.2 GB; one 8 GB allocation is refused outright.
 
     Each session's own arena keeps the most its runs ever took: a cache of sessions that each
     ran a SmoothGrad batch held that memory once per session (VGG-11 at batch 4: ~0.35 GB more
