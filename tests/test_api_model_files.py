@@ -163,6 +163,8 @@ def test_loaded_models_are_bounded_in_bytes(tmp_path):
             with pytest.raises(VisError) as e:
                 c.load_model(model(510), "third")
             assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "past the limit of 2621440 bytes", "--max-loaded-mb")
+            info = c.server_info()
+            assert info["max_loaded_bytes"] == 5 << 19 and info["loaded_bytes"] == first.size_bytes + second.size_bytes
             assert c.unload(second)
             assert c.load_model(model(510), "third").id
             assert c.activations(first, np.ones((1, 512), np.float32), ["y"])["y"].shape == (1, 512)

@@ -134,6 +134,7 @@ def test_a_model_that_makes_a_huge_constant_is_resource_exhausted():
     process, address = _serve(DEFAULT_REPOSITORY, "--max-run-mb", "64")
     try:
         with Client(address) as client:
+            assert client.server_info()["max_run_bytes"] == 64 << 20
             for kind in ("concat", "constant_of_shape", "range"):
                 with pytest.raises(ResourceExhausted) as e:
                     model = client.load_model(_bomb(kind), f"bomb_{kind}")

@@ -160,7 +160,9 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
             max_upload_bytes=lim.max_upload_bytes, max_request_bytes=lim.max_request_bytes,
             model_repository=str(self.s.store.repository or ""), sessions_built=rt.sessions_built,
             sessions_cached=rt.sessions_cached, session_cache_size=rt.cache_size,
-            session_cache_bytes=rt.cache_bytes, sessions_cached_bytes=rt.sessions_cached_bytes)
+            session_cache_bytes=rt.cache_bytes, sessions_cached_bytes=rt.sessions_cached_bytes,
+            max_run_bytes=rt.run_memory_bytes, max_loaded_bytes=self.s.store.max_loaded_bytes,
+            loaded_bytes=self.s.store.loaded_bytes())
 
     @handles_errors
     def Activations(self, request, context):

@@ -275,17 +275,20 @@ class ModelStore:
         return True
 
     # -- internals ----------------------------------------------------------
+    def loaded_bytes(self) -> int:
+        """The loaded models' file bytes, once per distinct graph (configs of one graph share it)."""
+        with self._lock:
+            return sum({m.graph_id: m.size_bytes for m in self._models.values()}.values())
+
     def _check_loaded_bytes(self, size: int) -> None:
         """RESOURCE_EXHAUSTED where a new graph of `size` bytes would take the loaded models past
         max_loaded_bytes (distinct uploads stayed loaded without bound: ten of 1 GiB, the default upload
         limit, outgrew a 24 GB machine; re-uploads under one name keep the old version by its id)."""
         if not self.max_loaded_bytes:
             return
-        with self._lock:
-            graphs = {m.graph_id: m.size_bytes for m in self._models.values()}
-        held = sum(graphs.values())
+        held = self.loaded_bytes()
         if held + size > self.max_loaded_bytes:
-            raise ResourceExhausted(f"model: loading {size} more bytes of model would take the {len(graphs)} models "
+            raise ResourceExhausted(f"model: loading {size} more bytes of model would take the models "
                                     f"loaded ({held} bytes) past the limit of {self.max_loaded_bytes} bytes "
                                     "(--max-loaded-mb); unload some first (ModelService.Unload, the client's unload())")
 
