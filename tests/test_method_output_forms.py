@@ -193,9 +193,8 @@ def test_maps_of_layers_the_image_does_not_reach_or_of_one_position_are_refused(
         assert "CAM needs a global-average-pooling + linear head" in e.value.details, e.value.details
 
 
-def test_a_1d_cnn_is_told_that_images_need_a_4d_input(client):
-    """maximize / class_model / invert on a 1-D CNN said 'give size [H, W]' (its input is static), and
-    given one, that the model takes another rank; image files to it said the same."""
+def _net1d() -> bytes:
+    """x [N, 2, 16] -> Conv1d 3 + Relu ("r") -> GAP -> Gemm: an audio-like 1-D CNN."""
     inits = [numpy_helper.from_array(_weights(4, 2, 3), "w"),
              numpy_helper.from_array(_weights(3, 4), "wfc")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1]), helper.make_node("Relu", ["c"], ["r"]),
@@ -205,7 +204,13 @@ def test_a_1d_cnn_is_told_that_images_need_a_4d_input(client):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 8
-    model = client.load_model(proto.SerializeToString(), "forms_net1d")
+    return proto.SerializeToString()
+
+
+def test_a_1d_cnn_is_told_that_images_need_a_4d_input(client):
+    """maximize / class_model / invert on a 1-D CNN said 'give size [H, W]' (its input is static), and
+    given one, that the model takes another rank; image files to it said the same."""
+    model = client.load_model(_net1d(), "forms_net1d")
     x = np.random.default_rng(0).standard_normal((1, 2, 16)).astype(np.float32)
     assert client.saliency(model, x, 1).attribution.shape == x.shape
     for call in (lambda: client.maximize(model, [Objective.channel("r", 1)], steps=2),
@@ -337,3 +342,26 @@ def test_a_detection_output_whose_rows_are_not_the_images(client):
     assert cam.heatmap.shape == (2, 8, 8) and cam.layer == "c"
     occ = client.occlusion(model, x, Target.output(1, output="logits"), patch=4, stride=4)
     assert occ.probability.shape == (1, 2, 2)
+
+
+def test_inspect_says_why_it_gives_no_receptive_fields(client):
+    """Inspect's receptive-field columns were empty without a word for 1-D / 3-D CNNs and for a
+    detector's graph, which gathers its image from the batch first."""
+    inits = [numpy_helper.from_array(W_CONV, "w"), numpy_helper.from_array(np.array(0, np.int64), "first"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    nodes = [helper.make_node("Gather", ["x", "first"], ["image"], axis=0, name="take_image"),
+             helper.make_node("Unsqueeze", ["image", "axis0"], ["one"], name="one"),
+             helper.make_node("Conv", ["one", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("ReduceMean", ["c"], ["score"], keepdims=0, name="score")]
+    graph = helper.make_graph(nodes, "gathers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    gathers = client.inspect(client.load_model(proto.SerializeToString(), "forms_gathers"))
+    assert gathers.receptive_fields_note.startswith("not traced past the Gather node 'take_image'"), \
+        gathers.receptive_fields_note
+    assert "receptive fields: none, not traced past the Gather node" in gathers.summary()
+    traced = client.inspect(_load(client, "traced"))
+    assert traced.receptive_fields_note == "" and traced.node("conv").receptive_fields
+    net1d = client.inspect(client.load_model(_net1d(), "forms_net1d_inspect"))
+    assert net1d.receptive_fields_note.startswith("no 4-D float image input"), net1d.receptive_fields_note

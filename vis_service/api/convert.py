@@ -76,7 +76,8 @@ def inspect_response(model: LoadedModel, summary, info: vis_pb2.ModelInfo) -> vi
     resp = vis_pb2.InspectResponse(model=info, parameter_count=summary.parameter_count, opset=summary.opset,
                                    ir_version=summary.ir_version,
                                    producer=f"{summary.producer_name} {summary.producer_version}".strip(),
-                                   receptive_fields_at=list(summary.fields_at))
+                                   receptive_fields_at=list(summary.fields_at),
+                                   receptive_fields_note=summary.fields_note)
     for n in summary.nodes:
         node = resp.nodes.add(name=n.name, op_type=n.op_type, inputs=n.inputs, outputs=n.outputs,
                               parameter_count=n.parameter_count, constant=n.constant)

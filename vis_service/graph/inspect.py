@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from .constants import NONDETERMINISTIC_OPS, constant_value
 from .loading import opset_version, tensor_infos
-from .receptive_field import ReceptiveField, receptive_fields
+from .receptive_field import ReceptiveField, receptive_fields, untraced_reason
 
 _DATATYPES = {
     onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.DOUBLE: "FP64", onnx.TensorProto.FLOAT16: "FP16",
@@ -75,6 +75,7 @@ class ModelSummary:
     parameter_count: int
     nodes: tuple[NodeSummary, ...]
     fields_at: tuple[int, ...] = ()     # [H, W] the receptive fields hold at (a free-size model), else ()
+    fields_note: str = ""               # why there are none (graph.receptive_field.untraced_reason), else ""
 
 
 def node_display_names(model: onnx.ModelProto) -> list[str]:
@@ -209,4 +210,5 @@ def inspect_model(model: onnx.ModelProto, fields: tuple[dict | None, tuple[int, 
         parameter_count=int(total),
         nodes=tuple(nodes),
         fields_at=tuple(fields[1]),
+        fields_note=untraced_reason(model, rfs, infos),
     )

@@ -113,6 +113,24 @@ def image_input(model: onnx.ModelProto, infos: dict | None = None) -> tuple[str,
     return name, axes
 
 
+def untraced_reason(model: onnx.ModelProto, fields: dict, infos: dict | None = None) -> str:
+    """Why `fields` (receptive_fields of `model`) hold nothing past the image input, or "" where they
+    do: Inspect showed empty columns for 1-D / 3-D CNNs and detectors without saying why."""
+    infos = tensor_infos(model) if infos is None else infos
+    found = image_input(model, infos)
+    if found is None:
+        return ("no 4-D float image input: receptive fields are traced from an image's [N, C, H, W] "
+                "(or [N, H, W, C]) through its 4-D maps")
+    if any(t != found[0] for t in fields):
+        return ""
+    first = next((n for n in model.graph.node if found[0] in n.input), None)
+    if first is None:
+        return f"nothing reads the image input {found[0]!r}"
+    return (f"not traced past the {first.op_type} node {first.name or '(unnamed)'!r}, the first the image input "
+            f"{found[0]!r} goes through (its output is not a 4-D map of the image's rows and columns: a "
+            "detector's image gather or resize, a reshape)")
+
+
 def receptive_fields(model: onnx.ModelProto, infos: dict | None = None) -> dict[str, ReceptiveField]:
     """tensor name -> field, for every rank-4 float tensor computed from the image input.
 

@@ -214,6 +214,8 @@ class Inspection:
     # (H, W) the receptive fields hold at, for a model whose image size is free (its configured
     # size, else 224: a SAME pad's split, hence a field's offset, depends on it); () otherwise
     receptive_fields_at: tuple[int, ...] = ()
+    # why no receptive field is given (no 4-D image input, or the node the trace stops at), else ""
+    receptive_fields_note: str = ""
 
     def node(self, name: str) -> NodeInfo:
         """The node called ``name``, or the node producing the tensor ``name``."""
@@ -237,6 +239,8 @@ class Inspection:
                 f"parameters: {self.parameter_count:,}   labels: {m.num_labels}   gradients: "
                 + ("yes" if m.gradients_supported else f"no ({m.gradients_unsupported_reason or 'unsupported'})"),
                 ""]
+        if self.receptive_fields_note:
+            head.insert(-1, "receptive fields: none, " + self.receptive_fields_note)
         if self.receptive_fields_at:
             head.insert(-1, "receptive fields at an image size of "
                         + " x ".join(str(v) for v in self.receptive_fields_at) + " (the model's image size is free)")
@@ -809,7 +813,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
                           nodes=[NodeInfo.from_proto(n) for n in resp.nodes],
                           parameter_count=int(resp.parameter_count), opset=int(resp.opset),
                           ir_version=int(resp.ir_version), producer=resp.producer,
-                          receptive_fields_at=tuple(int(v) for v in resp.receptive_fields_at))
+                          receptive_fields_at=tuple(int(v) for v in resp.receptive_fields_at),
+                          receptive_fields_note=resp.receptive_fields_note)
 
     # -- analysis
 

@@ -311,7 +311,7 @@ class NodeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_specs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., receptive_fields: _Optional[_Mapping[str, ReceptiveField]] = ..., constant: _Optional[bool] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
-    __slots__ = ("model", "nodes", "parameter_count", "opset", "ir_version", "producer", "receptive_fields_at")
+    __slots__ = ("model", "nodes", "parameter_count", "opset", "ir_version", "producer", "receptive_fields_at", "receptive_fields_note")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,7 @@ class InspectResponse(_message.Message):
     IR_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     RECEPTIVE_FIELDS_AT_FIELD_NUMBER: _ClassVar[int]
+    RECEPTIVE_FIELDS_NOTE_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     parameter_count: int
@@ -326,7 +327,8 @@ class InspectResponse(_message.Message):
     ir_version: int
     producer: str
     receptive_fields_at: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., opset: _Optional[int] = ..., ir_version: _Optional[int] = ..., producer: _Optional[str] = ..., receptive_fields_at: _Optional[_Iterable[int]] = ...) -> None: ...
+    receptive_fields_note: str
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., opset: _Optional[int] = ..., ir_version: _Optional[int] = ..., producer: _Optional[str] = ..., receptive_fields_at: _Optional[_Iterable[int]] = ..., receptive_fields_note: _Optional[str] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
