@@ -56,7 +56,8 @@ def test_gradcam_and_occlusion_write_pngs(server, digit_images, tmp_path, capsys
 
 def test_size_option_runs_a_free_size_model_on_image_files(server, client, digit_images, tmp_path, capsys):
     """--size H W: the images' size in a model whose image size is free (its config gives none);
-    without it the command says so in one line."""
+    without it, images of one size are taken whole at that size, and images of several sizes are
+    refused in one line."""
     import json
 
     import onnx
@@ -74,10 +75,19 @@ def test_size_option_runs_a_free_size_model_on_image_files(server, client, digit
     config["input"].pop("size")
     client.load_model(proto.SerializeToString(), "digits_free_cli", config=config)
     img = str(digit_images[0])
-    assert run(server, "saliency", "digits_free_cli", "--images", img, "--out", str(tmp_path / "no_size")) == 1
-    assert "give size [H, W] (on the command line: --size H W)" in capsys.readouterr().err
+    # without a size, images of one size are taken at it (they were refused: 'give size')
+    assert run(server, "saliency", "digits_free_cli", "--images", img, "--out", str(tmp_path / "own")) == 0
+    other = tmp_path / "wide.png"
+    Image.open(img).resize((48, 32)).save(other)
+    assert run(server, "saliency", "digits_free_cli", "--images", img, str(other), "--out", str(tmp_path / "no_size")) == 1
+    err = capsys.readouterr().err
+    assert "these are 32x32, 32x48; give size [H, W] (preprocess.config.size) (on the command line: --size H W)" in err, err
     assert run(server, "saliency", "digits_free_cli", "--images", img, "--size", "40", "36",
                "--out", str(tmp_path / "s")) == 0
+    # the whole image at its own size: what the explicit size with a short side of that size gives
+    own = client.saliency("digits_free_cli", [str(other)]).input
+    given = client.saliency("digits_free_cli", [str(other)], preprocess={"size": [32, 48], "resize_short_side": 32}).input
+    assert own.shape == (1, 1, 32, 48) and np.array_equal(own, given)
     pngs = list((tmp_path / "s").glob("*.png"))
     assert pngs
     assert run(server, "maximize", "digits_free_cli", "--layer", "block1/add", "--channel", "0", "--steps", "2",

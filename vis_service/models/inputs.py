@@ -36,7 +36,15 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
         if req.tensors.get("") is not None or image_input in req.tensors:
             raise InvalidArgument(f"{field_name}.images", f"give either images or a tensor for input {image_input!r}, not both")
         info = model.infos[image_input]
-        spec = resolve_image_spec(model.config, req.preprocess, image_input, info.shape or (), f"{field_name}.preprocess")
+        where = f"{field_name}.preprocess"
+        try:
+            spec = resolve_image_spec(model.config, req.preprocess, image_input, info.shape or (), where)
+        except InvalidArgument as exc:
+            if exc.field != f"{where}.config.size" or "no static spatial size" not in exc.detail:
+                raise
+            # a model whose image size is free, and no size given: the images' own (they were refused)
+            spec = resolve_image_spec(model.config, _at_own_size(model, req, f"{field_name}.images"), image_input,
+                                      info.shape or (), where)
         feeds[image_input] = preprocess_images(req.images, spec, f"{field_name}.images")
     for name, arr in req.tensors.items():
         target = name or image_input
@@ -91,6 +99,35 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
             raise InvalidArgument(f"{field_name}.tensors[{name}]", f"batch size {n} differs from the other inputs' "
                                                                    f"{batch}")
     return feeds
+
+
+def _at_own_size(model: LoadedModel, req: InputRequest, field: str) -> vis_pb2.Preprocessing:
+    """The request's preprocessing with the images' own size (read from their headers; all alike),
+    and, unless the config or the request sets one, a short side of that size: the centre crop
+    then keeps the whole image. INVALID_ARGUMENT asking for a size where the sizes differ."""
+    import io
+
+    from PIL import Image
+
+    sizes = set()
+    for data in req.images:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                sizes.add((img.height, img.width))
+        except Exception:  # noqa: BLE001 - undecodable: preprocess_images names it
+            continue
+    if len(sizes) != 1:
+        listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)) or "none decodable"
+        raise InvalidArgument(field, f"the model's image size is free and no size is given: images of one size are "
+                                     f"taken at it, these are {listed}; give size [H, W] (preprocess.config.size)")
+    (h, w), = sizes
+    pre = vis_pb2.Preprocessing()
+    if req.preprocess is not None:
+        pre.CopyFrom(req.preprocess)
+    pre.config.size[:] = [h, w]
+    if not pre.config.resize_short_side and not model.config.input.resize_short_side:
+        pre.config.resize_short_side = min(h, w)
+    return pre
 
 
 def image_dims_at(model: LoadedModel, shape) -> tuple:
