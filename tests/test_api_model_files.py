@@ -278,6 +278,20 @@ def test_config_byte_order_mark_label_offset_and_a_vanished_entry(client, reposi
     still_serving(client)
 
 
+def test_mean_counts_and_label_lines_are_checked_at_load(client, repository):
+    """Five means for a one-channel model were taken at load and failed every image request; an
+    uploaded label holding a line break was taken (a labels file could not hold it)."""
+    with pytest.raises(VisError) as e:
+        client.load_model((DEFAULT_MODEL_DIR / "model.onnx").read_bytes(), name="digits-means",
+                          config={"input": {"mean": [0.1, 0.2, 0.3, 0.4, 0.5]}})
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "header.config.input.mean: needs 1 value (GRAY), got 5")
+    with pytest.raises(VisError) as e:
+        client.load_model((DEFAULT_MODEL_DIR / "model.onnx").read_bytes(), name="digits-lines",
+                          labels=["zero", "one\ntwo"] + [str(i) for i in range(2, 10)])
+    assert_status(e, grpc.StatusCode.INVALID_ARGUMENT, "header.labels[1]", "line break")
+    still_serving(client)
+
+
 def test_config_colour_is_checked_against_the_input_at_load(client, repository):
     """A 3-channel preset on a 1-channel model fails when the model is loaded, not on every request."""
     with pytest.raises(VisError) as e:

@@ -200,12 +200,19 @@ def _layout_and_color(merged: dict, input_name: str, input_shape: tuple, field: 
 
 
 def check_config_input(cfg: vis_pb2.ModelConfig, input_name: str, input_shape: tuple | None, field: str = "config") -> None:
-    """At load / upload: the config's layout and color fit the image input (a wrong preset fails
-    here, not at every request). Image inputs only (rank 4); sizes may still come per request."""
-    if input_shape is None or len(input_shape) != 4 or not (cfg.preset or cfg.input.layout or cfg.input.color):
+    """At load / upload: the config's layout, color and per-channel mean / std fit the image input (a
+    wrong preset, or five means for three colours, fails here, not at every request). Image inputs
+    only (rank 4); sizes may still come per request."""
+    if input_shape is None or len(input_shape) != 4 or not (cfg.preset or cfg.input.layout or cfg.input.color
+                                                            or cfg.input.mean or cfg.input.std):
         return
     merged = _merge(dict(PRESETS.get(cfg.preset, {})), cfg.input)
-    _layout_and_color(merged, input_name, input_shape, f"{field}.input")
+    _, color, have_c = _layout_and_color(merged, input_name, input_shape, f"{field}.input")
+    for name in ("mean", "std"):
+        values = merged.get(name, ())
+        if values and len(values) not in (1, have_c):
+            allowed = "1 value" if have_c == 1 else f"1 or {have_c} values"
+            raise InvalidArgument(f"{field}.input.{name}", f"needs {allowed} ({color}), got {len(values)}")
 
 
 def _shape_text(shape: tuple) -> str:

@@ -245,6 +245,9 @@ class ModelStore:
             if name in self.repository_names():
                 raise AlreadyExists(f"header.name: {name!r} is the name of a model repository entry; "
                                     "upload under another name")
+        for i, label in enumerate(labels or ()):
+            if "\n" in label or "\r" in label:   # a labels file's line each, as a repository entry's
+                raise InvalidArgument(f"header.labels[{i}]", f"{shorten(label)} holds a line break; one line each")
         cfg = vis_pb2.ModelConfig()
         if config is not None:
             cfg.CopyFrom(config)
