@@ -231,3 +231,46 @@ def test_an_upload_past_its_deadline_is_not_registered():
             assert c.load_model(data, name="late").names == ["late"]   # with time to finish, it loads
     finally:
         running.stop(grace=0)
+
+
+def test_a_call_waiting_for_another_calls_session_build_stops_when_cancelled():
+    """Two calls needing the same new session: the second waits for the first's build (one build,
+    not two). Cancelled meanwhile, it waited to the build's end (14 s for a 3000-layer backward
+    graph) holding its work slot; it now stops within a poll."""
+    from vis_service.errors import Cancelled as ServerCancelled
+    from vis_service.runtime.sessions import RunControl, Runtime
+
+    runtime = Runtime(provider="cpu")
+    building, release = threading.Event(), threading.Event()
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+    def slow_build():
+        building.set()
+        release.wait(30)
+        return model, None
+
+    first = threading.Thread(target=lambda: runtime.session("m", ("k",), slow_build))
+    first.start()
+    assert building.wait(30)
+    control, outcome = RunControl(), []
+
+    def second():
+        with control.bound():
+            try:
+                runtime.session("m", ("k",), slow_build)
+                outcome.append("built")
+            except ServerCancelled:
+                outcome.append("cancelled")
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.3)
+    control.cancel()
+    waiter.join(10)
+    assert outcome == ["cancelled"] and not release.is_set()   # while the first build still runs
+    release.set()
+    first.join(30)
+    assert runtime.session("m", ("k",), slow_build).output_names == ["y"]   # the first build was cached
