@@ -178,7 +178,7 @@ def layouts(model: LoadedModel, values: dict[str, np.ndarray]) -> dict[str, str]
     """Requested name -> "NCHW" or "NHWC" for the rank-4 results whose axes are traced from the image
     input: a channels-last model's maps (Keras via tf2onnx, a ConvNeXt block) are [N, H, W, C], which a
     client reading axis 1 as the channels drew as H maps of W x C."""
-    resolved = resolve_layers(model, list(values))
+    resolved = _plan(model, list(values)).resolved   # resolved once per layer list, as the run's
     found = {}
     for name, arr in values.items():
         layout = layout_of(model, resolved[name]) if np.ndim(arr) == 4 else None

@@ -74,22 +74,38 @@ def class_probabilities(model: LoadedModel, tensor: str, values: np.ndarray) -> 
       classes at each position; else over all entries of a sample.
     """
     v = values.astype(np.float64)
-    made_by = probability_node(model, tensor)
-    if made_by is not None:
-        return np.exp(v) if made_by.op_type == "LogSoftmax" else v
-    reader = next((n for n in model.proto.graph.node if n.op_type in _PROBABILITY_OPS and n.input and n.input[0] == tensor
-                   and n.domain in ("", "ai.onnx")), None)
-    if (reader is not None and reader.op_type == "Sigmoid") or (reader is None and v[0].size == 1):
+    kind, axis, coerced = model.memo_per("probability_kind", tensor, lambda: _probability_kind(model, tensor))
+    if kind == "values":
+        return v
+    if kind == "exp":
+        return np.exp(v)
+    if kind == "sigmoid" or (kind == "default" and v[0].size == 1):
         return 0.5 * (1.0 + np.tanh(0.5 * v))  # the sigmoid, without exp's overflow far below 0
-    if reader is not None:
-        opset = opset_version(model.proto)
-        axis = next((a.i for a in reader.attribute if a.name == "axis"), -1 if opset >= 13 else 1) % max(1, v.ndim)
-        if opset < 13:  # Softmax-1/11: the input coerced to 2-D at `axis`, a softmax over the rest
+    if kind == "softmax":
+        axis %= max(1, v.ndim)
+        if coerced:  # Softmax-1/11: the input coerced to 2-D at `axis`, a softmax over the rest
             return _softmax_along(v.reshape(v.shape[:axis] + (-1,)), -1).reshape(v.shape)
         return _softmax_along(v, axis)
     if v.ndim >= 3:
         return _softmax_along(v, 1)
     return _softmax_along(v.reshape(v.shape[0], -1), 1).reshape(v.shape)
+
+
+def _probability_kind(model: LoadedModel, tensor: str) -> tuple[str, int, bool]:
+    """How class_probabilities turns `tensor`'s values into probabilities, looked up in the graph once
+    per tensor (occlusion asks on every batch of patches): ("values" | "exp" | "sigmoid" | "softmax" |
+    "default", softmax axis, whether an old Softmax coerces its input to 2-D at that axis)."""
+    made_by = probability_node(model, tensor)
+    if made_by is not None:
+        return ("exp" if made_by.op_type == "LogSoftmax" else "values"), 0, False
+    reader = next((n for n in model.proto.graph.node if n.op_type in _PROBABILITY_OPS and n.input and n.input[0] == tensor
+                   and n.domain in ("", "ai.onnx")), None)
+    if reader is None:
+        return "default", 0, False
+    if reader.op_type == "Sigmoid":
+        return "sigmoid", 0, False
+    opset = opset_version(model.proto)
+    return "softmax", next((a.i for a in reader.attribute if a.name == "axis"), -1 if opset >= 13 else 1), opset < 13
 
 
 def _softmax_along(v: np.ndarray, axis: int) -> np.ndarray:
