@@ -12,6 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from vis_client import Cancelled, Client, Target
+from vis_client.errors import ResourceExhausted
 from vis_service.api.servicers import Limits
 from vis_service.server import ServerConfig, start_server
 
@@ -114,6 +115,81 @@ def test_runs_in_flight_are_bounded(heavy):
         running.stop(grace=0)
 
 
+def endless_model() -> bytes:
+    """A small conv net whose logits add the result of a Loop of 10^12 trips over the input's sum:
+    a 1 KB graph whose run never ends."""
+    rng = np.random.default_rng(0)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", onnx.TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", onnx.TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["logits0"], name="flatten"),
+             helper.make_node("ReduceSum", ["x"], ["start"], keepdims=0, name="sum"),
+             helper.make_node("Loop", ["trips", "", "start"], ["count"], body=body, name="endless"),
+             helper.make_node("Add", ["logits0", "count"], ["logits"], name="add")]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(10 ** 12, np.int64), "trips")]
+    g = helper.make_graph(nodes, "endless", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+
+def test_a_run_past_the_servers_time_limit_is_ended():
+    """--max-run-seconds: a run that never ends is stopped at the limit, RESOURCE_EXHAUSTED naming the
+    flag, and frees its run slot (it held the only one until the client gave up); calls after it are
+    served; GetServerInfo reports the limit."""
+    running = start_server(ServerConfig(port=0, model_repository=None, max_concurrent_runs=1, max_run_seconds=1.0))
+    try:
+        with Client(running.address, timeout=30) as c:   # without the limit: DEADLINE_EXCEEDED, not a hang
+            assert c.server_info()["max_run_seconds"] == 1.0
+            m = c.load_model(endless_model(), name="endless")
+            x = np.ones((1, 3, 8, 8), np.float32)
+            started = time.monotonic()
+            with pytest.raises(ResourceExhausted) as e:
+                c.activations(m, x, ["logits"])
+            assert time.monotonic() - started < 15
+            assert "longer than the server's limit of 1 s per run (--max-run-seconds)" in str(e.value)
+            assert running.state.runtime.gate.in_flight == 0
+            other = c.load_model(heavy_model(size=16, channels=4, layers=1), name="quick")
+            assert c.activations(other, np.ones((1, 3, 16, 16), np.float32), ["logits"])["logits"].shape == (1, 10)
+            with pytest.raises(ResourceExhausted):   # each call gets the whole limit again
+                c.activations(m, x, ["logits"])
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_run_that_ends_as_the_watchdog_fires_keeps_its_result():
+    """The watchdog can fire between a run's return and its unwatch: that run's result stands and
+    the request's later runs go on (its RunControl is cleared), unlike a run it really ended."""
+    from vis_service.runtime.sessions import RunControl, RunGate, Session
+
+    class RacingWatchdog:   # fires exactly at the worst moment: after the run, before unwatch
+        def __init__(self):
+            self.control = None
+
+        def watch(self, control):
+            self.control = control
+            return 0
+
+        def unwatch(self, token):
+            self.control.expire("late")
+
+    gate = RunGate(1)
+    gate.watchdog = RacingWatchdog()
+    session = Session(key=("k",), model=onnx.ModelProto(), ort_session=None, gate=gate)
+    control = RunControl()
+    with control.bound():
+        assert session._controlled(lambda options: "result") == "result"
+        assert control.expired is None and not control.options.terminate
+        assert session._controlled(lambda options: "again") == "again"
+
+
 @pytest.mark.parametrize("flags,fragment", [
     (["--chunk-mb", "0"], "--chunk-mb must be in 1 KiB .. 64 MiB, got 0 MiB"),
     (["--max-request-mb", "1"], "--max-request-mb must be in 2 MiB (uploads stream 1 MiB chunks) .. 2047 MiB "
@@ -128,6 +204,8 @@ def test_runs_in_flight_are_bounded(heavy):
     (["--session-cache", "-1"], "--session-cache must be >= 1"),
     (["--session-cache-mb", "-5"], "--session-cache-mb must be >= 0 MiB (0 = 40% of the physical memory), got -5 MiB"),
     (["--max-concurrent-runs", "-1"], "--max-concurrent-runs must be >= 0"),
+    (["--max-run-seconds", "-1"], "--max-run-seconds must be >= 0 (0 = no limit), got -1.0"),
+    (["--max-run-seconds", "nan"], "--max-run-seconds must be >= 0 (0 = no limit), got nan"),
     (["--model-repository", "/nonexistent/repository"], "--model-repository '/nonexistent/repository' is not a directory"),
     (["--log-level", "BOGUS"], "invalid choice"),
     (["--preload", "digits", "digitz"], "--preload: no repository model named 'digitz'; the repository holds: digits"),

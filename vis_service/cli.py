@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-run-mb", type=mebibytes, default="0",
                    help="memory onnxruntime's runs may take at once, summed (its shared CPU memory arena; a run or "
                         "a session build that needs more is RESOURCE_EXHAUSTED); 0 = half the physical memory")
+    s.add_argument("--max-run-seconds", type=float, default=600.0,
+                   help="longest one onnxruntime run may last; a longer one is ended, RESOURCE_EXHAUSTED (a graph "
+                        "that never ends held its run slot until the client gave up); 0 = no limit")
     s.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
     s.add_argument("--chunk-mb", type=mebibytes, default="1", help="largest tensor payload per streamed message")
     s.add_argument("--max-upload-mb", type=mebibytes, default="1024",
@@ -83,7 +86,8 @@ FLAGS = {"max_request_bytes": "--max-request-mb", "chunk_bytes": "--chunk-mb", "
          "max_batch": "--max-batch", "port": "--port", "workers": "--workers", "session cache size": "--session-cache",
          "intra-op threads": "--threads", "max concurrent runs": "--max-concurrent-runs",
          "model repository": "--model-repository", "session cache bytes": "--session-cache-mb",
-         "run memory bytes": "--max-run-mb", "loaded model bytes": "--max-loaded-mb"}
+         "run memory bytes": "--max-run-mb", "loaded model bytes": "--max-loaded-mb",
+         "max run seconds": "--max-run-seconds"}
 
 
 def _version() -> str:
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_request_bytes=args.max_request_mb, max_batch=args.max_batch)
         cfg = ServerConfig(args.host, args.port, args.model_repository, args.provider, args.workers,
                            args.session_cache, args.threads, limits, args.max_concurrent_runs,
-                           args.session_cache_mb, args.max_run_mb, args.max_loaded_mb)
+                           args.session_cache_mb, args.max_run_mb, args.max_loaded_mb, args.max_run_seconds)
         running = start_server(cfg)
     except (ValueError, OSError, RuntimeError) as exc:
         _serve_usage_error(args, str(exc))

@@ -45,6 +45,8 @@ class ServerConfig:
     run_memory_bytes: int = 0
     # model files loaded at once, summed (models.store.ModelStore), bytes; 0 = a quarter of the physical memory
     loaded_model_bytes: int = 0
+    # longest one onnxruntime run may last, seconds (runtime.sessions.RunWatchdog); 0 = no limit
+    max_run_seconds: float = 600.0
 
     def __post_init__(self):
         if self.limits is None:
@@ -66,6 +68,8 @@ class ServerConfig:
         if self.run_memory_bytes < 0:
             raise ValueError(f"run memory bytes must be >= 0 MiB (0 = half the physical memory), got "
                              f"{self.run_memory_bytes / (1 << 20):g} MiB")
+        if not self.max_run_seconds >= 0:   # NaN too
+            raise ValueError(f"max run seconds must be >= 0 (0 = no limit), got {self.max_run_seconds}")
         if self.model_repository is not None and not Path(self.model_repository).is_dir():
             raise ValueError(f"model repository {str(self.model_repository)!r} is not a directory")
 
@@ -95,7 +99,7 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
     config = config or ServerConfig(**overrides)
     runtime = Runtime(config.provider, config.session_cache_size, config.intra_op_threads,
                       config.max_concurrent_runs, config.session_cache_bytes or physical_memory_bytes() * 2 // 5,
-                      config.run_memory_bytes or physical_memory_bytes() // 2)
+                      config.run_memory_bytes or physical_memory_bytes() // 2, config.max_run_seconds)
     if config.provider == "cuda" and runtime.provider != CUDA:   # asked for by name: no silent CPU
         raise RuntimeError(f"--provider cuda: {runtime.choice.note}")
     store = ModelStore(runtime, config.model_repository, config.limits.max_upload_bytes,

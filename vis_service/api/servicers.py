@@ -162,7 +162,7 @@ class VisServicer(vis_pb2_grpc.VisServiceServicer):
             sessions_cached=rt.sessions_cached, session_cache_size=rt.cache_size,
             session_cache_bytes=rt.cache_bytes, sessions_cached_bytes=rt.sessions_cached_bytes,
             max_run_bytes=rt.run_memory_bytes, max_loaded_bytes=self.s.store.max_loaded_bytes,
-            loaded_bytes=self.s.store.loaded_bytes())
+            loaded_bytes=self.s.store.loaded_bytes(), max_run_seconds=rt.gate.max_run_seconds)
 
     @handles_errors
     def Activations(self, request, context):

@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import itertools
 import logging
 import re
 import threading
@@ -50,6 +51,7 @@ class RunControl:
         self.options = ort.RunOptions()
         self.options.log_severity_level = 4   # a terminated run is expected, not an error to log
         self._cancelled = threading.Event()
+        self.expired: str | None = None   # why the run watchdog ended a run (RunWatchdog)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -58,6 +60,16 @@ class RunControl:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    def expire(self, reason: str) -> None:
+        """End the run in flight, and refuse later ones, for a server limit (not the client)."""
+        self.expired = reason
+        self.options.terminate = True
+
+    def unexpire(self) -> None:
+        """The run the watchdog ended had returned already: later runs may go on."""
+        self.expired = None
+        self.options.terminate = self.cancelled
 
     @contextmanager
     def bound(self):
@@ -74,12 +86,60 @@ def _current_control() -> RunControl | None:
     return getattr(_bound, "control", None)
 
 
+class RunWatchdog:
+    """Ends every onnxruntime run that lasts longer than `seconds` (through its RunControl).
+
+    A graph can run for ever (a Loop of 10^12 trips, 0.9 KB uploaded): it held its run slot, and
+    with --max-concurrent-runs such runs held all of them, until the client's deadline or cancel,
+    and a client with neither never let go. One thread for every run of a Runtime, started on the
+    first run and waiting for the earliest deadline."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self._cond = threading.Condition()
+        self._watched: dict[int, tuple[float, RunControl]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, control: RunControl) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            idle = not self._watched
+            self._watched[token] = (time.monotonic() + self.seconds, control)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._expire_late_runs, name="vis-run-watchdog", daemon=True)
+                self._thread.start()
+            elif idle:   # every deadline is the same span after its start: a later run is never the earliest
+                self._cond.notify()
+            return token
+
+    def unwatch(self, token: int) -> None:
+        with self._cond:
+            self._watched.pop(token, None)
+
+    def _expire_late_runs(self) -> None:
+        reason = (f"an onnxruntime run took longer than the server's limit of {self.seconds:g} s per run "
+                  "(--max-run-seconds); send fewer images or rows, or ask the operator to raise it")
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, control) in list(self._watched.items()):
+                    if deadline <= now:
+                        del self._watched[token]
+                        control.expire(reason)
+                earliest = min((deadline for deadline, _ in self._watched.values()), default=None)
+                self._cond.wait(None if earliest is None else max(0.0, earliest - now))
+
+
 class RunGate:
     """How many session runs are in flight, bounded by `limit` (0: no bound), and how many a
-    cancellation ended early. One per Runtime, shared by its sessions."""
+    cancellation ended early; `max_run_seconds` > 0 ends runs that last longer (RunWatchdog).
+    One per Runtime, shared by its sessions."""
 
-    def __init__(self, limit: int = 0):
+    def __init__(self, limit: int = 0, max_run_seconds: float = 0.0):
         self.limit = max(0, int(limit))
+        self.max_run_seconds = max(0.0, float(max_run_seconds))
+        self.watchdog = RunWatchdog(self.max_run_seconds) if self.max_run_seconds else None
         self._slots = threading.Semaphore(self.limit) if self.limit else None
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -134,20 +194,34 @@ class Session:
     def _controlled(self, call: Callable[[ort.RunOptions | None], Any]) -> Any:
         """`call(run_options)` inside the runtime's gate, under the thread's RunControl if any."""
         control = _current_control()
+        gate = self.gate or RunGate()
+        if control is None and gate.watchdog is not None:
+            control = RunControl()   # a run outside a request's control (a model's load) is timed too
         options = control.options if control is not None else None
         if control is not None and control.cancelled:
             raise Cancelled("cancelled by the client")
-        gate = self.gate or RunGate()
+        if control is not None and control.expired:
+            raise ResourceExhausted(control.expired)
         gate.enter(control)
         terminated = False
+        token = gate.watchdog.watch(control) if gate.watchdog is not None else None
         try:
-            result = call(options)
+            try:
+                result = call(options)
+            finally:
+                if token is not None:
+                    gate.watchdog.unwatch(token)
+            if control is not None and control.expired:   # it ended just as the watchdog fired
+                control.unexpire()
             self.has_run = True
             return result
         except Exception as exc:
             if control is not None and control.cancelled:   # onnxruntime's "terminate flag" error
                 terminated = True
                 raise Cancelled("cancelled by the client") from None
+            if control is not None and control.expired:
+                terminated = True
+                raise ResourceExhausted(control.expired) from None
             mapped = run_error(exc)
             if isinstance(mapped, InvalidArgument) and not self.has_run and self.discard is not None:
                 # a session built for this input's sizes that cannot run them (a free channel count
@@ -313,7 +387,8 @@ class Runtime:
     """Execution provider plus the session cache shared by every request."""
 
     def __init__(self, provider: str = "auto", cache_size: int = 32, intra_op_threads: int = 0,
-                 max_concurrent_runs: int = 0, cache_bytes: int = 0, run_memory_bytes: int = 0):
+                 max_concurrent_runs: int = 0, cache_bytes: int = 0, run_memory_bytes: int = 0,
+                 max_run_seconds: float = 0.0):
         """`max_concurrent_runs` > 0: at most that many session runs at once, the others wait (each
         run holds its whole graph's intermediate tensors; on a CPU every run already uses all
         cores, so more at once only multiply memory). 0: no bound.
@@ -324,7 +399,8 @@ class Runtime:
         go first, the newest always stays. A count alone let a 0.5 GB model's sessions (~1.5 GB
         per backward graph) grow past the machine's memory: the kernel killed the server.
 
-        `run_memory_bytes` > 0 bounds the CPU arena all sessions' runs share (see shared_cpu_arena)."""
+        `run_memory_bytes` > 0 bounds the CPU arena all sessions' runs share (see shared_cpu_arena);
+        `max_run_seconds` > 0 ends a run that lasts longer, RESOURCE_EXHAUSTED (see RunWatchdog)."""
         self.choice: ProviderChoice = select_provider(provider)
         if self.choice.note:
             log.warning("execution provider: %s (%s)", self.choice.name, self.choice.note)
@@ -341,7 +417,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}
         self.sessions_built = 0
-        self.gate = RunGate(max_concurrent_runs)
+        self.gate = RunGate(max_concurrent_runs, max_run_seconds)
         self.run_memory_bytes = max(0, int(run_memory_bytes))
 
     @property

@@ -335,7 +335,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "provider", "available_providers", "provider_note", "rule_sets", "chunk_bytes", "max_upload_bytes", "max_request_bytes", "model_repository", "sessions_built", "sessions_cached", "session_cache_size", "session_cache_bytes", "sessions_cached_bytes", "max_run_bytes", "max_loaded_bytes", "loaded_bytes")
+    __slots__ = ("version", "provider", "available_providers", "provider_note", "rule_sets", "chunk_bytes", "max_upload_bytes", "max_request_bytes", "model_repository", "sessions_built", "sessions_cached", "session_cache_size", "session_cache_bytes", "sessions_cached_bytes", "max_run_bytes", "max_loaded_bytes", "loaded_bytes", "max_run_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +353,7 @@ class ServerInfo(_message.Message):
     MAX_RUN_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     provider: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
@@ -370,7 +371,8 @@ class ServerInfo(_message.Message):
     max_run_bytes: int
     max_loaded_bytes: int
     loaded_bytes: int
-    def __init__(self, version: _Optional[str] = ..., provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., provider_note: _Optional[str] = ..., rule_sets: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., model_repository: _Optional[str] = ..., sessions_built: _Optional[int] = ..., sessions_cached: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., sessions_cached_bytes: _Optional[int] = ..., max_run_bytes: _Optional[int] = ..., max_loaded_bytes: _Optional[int] = ..., loaded_bytes: _Optional[int] = ...) -> None: ...
+    max_run_seconds: float
+    def __init__(self, version: _Optional[str] = ..., provider: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., provider_note: _Optional[str] = ..., rule_sets: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., model_repository: _Optional[str] = ..., sessions_built: _Optional[int] = ..., sessions_cached: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., sessions_cached_bytes: _Optional[int] = ..., max_run_bytes: _Optional[int] = ..., max_loaded_bytes: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., max_run_seconds: _Optional[float] = ...) -> None: ...
 
 class ActivationsRequest(_message.Message):
     __slots__ = ("model", "input", "layers")
