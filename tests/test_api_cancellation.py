@@ -164,6 +164,24 @@ def test_a_run_past_the_servers_time_limit_is_ended():
         running.stop(grace=0)
 
 
+def test_the_watchdog_expires_only_runs_still_in_flight_at_their_deadline():
+    from vis_service.runtime.sessions import RunControl, RunWatchdog
+
+    watchdog = RunWatchdog(0.3)
+    done, late = RunControl(), RunControl()
+    watchdog.unwatch(watchdog.watch(done))
+    token = watchdog.watch(late)
+    time.sleep(1.0)
+    assert done.expired is None and not done.options.terminate
+    assert "limit of 0.3 s per run (--max-run-seconds)" in late.expired and late.options.terminate
+    watchdog.unwatch(token)
+    years = RunWatchdog(1e300)   # a wait that long overflowed the lock's timeout in the watchdog's thread
+    token = years.watch(RunControl())
+    time.sleep(0.2)
+    assert years._thread.is_alive()
+    years.unwatch(token)
+
+
 def test_a_run_that_ends_as_the_watchdog_fires_keeps_its_result():
     """The watchdog can fire between a run's return and its unwatch: that run's result stands and
     the request's later runs go on (its RunControl is cleared), unlike a run it really ended."""
@@ -204,8 +222,9 @@ def test_a_run_that_ends_as_the_watchdog_fires_keeps_its_result():
     (["--session-cache", "-1"], "--session-cache must be >= 1"),
     (["--session-cache-mb", "-5"], "--session-cache-mb must be >= 0 MiB (0 = 40% of the physical memory), got -5 MiB"),
     (["--max-concurrent-runs", "-1"], "--max-concurrent-runs must be >= 0"),
-    (["--max-run-seconds", "-1"], "--max-run-seconds must be >= 0 (0 = no limit), got -1.0"),
-    (["--max-run-seconds", "nan"], "--max-run-seconds must be >= 0 (0 = no limit), got nan"),
+    (["--max-run-seconds", "-1"], "--max-run-seconds must be a finite number >= 0 (0 = no limit), got -1.0"),
+    (["--max-run-seconds", "nan"], "--max-run-seconds must be a finite number >= 0 (0 = no limit), got nan"),
+    (["--max-run-seconds", "inf"], "--max-run-seconds must be a finite number >= 0 (0 = no limit), got inf"),
     (["--model-repository", "/nonexistent/repository"], "--model-repository '/nonexistent/repository' is not a directory"),
     (["--log-level", "BOGUS"], "invalid choice"),
     (["--preload", "digits", "digitz"], "--preload: no repository model named 'digitz'; the repository holds: digits"),

@@ -68,8 +68,8 @@ class ServerConfig:
         if self.run_memory_bytes < 0:
             raise ValueError(f"run memory bytes must be >= 0 MiB (0 = half the physical memory), got "
                              f"{self.run_memory_bytes / (1 << 20):g} MiB")
-        if not self.max_run_seconds >= 0:   # NaN too
-            raise ValueError(f"max run seconds must be >= 0 (0 = no limit), got {self.max_run_seconds}")
+        if not 0 <= self.max_run_seconds < float("inf"):   # NaN too
+            raise ValueError(f"max run seconds must be a finite number >= 0 (0 = no limit), got {self.max_run_seconds}")
         if self.model_repository is not None and not Path(self.model_repository).is_dir():
             raise ValueError(f"model repository {str(self.model_repository)!r} is not a directory")
 

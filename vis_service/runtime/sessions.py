@@ -128,7 +128,8 @@ class RunWatchdog:
                         del self._watched[token]
                         control.expire(reason)
                 earliest = min((deadline for deadline, _ in self._watched.values()), default=None)
-                self._cond.wait(None if earliest is None else max(0.0, earliest - now))
+                # at most a minute at a time: a wait of years overflows the lock's timeout
+                self._cond.wait(None if earliest is None else min(max(0.0, earliest - now), 60.0))
 
 
 class RunGate:
