@@ -858,3 +858,38 @@ def test_relu_mask_stays_where_the_pool_is_not_its_only_gradient(case):
     rule_set = case if case in ("deconvnet", "guided") else "gradient"
     gg = build_gradient_model(model, objectives, wrt, rule_set=rule_set)
     assert not _reads(gg, "p", {"HardSigmoid", "Greater", "Less", "Relu"})
+
+
+def _lucid_redirected(x, g, low, high):
+    """numpy transcription of Lucid's redirected_relu_grad / redirected_relu6_grad (ascent sign:
+    Lucid differentiates a loss, -objective, so its "grad > 0" is our g < 0)."""
+    inside = (x > low) if high is None else (x > low) & (x < high)
+    exact = np.where(inside, g, 0.0)
+    stop = (x <= low) & (g < 0)
+    if high is not None:
+        stop |= (x >= high) & (g > 0)
+    redirected = np.where(stop, 0.0, g)
+    flowing = np.abs(exact).reshape(len(x), -1).max(axis=1) > 0
+    return np.where(flowing.reshape((-1,) + (1,) * (x.ndim - 1)), exact, redirected)
+
+
+@pytest.mark.parametrize("op", ["Relu", "Clip"])
+def test_redirected_rule_set_is_lucids_redirected_relu_gradient(op):
+    """Image 0 has every unit inactive (below 0, or for ReLU6 also saturated at 6): its gradient
+    passes except where it pushes a unit further out; image 1 has active units: the exact gradient."""
+    opset = 13
+    constants = {"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)} if op == "Clip" else {}
+    model = one_node_model(op, {"x": [2, 3, 4, 4]}, constants, opset=opset)
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32) * 4
+    x[0] = -np.abs(x[0]) - 0.5                      # all inactive below
+    if op == "Clip":
+        x[0, 1] = 6.5 + np.abs(x[0, 1])             # ... and a channel saturated above
+    g = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    got = run_gradient(build_gradient_model(model, ["y0"], ["x"], rule_set="redirected"), {"x": x}, {"y0": g})["x"]
+    want = _lucid_redirected(x.astype(np.float64), g.astype(np.float64), 0.0, 6.0 if op == "Clip" else None)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    exact = run_gradient(build_gradient_model(model, ["y0"], ["x"]), {"x": x}, {"y0": g})["x"]
+    np.testing.assert_array_equal(got[1], exact[1])
+    assert not exact[0].any() and got[0].any()
+    assert (got[0][g[0] < 0][x[0][g[0] < 0] < 0] == 0).all()   # nothing pushes an inactive unit lower

@@ -41,6 +41,7 @@ def test_channel_maximization_rises_and_beats_random_images(client, digits):
     assert r.images.shape == (2, 32, 32, 3) and r.images.dtype == np.uint8
     assert r.x.shape == (2, 1, 32, 32)
     assert _rises(r.losses["objective"])
+    assert r.text["redirected_steps"] == "0"   # the exact gradient throughout
     # independent check: the Activations call on the returned model-space images
     got = _channel_mean(client, digits, r.x, LAYER, 5)
     np.testing.assert_allclose(r.terms[:, 0], got, rtol=1e-4, atol=1e-4)
@@ -180,6 +181,46 @@ def test_squeezenet_maximization_few_steps(client):
     assert _rises(r.losses["objective"])
     got = _channel_mean(client, model, r.x, "fire6/expand3x3_1", 10)
     np.testing.assert_allclose(r.terms[:, 0], got, rtol=1e-3, atol=1e-3)
+
+
+def _dead_at_start_model() -> bytes:
+    """act[:, 0] = relu(sum of the 3x3x3 window - 16): 0 on a grey start (13.5 - 16) and on the
+    loop's start images near it, positive on bright patches (up to 27 - 16); act[:, 1] an ordinary unit."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = np.zeros((2, 3, 3, 3), np.float32)
+    w[0] = 1.0
+    w[1] = np.random.default_rng(5).standard_normal((3, 3, 3))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["conv"], name="conv"),
+             helper.make_node("Relu", ["conv"], ["act"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["act"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["logits"], name="flatten")]
+    graph = helper.make_graph(nodes, "dead", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-16.0, 0.0], np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+
+def test_a_unit_inactive_at_the_start_is_still_maximized(client):
+    """Lucid's redirected ReLU gradient: the channel is 0 on the start image, so its exact gradient
+    is zero and the loop never moved (objective 0 after every step, a grey image: SqueezeNet's
+    fire9/concat_1 channels from the README); the images whose gradient is zero take the
+    redirected one until the unit is active, then the exact one."""
+    model = client.load_model(_dead_at_start_model(), name="dead-at-start",
+                              config={"input": {"value_range": [0, 1]}})
+    try:
+        start = client.activations(model, np.full((1, 3, 16, 16), 0.5, np.float32), ["act"])["act"]
+        assert not start[:, 0].any()
+        r = client.maximize(model, Objective.channel("act", 0), steps=40, batch=2)
+        assert r.losses["objective"][0] == 0   # inactive on the loop's own start images
+        assert (r.objective > 0).all()
+        assert 0 < int(r.text["redirected_steps"]) < 40   # until the unit is active
+        got = _channel_mean(client, model, r.x, "act", 0)
+        np.testing.assert_allclose(r.terms[:, 0], got, rtol=1e-4, atol=1e-4)
+        assert _rises(r.losses["objective"])
+    finally:
+        client.unload(model.id)
 
 
 def test_cli_maximize_classmodel_invert(server, tmp_path, digit_images):

@@ -81,6 +81,9 @@ RULES.define_rule_set(GRADIENT, parent=None)
 RULES.define_rule_set("deconvnet")
 # Springenberg et al.: relu(upstream) times the forward mask.
 RULES.define_rule_set("guided")
+# Lucid's redirected ReLU gradient (activation maximization): where a ReLU passes no gradient for
+# an image, the gradient that would raise its inactive units passes.
+RULES.define_rule_set("redirected")
 
 # rule set name -> parent name (None for the exact gradient); read-only view
 RULE_SETS = RULES.rule_sets

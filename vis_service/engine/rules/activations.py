@@ -418,6 +418,40 @@ def deconvnet_relu_backward(ctx: RuleContext, node, grad_outputs):
     return [ctx.make_node("Relu", [grad_outputs[0]])] + [None] * (len(node.input) - 1)
 
 
+@rule("Relu", "Clip", rule_set="redirected")
+def redirected_relu_backward(ctx: RuleContext, node, grad_outputs):
+    """Lucid's redirected ReLU / ReLU6 gradient (lucid/misc/redirected_relu_grad.py, on by default
+    in its render_vis): for an image whose exact gradient through this node is zero everywhere
+    (every unit the objective reaches is inactive: a channel that is 0 on a grey or noise start),
+    the upstream gradient passes, except where it would push a unit further below its floor (or
+    above ReLU6's top). Elsewhere the exact gradient. Without it the optimization of such a unit
+    never moves (activation maximization of most of SqueezeNet's fire9/concat_1 channels stayed
+    at 0 from every start). Inactive means y at its bound (Lucid: x < 0), read from the output."""
+    g = grad_outputs[0]
+    exact = {"Relu": relu_backward, "Clip": clip_backward}[node.op_type](ctx, node, [g])[0]
+    unused = [None] * (len(node.input) - 1)
+    y = node.output[0]
+    low, high = (ctx.scalar(0.0, y), None) if node.op_type == "Relu" else _clip_bounds(ctx, node)
+    if exact == g or g is None:   # an unbounded Clip: the identity
+        return [g] + unused
+    zero = ctx.scalar(0.0, y)
+    blocked = []   # at a bound, pushed beyond it
+    if low is not None:
+        blocked.append(ctx.make_node("And", [ctx.make_node("Not", [ctx.make_node("Greater", [y, low])]),
+                                             ctx.make_node("Less", [g, zero])]))
+    if high is not None:
+        blocked.append(ctx.make_node("And", [ctx.make_node("Not", [ctx.make_node("Less", [y, high])]),
+                                             ctx.make_node("Greater", [g, zero])]))
+    stop = blocked[0] if len(blocked) == 1 else ctx.make_node("Or", blocked)
+    redirected = ctx.make_node("Where", [stop, zero, g])
+    magnitude = ctx.make_node("Abs", [exact])
+    rank = ctx.rank(y)
+    if rank > 1:   # per image: its largest exact gradient through this node
+        magnitude = ctx.reduce("ReduceMax", magnitude, list(range(1, rank)), keepdims=True)
+    flowing = ctx.make_node("Greater", [magnitude, zero])
+    return [ctx.make_node("Where", [flowing, exact, redirected])] + unused
+
+
 @rule("Relu", "Clip", "LeakyRelu", rule_set="guided")
 def guided_relu_backward(ctx: RuleContext, node, grad_outputs):
     """The exact rule applied to relu(upstream): relu(g) * forward mask."""

@@ -172,4 +172,6 @@ def maximize(runtime: Runtime, model: LoadedModel, spec: ImageSpec, s: MaximizeS
     }
     return MethodResult(tensors, labels={"losses": columns},
                         text={"parameterization": s.parameterization, "optimizer": s.optimizer.name,
-                              "layers": ",".join(dict.fromkeys(compiled.layers))})
+                              "layers": ",".join(dict.fromkeys(compiled.layers)),
+                              # steps where an image's exact gradient was zero (see GradientRun)
+                              "redirected_steps": str(compiled.run.redirected_steps)})

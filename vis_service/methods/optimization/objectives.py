@@ -151,30 +151,29 @@ def require_float_image(model: LoadedModel, field: str, method: str) -> None:
 
 
 def objective_session(runtime: Runtime, model: LoadedModel, heads: Sequence[Head], objectives: Sequence[str],
-                      sizes: tuple = ()):
+                      sizes: tuple = (), rule_set: str = "gradient"):
     """Cached session: model + heads, forward + d sum <objective, cotangent> / d image input.
     `sizes`: the image size of the loop where the model's is free (models.inputs.static_sizes)."""
     heads = tuple(sorted(set(heads), key=lambda h: (h.kind, h.tensor)))
     objectives = tuple(dict.fromkeys(objectives))
     key = ("optimization", heads, objectives, model.image_input) + ((sizes,) if sizes else ())
+    if rule_set != "gradient":
+        key += (rule_set,)
 
     def build():
         proto = with_heads(model, heads, specialized_proto(model, sizes)) if heads else specialized_proto(model, sizes)
-        gg = build_gradient_model(proto, list(objectives), [model.image_input])
+        gg = build_gradient_model(proto, list(objectives), [model.image_input], rule_set=rule_set)
         return gg.model, gg
 
     return runtime.session(model.graph_id, key, build)
 
 
-class GradientRun:
-    """One cached graph with fixed cotangents: `run(x)` -> (d objective / dx, forward values)."""
+class _BoundGraph:
+    """A cached objective session with its cotangents as feeds of its own input names and types."""
 
-    def __init__(self, runtime: Runtime, model: LoadedModel, heads: Sequence[Head],
-                 cotangents: dict[str, np.ndarray], x_example: np.ndarray):
-        self.model = model
-        sizes = static_sizes(model, {model.image_input: x_example.shape})
-        self.session = objective_session(runtime, model, heads, list(cotangents), sizes)
-        gg: GradientGraph = self.session.meta
+    def __init__(self, session, model: LoadedModel, cotangents: dict[str, np.ndarray]):
+        self.session = session
+        gg: GradientGraph = session.meta
         self.gg = gg
         # the graph's inputs take their own float type (a float16 model's image and cotangents); the
         # loops compute in float32 / float64 and cast at the feed
@@ -182,16 +181,52 @@ class GradientRun:
                        for i in gg.model.graph.input if i.type.HasField("tensor_type")}
         self.cotangents = {name: np.ascontiguousarray(c, self.dtypes.get(name, np.float32))
                            for name, c in ((gg.cotangent_inputs[t], c) for t, c in cotangents.items())}
+        self.image_input = model.image_input
         self.grad_name = gg.gradient_outputs[model.image_input]
         self.forward_names = {t: gg.forward_outputs[t] for t in cotangents}
 
     def run(self, x: np.ndarray, extra_feeds: dict[str, np.ndarray] | None = None):
-        feeds = {self.model.image_input: x, **self.cotangents, **(extra_feeds or {})}
+        feeds = {self.image_input: x, **self.cotangents, **(extra_feeds or {})}
         feeds = {k: v.astype(self.dtypes.get(k, v.dtype), copy=False) for k, v in feeds.items()
                  if k in self.session.input_names}
         names = [self.grad_name] + list(self.forward_names.values())
         values = self.session.run_dict(list(dict.fromkeys(names)), feeds)
         return values[self.grad_name], {t: values[n] for t, n in self.forward_names.items()}
+
+
+class GradientRun:
+    """One cached graph with fixed cotangents: `run(x)` -> (d objective / dx, forward values).
+
+    `redirect_stuck`: an image whose gradient is zero everywhere (the objective's units all
+    inactive: nothing would ever move it) takes its gradient from the same graph under Lucid's
+    `redirected` ReLU rules instead (engine/rules/activations.py), as Lucid's render_vis does;
+    that session is built on the first step that needs it, then cached like the other."""
+
+    def __init__(self, runtime: Runtime, model: LoadedModel, heads: Sequence[Head],
+                 cotangents: dict[str, np.ndarray], x_example: np.ndarray, redirect_stuck: bool = False):
+        self.model = model
+        self._runtime, self._heads, self._cotangents = runtime, list(heads), cotangents
+        self._sizes = static_sizes(model, {model.image_input: x_example.shape})
+        self.exact = _BoundGraph(objective_session(runtime, model, heads, list(cotangents), self._sizes),
+                                 model, cotangents)
+        self.session, self.gg = self.exact.session, self.exact.gg
+        self.redirect_stuck = redirect_stuck
+        self._redirected: _BoundGraph | None = None
+        self.redirected_steps = 0   # runs where some image took the redirected gradient
+
+    def run(self, x: np.ndarray, extra_feeds: dict[str, np.ndarray] | None = None):
+        grad, forward = self.exact.run(x, extra_feeds)
+        if self.redirect_stuck:
+            stuck = ~np.any(grad.reshape(len(grad), -1) != 0, axis=1)
+            if stuck.any():
+                if self._redirected is None:
+                    self._redirected = _BoundGraph(
+                        objective_session(self._runtime, self.model, self._heads, list(self._cotangents),
+                                          self._sizes, rule_set="redirected"), self.model, self._cotangents)
+                redirected, _ = self._redirected.run(x, extra_feeds)
+                grad = np.where(stuck.reshape((-1,) + (1,) * (grad.ndim - 1)), redirected, grad)
+                self.redirected_steps += 1
+        return grad, forward
 
 
 def tensor_shape(runtime: Runtime, model: LoadedModel, tensor: str, x_example: np.ndarray) -> tuple[int, ...]:
@@ -350,5 +385,5 @@ def compile_objective(runtime: Runtime, model: LoadedModel, terms: Sequence[Term
         div_tensor = heads[-1].output
         # maximize objective - diversity * sum_{i != j} S_ij / B
         cots[div_tensor] = -diversity * (1.0 - np.eye(batch)) / batch
-    run = GradientRun(runtime, model, heads, cots, x_example)
+    run = GradientRun(runtime, model, heads, cots, x_example, redirect_stuck=True)
     return CompiledObjective(run, term_tensors, term_cots, masks, weights, layers, div_tensor, diversity)
