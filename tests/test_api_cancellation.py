@@ -241,6 +241,22 @@ def test_server_flags_are_checked_before_starting(flags, fragment, capsys):
     assert "usage: vis-service serve" in err
 
 
+def test_a_port_in_use_is_named_as_such(capsys):
+    """grpc's 'Failed to bind to address ...; set GRPC_VERBOSITY=debug' did not say why."""
+    import socket
+
+    from vis_service import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            cli.main(["serve", "--port", str(port), "--preload"])
+    assert e.value.code == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use, or the host is not an address" in capsys.readouterr().err
+
+
 def test_repository_without_models_is_reported(tmp_path, caplog):
     """A repository whose entries are not <name>/model.onnx serves nothing: the log says so and why."""
     from vis_service import cli

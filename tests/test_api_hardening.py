@@ -208,7 +208,7 @@ def test_long_calls_on_every_work_slot_leave_health_and_light_calls_answered():
             assert started.wait(60)
             with pytest.raises(VisError) as e:
                 c.gradient(digits, np.zeros((1, 1, 32, 32), np.float32))
-            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy: 1 calls are running")
+            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy: all 1 work slots are taken")
             with grpc.insecure_channel(running.address) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -272,7 +272,7 @@ def test_config_byte_order_mark_label_offset_and_a_vanished_entry(client, reposi
     client.model(d.name)
     shutil.rmtree(d)
     with pytest.raises(VisError) as e:
-        client._unary(client._models.Load, vis_pb2.LoadRequest(name=d.name))   # Load itself (model() finds it loaded)
+        client.reload(d.name)   # Load itself (model() finds it loaded)
     assert_status(e, grpc.StatusCode.NOT_FOUND, "'vanishing'")
     assert "did you mean 'vanishing'" not in e.value.details
     still_serving(client)

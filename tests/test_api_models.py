@@ -218,7 +218,7 @@ def test_model_over_size_limit():
         with Client(running.address) as c:
             with pytest.raises(VisError) as e:
                 c.load_model(DEFAULT_MODEL_DIR / "model.onnx")
-            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "limit")
+            assert_status(e, grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds the limit of 50000 bytes (--max-upload-mb)")
             assert c.server_info()["max_upload_bytes"] == 50_000
     finally:
         running.stop(grace=0)
@@ -466,3 +466,21 @@ def test_sessions_of_an_unloaded_model_are_not_cached_again():
     rt.revive_model("m")                          # loaded again
     rt.session("m", ("b",), build("b"))
     assert rt.sessions_cached == 1
+
+
+def test_shapes_name_no_symbol_of_onnx_shape_inference(client):
+    """A free-size model's inner sizes are symbols onnx shape inference makes up (unk__0): they were
+    shown as names (`vis inspect`: (N, 4, unk__0, unk__1)); they are unnamed ('?'), the model's own stay."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2], name="conv")]
+    graph = helper.make_graph(nodes, "free", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    model = client.load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                                                ir_version=8).SerializeToString(), name="free-size-symbols")
+    try:
+        inspection = client.inspect(model)
+        spec = next(n for n in inspection.nodes if n.name == "conv").output_specs[0]
+        assert spec.shape == ("N", 4, None, None) and spec.shape_str() == "(N, 4, ?, ?)"
+        assert model.inputs[0].shape == ("N", 3, "H", "W")
+    finally:
+        client.unload(model.id)

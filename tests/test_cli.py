@@ -217,7 +217,8 @@ def test_other_model_inputs_come_from_npy_files(server, client, tmp_path, capsys
     assert "logits: shape (2, 3)" in out, out
     assert run(server, "saliency", "cli_meta", "--images", str(images[0]), "--size", "8", "8",
                "--out", str(tmp_path / "s")) == 1
-    assert "no value for model input(s) ['meta']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no value for model input(s) ['meta']" in err and "(on the command line: --tensor NAME=FILE.npy)" in err
     assert run(server, "saliency", "cli_meta", *args[:3], "--tensor", "meta", "--out", str(tmp_path / "s")) == 1
     assert "--tensor 'meta': give NAME=FILE.npy" in capsys.readouterr().err
     by_dict = client.activations("cli_meta", {"x": [str(p) for p in images], "meta": meta}, ["logits"],
@@ -232,6 +233,21 @@ def test_connection_options_after_the_command(server, capsys):
     assert cli.main(["--address", "127.0.0.1:9", "--timeout", "0.01", "info", "--address", server.address,
                      "--timeout", "30"]) == 0
     assert "provider" in capsys.readouterr().out
+
+
+def test_a_typo_d_flag_is_a_usage_error_of_its_command(capsys):
+    """`vis gradient ... --ruleset guided` showed the top-level usage, which lists only the commands;
+    the server's `serve --workrs 3` too."""
+    from vis_service import cli as server_cli
+
+    for main, argv, usage in ((cli.main, ["gradient", "digits", "--images", "a.png", "--ruleset", "guided", "--out", "o"],
+                               "usage: vis gradient"),
+                              (server_cli.main, ["serve", "--workrs", "3"], "usage: vis-service serve")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert usage in err and "error: unrecognized arguments: --" in err, err
 
 
 def test_each_command_help_opens_with_its_summary(capsys):

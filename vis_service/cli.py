@@ -34,17 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vis-service", description="gRPC service that shows what ONNX CNNs have learned")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
+    ap.set_defaults(commands=sub.choices)   # main reports a stray argument with its command's usage
     defaults = argparse.ArgumentDefaultsHelpFormatter
     s = sub.add_parser("serve", help="run the gRPC server", description="Run the gRPC server.", formatter_class=defaults)
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port and prints it")
     s.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
                    help="directory of <name>/model.onnx (+ config.json|config.pbtxt, labels.txt); "
-                        "default: the embedded models")
+                        "the default holds the embedded models")
     s.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
                    help="execution provider; auto = CUDA when a CUDA session really works")
     s.add_argument("--workers", type=int, default=8,
-                   help="calls doing work at once (uploads, loads, methods); one more is answered RESOURCE_EXHAUSTED. "
+                   help="calls doing work at once (uploads, loads, methods); one more waits up to a second for a slot, "
+                        "then is answered RESOURCE_EXHAUSTED. "
                         "Health checks, List, Inspect, Unload and GetServerInfo are always answered")
     s.add_argument("--max-concurrent-runs", type=int, default=2,
                    help="onnxruntime runs at once, the others wait (each holds its graph's tensors; 0 = no bound)")
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-mb", type=mebibytes, default="64", help="largest request message (2 .. 2047)")
     s.add_argument("--max-batch", type=int, default=256, help="images per request and rows per onnxruntime run")
     s.add_argument("--preload", nargs="*", default=None, metavar="NAME",
-                   help="repository models to load at start (default: all; a bare --preload: none)")
+                   help="repository models to load at start (not given: all; a bare --preload: none)")
     s.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), help="server log level")
     s.set_defaults(usage_error=s.error)   # a bad value shows the serve command's usage
@@ -150,7 +152,9 @@ def health_check(address: str, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:   # a typo'd flag is a usage error of its command (the top-level usage lists only commands)
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "health":
         return health_check(args.address, args.timeout)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

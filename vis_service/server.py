@@ -123,9 +123,13 @@ def start_server(config: ServerConfig | None = None, **overrides) -> RunningServ
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(service_names + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:   # grpc raises RuntimeError ("Failed to bind ...") where older versions returned 0
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+        raise OSError(f"cannot listen on {config.host}:{config.port}: the port is in use, or the host is not an "
+                      "address of this machine (--host, --port; --port 0 picks a free port)")
     server.start()
     for name in ("",) + service_names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -50,7 +50,8 @@ def tensor_spec(info: TensorInfo) -> vis_pb2.TensorSpec:
         spec.datatype = "BYTES" if dt == np.dtype(object) else dt.name.upper()
     for d in info.shape or ():
         spec.shape.append(d if isinstance(d, int) else -1)
-        spec.dim_names.append("" if isinstance(d, int) else (d or ""))
+        # onnx shape inference's own symbols (unk__12) name nothing a user wrote: unnamed ("?")
+        spec.dim_names.append("" if isinstance(d, int) or not d or d.startswith("unk__") else d)
     return spec
 
 

@@ -75,7 +75,7 @@ class WorkSlots:
                     self._waiting -= waiting
             if not got:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"the server is busy: {self.size} calls are running (its --workers); retry later")
+                              f"the server is busy: all {self.size} work slots are taken (its --workers); retry later")
         try:
             yield
         finally:

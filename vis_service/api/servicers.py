@@ -112,10 +112,11 @@ class ModelServicer(vis_pb2_grpc.ModelServiceServicer):
                     raise InvalidArgument("header", f"{what} (message {i}); send one header, as the first message")
                 header = req.header
                 if header.total_bytes > limit:
-                    raise ResourceExhausted(f"upload of {header.total_bytes} bytes exceeds the limit of {limit} bytes")
+                    raise ResourceExhausted(f"upload of {header.total_bytes} bytes exceeds the limit of {limit} bytes "
+                                            "(--max-upload-mb)")
             elif kind == "chunk":
                 if len(data) + len(req.chunk) > limit:
-                    raise ResourceExhausted(f"upload exceeds the limit of {limit} bytes")
+                    raise ResourceExhausted(f"upload exceeds the limit of {limit} bytes (--max-upload-mb)")
                 data += req.chunk
         if header.total_bytes and header.total_bytes != len(data):
             raise InvalidArgument("header.total_bytes", f"announced {header.total_bytes} bytes but received {len(data)}")

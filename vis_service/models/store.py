@@ -297,7 +297,8 @@ class ModelStore:
 
     def _check_size(self, size: int) -> None:
         if size > self.max_model_bytes:
-            raise ResourceExhausted(f"model of {size} bytes exceeds the limit of {self.max_model_bytes} bytes")
+            raise ResourceExhausted(f"model of {size} bytes exceeds the limit of {self.max_model_bytes} bytes "
+                                    "(--max-upload-mb)")
 
     def _read_labels(self, model_dir: Path, config: vis_pb2.ModelConfig) -> list[str] | None:
         fname = config.labels or ("labels.txt" if (model_dir / "labels.txt").is_file() else "")

@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(ap, DEFAULT_ADDRESS, None)
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ap.set_defaults(commands=sub.choices)   # parse_args reports a stray argument with its command's usage
 
     p = sub.add_parser("info", help="server version, execution provider, limits")
     p.set_defaults(func=cmd_info)
@@ -458,8 +459,17 @@ def _version() -> str:
         return "unknown"
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed arguments; an unknown one is a usage error of its command (a typo'd flag showed the
+    top-level usage, which lists only the commands)."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         with Client(args.address, timeout=args.timeout) as client:
             args.func(client, args)
@@ -467,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         details = e.details or "request failed"
         if "give size [H, W]" in details:   # the API field; here the flag is the way to give it
             details += " (on the command line: --size H W)"
+        if "no value for model input" in details:
+            details += " (on the command line: --tensor NAME=FILE.npy)"
         print(f"error: {e.code.name}: {details}", file=sys.stderr)
         return 1
     except BrokenPipeError:

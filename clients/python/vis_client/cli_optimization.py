@@ -49,25 +49,25 @@ def _snapshot_writer(render, out: Path, prefix: str):
     return on_snapshot
 
 
-def _common_loop_args(p, steps: int) -> None:
+def _common_loop_args(p, steps: int, optimizer: str = "adam") -> None:
     from .cli import at_least
 
     p.add_argument("--steps", type=at_least(1), default=steps, help=f"optimization steps (default {steps})")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: server default)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default: adam")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help=f"default: {optimizer}")
     p.add_argument("--seed", type=int, default=0, help="random seed of the starting image(s) and jitter (default 0)")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="K", help="also save the images every K steps")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
 
-def _maximize_args(p) -> None:
+def _maximize_args(p, parameterization: str = "fourier") -> None:
     from .cli import add_size
 
     add_size(p)
     p.add_argument("--batch", type=int, default=1, help="images optimized together (default 1)")
     p.add_argument("--param", dest="parameterization", choices=("fourier", "pixel", "raw"), default=None,
-                   help="image parameterization: fourier (default; Lucid), pixel, or raw (Simonyan: the "
-                        "model-space image itself)")
+                   help=f"image parameterization (default {parameterization}): fourier (Lucid), pixel, or raw "
+                        "(Simonyan: the model-space image itself)")
     p.add_argument("--no-decorrelate", action="store_true", help="turn off Lucid's colour decorrelation")
     p.add_argument("--jitter", type=int, default=None, help="max random shift in pixels per step (default 8; raw: 4)")
     p.add_argument("--scale", type=float, default=None,
@@ -210,7 +210,7 @@ def register(sub, add_input) -> None:
     p.add_argument("--class", dest="class_index", type=int, required=True, help="class index to visualize")
     p.add_argument("--probability", action="store_true", help="maximize the softmax probability, not the logit")
     _common_loop_args(p, 200)
-    _maximize_args(p)
+    _maximize_args(p, parameterization="raw")
     p.set_defaults(func=cmd_classmodel)
 
     p = sub.add_parser("invert", help="feature inversion (Mahendran & Vedaldi 2015), one image per layer")
@@ -221,5 +221,5 @@ def register(sub, add_input) -> None:
     p.add_argument("--lambda-tv", type=float, default=None,
                    help="weight of the total-variation prior (default 5e-3; deep layers look cleaner with 0.05)")
     p.add_argument("--lambda-alpha", type=float, default=None, help="weight of the alpha-norm prior (default 1e-4)")
-    _common_loop_args(p, 200)
+    _common_loop_args(p, 200, optimizer="sgd (momentum, Mahendran & Vedaldi)")
     p.set_defaults(func=cmd_invert)

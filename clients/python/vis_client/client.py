@@ -801,6 +801,13 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         info = self._unary(self._models.Load, vis_pb2.LoadRequest(name=name_or_id))
         return Model.from_proto(info, self)
 
+    def reload(self, name: str) -> Model:
+        """``ModelService.Load`` of a repository entry's name, loaded or not: the server reads its
+        files again (after they changed; ``model(name)`` returns what is loaded). The name then
+        denotes the new content's model; the old one stays loaded under its id until unloaded."""
+        _check_name(name, "model name")
+        return Model.from_proto(self._unary(self._models.Load, vis_pb2.LoadRequest(name=name)), self)
+
     def unload(self, model: ModelRef) -> bool:
         """Unload a model; True if it was loaded."""
         resp = self._unary(self._models.Unload, vis_pb2.ModelRequest(model=_model_ref(model)))
@@ -854,7 +861,7 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         sample), ``None`` (top-1 prediction per sample), a ``Target.*`` message, or a layer name
         together with ``cotangent`` (objective = <layer, cotangent>).
         ``wrt``: "input" (the image input) or tensor / node names. ``rule_set``: "gradient",
-        "deconvnet", "guided" (see ``server_info()["rule_sets"]``); ``node_rules`` overrides it
+        "deconvnet", "guided", "redirected" (see ``server_info()["rule_sets"]``); ``node_rules`` overrides it
         per node name. ``memory_budget_bytes`` (default 2 GiB) bounds the samples per onnxruntime
         run: a larger batch runs in several, reported through ``on_progress``.
         """

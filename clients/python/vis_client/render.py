@@ -22,7 +22,7 @@ def _mpl():
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("rendering needs matplotlib: pip install 'vis-client[render]'") from e
+        raise ImportError("rendering needs matplotlib: install the client's render extra, pip install './clients/python[render]' from the repository") from e
     return matplotlib
 
 
@@ -30,7 +30,7 @@ def _pil_image():
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover
-        raise ImportError("rendering needs pillow: pip install 'vis-client[render]'") from e
+        raise ImportError("rendering needs pillow: install the client's render extra, pip install './clients/python[render]' from the repository") from e
     return Image
 
 
