@@ -176,6 +176,9 @@ def test_defaults_and_render(client, small, tmp_path):
     assert occ.patch == (side, side) and occ.stride == (side // 2, side // 2) and occ.fill == "grey"
     paths = occ.render(0, tmp_path)
     assert all(p.is_file() for p in paths.values()) and set(paths) == {"probability", "feature", "top_class"}
+    # a file name, as the other results' render takes: its stem (it made a directory 'occ.png')
+    named = occ.render(0, tmp_path / "sub" / "occ.png")
+    assert named["probability"] == tmp_path / "sub" / "occ_probability.png" and named["probability"].is_file()
 
 
 def test_progress_and_cancel(client, small):

@@ -52,7 +52,8 @@ def select_provider(preferred: str = "auto") -> ProviderChoice:
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             ort.preload_dlls()
         if printed.getvalue().strip():
-            log.info("onnxruntime.preload_dlls: %s", " ".join(printed.getvalue().split()))
+            # what it could not load is detail: the provider choice below says what that means
+            log.debug("onnxruntime.preload_dlls: %s", " ".join(printed.getvalue().split()))
     except Exception:  # noqa: BLE001 - older onnxruntime or nothing to preload
         pass
     opts = ort.SessionOptions()

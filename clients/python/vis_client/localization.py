@@ -127,10 +127,13 @@ class Occlusion:
                alpha: float = 0.5) -> dict[str, Path]:
         """Write three PNGs for sample ``i`` into ``directory``: the probability and feature maps
         as heat maps over the input (with colour bars), and the most-probable-class map coloured
-        by class with a legend of label names. Returns name -> path."""
+        by class with a legend of label names. Returns name -> path. A ``directory`` ending in
+        ``.png`` is taken as the stem's place: ``out/occ.png`` writes ``out/occ_probability.png`` ..."""
         from . import render
 
         out = Path(directory)
+        if out.suffix.lower() == ".png":
+            out, stem = out.parent, out.stem
         out.mkdir(parents=True, exist_ok=True)
         img = display_image(self.input[i], self.color)
         paths = {"probability": out / f"{stem}_probability.png", "feature": out / f"{stem}_feature.png",
