@@ -302,6 +302,25 @@ def test_scorecam_cancel(client, tiny):
     assert client.grad_cam(tiny, big[:2]).heatmap.shape == (2, 16, 16)
 
 
+def test_a_map_that_is_zero_everywhere_says_why(client, x):
+    """Class 0's head weights all negative: its weighted sum of (non-negative) maps is <= 0 at every
+    position, and CAM / Grad-CAM gave a blank map without a word; the result names those images."""
+    model = onnx.load_from_string(tiny_model_bytes())
+    fc = next(i for i in model.graph.initializer if i.name == "fc_w")
+    w = numpy_helper.to_array(fc).copy()
+    w[0] = -np.abs(w[0]) - 0.1
+    fc.CopyFrom(numpy_helper.from_array(w, "fc_w"))
+    m = client.load_model(model.SerializeToString(), "loc_tiny_negative", config={"preset": "raw255"})
+    try:
+        for method in ("cam", "gradcam"):
+            cam = client.grad_cam(m, x, [0, 1, 0], method=method)
+            assert not cam.cam[0].any() and not cam.cam[2].any()
+            assert cam.note.startswith("image(s) [0, 2]: the weighted sum of the layer's maps is <= 0 at every position")
+        assert client.grad_cam(m, x, [1, 1, 1], method="cam").note == ""
+    finally:
+        client.unload(m.id)
+
+
 def test_render(client, tiny, x, tmp_path):
     pytest.importorskip("matplotlib")
     cam = client.grad_cam(tiny, x)

@@ -708,6 +708,11 @@ def compute_cam(runtime: Runtime, model: LoadedModel, feeds: dict[str, np.ndarra
             continue
         tensors[k] = v
     text = {"layer": tensor, "method": method}
+    blank = [i for i in range(len(cam)) if not cam[i].any()]
+    if blank:   # a silent all-zero map read as "no evidence anywhere" without a word of why
+        text["note"] = (f"image(s) {blank}: the weighted sum of the layer's maps is <= 0 at every position, so the "
+                        "map (its positive part) is 0 everywhere: nothing at this layer speaks for the target; "
+                        "gradcam++ / layercam weigh positive gradients only, another layer or target may show some")
     if "separates" in parts.extra:
         text["replay"] = "layer separates input and output" if bool(parts.extra["separates"][0]) \
             else "graph after the layer also reads the original input (a path bypasses the layer)"

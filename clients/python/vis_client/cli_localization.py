@@ -32,6 +32,8 @@ def _run_cam(client, args, method: str) -> None:
         progress.close()
     print(f"{cam.method} at layer {cam.layer}: cam {tuple(cam.cam.shape[1:])} -> heat map "
           f"{tuple(cam.heatmap.shape[1:])} (scaled to [0, 1] per image)")
+    if cam.note:
+        print(f"  note: {cam.note}")
     tag = cli._safe(cam.method.replace("+", "p"))  # gradcam++ -> gradcampp
     for i, (path_in, stem) in enumerate(zip(args.images, cli._stems(args.images))):
         path = out / f"{stem}_{tag}.png"

@@ -49,7 +49,8 @@ class Cam:
     ``cam`` [N, h, w] at the layer's resolution (>= 0); ``heatmap`` [N, H, W] upsampled to
     the input and scaled to [0, 1] per image; ``weights`` [N, C] channel weights; ``input``
     the preprocessed input; ``target_index`` [N] and its ``labels``; ``layer`` the tensor
-    used; ``attribution`` (guided Grad-CAM only) input-shaped guided backprop x heat map."""
+    used; ``attribution`` (guided Grad-CAM only) input-shaped guided backprop x heat map;
+    ``note`` names the images whose map is 0 everywhere, and why (empty otherwise)."""
     cam: np.ndarray
     heatmap: np.ndarray
     weights: np.ndarray
@@ -61,6 +62,7 @@ class Cam:
     attribution: np.ndarray | None = None
     color: str = "RGB"
     result: Result = field(repr=False, default_factory=Result)
+    note: str = ""
 
     def label(self, i: int) -> str:
         """``"class K (name)"`` of sample ``i``."""
@@ -234,7 +236,8 @@ class LocalizationMixin:
         return Cam(cam=t["cam"], heatmap=t["heatmap"], weights=t["weights"], input=t["input"],
                    target_index=t.get("target_index"), labels=res.labels.get("target_index"),
                    layer=res.text.get("layer", ""), method=res.text.get("method", method),
-                   attribution=t.get("attribution"), color=model_color(model), result=res)
+                   note=res.text.get("note", ""), attribution=t.get("attribution"), color=model_color(model),
+                   result=res)
 
     def score_cam(self, model, x, target=None, **kwargs) -> Cam:
         """Score-CAM (input masked by each upsampled feature map); see :meth:`grad_cam`."""
