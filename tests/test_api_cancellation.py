@@ -164,6 +164,38 @@ def test_a_run_past_the_servers_time_limit_is_ended():
         running.stop(grace=0)
 
 
+def test_a_callback_that_raises_cancels_the_call():
+    """An on_step / on_progress callback that raises (or Ctrl-C in it) reached the caller, but the
+    server went on with the call while the exception, and with it the call, was alive (a REPL keeps
+    it): a 100000-step loop held the server's only work slot."""
+    from vis_client.errors import VisError
+    from vis_client.optimization import Objective
+    from vis_service.default_models import DEFAULT_MODEL_DIR
+
+    running = start_server(ServerConfig(port=0, model_repository=None, workers=1))
+    try:
+        with Client(running.address) as c:
+            m = c.load_model(DEFAULT_MODEL_DIR / "model.onnx", name="digits-callback")
+
+            def stop_at_step_3(progress):
+                if progress.done == 3:
+                    raise RuntimeError("callback failed")
+
+            with pytest.raises(RuntimeError) as kept:   # `kept` holds the exception, as a REPL would
+                c.maximize(m, [Objective.channel("conv3", 1)], steps=100000, on_step=stop_at_step_3)
+            deadline = time.monotonic() + 20
+            while True:   # the only work slot is free again once the loop has stopped
+                try:
+                    c.activations(m, np.zeros((1, 1, 32, 32), np.float32), ["logits"])
+                    break
+                except VisError:
+                    assert time.monotonic() < deadline, "the loop of the failed call still holds the work slot"
+                    time.sleep(0.2)
+            assert kept.value is not None
+    finally:
+        running.stop(grace=0)
+
+
 def test_the_watchdog_expires_only_runs_still_in_flight_at_their_deadline():
     from vis_service.runtime.sessions import RunControl, RunWatchdog
 

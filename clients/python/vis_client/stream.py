@@ -113,7 +113,10 @@ def collect(call: Iterable[vis_pb2.ResultChunk], *,
         if cancel is not None and is_cancelled(cancel):
             raise Cancelled("cancelled by the caller") from None
         raise from_rpc_error(e) from None
-    except CorruptStream:
+    except BaseException:
+        # CorruptStream, an on_progress callback that raised, Ctrl-C: the server would go on with a
+        # call nobody reads (a 100000-step maximize held its work slot while the REPL kept the
+        # exception, and with it the call, alive)
         _cancel(call)
         raise
     finally:
