@@ -242,6 +242,16 @@ def test_unknown_model_suggests_close_names(client):
         client.model("uploaded-rel")
     assert_status(e, grpc.StatusCode.NOT_FOUND, "did you mean 'uploaded-relu'")
     assert client.unload(model)
+    # an unknown id is close only to an id sharing its first digits: any two share 'sha256:', and an
+    # unloaded upload's id was 'did you mean' another model's
+    with pytest.raises(VisError) as e:
+        client.unload(model.id)
+    assert_status(e, grpc.StatusCode.NOT_FOUND, repr(model.id))
+    assert "did you mean" not in e.value.details
+    digits_id = client.model("digits").id
+    with pytest.raises(VisError) as e:
+        client.inspect(digits_id[:-1] + ("0" if digits_id[-1] != "0" else "1"))
+    assert_status(e, grpc.StatusCode.NOT_FOUND, f"did you mean {digits_id!r}")
     still_serving(client)
 
 
@@ -484,3 +494,16 @@ def test_shapes_name_no_symbol_of_onnx_shape_inference(client):
         assert model.inputs[0].shape == ("N", 3, "H", "W")
     finally:
         client.unload(model.id)
+
+
+def test_an_unknown_output_lists_the_outputs_and_a_channel_target_is_labelled_as_one(client):
+    """Target.output(output='nope') listed 'input', 'conv1', ... (every tensor, outputs last); a saliency
+    map of channel 4 was labelled 'class 4'."""
+    from vis_client import Target
+
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    with pytest.raises(VisError) as e:
+        client.gradient("digits", x, Target.output(3, output="nope"))
+    assert_status(e, grpc.StatusCode.NOT_FOUND, "output 'nope' not found; known: 'logits'")
+    assert client.saliency("digits", x, Target.channel("conv3", 4)).label(0) == "channel 4"
+    assert client.saliency("digits", x, 3).label(0).startswith("class 3")

@@ -92,9 +92,18 @@ def shorten(text: str, limit: int = 120) -> str:
     return repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
+ID_PREFIX = "sha256:"   # models' content ids (models.store)
+
+
 def close_matches(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
-    """Closest candidate names: difflib ratio first, then substring hits."""
+    """Closest candidate names: difflib ratio first, then substring hits. A content id (sha256:<hex>)
+    is close only to an id sharing its first hex digits (a shortened or mistyped id): any two ids
+    share their 'sha256:' prefix, which made every unknown id 'did you mean' another one."""
     candidates = list(dict.fromkeys(candidates))
+    if name.startswith(ID_PREFIX):
+        stem = name[:len(ID_PREFIX) + 4]
+        return [c for c in candidates if c.startswith(stem)][:limit]
+    candidates = [c for c in candidates if not c.startswith(ID_PREFIX)]
     found = difflib.get_close_matches(name, candidates, n=limit, cutoff=0.5)
     if len(found) < limit:
         low = name.lower()

@@ -33,5 +33,7 @@ def resolve_tensor(model: onnx.ModelProto, name: str, *, kind: str = "layer") ->
         if name in (node.name, shown) and node.output:
             return node.output[0]
     # suggestions: no weights (exports that list them among the graph inputs offered only biases and
-    # norm weights for a block's name, each then refused as a constant)
-    raise NotFound(kind, name, [n for n in produced if n not in init] + display)
+    # norm weights for a block's name, each then refused as a constant); an output is looked for among
+    # the graph's outputs first (the list of known names began with the image input and the first layers)
+    outputs = [o.name for o in model.graph.output] if kind == "output" else []
+    raise NotFound(kind, name, outputs + [n for n in produced if n not in init] + display)

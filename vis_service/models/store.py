@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from ..datatypes import NUMPY_BY_DATATYPE, datatype_of
-from ..errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, ResourceExhausted, shorten
+from ..errors import ID_PREFIX, AlreadyExists, Cancelled, InvalidArgument, NotFound, ResourceExhausted, shorten
 from ..gen import vis_pb2
 from ..graph.loading import TensorInfo, parse_model_files, prepare_model, tensor_infos
 from ..graph.receptive_field import image_input
@@ -107,12 +107,12 @@ def model_ids(data: bytes, config: vis_pb2.ModelConfig | None, labels: list[str]
     h = hashlib.sha256(data)
     if external_digest:
         h.update(b"\0external\0" + external_digest)
-    graph_id = "sha256:" + h.hexdigest()[:16]
+    graph_id = ID_PREFIX + h.hexdigest()[:16]
     cfg = config.SerializeToString(deterministic=True) if config is not None else b""
     if not cfg and not labels:
         return graph_id, graph_id
     h.update(b"\0config\0" + cfg + b"\0labels\0" + "\n".join(labels or []).encode())
-    return graph_id, "sha256:" + h.hexdigest()[:16]
+    return graph_id, ID_PREFIX + h.hexdigest()[:16]
 
 
 def check_name(name: str, field: str = "name") -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .arguments import INT64_MAX, UINT64_MAX, check_bool, check_int
 from .gen import attribution_pb2
 from .display import display_image
 from .stream import Result
@@ -38,9 +39,10 @@ class Attribution:
 
     ``attribution``: input-shaped per-channel attribution; ``map``: [N, H, W] heat map
     (channels reduced as ``text["map"]`` says); ``input``: the preprocessed input the model
-    saw; ``target_index``/``labels``: the class per image (output targets); ``extra``: other
-    tensors (``completeness_gap``, ``delta``, ``objective``, ``baseline``, ``sigma`` ...);
-    ``text``: the server's notes (map reduction, IG baseline and rule, ...)."""
+    saw; ``target_index``/``labels``: the class per image (output targets; the channel for channel
+    and neuron targets, ``target_kind`` says which); ``extra``: other tensors
+    (``completeness_gap``, ``delta``, ``objective``, ``baseline``, ``sigma`` ...); ``text``: the
+    server's notes (map reduction, IG baseline and rule, ...)."""
     method: str
     attribution: np.ndarray
     map: np.ndarray
@@ -50,12 +52,15 @@ class Attribution:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)
     result: Result = field(repr=False, default_factory=Result)
+    target_kind: str = "output"   # the Target's kind: output, channel, neuron or tensor
 
     def label(self, i: int) -> str:
-        """"class K (name)" for image ``i`` ("" for non-output targets)."""
-        if self.target_index is None or self.target_index.shape[0] <= i:
+        """"class K (name)" for image ``i``, "channel K" for a channel / neuron target, "" for a tensor target."""
+        if self.target_index is None or self.target_index.shape[0] <= i or self.target_kind == "tensor":
             return ""
         k = int(np.asarray(self.target_index[i]).ravel()[0])
+        if self.target_kind in ("channel", "neuron"):   # it said "class 4" for channel 4
+            return f"channel {k}"
         name = self.labels[i] if self.labels and len(self.labels) > i else ""
         return f"class {k}" + (f" ({name})" if name else "")
 
@@ -122,20 +127,6 @@ class DeconvnetProjections:
         return render._finish(render._tile(arr, rows, cols), path)
 
 
-def _check_bool(value, what: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{what} must be a bool, got {value!r}")
-    return bool(value)
-
-
-def _check_int(value, what: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 class AttributionMixin:
     """Client methods for ``AttributionService`` (proto/vis/v1/attribution.proto).
 
@@ -154,21 +145,22 @@ class AttributionMixin:
         from .client import _input_batch, _model_ref, build_target
 
         batch, inputs = _input_batch(x, preprocess, model)
+        built = build_target(target)
         req = attribution_pb2.AttributionRequest(model=_model_ref(model), input=batch,
-                                                 target=build_target(target), method=method, **options)
+                                                 target=built, method=method, **options)
         res = self._stream(self._attribution_stub().Attribute, req, on_progress, cancel, inputs)
         t = dict(res.tensors)
         main = {k: t.pop(k, None) for k in ("attribution", "map", "input", "target_index")}
         return Attribution(method=method, attribution=main["attribution"], map=main["map"], input=main["input"],
                            target_index=main["target_index"], labels=res.labels.get("target_index"),
-                           extra=t, text=dict(res.text), result=res)
+                           extra=t, text=dict(res.text), result=res, target_kind=built.WhichOneof("kind") or "output")
 
     def saliency(self, model, x, target=None, *, signed: bool = False, preprocess=None,
                  on_progress=None, cancel=None) -> Attribution:
         """Saliency map (Simonyan et al.): attribution = the gradient of the target w.r.t. the
         input; map = max over channels of |gradient| (``signed``: the signed gradient of the
         channel where |gradient| is largest)."""
-        opts = attribution_pb2.SaliencyOptions(signed=_check_bool(signed, "signed"))
+        opts = attribution_pb2.SaliencyOptions(signed=check_bool(signed, "signed"))
         return self._attribute("saliency", model, x, target, preprocess, on_progress, cancel, saliency=opts)
 
     def gradient_x_input(self, model, x, target=None, *, preprocess=None, on_progress=None,
@@ -189,11 +181,11 @@ class AttributionMixin:
         batch); ``batch`` caps copies per onnxruntime run (at most the server's --max-batch:
         ResourceExhausted above).
         Streams progress to ``on_progress``; set ``cancel`` (an Event) to stop."""
-        opts = attribution_pb2.SmoothGradOptions(samples=_check_int(samples, "samples"), noise=float(noise),
-                                                 vargrad=_check_bool(vargrad, "vargrad"),
-                                                 seed=_check_int(seed, "seed", 0))
+        opts = attribution_pb2.SmoothGradOptions(samples=check_int(samples, "samples"), noise=float(noise),
+                                                 vargrad=check_bool(vargrad, "vargrad"),
+                                                 seed=check_int(seed, "seed", 0, UINT64_MAX))
         return self._attribute("smoothgrad", model, x, target, preprocess, on_progress, cancel, smoothgrad=opts,
-                               batch=_check_int(batch, "batch", 0))
+                               batch=check_int(batch, "batch", 0))
 
     def integrated_gradients(self, model, x, target=None, *, steps: int = 50, baseline: str = "black",
                              baseline_tensor=None, blur_sigma: float = 0, rule: str = "",
@@ -211,16 +203,18 @@ class AttributionMixin:
             raise TypeError("baseline must be a string")
         if baseline_tensor is not None and baseline in ("black", ""):
             baseline = "custom"
+        if baseline_tensor is not None and baseline != "custom":   # it was left out without a word
+            raise ValueError(f"baseline_tensor is the 'custom' baseline; baseline={baseline!r} takes none")
         opts = attribution_pb2.IntegratedGradientsOptions(
-            steps=_check_int(steps, "steps"), baseline=baseline, blur_sigma=float(blur_sigma), rule=rule,
-            memory_budget_bytes=_check_int(memory_budget_bytes, "memory_budget_bytes", 0))
+            steps=check_int(steps, "steps"), baseline=baseline, blur_sigma=float(blur_sigma), rule=rule,
+            memory_budget_bytes=check_int(memory_budget_bytes, "memory_budget_bytes", 0, INT64_MAX))
         if baseline_tensor is not None:
             b = np.asarray(baseline_tensor)
             if b.dtype == np.float64 or b.dtype.kind in "iub":
                 b = b.astype(np.float32)
             opts.baseline_tensor.CopyFrom(to_proto("baseline", b))
         return self._attribute("integrated_gradients", model, x, target, preprocess, on_progress, cancel,
-                               integrated_gradients=opts, batch=_check_int(batch, "batch", 0))
+                               integrated_gradients=opts, batch=check_int(batch, "batch", 0))
 
     def attribute(self, model, x, method: str, target=None, *, preprocess=None, on_progress=None, cancel=None,
                   **options: Any) -> Attribution:
@@ -239,8 +233,8 @@ class AttributionMixin:
         _check_name(layer, "layer")
         batch, inputs = _input_batch(x, preprocess, model)
         req = attribution_pb2.DeconvnetRequest(model=_model_ref(model), input=batch,
-                                               layer=layer, top_k=_check_int(top_k, "top_k", 1),
-                                               crop=_check_bool(crop, "crop"), rule_set=rule_set)
+                                               layer=layer, top_k=check_int(top_k, "top_k", 1),
+                                               crop=check_bool(crop, "crop"), rule_set=rule_set)
         if target is not None:
             if isinstance(target, (int, np.integer, list, tuple, np.ndarray)):
                 target = Target.channel(layer, target)

@@ -10,6 +10,7 @@ import io
 import os
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -22,7 +23,8 @@ from google.protobuf.message import Message
 
 from .errors import from_rpc_error
 from .gen import vis_pb2
-from .attribution import AttributionMixin, _check_int
+from .arguments import INT64_MAX, check_int
+from .attribution import AttributionMixin
 from .localization import LocalizationMixin
 from .optimization import OptimizationMixin
 from .shared_memory import INPUT_MIN_BYTES, RegionLease, SharedResultMemory
@@ -277,8 +279,8 @@ class GradientResult:
 
     ``gradients``: wrt name -> gradient array (same shape as that tensor);
     ``objective``: per-sample objective values; ``target_index``: the class index used per
-    sample for output targets (else ``None``); ``labels``: label names of ``target_index``
-    when the model has labels (else ``None``)."""
+    sample for output targets, the channel for channel / neuron targets (else ``None``);
+    ``labels``: label names of a class ``target_index`` when the model has labels (else ``None``)."""
     gradients: dict[str, np.ndarray]
     objective: np.ndarray | None
     target_index: np.ndarray | None
@@ -310,11 +312,11 @@ class Target:
         if isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{what} must be an int or a list of ints, not bool")
         if isinstance(value, (int, np.integer)):
-            return [int(value)]
+            return [check_int(value, what, None, INT64_MAX)]
         arr = np.asarray(value)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"{what} must be an int or a flat list of ints, got {value!r}")
-        return [int(v) for v in arr]
+        return [check_int(int(v), what, None, INT64_MAX) for v in arr]
 
     @classmethod
     def output(cls, index: int | Sequence[int] | None = None, output: str | None = None) -> vis_pb2.Target:
@@ -335,10 +337,8 @@ class Target:
         """One unit ``layer[:, channel, y, x]``; on a 2-D ``[N, C]`` layer ``y`` and ``x`` must be 0
         (on ``[N, C, H]``, ``x``)."""
         _check_name(layer, "layer")
-        for v, what in ((channel, "channel"), (y, "y"), (x, "x")):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{what} must be an int, got {v!r}")
-        return vis_pb2.Target(neuron=vis_pb2.NeuronTarget(layer=layer, channel=int(channel), y=int(y), x=int(x)))
+        channel, y, x = (check_int(v, what, None, INT64_MAX) for v, what in ((channel, "channel"), (y, "y"), (x, "x")))
+        return vis_pb2.Target(neuron=vis_pb2.NeuronTarget(layer=layer, channel=channel, y=y, x=x))
 
     @classmethod
     def tensor(cls, layer: str, cotangent) -> vis_pb2.Target:
@@ -368,7 +368,7 @@ def build_target(objective, cotangent=None) -> vis_pb2.Target:
         if not objective:
             raise ValueError("objective layer name is empty")
         if cotangent is None:
-            raise ValueError(f"objective {objective!r} is a layer name: pass cotangent=..., or use "
+            raise ValueError(f"objective / target {objective!r} is a layer name: give Client.gradient a cotangent=..., or use "
                              "Target.channel / Target.neuron")
         return Target.tensor(objective, cotangent)
     if cotangent is not None:
@@ -380,7 +380,7 @@ def build_target(objective, cotangent=None) -> vis_pb2.Target:
         return vis_pb2.Target(**{kind: objective})
     if objective is None or isinstance(objective, (int, np.integer, list, tuple, np.ndarray)):
         return Target.output(objective)
-    raise TypeError("objective must be a class index, a list of class indices, None (top-1), a Target "
+    raise TypeError("objective / target must be a class index, a list of class indices, None (top-1), a Target "
                     f"or a layer name with cotangent; got {type(objective).__name__}")
 
 
@@ -423,6 +423,8 @@ def _encode_image(item) -> bytes:
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.is_file():
+            if path.is_dir():
+                raise IsADirectoryError(f"image file expected, got a directory: {path}")
             raise FileNotFoundError(f"image file not found: {path}")
         return path.read_bytes()
     if _is_pil_image(item):
@@ -574,6 +576,8 @@ def _names(value, what: str) -> list[str]:
         return []
     if isinstance(value, str):
         value = [value]
+    if not isinstance(value, (Sequence, np.ndarray, set, frozenset)):
+        raise TypeError(f"{what} must be a name or a list of names, got {value!r}")
     out = list(value)
     for v in out:
         if not isinstance(v, str) or not v:
@@ -649,6 +653,7 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
 
     def close(self) -> None:
         """Close the channel and unlink the shared memory regions (if any)."""
+        self._closed = True
         self._unfinished.drain(cancel=True)
         self._channel.close()
         if self._shared is not None:
@@ -663,7 +668,12 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
     def __repr__(self) -> str:
         return f"Client({self.address!r})"
 
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):   # grpc's own "Cannot invoke RPC on closed channel!" named no client
+            raise ValueError(f"this Client ({self.address}) is closed; make a new one")
+
     def _unary(self, method, request):
+        self._check_open()
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:
@@ -691,6 +701,9 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         """Make a streamed call and collect its result; ``inputs``: the request's deferred raw inputs
         (``_input_batch``), placed in the call's region where it has one; ``tap(call)``: an
         iterable over the call's messages to collect from instead (e.g. one that keeps snapshots)."""
+        self._check_open()
+        if on_progress is not None and not callable(on_progress):   # it failed mid-stream, or never
+            raise TypeError(f"on_progress must be callable, got {on_progress!r}")
         with self._transport(inputs[0][1] if inputs else None) as lease:
             if inputs:
                 unplaced = _send_inputs(request.input, inputs, lease, inline=False)
@@ -739,6 +752,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         elif isinstance(path_or_bytes, (str, os.PathLike)):
             path = Path(path_or_bytes)
             if not path.is_file():
+                if path.is_dir():
+                    raise IsADirectoryError(f"model file (.onnx) expected, got a directory: {path}")
                 raise FileNotFoundError(f"model file not found: {path}")
             total = path.stat().st_size
             data = None
@@ -792,6 +807,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         if isinstance(name_or_id, Model):
             if name_or_id.client is None:
                 name_or_id.client = self
+            elif name_or_id.client is not self:   # a model of another client, e.g. a closed one
+                return dataclasses.replace(name_or_id, client=self)
             return name_or_id
         _check_name(name_or_id, "model name")
         loaded, _ = self.list_models()
@@ -809,7 +826,8 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         return Model.from_proto(self._unary(self._models.Load, vis_pb2.LoadRequest(name=name)), self)
 
     def unload(self, model: ModelRef) -> bool:
-        """Unload a model; True if it was loaded."""
+        """Unload a model; True if it was loaded, False for a repository entry that is not;
+        NotFound for a name or id the server does not know (an uploaded model once unloaded)."""
         resp = self._unary(self._models.Unload, vis_pb2.ModelRequest(model=_model_ref(model)))
         return bool(resp.unloaded)
 
@@ -877,7 +895,7 @@ class Client(AttributionMixin, LocalizationMixin, OptimizationMixin):
         req = vis_pb2.GradientRequest(model=_model_ref(model), input=batch,
                                       target=build_target(objective, cotangent), wrt=wrt_names,
                                       rule_set=rule_set, node_rules=rules,
-                                      memory_budget_bytes=_check_int(memory_budget_bytes, "memory_budget_bytes", 0))
+                                      memory_budget_bytes=check_int(memory_budget_bytes, "memory_budget_bytes", 0, INT64_MAX))
         res = self._stream(self._vis.Gradient, req, on_progress, cancel, inputs)
         grads = {k[len("grad/"):]: v for k, v in res.tensors.items() if k.startswith("grad/")}
         # keep the requested order

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .arguments import check_int
 from .gen import attribution_pb2
 from .display import display_image, model_color
 from .stream import Result
@@ -32,11 +33,11 @@ OCCLUSION_FILLS = ("grey", "zero", "mean")
 def _ints(value, what: str) -> list[int]:
     if value is None:
         return []
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{what} must be an int or [h, w]")
-    if isinstance(value, (int, np.integer)):
-        return [int(value)]
-    out = [int(v) for v in value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, (int, np.integer, Sequence, np.ndarray)):
+        raise TypeError(f"{what} must be an int or [h, w], got {value!r}")   # '16' was (1, 6)
+    if isinstance(value, (int, np.integer, bool, np.bool_)):
+        return [check_int(value, what)]
+    out = [check_int(v, what) for v in value]
     if len(out) not in (1, 2):
         raise ValueError(f"{what} must be an int or [h, w], got {value!r}")
     return out
@@ -50,7 +51,8 @@ class Cam:
     the input and scaled to [0, 1] per image; ``weights`` [N, C] channel weights; ``input``
     the preprocessed input; ``target_index`` [N] and its ``labels``; ``layer`` the tensor
     used; ``attribution`` (guided Grad-CAM only) input-shaped guided backprop x heat map;
-    ``note`` names the images whose map is 0 everywhere, and why (empty otherwise)."""
+    ``color`` the input's colour (for display); ``note`` names the images whose map is 0
+    everywhere, and why (empty otherwise)."""
     cam: np.ndarray
     heatmap: np.ndarray
     weights: np.ndarray
@@ -96,7 +98,8 @@ class Occlusion:
     ``probability``: target-class probability with the patch at each position;
     ``feature``: total activation of feature map ``feature_channel[n]`` of ``layer`` (the
     strongest on the unoccluded image); ``top_class`` (+ ``top_class_labels``, [N][rows][cols]):
-    most probable class; ``probability_unoccluded`` [N]; ``patch`` / ``stride`` as (h, w)."""
+    most probable class; ``probability_unoccluded`` [N]; ``patch`` / ``stride`` as (h, w);
+    ``fill`` the patch fill used; ``color`` the input's colour (for display)."""
     probability: np.ndarray
     feature: np.ndarray
     feature_channel: np.ndarray
@@ -136,6 +139,7 @@ class Occlusion:
         out = Path(directory)
         if out.suffix.lower() == ".png":
             out, stem = out.parent, out.stem
+        render.require_matplotlib()   # before the directory is made (an empty one was left behind)
         out.mkdir(parents=True, exist_ok=True)
         img = display_image(self.input[i], self.color)
         paths = {"probability": out / f"{stem}_probability.png", "feature": out / f"{stem}_feature.png",
@@ -225,12 +229,11 @@ class LocalizationMixin:
             raise TypeError("method must be a non-empty string")
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise TypeError("layer must be a non-empty string or None")
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
-            raise ValueError("batch must be an int >= 0")
+        batch = check_int(batch, "batch", 0)
         batch_in, inputs = _input_batch(x, preprocess, model)
         req = attribution_pb2.CamRequest(model=_model_ref(model), input=batch_in,
                                          target=build_target(target), method=method, layer=layer or "",
-                                         batch=int(batch))
+                                         batch=batch)
         res = self._stream(self._localization().Cam, req, on_progress, cancel, inputs)
         t = res.tensors
         return Cam(cam=t["cam"], heatmap=t["heatmap"], weights=t["weights"], input=t["input"],
@@ -249,13 +252,15 @@ class LocalizationMixin:
                   cancel=None) -> Occlusion:
         """Occlusion sensitivity (Zeiler & Fergus): slide a ``fill`` patch ("grey", "zero" or
         "mean") of size ``patch`` (int or (h, w); default a quarter of the smaller image side)
-        with ``stride`` (default half the patch); ``batch`` occluded images per run."""
+        with ``stride`` (default half the patch); ``batch`` occluded images per run. Besides the
+        target-class probability per patch position, the feature map (Zeiler & Fergus's (b)): the
+        total activation, at ``layer`` (default: the CAM default layer), of the channel strongest on
+        the unoccluded image."""
         from .client import _input_batch, _model_ref, build_target
 
         if not isinstance(fill, str) or not fill:
             raise TypeError("fill must be a non-empty string")
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
-            raise ValueError("batch must be an int >= 0")
+        batch = check_int(batch, "batch", 0)
         batch_in, inputs = _input_batch(x, preprocess, model)
         req = attribution_pb2.OcclusionRequest(model=_model_ref(model), input=batch_in,
                                                target=build_target(target), patch=_ints(patch, "patch"),

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .arguments import INT32_MAX, INT64_MAX, UINT64_MAX, check_bool, check_int
 from .gen import optimization_pb2, vis_pb2
 from .stream import Result
 from .tensors import ChunkAssembler
@@ -39,10 +40,10 @@ SNAPSHOT_PREFIX = "snapshot/"
 def _images(images) -> list[int]:
     if images is None:
         return []
-    if isinstance(images, (int, np.integer)) and not isinstance(images, bool):
-        return [int(images)]
-    out = [int(i) for i in images]
-    return out
+    if isinstance(images, (int, np.integer, bool, np.bool_)) or not isinstance(images, (Sequence, np.ndarray)) \
+            or isinstance(images, (str, bytes)):
+        return [check_int(images, "images")]
+    return [check_int(i, "images") for i in images]
 
 
 def _term(kind: str, msg, weight: float, images) -> optimization_pb2.ObjectiveTerm:
@@ -67,17 +68,17 @@ class Objective:
     def neuron(layer: str, channel: int, y: int | None = None, x: int | None = None, *, weight: float = 1.0,
                images=None) -> optimization_pb2.ObjectiveTerm:
         """``layer[b, channel, y, x]``; the centre unit when ``y``/``x`` are None."""
-        msg = optimization_pb2.NeuronObjective(layer=_layer(layer), channel=int(channel))
+        msg = optimization_pb2.NeuronObjective(layer=_layer(layer), channel=check_int(channel, "channel", None, INT64_MAX))
         if y is not None:
-            msg.y = int(y)
+            msg.y = check_int(y, "y", None, INT64_MAX)
         if x is not None:
-            msg.x = int(x)
+            msg.x = check_int(x, "x", None, INT64_MAX)
         return _term("neuron", msg, weight, images)
 
     @staticmethod
     def channel(layer: str, channel: int, *, weight: float = 1.0, images=None) -> optimization_pb2.ObjectiveTerm:
         """Mean activation of one channel over all positions."""
-        return _term("channel", optimization_pb2.ChannelObjective(layer=_layer(layer), channel=int(channel)),
+        return _term("channel", optimization_pb2.ChannelObjective(layer=_layer(layer), channel=check_int(channel, "channel", None, INT64_MAX)),
                      weight, images)
 
     @staticmethod
@@ -89,7 +90,8 @@ class Objective:
     def class_score(index: int, probability: bool = False, *, output: str | None = None, weight: float = 1.0,
                     images=None) -> optimization_pb2.ObjectiveTerm:
         """The class logit (pre-softmax; default) or the softmax probability of class ``index``."""
-        msg = optimization_pb2.ClassObjective(index=int(index), probability=bool(probability), output=output or "")
+        msg = optimization_pb2.ClassObjective(index=check_int(index, "index", None, INT64_MAX), probability=check_bool(probability, "probability"),
+                                              output=output or "")
         return _term("class_score", msg, weight, images)
 
     @staticmethod
@@ -153,8 +155,8 @@ class InversionResult:
     result: Result = field(repr=False, default_factory=Result)
 
     def __getitem__(self, layer: str | int) -> LayerInversion:
-        if isinstance(layer, int):
-            return self.layers[layer]
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, (bool, np.bool_)):
+            return self.layers[int(layer)]
         for li in self.layers:
             if li.layer == layer:
                 return li
@@ -224,10 +226,8 @@ def _optimizer(name, lr, schedule, momentum=None) -> optimization_pb2.OptimizerO
     return o
 
 
-def _int(value, what: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    return int(value)
+def _int(value, what: str, minimum: int | None = None, maximum: int = INT32_MAX) -> int:
+    return check_int(value, what, minimum, maximum)
 
 
 # ----------------------------------------------------------------------------
@@ -247,6 +247,9 @@ class OptimizationMixin:
     def _optimization_stream(self, method, request, on_step, on_snapshot, cancel,
                              inputs=()) -> tuple[Result, list[Snapshot]]:
         """The inputs and final tensors use the client's transport; snapshots are always streamed."""
+        for fn, what in ((on_step, "on_step"), (on_snapshot, "on_snapshot")):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{what} must be callable, got {fn!r}")
         taps: list[_SnapshotTap] = []
 
         def tap(call):
@@ -283,6 +286,10 @@ class OptimizationMixin:
 
         if isinstance(objectives, optimization_pb2.ObjectiveTerm):
             objectives = [objectives]
+        if isinstance(objectives, vis_pb2.Target) or not isinstance(objectives, (Sequence, np.ndarray)) \
+                or isinstance(objectives, (str, bytes)):
+            raise TypeError(f"objectives must be an Objective.* term or a list of them (Objective.channel, neuron, "
+                            f"class_score, ...; Target.* is for the gradient and attribution calls), got {objectives!r}")
         objectives = list(objectives)
         for t in objectives:
             if not isinstance(t, optimization_pb2.ObjectiveTerm):
@@ -290,8 +297,8 @@ class OptimizationMixin:
         req = optimization_pb2.MaximizeRequest(
             model=_model_ref(model), objectives=objectives, steps=_int(steps, "steps"), batch=_int(batch, "batch"),
             optimizer=_optimizer(optimizer, lr, schedule), parameterization=parameterization or "",
-            decorrelate=bool(decorrelate), blur_every=_int(blur_every, "blur_every"),
-            diversity=float(diversity), diversity_layer=diversity_layer or "", seed=_int(seed, "seed"),
+            decorrelate=check_bool(decorrelate, "decorrelate"), blur_every=_int(blur_every, "blur_every"),
+            diversity=float(diversity), diversity_layer=diversity_layer or "", seed=_int(seed, "seed", 0, UINT64_MAX),
             snapshot_every=_int(snapshot_every, "snapshot_every"))
         for name, value, cast in (("jitter", jitter, int), ("scale", scale, float), ("rotate", rotate, float),
                                   ("l2", l2, float), ("tv", tv, float), ("tv_beta", tv_beta, float),
@@ -315,8 +322,9 @@ class OptimizationMixin:
                     **kwargs) -> OptimizationResult:
         """Class model visualization (Simonyan et al. 2014): maximize the class score (logit) with
         an L2 penalty (server default 30 on the mean squared deviation from grey in [0, 1] pixel
-        units), directly on the image ("raw"; Adam lr 0.01, jitter 4 by default). Other keywords
-        as :meth:`maximize`; ``parameterization="fourier"`` gives Lucid-style class images."""
+        units), directly on the image ("raw"; Adam lr 0.01, jitter 4 by default); ``probability``:
+        the softmax probability of the class instead of its logit. Other keywords as
+        :meth:`maximize`; ``parameterization="fourier"`` gives Lucid-style class images."""
         return self.maximize(model, [Objective.class_score(class_index, probability)], steps=steps, l2=l2,
                              parameterization=parameterization, lr=lr, **kwargs)
 
@@ -341,7 +349,7 @@ class OptimizationMixin:
         req = optimization_pb2.InvertRequest(
             model=_model_ref(model), input=batch, layers=layer_names,
             steps=_int(steps, "steps"), starts=_int(starts, "starts"), optimizer=_optimizer(optimizer, lr, schedule),
-            alpha=float(alpha), beta=float(beta), pixel_norm=float(pixel_norm or 0.0), seed=_int(seed, "seed"),
+            alpha=float(alpha), beta=float(beta), pixel_norm=float(pixel_norm or 0.0), seed=_int(seed, "seed", 0, UINT64_MAX),
             snapshot_every=_int(snapshot_every, "snapshot_every"))
         _set_optional(req, "lambda_alpha", lambda_alpha)
         _set_optional(req, "lambda_tv", lambda_tv)

@@ -18,19 +18,27 @@ __all__ = ["feature_map_grid", "rgb_filter_grid", "grey_filter_grid", "channel_f
 SEPARATOR = 255  # separator grey level (white)
 
 
+RENDER_EXTRA = "install the client's render extra: pip install './clients/python[render]' from the repository"
+
+
 def _mpl():
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("rendering needs matplotlib: install the client's render extra, pip install './clients/python[render]' from the repository") from e
+        raise ImportError(f"rendering needs matplotlib: {RENDER_EXTRA}") from e
     return matplotlib
+
+
+def require_matplotlib() -> None:
+    """ImportError naming the render extra where matplotlib is missing (before any file is written)."""
+    _mpl()
 
 
 def _pil_image():
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover
-        raise ImportError("rendering needs pillow: install the client's render extra, pip install './clients/python[render]' from the repository") from e
+        raise ImportError(f"rendering needs pillow: {RENDER_EXTRA}") from e
     return Image
 
 
