@@ -215,7 +215,7 @@ def test_a_unit_inactive_at_the_start_is_still_maximized(client):
         r = client.maximize(model, Objective.channel("act", 0), steps=40, batch=2)
         assert r.losses["objective"][0] == 0   # inactive on the loop's own start images
         assert (r.objective > 0).all()
-        assert 0 < int(r.text["redirected_steps"]) < 40   # until the unit is active
+        assert 0 < int(r.text["redirected_steps"]) <= 16   # until the unit is active, at most 16 steps (Lucid)
         got = _channel_mean(client, model, r.x, "act", 0)
         np.testing.assert_allclose(r.terms[:, 0], got, rtol=1e-4, atol=1e-4)
         assert _rises(r.losses["objective"])

@@ -197,10 +197,15 @@ class _BoundGraph:
 class GradientRun:
     """One cached graph with fixed cotangents: `run(x)` -> (d objective / dx, forward values).
 
-    `redirect_stuck`: an image whose gradient is zero everywhere (the objective's units all
-    inactive: nothing would ever move it) takes its gradient from the same graph under Lucid's
-    `redirected` ReLU rules instead (engine/rules/activations.py), as Lucid's render_vis does;
-    that session is built on the first step that needs it, then cached like the other."""
+    `redirect_stuck`: during the first REDIRECT_STEPS runs (the loop's steps), an image whose
+    gradient is zero everywhere (the objective's units all inactive: nothing would ever move it)
+    takes its gradient from the same graph under Lucid's `redirected` ReLU rules instead
+    (engine/rules/activations.py), as Lucid's render_vis does (lucid/misc/redirected_relu_grad.py:
+    at most 16 steps; after them a unit pinned at ReLU6's top, the objective's maximum, kept taking
+    the redirected gradient: 222 of 256 steps, each twice the work). That session is built on the
+    first step that needs it, then cached like the other."""
+
+    REDIRECT_STEPS = 16
 
     def __init__(self, runtime: Runtime, model: LoadedModel, heads: Sequence[Head],
                  cotangents: dict[str, np.ndarray], x_example: np.ndarray, redirect_stuck: bool = False):
@@ -212,11 +217,13 @@ class GradientRun:
         self.session, self.gg = self.exact.session, self.exact.gg
         self.redirect_stuck = redirect_stuck
         self._redirected: _BoundGraph | None = None
+        self._runs = 0
         self.redirected_steps = 0   # runs where some image took the redirected gradient
 
     def run(self, x: np.ndarray, extra_feeds: dict[str, np.ndarray] | None = None):
         grad, forward = self.exact.run(x, extra_feeds)
-        if self.redirect_stuck:
+        self._runs += 1
+        if self.redirect_stuck and self._runs <= self.REDIRECT_STEPS:
             stuck = ~np.any(grad.reshape(len(grad), -1) != 0, axis=1)
             if stuck.any():
                 if self._redirected is None:
