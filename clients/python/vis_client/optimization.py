@@ -140,7 +140,7 @@ class LayerInversion:
     layer: str
     x: np.ndarray                 # [S, ...] model space
     images: np.ndarray            # uint8 [S, H, W, 3]
-    feature_error: np.ndarray     # [S] ||Phi(x) - Phi0|| / ||Phi0||
+    feature_error: np.ndarray     # [S] ||Phi(x) - Phi0|| / ||Phi0|| of the returned (pixel-clipped) x
     pixel_error: np.ndarray       # [S] ||P - P0|| / ||P0 - 127.5||
     losses: dict[str, np.ndarray]  # column -> [steps]
 
