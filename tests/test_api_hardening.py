@@ -119,6 +119,30 @@ def test_an_image_twice_is_refused(stubs, digits):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "given twice" in e.value.details()
 
 
+def test_a_tensor_of_more_dimensions_than_numpy_holds_is_refused(stubs, digits):
+    """65 dimensions (numpy's limit is 64) were INTERNAL 'ValueError: maximum supported dimension'
+    (the request fuzzing sweep)."""
+    _, vis = stubs
+    t = vis_pb2.Tensor(name="input", datatype="FP32", shape=[1] * 65, raw_contents=b"\0" * 4)
+    with pytest.raises(grpc.RpcError) as e:
+        list(vis.Activations(vis_pb2.ActivationsRequest(model="digits", input=vis_pb2.InputBatch(tensors=[t]))))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "input.tensors[0].shape: 65 dimensions; at most 32"
+
+
+def test_a_model_onnxruntime_refuses_is_told_in_its_words_without_source_locations(client):
+    """An opset onnxruntime does not know: its status prefix and the C++ file, line and function
+    signature came along in the details."""
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 99)], ir_version=8)
+    with pytest.raises(VisError) as e:
+        client.load_model(model.SerializeToString(), name="opset-99")
+    assert e.value.details.startswith("model: onnxruntime cannot load the model: ONNX Runtime only *guarantees*")
+    assert "[ONNXRuntimeError]" not in e.value.details and ".h:" not in e.value.details
+
+
 def test_a_lab_tiff_for_a_greyscale_model_is_an_invalid_image(stubs, digits):
     _, vis = stubs
     buf = io.BytesIO()
@@ -349,6 +373,19 @@ def test_scalar_inputs_can_be_fed(client):
     np.testing.assert_array_equal(client.activations(m, feeds, ["y"])["y"], np.clip(x, -1, 1))
     g = client.gradient(m, feeds, Target.tensor("y", np.ones_like(x)), wrt=["x"]).gradient
     np.testing.assert_array_equal(g, ((x > -1) & (x < 1)).astype(np.float32))
+
+
+def test_images_that_do_not_fit_the_input_are_named_as_images(client, digit_images):
+    """The decoded images' shape refused under 'input.tensors[x]', a field the request did not set."""
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    m = client.load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                                            ir_version=8).SerializeToString(), name="scalar-only")
+    with pytest.raises(VisError) as e:
+        client.activations(m, [digit_images[0]], ["y"])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details.startswith("input.images: shape [1, ") and e.value.details.endswith("the model takes []")
 
 
 def test_targets_on_tensors_without_a_batch_dimension_are_invalid(client):

@@ -13,6 +13,7 @@ from .shared_memory import SharedRegion
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 40  # no request tensor (in a message or in shared memory) is near this: a shape
 # claiming more is a mistake, said as such rather than as a byte-count mismatch
+MAX_RANK = 32   # numpy holds at most 64 dimensions (more was INTERNAL); no model input has near 32
 
 
 def tensor_from_proto(t: vis_pb2.Tensor, field: str, region: SharedRegion | None = None) -> np.ndarray:
@@ -22,6 +23,8 @@ def tensor_from_proto(t: vis_pb2.Tensor, field: str, region: SharedRegion | None
     if dtype is None:
         raise InvalidArgument(f"{field}.datatype", f"{t.datatype!r} not allowed; use one of {', '.join(NUMPY_BY_DATATYPE)}")
     shape = tuple(int(d) for d in t.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"{field}.shape", f"{len(shape)} dimensions; at most {MAX_RANK}")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape", f"negative dimension in {list(shape)}")
     count = 1

@@ -56,9 +56,11 @@ def build_feeds(model: LoadedModel, req: InputRequest, max_batch: int = 256, fie
         raise InvalidArgument(field_name, f"no value for model input(s) {missing}; send images or tensors")
     batches: dict[str, int] = {}
     image_first = first_dim(model, image_input)
+    from_images = image_input if req.images and image_input not in req.tensors and "" not in req.tensors else None
     for name, arr in feeds.items():
         info = model.infos[name]
-        where = f"{field_name}.tensors[{name}]"
+        # the field the value came from: images decoded for the image input, else a tensor
+        where = f"{field_name}.images" if name == from_images else f"{field_name}.tensors[{name}]"
         if arr.dtype != info.dtype:
             raise InvalidArgument(where, f"dtype {_dt(arr.dtype)} not allowed; the model takes {_dt(info.dtype)}")
         shape = info.shape

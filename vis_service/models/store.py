@@ -23,7 +23,7 @@ from ..errors import ID_PREFIX, AlreadyExists, Cancelled, InvalidArgument, NotFo
 from ..gen import vis_pb2
 from ..graph.loading import TensorInfo, parse_model_files, prepare_model, tensor_infos
 from ..graph.receptive_field import image_input
-from ..runtime.sessions import Runtime
+from ..runtime.sessions import Runtime, short_reason
 from ..runtime.type_probe import complete_types
 from .config import check_config_input, read_config_file, validate_config
 
@@ -361,7 +361,8 @@ class ModelStore:
         except ResourceExhausted as exc:   # its constant folding past the run memory's bound
             raise ResourceExhausted(f"model: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise InvalidArgument("model", f"onnxruntime cannot load the model: {str(exc).strip()[:500]}") from None
+            # its own words, without the status prefix and C++ source locations (short_reason)
+            raise InvalidArgument("model", f"onnxruntime cannot load the model: {short_reason(exc)[1]}") from None
         check()
         with self._lock:
             existing = self._models.setdefault(mid, model)
