@@ -420,8 +420,9 @@ def deconvnet_relu_backward(ctx: RuleContext, node, grad_outputs):
 
 @rule("Relu", "Clip", rule_set="redirected")
 def redirected_relu_backward(ctx: RuleContext, node, grad_outputs):
-    """Lucid's redirected ReLU / ReLU6 gradient (lucid/misc/redirected_relu_grad.py, on by default
-    in its render_vis): for an image whose exact gradient through this node is zero everywhere
+    """Lucid's redirected ReLU / ReLU6 gradient (lucid/misc/redirected_relu_grad.py, which its
+    render_vis takes for the first 16 steps; here the loops' GradientRun decides when): for an
+    image whose exact gradient through this node is zero everywhere
     (every unit the objective reaches is inactive: a channel that is 0 on a grey or noise start),
     the upstream gradient passes, except where it would push a unit further below its floor (or
     above ReLU6's top). Elsewhere the exact gradient. Without it the optimization of such a unit
