@@ -11,7 +11,7 @@ from _graph_helpers import ALL_MODELS, Net, load
 
 from vis_service.graph.expose import expose_tensors
 from vis_service.graph.loading import prepare_model, tensor_infos
-from vis_service.graph.receptive_field import ReceptiveField, crop_box, receptive_fields
+from vis_service.graph.receptive_field import ReceptiveField, crop_box, in_input_order, receptive_fields
 
 
 # ----------------------------------------------------------------------------
@@ -88,10 +88,11 @@ def check_exact(model, nhwc=False, allow_approx=(), signed=False):
         if rf.is_global:
             np.testing.assert_array_equal(pred, emp, err_msg=f"{n}: {rf}")
             continue
+        size = in_input_order(rf).size   # the boxes are in the input's rows and columns
         for ax in range(2):
             extent = emp[..., 2 + ax] - emp[..., ax]
-            full = extent == rf.size[ax]
-            assert full.any(), f"{n}: no unit sees a full {rf.size[ax]}-pixel field on axis {ax} (max {extent.max()})"
+            full = extent == size[ax]
+            assert full.any(), f"{n}: no unit sees a full {size[ax]}-pixel field on axis {ax} (max {extent.max()})"
             np.testing.assert_array_equal(pred[..., ax][full], emp[..., ax][full], err_msg=f"{n}: {rf}")
             np.testing.assert_array_equal(pred[..., 2 + ax][full], emp[..., 2 + ax][full], err_msg=f"{n}: {rf}")
     return rfs
@@ -211,6 +212,46 @@ def test_conv_transpose_and_resize_are_flagged_bounds():
     up2 = net.node("Resize", [ct, "", net.const(np.array([1, 1, 2, 2], np.float32), "sc")], mode="linear")
     rfs = check_exact(net.model([up, up2]), allow_approx=("convtranspose", "resize"))
     assert rfs[ct].approximate and rfs[up].approximate and rfs[ct].jump == (1, 1) and rfs[up].jump == (0.5, 0.5)
+
+
+def test_a_transpose_that_swaps_rows_and_columns():
+    """After Transpose(0, 1, 3, 2) the tensor's axis 2 runs along the input's columns: the fields
+    were reported in the tensor's axis order (size_h was the extent in input columns), and crop
+    boxes of its units came out transposed (the receptive-field sweep)."""
+    net = Net(c=1, h=21, w=13, seed=9)
+    net.conv(cout=2, k=(3, 1), s=(2, 1), pads=(1, 0, 1, 0))
+    swapped = net.node("Transpose", [net.cur], perm=[0, 1, 3, 2])
+    net.cur, net.h, net.w = swapped, net.w, net.h
+    after = net.conv(cout=2, k=(5, 1))
+    rfs = check_exact(net.model([swapped, after]))
+    assert rfs[swapped].transposed and rfs[after].transposed
+    assert in_input_order(rfs[swapped]) == ReceptiveField((3, 1), (2, 1), (0, 0))
+    assert in_input_order(rfs[after]) == ReceptiveField((3, 5), (2, 1), (0, 2))
+
+
+def test_an_add_of_global_fields_is_global():
+    """Two global tensors whose nominal jumps differ (a pool of the image and of a strided conv's map)
+    gave their sum no field."""
+    net = Net(c=1, h=15, w=15, seed=10)
+    image = net.cur
+    a = net.node("GlobalAveragePool", [image])
+    net.conv(cout=1, k=(3, 3), s=(2, 2))   # 7 units reading rows 0..14: all of them, jump 14 for the pool
+    b = net.node("GlobalAveragePool", [net.cur])
+    total = net.node("Add", [a, b])
+    rfs = check_exact(net.model([total]))
+    assert rfs[a].jump != rfs[b].jump and rfs[total].is_global
+
+
+def test_a_resize_to_given_sizes_keeps_the_fields_after_it():
+    """prepare_model writes Resize's `sizes` as Shape(image) pieces and constants: counted as computed
+    from the image (with no field), they left the Resize and everything after it without one."""
+    net = Net(c=1, h=17, w=20, seed=11)
+    net.conv(cout=2, k=(3, 3), s=(2, 2))
+    up = net.node("Resize", [net.cur, "", "", net.const(np.array([1, 2, 19, 14], np.int64), "sizes")], mode="linear")
+    net.cur, net.h, net.w = up, 19, 14
+    after = net.conv(cout=2, k=(3, 3), pads=(1, 1, 1, 1))
+    rfs = check_exact(net.model([up, after]), allow_approx=("resize", "conv"))
+    assert rfs[up].approximate and after in rfs
 
 
 def test_crop_box_convention():
@@ -436,3 +477,12 @@ def test_the_client_sees_which_fields_are_bounds(client):
     fields = {t: rf for n in ins.nodes for t, rf in n.receptive_fields.items()}
     assert not fields[x].approximate and fields[up].approximate
     assert f"<={fields[up].size_str()[2:]}" in ins.summary()
+
+
+def test_the_client_sees_a_swapped_tensors_field_in_input_rows_and_columns(client):
+    net = Net(c=1, h=21, w=13, seed=16)
+    net.conv(cout=2, k=(3, 1), s=(2, 1), pads=(1, 0, 1, 0))
+    swapped = net.node("Transpose", [net.cur], perm=[0, 1, 3, 2])
+    ins = client.load_model(net.model([swapped]).SerializeToString()).inspect()
+    field = {t: rf for n in ins.nodes for t, rf in n.receptive_fields.items()}[swapped]
+    assert (field.size, field.jump, field.offset) == ((3, 1), (2, 1), (0, 0))   # rows first, as the proto says

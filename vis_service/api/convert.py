@@ -6,6 +6,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..gen import vis_pb2
 from ..graph.loading import TensorInfo
+from ..graph.receptive_field import in_input_order
 from ..methods.gradient import Objective
 from ..models.inputs import InputRequest
 from ..models.store import LoadedModel
@@ -86,6 +87,7 @@ def inspect_response(model: LoadedModel, summary, info: vis_pb2.ModelInfo) -> vi
             known = model.infos.get(out)
             node.output_specs.append(tensor_spec(known) if known else vis_pb2.TensorSpec(name=out))
         for tensor, rf in n.receptive_fields.items():
+            rf = in_input_order(rf)   # rows and columns of the input, whatever the tensor's axis order
             node.receptive_fields[tensor].CopyFrom(vis_pb2.ReceptiveField(
                 size_h=rf.size[0], size_w=rf.size[1], jump_h=rf.jump[0], jump_w=rf.jump[1],
                 offset_h=rf.offset[0], offset_w=rf.offset[1], approximate=rf.approximate,

@@ -273,7 +273,8 @@ def local_cuts(model: onnx.ModelProto, source: str, outputs: Sequence[str],
     cuts = []
     for tensor, rf in receptive_fields(model, infos).items():
         info = infos.get(tensor)
-        if (tensor not in separators or rf.is_global or rf.approximate or tensor == source or tensor in outputs
+        if (tensor not in separators or rf.is_global or rf.approximate or rf.transposed or tensor == source
+                or tensor in outputs
                 or info is None or info.shape is None or not all(isinstance(d, int) for d in info.shape[2:])
                 or not all(float(j).is_integer() for j in rf.jump)):
             continue

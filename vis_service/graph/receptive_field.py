@@ -47,6 +47,9 @@ _CONV_LIKE = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "ConvInteger
 _GLOBAL_POOL = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 # ops whose statistics run over the whole spatial extent
 _SPATIAL_STATS = frozenset({"InstanceNormalization", "GroupNormalization", "MeanVarianceNormalization"})
+# ops whose outputs say nothing of the pixels (a Resize's sizes made from Shape(image) are not
+# computed from the image: counted as such, they cut every field after the Resize)
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class ReceptiveField:
     influencing pixel lies in the box, which may hold a few more (transposed conv,
     resize, broadcast, a slice with a negative step). Where no sound box exists
     (merging tensors with different jumps, reflect / edge padding) the field is unknown.
+    transposed: the tensor's first spatial axis runs along the input's columns (a Transpose
+    swapped them); the three pairs are then in the tensor's axis order, `in_input_order` gives
+    them as (rows, columns), as Inspect reports them.
     """
 
     size: tuple[int, int]
@@ -68,6 +74,7 @@ class ReceptiveField:
     offset: tuple[float, float]
     is_global: bool = False
     approximate: bool = False
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,13 @@ class _Track:
     rf: ReceptiveField
     axes: tuple[int, int]     # spatial axes (h, w) of this tensor
     hw: tuple                 # spatial dims (h, w) of this tensor, ints or symbols
+
+
+def in_input_order(rf: ReceptiveField) -> ReceptiveField:
+    """The field with its (h, w) pairs along the input's rows and columns."""
+    if not rf.transposed:
+        return rf
+    return replace(rf, size=rf.size[::-1], jump=rf.jump[::-1], offset=rf.offset[::-1], transposed=False)
 
 
 def _num(x: float):
@@ -165,7 +179,7 @@ def _rank4_tracks(model: onnx.ModelProto, infos: dict | None) -> dict[str, _Trac
     ctx = _Ctx(model, shape, opset_version(model))
 
     for node in model.graph.node:
-        if not any(i in tainted for i in node.input):
+        if not any(i in tainted for i in node.input) or node.op_type in _SHAPE_ONLY:
             continue
         tainted.update(o for o in node.output if o)
         if any(i in tainted and i not in tracks for i in node.input if i):
@@ -174,8 +188,14 @@ def _rank4_tracks(model: onnx.ModelProto, infos: dict | None) -> dict[str, _Trac
             results = _propagate(node, tracks, ctx)
         except Exception:
             results = {}
+        # orientation: a Transpose sets its own; other ops keep their inputs' (mixed: no one box)
+        flips = {tracks[i].rf.transposed for i in node.input if i in tracks}
+        if node.op_type != "Transpose" and len(flips) > 1:
+            results = {}
         for out, tr in results.items():
             if tr is not None:
+                if node.op_type != "Transpose" and flips and tr.rf.transposed != next(iter(flips)):
+                    tr = replace(tr, rf=replace(tr.rf, transposed=next(iter(flips))))
                 tracks[out] = tr
 
     out: dict[str, _Track] = {}
@@ -305,9 +325,10 @@ def _propagate(node, tracks: dict[str, _Track], ctx: _Ctx) -> dict[str, _Track |
             perm = list(reversed(range(rank)))
         perm = list(perm)
         axes = (perm.index(main.axes[0]), perm.index(main.axes[1]))
-        if axes[0] > axes[1]:
+        if axes[0] > axes[1]:   # rows and columns swap places: the pairs follow the tensor's axes
             rf = main.rf
-            rf = replace(rf, size=rf.size[::-1], jump=rf.jump[::-1], offset=rf.offset[::-1])
+            rf = replace(rf, size=rf.size[::-1], jump=rf.jump[::-1], offset=rf.offset[::-1],
+                         transposed=not rf.transposed)
             return {outs[0]: _Track(rf, (axes[1], axes[0]), main.hw[::-1])}
         return {outs[0]: _Track(main.rf, axes, main.hw)}
 
@@ -462,8 +483,9 @@ def _merge(node, ins, ctx, outs, out_shape):
     size, jump, off = [], [], []
     for ax in range(2):
         js = {t.rf.jump[ax] for t in base}
-        if len(js) > 1:
+        if len(js) > 1 and not all(t.rf.is_global for t in tracked):
             # the branches' fields drift apart unit by unit: no one size and jump bounds them all
+            # (global fields do not: every unit of each sees the whole input)
             return {}
         lo = min(t.rf.offset[ax] - (t.rf.size[ax] - 1) / 2 for t in tracked)
         hi = max(t.rf.offset[ax] + (t.rf.size[ax] - 1) / 2 for t in tracked)
@@ -675,11 +697,15 @@ def crop_box(rf: ReceptiveField, y: int, x: int, input_hw: tuple[int, int]) -> t
     if rf.is_global:
         return 0, 0, H, W
     box = []
-    for k, (u, n) in enumerate(((y, H), (x, W))):
+    # (y, x) index the tensor's axes; a transposed field's first runs along the input's columns
+    extents = (W, H) if rf.transposed else (H, W)
+    for k, (u, n) in enumerate(((y, extents[0]), (x, extents[1]))):
         c = rf.offset[k] + u * rf.jump[k]
         half = (rf.size[k] - 1) / 2
         lo = math.floor(c - half + 1e-9)
         hi = math.ceil(c + half - 1e-9) + 1
         box.append((max(0, min(lo, n)), max(0, min(hi, n))))
+    if rf.transposed:
+        box.reverse()
     (top, bottom), (left, right) = box
     return top, left, bottom, right

@@ -86,6 +86,8 @@ def unclipped_box(rf: ReceptiveField, y: int, x: int) -> tuple[int, int, int, in
         c = rf.offset[k] + u * rf.jump[k]
         half = (rf.size[k] - 1) / 2
         box.append((math.floor(c - half + 1e-9), math.ceil(c + half - 1e-9) + 1))
+    if rf.transposed:   # the tensor's first axis runs along the input's columns
+        box.reverse()
     (top, bottom), (left, right) = box
     return top, left, bottom, right
 
