@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .arguments import INT32_MAX, INT64_MAX, UINT64_MAX, check_bool, check_int
+from .arguments import INT64_MAX, UINT64_MAX, check_bool, check_int
 from .gen import optimization_pb2, vis_pb2
 from .stream import Result
 from .tensors import ChunkAssembler
@@ -226,10 +226,6 @@ def _optimizer(name, lr, schedule, momentum=None) -> optimization_pb2.OptimizerO
     return o
 
 
-def _int(value, what: str, minimum: int | None = None, maximum: int = INT32_MAX) -> int:
-    return check_int(value, what, minimum, maximum)
-
-
 # ----------------------------------------------------------------------------
 # Mixin
 
@@ -295,11 +291,11 @@ class OptimizationMixin:
             if not isinstance(t, optimization_pb2.ObjectiveTerm):
                 raise TypeError(f"objectives must be Objective.* terms, got {type(t).__name__}")
         req = optimization_pb2.MaximizeRequest(
-            model=_model_ref(model), objectives=objectives, steps=_int(steps, "steps"), batch=_int(batch, "batch"),
+            model=_model_ref(model), objectives=objectives, steps=check_int(steps, "steps"), batch=check_int(batch, "batch"),
             optimizer=_optimizer(optimizer, lr, schedule), parameterization=parameterization or "",
-            decorrelate=check_bool(decorrelate, "decorrelate"), blur_every=_int(blur_every, "blur_every"),
-            diversity=float(diversity), diversity_layer=diversity_layer or "", seed=_int(seed, "seed", 0, UINT64_MAX),
-            snapshot_every=_int(snapshot_every, "snapshot_every"))
+            decorrelate=check_bool(decorrelate, "decorrelate"), blur_every=check_int(blur_every, "blur_every"),
+            diversity=float(diversity), diversity_layer=diversity_layer or "", seed=check_int(seed, "seed", 0, UINT64_MAX),
+            snapshot_every=check_int(snapshot_every, "snapshot_every"))
         for name, value, cast in (("jitter", jitter, int), ("scale", scale, float), ("rotate", rotate, float),
                                   ("l2", l2, float), ("tv", tv, float), ("tv_beta", tv_beta, float),
                                   ("blur_sigma", blur_sigma, float), ("init_std", init_std, float),
@@ -348,9 +344,9 @@ class OptimizationMixin:
         batch, inputs = _input_batch(reference, preprocess, model)
         req = optimization_pb2.InvertRequest(
             model=_model_ref(model), input=batch, layers=layer_names,
-            steps=_int(steps, "steps"), starts=_int(starts, "starts"), optimizer=_optimizer(optimizer, lr, schedule),
-            alpha=float(alpha), beta=float(beta), pixel_norm=float(pixel_norm or 0.0), seed=_int(seed, "seed", 0, UINT64_MAX),
-            snapshot_every=_int(snapshot_every, "snapshot_every"))
+            steps=check_int(steps, "steps"), starts=check_int(starts, "starts"), optimizer=_optimizer(optimizer, lr, schedule),
+            alpha=float(alpha), beta=float(beta), pixel_norm=float(pixel_norm or 0.0), seed=check_int(seed, "seed", 0, UINT64_MAX),
+            snapshot_every=check_int(snapshot_every, "snapshot_every"))
         _set_optional(req, "lambda_alpha", lambda_alpha)
         _set_optional(req, "lambda_tv", lambda_tv)
         _set_optional(req, "init_std", init_std)
